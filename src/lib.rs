@@ -1,0 +1,1 @@
+//! chorus: a self-hosted realtime LLM chat gateway.
