@@ -1,0 +1,531 @@
+//! Live fan-out of one generation's tokens to every attached client, with the
+//! token history kept for late joiners and for `resume`.
+//!
+//! Threads: one producer — the streaming worker running the generation —
+//! calls [`Broadcast::publish`]; any thread may [`Broadcast::subscribe`]
+//! (follower pool, connection threads resuming, the history writer replaying
+//! a finished request) or detach. Everything happens under one mutex per
+//! generation, because appending a token to the history and handing it to the
+//! current subscribers must be atomic: a subscriber that joins concurrently
+//! then gets each token exactly once, either from the replay or live, never
+//! both and never neither.
+//!
+//! The producer never blocks on a subscriber. Each attachment writes into its
+//! connection's bounded [`Outbox`]; when that is full the attachment is cut
+//! off with `slow_consumer` and removed, and the others carry on. The token
+//! is encoded once ([`TokenTail`]) and the same bytes go to every outbox.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use chorus::broadcast::{Attachment, Broadcast};
+//! use chorus::outbox::{Frame, Outbox};
+//!
+//! let broadcast = Broadcast::new();
+//! let early = Attachment::new(Arc::new(Outbox::new(64).unwrap()), "r-early");
+//! broadcast.subscribe(&early, 0);
+//! broadcast.publish("Hel");
+//! let late = Attachment::new(Arc::new(Outbox::new(64).unwrap()), "r-late");
+//! broadcast.subscribe(&late, 0); // replays "Hel", then goes live
+//! broadcast.publish("lo");
+//! let text = broadcast.finish();
+//! assert_eq!(text.text, "Hello");
+//! assert_eq!(early.outbox.len(), 2);
+//! assert_eq!(late.outbox.len(), 2);
+//! ```
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use parking_lot::Mutex;
+
+use crate::outbox::{Frame, Outbox, PushError};
+use crate::protocol::{self, ErrorCode, Failure, TokenTail};
+
+/// One client connection attached to one request's stream.
+#[derive(Debug)]
+pub struct Attachment {
+    /// The connection's outbound queue.
+    pub outbox: Arc<Outbox>,
+    /// The request id this attachment receives tokens for.
+    pub request: Arc<str>,
+    /// `{"type":"token","request":"…` for this request.
+    pub prefix: Arc<[u8]>,
+    /// Set once when the attachment was cut off as a slow consumer.
+    cut: AtomicBool,
+}
+
+impl Attachment {
+    /// An attachment of `outbox` to `request`.
+    pub fn new(outbox: Arc<Outbox>, request: &str) -> Arc<Attachment> {
+        Arc::new(Attachment {
+            outbox,
+            prefix: protocol::token_prefix(request),
+            request: request.into(),
+            cut: AtomicBool::new(false),
+        })
+    }
+
+    /// True when this attachment can still receive frames: neither cut off
+    /// nor on a closed connection.
+    pub fn is_live(&self) -> bool {
+        !self.cut.load(Ordering::Acquire) && !self.outbox.is_closed()
+    }
+
+    /// True when it was cut off as a slow consumer (and already told so).
+    pub fn is_cut(&self) -> bool {
+        self.cut.load(Ordering::Acquire)
+    }
+
+    fn cut_off(&self) {
+        if !self.cut.swap(true, Ordering::AcqRel) {
+            let failure = Failure::new(
+                ErrorCode::SlowConsumer,
+                "the connection did not read its tokens fast enough; resume to continue",
+            );
+            let _ = self.outbox.push(Frame::Json(protocol::error(
+                Some(&self.request),
+                None,
+                &failure,
+            )));
+        }
+    }
+
+    fn token(&self, tail: &TokenTail) -> Frame {
+        Frame::Token {
+            prefix: self.prefix.clone(),
+            tail: tail.clone(),
+        }
+    }
+}
+
+/// What a finished generation produced.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Produced {
+    /// The whole text.
+    pub text: String,
+    /// Byte offsets where each token ends, so the original boundaries survive.
+    pub ends: Vec<usize>,
+}
+
+impl Produced {
+    /// The tokens as they were produced.
+    pub fn pieces(&self) -> impl Iterator<Item = &str> {
+        let mut start = 0;
+        self.ends.iter().map(move |&end| {
+            let piece = &self.text[start..end];
+            start = end;
+            piece
+        })
+    }
+
+    /// The text of the first `tokens` tokens.
+    pub fn prefix_text(&self, tokens: usize) -> &str {
+        match tokens.checked_sub(1).and_then(|i| self.ends.get(i)) {
+            Some(&end) => &self.text[..end],
+            None if tokens == 0 => "",
+            None => &self.text,
+        }
+    }
+}
+
+struct Inner {
+    /// Encoded tails of every token so far; index = seq.
+    tails: Vec<TokenTail>,
+    produced: Produced,
+    /// Live attachments and the first `seq` each wants (a `resume` may ask
+    /// for tokens that do not exist yet).
+    subscribers: Vec<(Arc<Attachment>, u64)>,
+    ended: bool,
+    first_token_at: Option<Instant>,
+    last_token_at: Option<Instant>,
+}
+
+/// The token stream of one generation. Share it as `Arc<Broadcast>`.
+pub struct Broadcast {
+    inner: Mutex<Inner>,
+}
+
+/// What [`Broadcast::subscribe`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Subscribed {
+    /// Tokens replayed from the history.
+    pub replayed: usize,
+    /// True when the attachment now receives live tokens; false when the
+    /// stream had already ended or the replay overflowed the outbox.
+    pub live: bool,
+}
+
+impl Default for Broadcast {
+    fn default() -> Self {
+        Broadcast {
+            inner: Mutex::new(Inner {
+                tails: Vec::new(),
+                produced: Produced::default(),
+                subscribers: Vec::new(),
+                ended: false,
+                first_token_at: None,
+                last_token_at: None,
+            }),
+        }
+    }
+}
+
+impl Broadcast {
+    /// An open stream with no tokens and no subscribers.
+    pub fn new() -> Arc<Broadcast> {
+        Arc::new(Broadcast::default())
+    }
+
+    /// Appends a token and hands it to every live subscriber. Returns the
+    /// token's `seq`, or `None` when the stream already ended.
+    ///
+    /// Never blocks on a subscriber: one whose outbox is full is cut off with
+    /// `slow_consumer`, one whose connection closed is dropped.
+    pub fn publish(&self, text: &str) -> Option<u64> {
+        let mut inner = self.inner.lock();
+        if inner.ended {
+            return None;
+        }
+        let seq = inner.tails.len() as u64;
+        let tail = TokenTail::encode(seq, text);
+        let now = Instant::now();
+        inner.first_token_at.get_or_insert(now);
+        inner.last_token_at = Some(now);
+        inner.produced.text.push_str(text);
+        let end = inner.produced.text.len();
+        inner.produced.ends.push(end);
+        inner.subscribers.retain(|(sub, from)| {
+            if sub.is_cut() {
+                return false;
+            }
+            if seq < *from {
+                return true;
+            }
+            match sub.outbox.push_token(sub.token(&tail)) {
+                Ok(()) => true,
+                Err(PushError::Full) => {
+                    sub.cut_off();
+                    false
+                }
+                Err(PushError::Closed) => false,
+            }
+        });
+        inner.tails.push(tail);
+        Some(seq)
+    }
+
+    /// Attaches `attachment`: replays tokens with `seq >= from`, then (if the
+    /// stream is still open) delivers every later token live. Atomic with
+    /// respect to [`Broadcast::publish`], so there is no gap and no duplicate.
+    pub fn subscribe(&self, attachment: &Arc<Attachment>, from: u64) -> Subscribed {
+        let mut inner = self.inner.lock();
+        let start = usize::try_from(from)
+            .unwrap_or(usize::MAX)
+            .min(inner.tails.len());
+        let (replayed, refused) = attachment
+            .outbox
+            .push_tokens(inner.tails[start..].iter().map(|t| attachment.token(t)));
+        match refused {
+            Some(PushError::Full) => {
+                attachment.cut_off();
+                return Subscribed {
+                    replayed,
+                    live: false,
+                };
+            }
+            Some(PushError::Closed) => {
+                return Subscribed {
+                    replayed,
+                    live: false,
+                }
+            }
+            None => {}
+        }
+        if inner.ended {
+            return Subscribed {
+                replayed,
+                live: false,
+            };
+        }
+        inner.subscribers.push((attachment.clone(), from));
+        Subscribed {
+            replayed,
+            live: true,
+        }
+    }
+
+    /// Detaches one attachment; true when it was subscribed.
+    pub fn unsubscribe(&self, attachment: &Arc<Attachment>) -> bool {
+        let mut inner = self.inner.lock();
+        let before = inner.subscribers.len();
+        inner
+            .subscribers
+            .retain(|(s, _)| !Arc::ptr_eq(s, attachment));
+        inner.subscribers.len() != before
+    }
+
+    /// Subscribers that can still receive tokens.
+    pub fn live_subscribers(&self) -> usize {
+        self.inner
+            .lock()
+            .subscribers
+            .iter()
+            .filter(|(s, _)| s.is_live())
+            .count()
+    }
+
+    /// Calls `f` for each live subscriber, under the stream's lock, so a
+    /// control frame (like `state`) lands in order with the tokens.
+    pub fn for_each_subscriber(&self, mut f: impl FnMut(&Attachment)) {
+        let inner = self.inner.lock();
+        for (sub, _) in inner.subscribers.iter().filter(|(s, _)| s.is_live()) {
+            f(sub);
+        }
+    }
+
+    /// Ends the stream: no more tokens, every subscriber detached. Returns
+    /// what was produced. Idempotent.
+    pub fn finish(&self) -> Produced {
+        let mut inner = self.inner.lock();
+        inner.ended = true;
+        inner.subscribers.clear();
+        inner.subscribers.shrink_to_fit();
+        inner.produced.clone()
+    }
+
+    /// True once [`Broadcast::finish`] ran.
+    pub fn is_ended(&self) -> bool {
+        self.inner.lock().ended
+    }
+
+    /// Tokens published so far.
+    pub fn tokens(&self) -> u64 {
+        self.inner.lock().tails.len() as u64
+    }
+
+    /// A copy of what has been produced so far.
+    pub fn produced(&self) -> Produced {
+        self.inner.lock().produced.clone()
+    }
+
+    /// When the first token was published.
+    pub fn first_token_at(&self) -> Option<Instant> {
+        self.inner.lock().first_token_at
+    }
+
+    /// When the latest token was published.
+    pub fn last_token_at(&self) -> Option<Instant> {
+        self.inner.lock().last_token_at
+    }
+}
+
+impl std::fmt::Debug for Broadcast {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let inner = self.inner.lock();
+        f.debug_struct("Broadcast")
+            .field("tokens", &inner.tails.len())
+            .field("subscribers", &inner.subscribers.len())
+            .field("ended", &inner.ended)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::thread;
+
+    fn attach(request: &str, capacity: usize) -> Arc<Attachment> {
+        Attachment::new(Arc::new(Outbox::new(capacity).unwrap()), request)
+    }
+
+    /// Decodes the frames waiting in an outbox into (seq, text) pairs of tokens
+    /// and the codes of errors.
+    fn drain(a: &Attachment) -> (Vec<(u64, String)>, Vec<String>) {
+        let mut batch = Vec::new();
+        a.outbox.take_all(&mut batch);
+        let mut tokens = Vec::new();
+        let mut errors = Vec::new();
+        for frame in batch {
+            match frame {
+                Frame::Token { prefix, tail } => {
+                    let mut bytes = prefix.to_vec();
+                    bytes.extend_from_slice(&tail.0);
+                    let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+                    assert_eq!(v["request"].as_str().unwrap(), &*a.request);
+                    tokens.push((
+                        v["seq"].as_u64().unwrap(),
+                        v["text"].as_str().unwrap().to_owned(),
+                    ));
+                }
+                Frame::Json(bytes) => {
+                    let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+                    errors.push(v["code"].as_str().unwrap_or("").to_owned());
+                }
+                Frame::Close(..) => panic!("unexpected close"),
+            }
+        }
+        (tokens, errors)
+    }
+
+    #[test]
+    fn smoke_live_and_replay() {
+        let b = Broadcast::new();
+        let a = attach("r-a", 16);
+        assert!(b.subscribe(&a, 0).live);
+        b.publish("x");
+        b.publish("y");
+        let late = attach("r-b", 16);
+        assert_eq!(b.subscribe(&late, 1).replayed, 1);
+        b.publish("z");
+        let produced = b.finish();
+        assert_eq!(produced.pieces().collect::<Vec<_>>(), ["x", "y", "z"]);
+        assert_eq!(
+            drain(&a).0,
+            [(0, "x".into()), (1, "y".into()), (2, "z".into())]
+        );
+        assert_eq!(drain(&late).0, [(1, "y".into()), (2, "z".into())]);
+    }
+
+    #[test]
+    fn after_finish_subscribe_replays_only_and_publish_is_refused() {
+        let b = Broadcast::new();
+        b.publish("a");
+        b.finish();
+        assert_eq!(b.publish("b"), None);
+        let a = attach("r", 16);
+        assert_eq!(
+            b.subscribe(&a, 0),
+            Subscribed {
+                replayed: 1,
+                live: false
+            }
+        );
+    }
+
+    #[test]
+    fn slow_consumer_is_cut_off_without_affecting_others() {
+        let b = Broadcast::new();
+        let slow = attach("r-slow", 2);
+        let fast = attach("r-fast", 1000);
+        b.subscribe(&slow, 0);
+        b.subscribe(&fast, 0);
+        for i in 0..10 {
+            b.publish(&i.to_string());
+        }
+        let (tokens, errors) = drain(&slow);
+        assert_eq!(tokens.len(), 2);
+        assert_eq!(errors, ["slow_consumer"]);
+        assert!(slow.is_cut());
+        assert_eq!(drain(&fast).0.len(), 10);
+        assert_eq!(b.live_subscribers(), 1);
+    }
+
+    #[test]
+    fn closed_connection_is_dropped() {
+        let b = Broadcast::new();
+        let a = attach("r", 4);
+        b.subscribe(&a, 0);
+        a.outbox.close();
+        b.publish("x");
+        assert_eq!(b.live_subscribers(), 0);
+    }
+
+    #[test]
+    fn prefix_text_follows_token_boundaries() {
+        let p = Produced {
+            text: "abcdef".into(),
+            ends: vec![2, 3, 6],
+        };
+        assert_eq!(p.prefix_text(0), "");
+        assert_eq!(p.prefix_text(2), "abc");
+        assert_eq!(p.prefix_text(9), "abcdef");
+    }
+
+    /// Many threads subscribe at random moments while one thread publishes:
+    /// every subscriber must see every token from its `from`, in order, once.
+    #[test]
+    fn stress_concurrent_subscribe_has_no_gap_or_duplicate() {
+        const TOKENS: u64 = 2_000;
+        const SUBSCRIBERS: usize = 32;
+        let b = Broadcast::new();
+        let producer = {
+            let b = b.clone();
+            thread::spawn(move || {
+                for i in 0..TOKENS {
+                    b.publish(&format!("t{i} "));
+                    if i % 64 == 0 {
+                        thread::yield_now();
+                    }
+                }
+                b.finish()
+            })
+        };
+        let subscribers: Vec<_> = (0..SUBSCRIBERS)
+            .map(|n| {
+                let b = b.clone();
+                thread::spawn(move || {
+                    thread::sleep(std::time::Duration::from_micros(n as u64 * 50));
+                    let a = attach(&format!("r-{n}"), usize::MAX);
+                    let from = (n as u64 * 7) % 5;
+                    b.subscribe(&a, from);
+                    (from, a)
+                })
+            })
+            .collect();
+        let produced = producer.join().unwrap();
+        assert_eq!(produced.ends.len() as u64, TOKENS);
+        for handle in subscribers {
+            let (from, a) = handle.join().unwrap();
+            let (tokens, errors) = drain(&a);
+            assert!(errors.is_empty());
+            let seqs: Vec<u64> = tokens.iter().map(|t| t.0).collect();
+            let expected: Vec<u64> = (from..TOKENS).collect();
+            assert!(
+                seqs == expected,
+                "subscriber {} saw a gap or duplicate",
+                a.request
+            );
+            for (seq, text) in tokens {
+                assert_eq!(text, format!("t{seq} "));
+            }
+        }
+    }
+
+    /// Subscribers attach and detach from many threads while tokens flow; the
+    /// producer never blocks and every detached subscriber stops receiving.
+    #[test]
+    fn stress_subscribe_unsubscribe_churn() {
+        let b = Broadcast::new();
+        let stop = Arc::new(AtomicBool::new(false));
+        let churners: Vec<_> = (0..8)
+            .map(|n| {
+                let (b, stop) = (b.clone(), stop.clone());
+                thread::spawn(move || {
+                    let mut rounds = 0;
+                    while !stop.load(Ordering::Relaxed) {
+                        let a = attach(&format!("r-{n}"), 64);
+                        b.subscribe(&a, b.tokens());
+                        thread::yield_now();
+                        b.unsubscribe(&a);
+                        let (tokens, _) = drain(&a);
+                        // Once unsubscribed, nothing more arrives.
+                        assert!(drain(&a).0.is_empty());
+                        let seqs: Vec<u64> = tokens.iter().map(|t| t.0).collect();
+                        assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1));
+                        rounds += 1;
+                    }
+                    rounds
+                })
+            })
+            .collect();
+        for i in 0..20_000 {
+            b.publish(if i % 2 == 0 { "a" } else { "b" });
+        }
+        stop.store(true, Ordering::Relaxed);
+        let rounds: usize = churners.into_iter().map(|h| h.join().unwrap()).sum();
+        assert!(rounds > 0);
+        assert_eq!(b.live_subscribers(), 0);
+    }
+}

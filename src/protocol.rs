@@ -1,0 +1,721 @@
+//! The wire protocol, version 1: what clients send, what the server answers,
+//! and the one place where error codes are named.
+//!
+//! Parsing happens on the connection thread that read the frame; encoding
+//! happens on whichever thread produces the message (a pipeline worker, the
+//! history writer or the connection itself). Nothing here holds state, so any
+//! thread may call anything.
+//!
+//! Token frames are the hot path: a generation's token is encoded once into a
+//! [`TokenTail`] (`","seq":N,"text":"…"}`), and every subscriber writes its own
+//! fixed request prefix ([`token_prefix`]) in front of the same shared bytes,
+//! so fan-out never serialises JSON per subscriber.
+
+use std::fmt;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+/// Longest client correlation id (`id` of a `chat`) the server accepts.
+pub const MAX_CLIENT_ID_CHARS: usize = 64;
+/// Longest client-chosen conversation id the server accepts.
+pub const MAX_CONVERSATION_ID_CHARS: usize = 128;
+/// Largest `limit` of a `history` request; larger values are clamped.
+pub const MAX_HISTORY_LIMIT: usize = 1000;
+/// `limit` of a `history` request that does not give one.
+pub const DEFAULT_HISTORY_LIMIT: usize = 50;
+
+/// Every error code of the protocol. `Display` is the wire spelling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    /// Malformed frame: binary, bad JSON, unknown type, missing or mistyped field.
+    BadRequest,
+    /// A frame larger than `ws_max_message_bytes`.
+    TooLarge,
+    /// A bounded queue was full.
+    Overloaded,
+    /// The client sends faster than allowed.
+    RateLimited,
+    /// The conversation already has a request in flight.
+    ConversationBusy,
+    /// The request waited in a queue longer than `queue_ms`.
+    QueueTimeout,
+    /// Preparation or streaming went past its limits.
+    ProcessingTimeout,
+    /// The model provider failed.
+    UpstreamError,
+    /// The request was cancelled before it could produce a `done`.
+    Cancelled,
+    /// Unknown or expired request or conversation.
+    NotFound,
+    /// The client did not read its socket fast enough.
+    SlowConsumer,
+    /// The server is draining.
+    ShuttingDown,
+    /// A bug or an unexpected failure inside the server.
+    Internal,
+}
+
+impl ErrorCode {
+    /// The code as it appears on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::Overloaded => "overloaded",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::ConversationBusy => "conversation_busy",
+            ErrorCode::QueueTimeout => "queue_timeout",
+            ErrorCode::ProcessingTimeout => "processing_timeout",
+            ErrorCode::UpstreamError => "upstream_error",
+            ErrorCode::Cancelled => "cancelled",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::SlowConsumer => "slow_consumer",
+            ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::Internal => "internal",
+        }
+    }
+
+    /// Every code, for documentation checks and metrics labels.
+    pub const ALL: [ErrorCode; 13] = [
+        ErrorCode::BadRequest,
+        ErrorCode::TooLarge,
+        ErrorCode::Overloaded,
+        ErrorCode::RateLimited,
+        ErrorCode::ConversationBusy,
+        ErrorCode::QueueTimeout,
+        ErrorCode::ProcessingTimeout,
+        ErrorCode::UpstreamError,
+        ErrorCode::Cancelled,
+        ErrorCode::NotFound,
+        ErrorCode::SlowConsumer,
+        ErrorCode::ShuttingDown,
+        ErrorCode::Internal,
+    ];
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A failure that ends a request, as the client will see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// The protocol error code.
+    pub code: ErrorCode,
+    /// A readable sentence for humans.
+    pub message: String,
+}
+
+impl Failure {
+    /// A failure with `code` and a human message.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Failure {
+        Failure {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Client to server
+
+/// One frame from a client, already checked for shape and limits.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClientFrame {
+    /// Ask a question.
+    Chat(Chat),
+    /// Detach from a request.
+    Cancel {
+        /// The request id from `accepted`.
+        request: String,
+    },
+    /// Re-attach to a request's stream from token `from`.
+    Resume {
+        /// The request id from `accepted`.
+        request: String,
+        /// First `seq` to replay.
+        from: u64,
+    },
+    /// Read a conversation's stored messages.
+    History {
+        /// The conversation id.
+        conversation: String,
+        /// How many of the latest messages, at most.
+        limit: usize,
+    },
+}
+
+/// A `chat` frame.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Chat {
+    /// The client's correlation id, echoed back.
+    pub id: String,
+    /// The conversation to continue; `None` starts a new one.
+    pub conversation: Option<String>,
+    /// The user's message, as sent (trimmed only for the identical-request key).
+    pub message: String,
+    /// Generation options.
+    pub options: ChatOptions,
+}
+
+/// The `options` of a `chat`; every field is optional.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct ChatOptions {
+    /// Model name; the configured model when absent.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Sampling temperature, 0 to 2.
+    #[serde(default)]
+    pub temperature: Option<f64>,
+    /// Upper bound of generated tokens.
+    #[serde(default)]
+    pub max_tokens: Option<u32>,
+    /// Nucleus sampling, 0 to 1.
+    #[serde(default)]
+    pub top_p: Option<f64>,
+    /// An independent generation: no cache read, no singleflight.
+    #[serde(default)]
+    pub fresh: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+enum RawFrame {
+    Chat {
+        id: String,
+        #[serde(default)]
+        conversation: Option<String>,
+        message: String,
+        #[serde(default)]
+        options: Option<ChatOptions>,
+    },
+    Cancel {
+        request: String,
+    },
+    Resume {
+        request: String,
+        #[serde(default)]
+        from: u64,
+    },
+    History {
+        conversation: String,
+        #[serde(default)]
+        limit: Option<usize>,
+    },
+}
+
+/// Why a client frame was refused, with the client's `id` when it could be read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrameError {
+    /// `bad_request` or `too_large`.
+    pub code: ErrorCode,
+    /// What was wrong, for the human reading the error.
+    pub message: String,
+    /// The `id` field of the frame, when the frame was a readable object.
+    pub id: Option<String>,
+}
+
+/// Limits a frame is checked against; they come from `[server]` in the config.
+#[derive(Debug, Clone, Copy)]
+pub struct FrameLimits {
+    /// Largest accepted message in characters.
+    pub max_message_chars: usize,
+}
+
+/// Parses and validates one text frame.
+///
+/// Every failure is a [`FrameError`] with code `bad_request` (or `too_large`
+/// for a message over the character limit); the caller answers it and keeps
+/// the connection open.
+pub fn parse_client_frame(text: &str, limits: FrameLimits) -> Result<ClientFrame, FrameError> {
+    let value: serde_json::Value = serde_json::from_str(text).map_err(|e| FrameError {
+        code: ErrorCode::BadRequest,
+        message: format!("malformed JSON: {e}"),
+        id: None,
+    })?;
+    // Read `id` before the typed parse so even a broken chat is answered with it.
+    let id = value
+        .get("id")
+        .and_then(|v| v.as_str())
+        .filter(|s| s.chars().count() <= MAX_CLIENT_ID_CHARS)
+        .map(str::to_owned);
+    let bad = |message: String| FrameError {
+        code: ErrorCode::BadRequest,
+        message,
+        id: id.clone(),
+    };
+    if !value.is_object() {
+        return Err(bad("a frame must be a JSON object".into()));
+    }
+    let raw: RawFrame = serde_json::from_value(value).map_err(|e| bad(e.to_string()))?;
+    match raw {
+        RawFrame::Chat {
+            id: chat_id,
+            conversation,
+            message,
+            options,
+        } => {
+            let id_chars = chat_id.chars().count();
+            if id_chars == 0 || id_chars > MAX_CLIENT_ID_CHARS {
+                return Err(bad(format!(
+                    "`id` must have 1 to {MAX_CLIENT_ID_CHARS} characters"
+                )));
+            }
+            if let Some(conversation) = &conversation {
+                check_conversation_id(conversation).map_err(bad)?;
+            }
+            if message.trim().is_empty() {
+                return Err(bad("`message` must not be empty".into()));
+            }
+            let chars = message.chars().count();
+            if chars > limits.max_message_chars {
+                return Err(FrameError {
+                    code: ErrorCode::TooLarge,
+                    message: format!(
+                        "`message` has {chars} characters, the limit is {}",
+                        limits.max_message_chars
+                    ),
+                    id: Some(chat_id),
+                });
+            }
+            let options = options.unwrap_or_default();
+            if let Some(t) = options.temperature {
+                if !(0.0..=2.0).contains(&t) {
+                    return Err(bad("`options.temperature` must be between 0 and 2".into()));
+                }
+            }
+            if let Some(p) = options.top_p {
+                if !(0.0..=1.0).contains(&p) {
+                    return Err(bad("`options.top_p` must be between 0 and 1".into()));
+                }
+            }
+            if options.max_tokens == Some(0) {
+                return Err(bad("`options.max_tokens` must be at least 1".into()));
+            }
+            if let Some(model) = &options.model {
+                if model.is_empty() || model.len() > 256 {
+                    return Err(bad("`options.model` must have 1 to 256 bytes".into()));
+                }
+            }
+            Ok(ClientFrame::Chat(Chat {
+                id: chat_id,
+                conversation,
+                message,
+                options,
+            }))
+        }
+        RawFrame::Cancel { request } => Ok(ClientFrame::Cancel { request }),
+        RawFrame::Resume { request, from } => Ok(ClientFrame::Resume { request, from }),
+        RawFrame::History {
+            conversation,
+            limit,
+        } => {
+            check_conversation_id(&conversation).map_err(bad)?;
+            let limit = limit
+                .unwrap_or(DEFAULT_HISTORY_LIMIT)
+                .min(MAX_HISTORY_LIMIT);
+            Ok(ClientFrame::History {
+                conversation,
+                limit,
+            })
+        }
+    }
+}
+
+fn check_conversation_id(conversation: &str) -> Result<(), String> {
+    let chars = conversation.chars().count();
+    if chars == 0 || chars > MAX_CONVERSATION_ID_CHARS {
+        return Err(format!(
+            "`conversation` must have 1 to {MAX_CONVERSATION_ID_CHARS} characters"
+        ));
+    }
+    if conversation.chars().any(char::is_control) {
+        return Err("`conversation` must not contain control characters".into());
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Server to client
+
+/// Who produced the answer a client receives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// This request ran the generation.
+    Leader,
+    /// This request shared another request's generation.
+    Follower,
+    /// This request was answered from the cache.
+    Cache,
+}
+
+impl Role {
+    /// The wire spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Leader => "leader",
+            Role::Follower => "follower",
+            Role::Cache => "cache",
+        }
+    }
+}
+
+/// How a stream ended, in a `done` frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Finish {
+    /// The model finished its answer.
+    Stop,
+    /// The answer hit `max_tokens`.
+    Length,
+    /// The client cancelled.
+    Cancelled,
+}
+
+/// The visible stages of a request, in `state` frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage {
+    /// Waiting in a queue.
+    Queued,
+    /// The leader is loading history and assembling the prompt.
+    Preparing,
+    /// Prepared, waiting for a streaming slot.
+    WaitingStream,
+    /// The model is producing tokens.
+    Streaming,
+}
+
+/// Per-request timings reported in `done`, in milliseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Timings {
+    /// From accept to leaving the queues.
+    pub queue_ms: f64,
+    /// Preparation time of the generation this request used.
+    pub prepare_ms: f64,
+    /// From accept to the first token, when there was one.
+    pub ttft_ms: Option<f64>,
+    /// From accept to the end.
+    pub total_ms: f64,
+}
+
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+enum Out<'a> {
+    Accepted {
+        id: &'a str,
+        request: &'a str,
+        conversation: &'a str,
+    },
+    State {
+        request: &'a str,
+        state: Stage,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        position: Option<usize>,
+    },
+    Start {
+        request: &'a str,
+        role: Role,
+    },
+    Tool {
+        request: &'a str,
+        name: &'a str,
+        phase: &'a str,
+        text: &'a str,
+    },
+    Done {
+        request: &'a str,
+        finish: Finish,
+        tokens: u64,
+        role: Role,
+        timings: Timings,
+    },
+    Error {
+        request: Option<&'a str>,
+        id: Option<&'a str>,
+        code: &'a str,
+        message: &'a str,
+    },
+    History {
+        conversation: &'a str,
+        messages: &'a [HistoryMessage<'a>],
+    },
+}
+
+/// One stored message in a `history` frame.
+#[derive(Debug, Serialize)]
+pub struct HistoryMessage<'a> {
+    /// `user` or `assistant`.
+    pub role: &'a str,
+    /// The message text.
+    pub content: &'a str,
+    /// When it was stored, RFC 3339 UTC.
+    pub at: String,
+}
+
+fn encode(out: &Out<'_>) -> Vec<u8> {
+    // Serialising these plain structs into a Vec cannot fail.
+    serde_json::to_vec(out).unwrap_or_default()
+}
+
+/// `accepted`: the request exists; always the first frame about it.
+pub fn accepted(id: &str, request: &str, conversation: &str) -> Vec<u8> {
+    encode(&Out::Accepted {
+        id,
+        request,
+        conversation,
+    })
+}
+
+/// `state`: the request moved to another stage.
+pub fn state(request: &str, stage: Stage, position: Option<usize>) -> Vec<u8> {
+    encode(&Out::State {
+        request,
+        state: stage,
+        position,
+    })
+}
+
+/// `start`: tokens follow, produced in this role.
+pub fn start(request: &str, role: Role) -> Vec<u8> {
+    encode(&Out::Start { request, role })
+}
+
+/// `tool`: a tool call, its streamed output or its result.
+pub fn tool(request: &str, name: &str, phase: &str, text: &str) -> Vec<u8> {
+    encode(&Out::Tool {
+        request,
+        name,
+        phase,
+        text,
+    })
+}
+
+/// `done`: the request ended normally (or was cancelled by its client).
+pub fn done(request: &str, finish: Finish, tokens: u64, role: Role, timings: Timings) -> Vec<u8> {
+    encode(&Out::Done {
+        request,
+        finish,
+        tokens,
+        role,
+        timings,
+    })
+}
+
+/// `error`: about a request, a client frame, or the connection.
+pub fn error(request: Option<&str>, id: Option<&str>, failure: &Failure) -> Vec<u8> {
+    encode(&Out::Error {
+        request,
+        id,
+        code: failure.code.as_str(),
+        message: &failure.message,
+    })
+}
+
+/// `history`: a conversation's stored messages, oldest first.
+pub fn history(conversation: &str, messages: &[HistoryMessage<'_>]) -> Vec<u8> {
+    encode(&Out::History {
+        conversation,
+        messages,
+    })
+}
+
+/// The per-request start of every token frame: `{"type":"token","request":"r-…`.
+///
+/// Built once per request; [`TokenTail`] supplies the rest.
+pub fn token_prefix(request: &str) -> Arc<[u8]> {
+    let mut prefix = Vec::with_capacity(32 + request.len());
+    prefix.extend_from_slice(b"{\"type\":\"token\",\"request\":");
+    // A request id is plain ASCII we generated, but escape anyway so a future
+    // id format cannot break the JSON.
+    let quoted = serde_json::to_vec(request).unwrap_or_default();
+    prefix.extend_from_slice(&quoted[..quoted.len().saturating_sub(1)]);
+    prefix.into()
+}
+
+/// The shared end of a token frame: `","seq":N,"text":"…"}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenTail(pub Arc<[u8]>);
+
+impl TokenTail {
+    /// Encodes token `seq` with `text` once, for every subscriber.
+    pub fn encode(seq: u64, text: &str) -> TokenTail {
+        let mut tail = Vec::with_capacity(text.len() + 32);
+        tail.extend_from_slice(b"\",\"seq\":");
+        tail.extend_from_slice(seq.to_string().as_bytes());
+        tail.extend_from_slice(b",\"text\":");
+        // Writing a &str into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut tail, text);
+        tail.push(b'}');
+        TokenTail(tail.into())
+    }
+}
+
+/// A fresh unguessable id: `prefix` followed by 128 random bits in hex.
+///
+/// Ids are capabilities (knowing a request id lets a client resume it), so
+/// they come from the operating system's random source.
+pub fn random_id(prefix: &str) -> String {
+    let mut bytes = [0u8; 16];
+    if getrandom::fill(&mut bytes).is_err() {
+        // getrandom only fails on exotic platforms without an entropy source;
+        // refusing to run is better than handing out guessable ids.
+        panic!("the operating system's random source is unavailable");
+    }
+    let mut id = String::with_capacity(prefix.len() + 32);
+    id.push_str(prefix);
+    for b in bytes {
+        id.push(char::from_digit(u32::from(b >> 4), 16).unwrap_or('0'));
+        id.push(char::from_digit(u32::from(b & 15), 16).unwrap_or('0'));
+    }
+    id
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: FrameLimits = FrameLimits {
+        max_message_chars: 10,
+    };
+
+    fn parse(s: &str) -> Result<ClientFrame, FrameError> {
+        parse_client_frame(s, LIMITS)
+    }
+
+    #[test]
+    fn chat_with_everything() {
+        let f = parse(r#"{"type":"chat","id":"c1","conversation":"k","message":"hi","options":{"model":"m","temperature":0,"max_tokens":5,"fresh":true}}"#).unwrap();
+        let ClientFrame::Chat(chat) = f else {
+            panic!("not a chat")
+        };
+        assert_eq!(chat.id, "c1");
+        assert_eq!(chat.conversation.as_deref(), Some("k"));
+        assert_eq!(chat.options.max_tokens, Some(5));
+        assert!(chat.options.fresh);
+    }
+
+    #[test]
+    fn bad_frames_are_bad_request_and_keep_the_id() {
+        for (text, id) in [
+            ("not json", None),
+            ("[1,2]", None),
+            (r#"{"type":"nope","id":"x"}"#, Some("x")),
+            (r#"{"id":"x","message":"hi"}"#, Some("x")),
+            (r#"{"type":"chat","id":"x"}"#, Some("x")),
+            (r#"{"type":"chat","id":"x","message":5}"#, Some("x")),
+            (r#"{"type":"chat","id":"x","message":"  "}"#, Some("x")),
+            (r#"{"type":"chat","id":"","message":"a"}"#, Some("")),
+            (
+                r#"{"type":"chat","id":"x","message":"a","options":{"fresh":"yes"}}"#,
+                Some("x"),
+            ),
+            (
+                r#"{"type":"chat","id":"x","message":"a","options":{"temperature":9}}"#,
+                Some("x"),
+            ),
+            (r#"{"type":"cancel"}"#, None),
+            (r#"{"type":"resume","request":"r","from":-1}"#, None),
+            (r#"{"type":"history","conversation":""}"#, None),
+        ] {
+            let err = parse(text).unwrap_err();
+            assert_eq!(err.code, ErrorCode::BadRequest, "{text}");
+            assert_eq!(err.id.as_deref(), id, "{text}");
+        }
+    }
+
+    #[test]
+    fn long_id_is_refused_without_echo() {
+        let long = "x".repeat(65);
+        let err = parse(&format!(r#"{{"type":"chat","id":"{long}","message":"a"}}"#)).unwrap_err();
+        assert_eq!(err.code, ErrorCode::BadRequest);
+        assert_eq!(err.id, None);
+    }
+
+    #[test]
+    fn message_over_the_limit_is_too_large() {
+        let err = parse(r#"{"type":"chat","id":"x","message":"ééééééééééé"}"#).unwrap_err();
+        assert_eq!(err.code, ErrorCode::TooLarge);
+        // Ten two-byte characters are within a ten-character limit.
+        assert!(parse(r#"{"type":"chat","id":"x","message":"éééééééééé"}"#).is_ok());
+    }
+
+    #[test]
+    fn history_limit_defaults_and_clamps() {
+        assert_eq!(
+            parse(r#"{"type":"history","conversation":"k"}"#).unwrap(),
+            ClientFrame::History {
+                conversation: "k".into(),
+                limit: DEFAULT_HISTORY_LIMIT
+            }
+        );
+        assert_eq!(
+            parse(r#"{"type":"history","conversation":"k","limit":999999}"#).unwrap(),
+            ClientFrame::History {
+                conversation: "k".into(),
+                limit: MAX_HISTORY_LIMIT
+            }
+        );
+    }
+
+    #[test]
+    fn token_frame_is_prefix_plus_tail() {
+        let prefix = token_prefix("r-1");
+        let tail = TokenTail::encode(7, "a \"q\"\n");
+        let mut frame = prefix.to_vec();
+        frame.extend_from_slice(&tail.0);
+        let v: serde_json::Value = serde_json::from_slice(&frame).unwrap();
+        assert_eq!(v["type"], "token");
+        assert_eq!(v["request"], "r-1");
+        assert_eq!(v["seq"], 7);
+        assert_eq!(v["text"], "a \"q\"\n");
+    }
+
+    #[test]
+    fn server_frames_have_the_documented_shape() {
+        let v: serde_json::Value = serde_json::from_slice(&done(
+            "r",
+            Finish::Stop,
+            3,
+            Role::Cache,
+            Timings {
+                ttft_ms: Some(1.5),
+                ..Timings::default()
+            },
+        ))
+        .unwrap();
+        assert_eq!(v["finish"], "stop");
+        assert_eq!(v["role"], "cache");
+        assert_eq!(v["timings"]["ttft_ms"], 1.5);
+        let v: serde_json::Value = serde_json::from_slice(&error(
+            None,
+            Some("c1"),
+            &Failure::new(ErrorCode::ConversationBusy, "busy"),
+        ))
+        .unwrap();
+        assert_eq!(v["request"], serde_json::Value::Null);
+        assert_eq!(v["code"], "conversation_busy");
+        let v: serde_json::Value =
+            serde_json::from_slice(&state("r", Stage::WaitingStream, Some(2))).unwrap();
+        assert_eq!(v["state"], "waiting_stream");
+        assert_eq!(v["position"], 2);
+    }
+
+    #[test]
+    fn ids_are_unique_and_long() {
+        let a = random_id("r-");
+        let b = random_id("r-");
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 34);
+    }
+}
