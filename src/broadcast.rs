@@ -29,8 +29,8 @@
 //! broadcast.publish("lo");
 //! let text = broadcast.finish();
 //! assert_eq!(text.text, "Hello");
-//! assert_eq!(early.outbox.len(), 2);
-//! assert_eq!(late.outbox.len(), 2);
+//! assert_eq!(early.outbox.len(), 2); // two live tokens
+//! assert_eq!(late.outbox.len(), 2); // a replay of one token, one live token
 //! ```
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -39,7 +39,7 @@ use std::time::Instant;
 
 use parking_lot::Mutex;
 
-use crate::outbox::{Frame, Outbox, PushError};
+use crate::outbox::{Frame, Outbox, PushError, Replay};
 use crate::protocol::{self, ErrorCode, Failure, TokenTail};
 
 /// One client connection attached to one request's stream.
@@ -150,7 +150,7 @@ pub struct Broadcast {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Subscribed {
     /// Tokens replayed from the history.
-    pub replayed: usize,
+    pub replayed: u64,
     /// True when the attachment now receives live tokens; false when the
     /// stream had already ended or the replay overflowed the outbox.
     pub live: bool,
@@ -218,29 +218,34 @@ impl Broadcast {
     /// Attaches `attachment`: replays tokens with `seq >= from`, then (if the
     /// stream is still open) delivers every later token live. Atomic with
     /// respect to [`Broadcast::publish`], so there is no gap and no duplicate.
-    pub fn subscribe(&self, attachment: &Arc<Attachment>, from: u64) -> Subscribed {
+    pub fn subscribe(self: &Arc<Self>, attachment: &Arc<Attachment>, from: u64) -> Subscribed {
         let mut inner = self.inner.lock();
-        let start = usize::try_from(from)
-            .unwrap_or(usize::MAX)
-            .min(inner.tails.len());
-        let (replayed, refused) = attachment
-            .outbox
-            .push_tokens(inner.tails[start..].iter().map(|t| attachment.token(t)));
-        match refused {
-            Some(PushError::Full) => {
-                attachment.cut_off();
-                return Subscribed {
-                    replayed,
-                    live: false,
-                };
-            }
-            Some(PushError::Closed) => {
-                return Subscribed {
-                    replayed,
-                    live: false,
+        let produced = inner.tails.len() as u64;
+        let replayed = produced.saturating_sub(from);
+        if replayed > 0 {
+            // One queue slot for the whole range; the connection expands it.
+            let replay = Frame::Replay(Replay {
+                broadcast: self.clone(),
+                prefix: attachment.prefix.clone(),
+                from,
+                to: produced,
+            });
+            match attachment.outbox.push_token(replay) {
+                Ok(()) => {}
+                Err(PushError::Full) => {
+                    attachment.cut_off();
+                    return Subscribed {
+                        replayed: 0,
+                        live: false,
+                    };
+                }
+                Err(PushError::Closed) => {
+                    return Subscribed {
+                        replayed: 0,
+                        live: false,
+                    }
                 }
             }
-            None => {}
         }
         if inner.ended {
             return Subscribed {
@@ -255,6 +260,17 @@ impl Broadcast {
         }
     }
 
+    /// Appends the tails of tokens `from..to` (clamped to what exists) to `out`.
+    pub fn tails(&self, from: u64, to: u64, out: &mut Vec<TokenTail>) {
+        let inner = self.inner.lock();
+        let len = inner.tails.len();
+        let from = usize::try_from(from).unwrap_or(len).min(len);
+        let to = usize::try_from(to).unwrap_or(len).min(len);
+        if from < to {
+            out.extend_from_slice(&inner.tails[from..to]);
+        }
+    }
+
     /// Detaches one attachment; true when it was subscribed.
     pub fn unsubscribe(&self, attachment: &Arc<Attachment>) -> bool {
         let mut inner = self.inner.lock();
@@ -263,6 +279,16 @@ impl Broadcast {
             .subscribers
             .retain(|(s, _)| !Arc::ptr_eq(s, attachment));
         inner.subscribers.len() != before
+    }
+
+    /// Detaches `attachments` and returns what had been produced at that
+    /// moment, atomically: exactly the tokens they were sent.
+    pub fn detach(&self, attachments: &[Arc<Attachment>]) -> Produced {
+        let mut inner = self.inner.lock();
+        inner
+            .subscribers
+            .retain(|(s, _)| !attachments.iter().any(|a| Arc::ptr_eq(s, a)));
+        inner.produced.clone()
     }
 
     /// Subscribers that can still receive tokens.
@@ -362,6 +388,20 @@ mod tests {
                 Frame::Json(bytes) => {
                     let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
                     errors.push(v["code"].as_str().unwrap_or("").to_owned());
+                }
+                Frame::Replay(r) => {
+                    let mut tails = Vec::new();
+                    r.broadcast.tails(r.from, r.to, &mut tails);
+                    for (i, tail) in tails.iter().enumerate() {
+                        let mut bytes = r.prefix.to_vec();
+                        bytes.extend_from_slice(&tail.0);
+                        let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+                        assert_eq!(v["seq"].as_u64().unwrap(), r.from + i as u64);
+                        tokens.push((
+                            v["seq"].as_u64().unwrap(),
+                            v["text"].as_str().unwrap().to_owned(),
+                        ));
+                    }
                 }
                 Frame::Close(..) => panic!("unexpected close"),
             }

@@ -1,7 +1,34 @@
 //! chorus: a self-hosted realtime LLM chat gateway.
+//!
+//! Browsers and other WebSocket clients connect to one port and chat with a
+//! model. chorus sits between many users and an expensive, slow upstream
+//! model and makes that upstream go as far as possible: identical questions
+//! asked at the same time share one generation ([`singleflight`]), complete
+//! answers are cached and served on their own lane ([`cache`]), and tokens
+//! fan out live to every interested client ([`broadcast`]).
+//!
+//! The core is synchronous by design: OS thread pools ([`pool`]) sized by
+//! the concurrency limits, connected by bounded crossbeam channels
+//! ([`pipeline`]), one thread per WebSocket connection ([`ws`]).
+//!
+//! Reading order for newcomers: [`protocol`] (what clients send and get),
+//! [`pipeline`] (the heart), [`broadcast`] and [`outbox`] (how a token
+//! reaches a socket), then [`server`] and [`ws`].
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 pub mod broadcast;
 pub mod cache;
+pub mod config;
+pub mod history;
+pub mod http;
 pub mod llm;
+pub mod metrics;
 pub mod outbox;
+pub mod pipeline;
+pub mod pool;
 pub mod protocol;
+pub mod server;
+pub mod singleflight;
+pub mod ws;

@@ -23,6 +23,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use rustix::event::{eventfd, EventfdFlags};
 
+use crate::broadcast::Broadcast;
 use crate::protocol::TokenTail;
 
 /// One frame waiting to be written.
@@ -35,10 +36,27 @@ pub enum Frame {
         /// `","seq":N,"text":"…"}`, one allocation per generated token.
         tail: TokenTail,
     },
+    /// Tokens `from..to` of a generation's history, expanded lazily by the
+    /// connection thread as the socket accepts them, so a late joiner's
+    /// replay of thousands of tokens costs one queue slot, not thousands.
+    Replay(Replay),
     /// Any other JSON message, already encoded.
     Json(Vec<u8>),
     /// Close the WebSocket with this close code and reason, then end.
     Close(u16, &'static str),
+}
+
+/// A range of a generation's tokens for one request.
+#[derive(Debug, Clone)]
+pub struct Replay {
+    /// Where the tokens are kept.
+    pub broadcast: Arc<Broadcast>,
+    /// The request's token frame prefix.
+    pub prefix: Arc<[u8]>,
+    /// First `seq` still to write.
+    pub from: u64,
+    /// One past the last `seq` to write.
+    pub to: u64,
 }
 
 /// Why a push was refused.
@@ -143,33 +161,6 @@ impl Outbox {
         Ok(())
     }
 
-    /// Queues token frames (a replay) in order; stops at the first refusal
-    /// and reports how many were queued.
-    pub fn push_tokens(&self, frames: impl Iterator<Item = Frame>) -> (usize, Option<PushError>) {
-        let mut queued = 0;
-        let (wake, refused) = {
-            let mut q = self.queue.lock();
-            if q.closed {
-                return (0, Some(PushError::Closed));
-            }
-            let mut refused = None;
-            for frame in frames {
-                if q.frames.len() >= self.capacity {
-                    refused = Some(PushError::Full);
-                    break;
-                }
-                q.frames.push_back(frame);
-                queued += 1;
-            }
-            let wake = queued > 0 && std::mem::take(&mut q.parked);
-            (wake, refused)
-        };
-        if wake {
-            self.wake();
-        }
-        (queued, refused)
-    }
-
     /// Moves every waiting frame into `batch` (consumer only).
     pub fn take_all(&self, batch: &mut Vec<Frame>) {
         let mut q = self.queue.lock();
@@ -271,13 +262,6 @@ mod tests {
         assert_eq!(o.push_token(token(2)), Err(PushError::Full));
         o.push(Frame::Json(b"{}".to_vec())).unwrap();
         assert_eq!(o.len(), 3);
-    }
-
-    #[test]
-    fn replay_stops_at_capacity() {
-        let o = Outbox::new(3).unwrap();
-        let (n, err) = o.push_tokens((0..5).map(token));
-        assert_eq!((n, err), (3, Some(PushError::Full)));
     }
 
     #[test]

@@ -1,0 +1,392 @@
+//! The HTTP side of the single port: reading a request head with httparse,
+//! routing, the small JSON and file endpoints, and the checks that decide
+//! whether a WebSocket upgrade is allowed.
+//!
+//! Threads: runs on the connection thread that accepted the socket, before
+//! the connection becomes a WebSocket (or instead of it). Every answer
+//! closes the connection (`Connection: close`): the endpoints are cheap, and
+//! one request per connection keeps the thread's life simple.
+
+use std::borrow::Cow;
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+
+use include_dir::{include_dir, Dir};
+
+/// The demo page and its assets, compiled into the binary.
+static EMBEDDED: Dir<'static> = include_dir!("$CARGO_MANIFEST_DIR/static");
+
+/// Largest request head accepted; a real browser's is a few hundred bytes.
+const MAX_HEAD: usize = 16 * 1024;
+const MAX_HEADERS: usize = 48;
+
+/// Why a request could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    /// The socket failed or timed out.
+    #[error("reading the request failed: {0}")]
+    Io(#[from] io::Error),
+    /// The bytes were not an HTTP/1.x request head.
+    #[error("malformed request: {0}")]
+    Malformed(String),
+    /// The head exceeded [`MAX_HEAD`].
+    #[error("request head too large")]
+    TooLarge,
+    /// The peer closed before sending a full head.
+    #[error("connection closed before a full request")]
+    Closed,
+}
+
+/// A parsed request head.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// `GET`, `POST`, …
+    pub method: String,
+    /// The path without the query.
+    pub path: String,
+    /// The query string without `?`, if any.
+    pub query: Option<String>,
+    /// Headers with lower-case names.
+    pub headers: Vec<(String, String)>,
+    /// Bytes read past the head (the start of WebSocket frames).
+    pub leftover: Vec<u8>,
+}
+
+impl Request {
+    /// The first header named `name` (lower case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// True when a comma-separated header contains `token`, case-insensitively.
+    pub fn header_has_token(&self, name: &str, token: &str) -> bool {
+        self.headers
+            .iter()
+            .filter(|(n, _)| n == name)
+            .flat_map(|(_, v)| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    }
+
+    /// The value of query parameter `name`, percent-decoded.
+    pub fn query_param(&self, name: &str) -> Option<String> {
+        self.query.as_deref()?.split('&').find_map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (k == name).then(|| percent_decode(v).into_owned())
+        })
+    }
+}
+
+/// Reads one request head from a blocking socket (with a read timeout set
+/// by the caller).
+pub fn read_request(tcp: &mut TcpStream) -> Result<Request, HttpError> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    loop {
+        let n = tcp.read(&mut chunk)?;
+        if n == 0 {
+            return Err(HttpError::Closed);
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(&buf) {
+            Ok(httparse::Status::Complete(len)) => {
+                let target = req.path.unwrap_or("/");
+                let (path, query) = match target.split_once('?') {
+                    Some((p, q)) => (p.to_owned(), Some(q.to_owned())),
+                    None => (target.to_owned(), None),
+                };
+                let headers = req
+                    .headers
+                    .iter()
+                    .map(|h| {
+                        (
+                            h.name.to_ascii_lowercase(),
+                            String::from_utf8_lossy(h.value).into_owned(),
+                        )
+                    })
+                    .collect();
+                return Ok(Request {
+                    method: req.method.unwrap_or("").to_owned(),
+                    path,
+                    query,
+                    headers,
+                    leftover: buf[len..].to_vec(),
+                });
+            }
+            Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => {}
+            Ok(httparse::Status::Partial) => return Err(HttpError::TooLarge),
+            Err(e) => return Err(HttpError::Malformed(e.to_string())),
+        }
+    }
+}
+
+/// Writes a complete response and asks the client to close.
+pub fn respond(
+    tcp: &mut TcpStream,
+    status: u16,
+    content_type: &str,
+    extra_headers: &[(&str, &str)],
+    body: &[u8],
+) -> io::Result<()> {
+    let mut head = format!(
+        "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\nCache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n",
+        reason(status),
+        body.len()
+    );
+    for (name, value) in extra_headers {
+        head.push_str(name);
+        head.push_str(": ");
+        head.push_str(value);
+        head.push_str("\r\n");
+    }
+    head.push_str("\r\n");
+    let mut out = head.into_bytes();
+    out.extend_from_slice(body);
+    tcp.write_all(&out)?;
+    tcp.flush()
+}
+
+/// A JSON error body `{"error": "..."}` with `status`.
+pub fn respond_error(tcp: &mut TcpStream, status: u16, message: &str) -> io::Result<()> {
+    let body = serde_json::json!({ "error": message }).to_string();
+    respond(tcp, status, "application/json", &[], body.as_bytes())
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        101 => "Switching Protocols",
+        200 => "OK",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        413 => "Payload Too Large",
+        426 => "Upgrade Required",
+        500 => "Internal Server Error",
+        503 => "Service Unavailable",
+        _ => "Unknown",
+    }
+}
+
+/// The 101 answer that completes a WebSocket handshake.
+pub fn upgrade_response(key: &str) -> String {
+    format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+        tungstenite::handshake::derive_accept_key(key.as_bytes())
+    )
+}
+
+/// Where static files come from: the binary, or a directory during development.
+#[derive(Debug, Clone)]
+pub enum StaticFiles {
+    /// Files compiled into the binary.
+    Embedded,
+    /// Files read from this directory on each request.
+    Directory(PathBuf),
+}
+
+impl StaticFiles {
+    /// The file at `relative` (already checked by [`safe_relative_path`]).
+    pub fn get(&self, relative: &str) -> Option<Cow<'static, [u8]>> {
+        match self {
+            StaticFiles::Embedded => EMBEDDED
+                .get_file(relative)
+                .map(|f| Cow::Borrowed(f.contents())),
+            StaticFiles::Directory(dir) => {
+                let path = dir.join(relative);
+                // Symlinks could still point outside; resolve and compare.
+                let root = dir.canonicalize().ok()?;
+                let real = path.canonicalize().ok()?;
+                if !real.starts_with(&root) || !real.is_file() {
+                    return None;
+                }
+                std::fs::read(real).ok().map(Cow::Owned)
+            }
+        }
+    }
+}
+
+/// Percent-decodes `s` (invalid escapes are kept literally).
+pub fn percent_decode(s: &str) -> Cow<'_, str> {
+    if !s.contains('%') && !s.contains('+') {
+        return Cow::Borrowed(s);
+    }
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
+                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    Some(b) => {
+                        out.push(b);
+                        i += 3;
+                    }
+                    None => {
+                        out.push(b'%');
+                        i += 1;
+                    }
+                }
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    Cow::Owned(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// The file path below `/static/` if it is safe: decoded, relative, with no
+/// `..`, `.`, empty segment, backslash or NUL. `None` means "refuse".
+pub fn safe_relative_path(raw: &str) -> Option<String> {
+    let decoded = percent_decode(raw);
+    if decoded.is_empty() || decoded.contains('\\') || decoded.contains('\0') {
+        return None;
+    }
+    let ok = decoded
+        .split('/')
+        .all(|seg| !seg.is_empty() && seg != "." && seg != "..");
+    ok.then(|| decoded.into_owned())
+}
+
+/// The content type of a file by its extension.
+pub fn content_type(path: &str) -> &'static str {
+    match Path::new(path).extension().and_then(|e| e.to_str()) {
+        Some("html") => "text/html; charset=utf-8",
+        Some("css") => "text/css; charset=utf-8",
+        Some("js" | "mjs") => "text/javascript; charset=utf-8",
+        Some("json") => "application/json",
+        Some("svg") => "image/svg+xml",
+        Some("png") => "image/png",
+        Some("ico") => "image/x-icon",
+        Some("woff2") => "font/woff2",
+        Some("txt" | "md") => "text/plain; charset=utf-8",
+        _ => "application/octet-stream",
+    }
+}
+
+/// Whether a browser `Origin` may open a WebSocket.
+///
+/// With no allow-list, the origin's host (and port) must equal the `Host`
+/// header: pages served by chorus itself are allowed, other sites are not.
+/// Requests without `Origin` (non-browser clients) are always allowed.
+pub fn origin_allowed(origin: Option<&str>, host: Option<&str>, allowed: &[String]) -> bool {
+    let Some(origin) = origin else {
+        return true;
+    };
+    if !allowed.is_empty() {
+        return allowed
+            .iter()
+            .any(|a| a == "*" || a.eq_ignore_ascii_case(origin));
+    }
+    let origin_host = origin
+        .split_once("://")
+        .map_or(origin, |(_, rest)| rest)
+        .trim_end_matches('/');
+    host.is_some_and(|h| h.eq_ignore_ascii_case(origin_host))
+}
+
+/// Whether the request carries one of `tokens` (empty: no auth configured),
+/// as `Authorization: Bearer <t>` or `?token=<t>`.
+pub fn authorized(req: &Request, tokens: &[String]) -> bool {
+    if tokens.is_empty() {
+        return true;
+    }
+    let bearer = req
+        .header("authorization")
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(|t| t.trim().to_owned());
+    let query = req.query_param("token");
+    [bearer, query].into_iter().flatten().any(|given| {
+        tokens
+            .iter()
+            .any(|t| constant_time_eq(t.as_bytes(), given.as_bytes()))
+    })
+}
+
+/// Compares secrets without an early exit that would leak their prefix length.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traversal_is_refused() {
+        for bad in [
+            "../etc/passwd",
+            "a/../../x",
+            "%2e%2e/secret",
+            "..%2fsecret",
+            "a\\b",
+            "",
+            "a//b",
+            "./a",
+            "a/%00",
+        ] {
+            assert_eq!(safe_relative_path(bad), None, "{bad}");
+        }
+        assert_eq!(
+            safe_relative_path("css/app.css").as_deref(),
+            Some("css/app.css")
+        );
+        assert_eq!(safe_relative_path("a%20b.txt").as_deref(), Some("a b.txt"));
+    }
+
+    #[test]
+    fn origin_rules() {
+        assert!(origin_allowed(None, Some("h:1"), &[]));
+        assert!(origin_allowed(Some("http://h:1"), Some("h:1"), &[]));
+        assert!(!origin_allowed(Some("http://evil:1"), Some("h:1"), &[]));
+        let list = vec!["https://app.example".to_owned()];
+        assert!(origin_allowed(
+            Some("https://app.example"),
+            Some("h:1"),
+            &list
+        ));
+        assert!(!origin_allowed(Some("http://h:1"), Some("h:1"), &list));
+    }
+
+    #[test]
+    fn auth_by_header_or_query() {
+        let req = |headers: Vec<(String, String)>, query: Option<&str>| Request {
+            method: "GET".into(),
+            path: "/ws".into(),
+            query: query.map(str::to_owned),
+            headers,
+            leftover: vec![],
+        };
+        let tokens = vec!["s3cret".to_owned()];
+        assert!(authorized(&req(vec![], None), &[]));
+        assert!(!authorized(&req(vec![], None), &tokens));
+        assert!(authorized(
+            &req(vec![("authorization".into(), "Bearer s3cret".into())], None),
+            &tokens
+        ));
+        assert!(authorized(&req(vec![], Some("a=1&token=s3cret")), &tokens));
+        assert!(!authorized(&req(vec![], Some("token=s3cre")), &tokens));
+    }
+
+    #[test]
+    fn embedded_index_exists() {
+        assert!(StaticFiles::Embedded.get("index.html").is_some());
+        assert!(StaticFiles::Embedded.get("missing.html").is_none());
+    }
+}

@@ -1,0 +1,125 @@
+//! One upstream generation and the requests sharing it.
+//!
+//! Threads: the leader's job carries it from the cache lane to a preparation
+//! worker and then to a streaming worker; follower workers join requests to
+//! it; connection threads cancel members; the janitor reads its stage and
+//! fails it on timeouts. `state` is one mutex; the broadcast has its own.
+//! Lock order: a generation's `state` is never held while taking a request's
+//! lock or the broadcast's lock, except where noted at the call.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use parking_lot::Mutex;
+
+use super::request::Request;
+use crate::broadcast::Broadcast;
+use crate::cache::Key;
+use crate::llm::AbortSignal;
+use crate::outbox::Frame;
+use crate::protocol::{self, Failure, Finish, Stage};
+
+/// How a generation ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GenOutcome {
+    /// The model finished (`stop` or `length`).
+    Finished(Finish),
+    /// Nobody wanted it any more.
+    Cancelled,
+    /// It failed; every member gets this error.
+    Failed(Failure),
+}
+
+pub(crate) struct GenState {
+    pub stage: Stage,
+    /// When `stage` was entered.
+    pub since: Instant,
+    /// Requests that receive this generation and have not ended yet.
+    pub members: Vec<Arc<Request>>,
+    /// Set exactly once; from then on the generation is over.
+    pub outcome: Option<GenOutcome>,
+    /// Since when no member has had a live attachment.
+    pub orphaned_since: Option<Instant>,
+    pub prepare_ms: f64,
+}
+
+/// A generation; share it as `Arc<Generation>`.
+pub(crate) struct Generation {
+    pub id: u64,
+    /// The identical-request key (for the cache write).
+    pub key: Key,
+    /// True when registered in the singleflight (false for `fresh` requests).
+    pub shared: bool,
+    pub broadcast: Arc<Broadcast>,
+    pub abort: AbortSignal,
+    pub created_at: Instant,
+    /// Followers claimed but not yet joined by a follower worker; they keep
+    /// the generation wanted while they wait.
+    pub pending_followers: AtomicUsize,
+    pub state: Mutex<GenState>,
+}
+
+impl Generation {
+    pub fn new(id: u64, key: Key, shared: bool) -> Arc<Generation> {
+        let now = Instant::now();
+        Arc::new(Generation {
+            id,
+            key,
+            shared,
+            broadcast: Broadcast::new(),
+            abort: AbortSignal::new(),
+            created_at: now,
+            pending_followers: AtomicUsize::new(0),
+            state: Mutex::new(GenState {
+                stage: Stage::Queued,
+                since: now,
+                members: Vec::new(),
+                outcome: None,
+                orphaned_since: None,
+                prepare_ms: 0.0,
+            }),
+        })
+    }
+
+    pub fn is_over(&self) -> bool {
+        self.state.lock().outcome.is_some()
+    }
+
+    pub fn prepare_ms(&self) -> f64 {
+        self.state.lock().prepare_ms
+    }
+
+    /// Moves to `stage` and tells every attached client, each with its own
+    /// request id. `position` is the queue position for `queued` and
+    /// `waiting_stream`.
+    pub fn set_stage(&self, stage: Stage, position: Option<usize>) {
+        {
+            let mut st = self.state.lock();
+            if st.outcome.is_some() {
+                return;
+            }
+            st.stage = stage;
+            st.since = Instant::now();
+        }
+        self.broadcast.for_each_subscriber(|a| {
+            let _ = a
+                .outbox
+                .push(Frame::Json(protocol::state(&a.request, stage, position)));
+        });
+    }
+
+    /// Removes `request` from the members; true when it was one.
+    pub fn leave(&self, request: &Arc<Request>) -> bool {
+        let mut st = self.state.lock();
+        let before = st.members.len();
+        st.members.retain(|m| !Arc::ptr_eq(m, request));
+        st.members.len() != before
+    }
+
+    /// True when no request wants this generation any more: no member and
+    /// no follower waiting to join.
+    pub fn is_unwanted(&self) -> bool {
+        self.state.lock().members.is_empty() && self.pending_followers.load(Ordering::Acquire) == 0
+    }
+}

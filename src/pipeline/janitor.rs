@@ -1,0 +1,135 @@
+//! The janitor: one thread that wakes every `janitor_interval_ms` and
+//! enforces what no worker can enforce on itself.
+//!
+//! - a request waiting in the intake or follower queue past `queue_ms`
+//!   gets `queue_timeout`; so does a generation waiting for a preparation or
+//!   streaming slot;
+//! - a generation preparing past `prepare_ms`, streaming with no token for
+//!   `stream_idle_ms`, or alive past `request_ms` fails with
+//!   `processing_timeout` and its upstream call is aborted;
+//! - a generation whose clients all disconnected is aborted once
+//!   `orphan_grace_ms` passed with nobody resuming (unless `complete_orphans`);
+//! - finished requests are forgotten after `replay_window_ms`.
+//!
+//! It works on snapshots (`Arc` clones taken under a brief read lock), so it
+//! never holds the active map while ending anything.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::generation::GenOutcome;
+use super::request::Phase;
+use super::Shared;
+use crate::protocol::{ErrorCode, Failure, Stage};
+
+pub(super) fn run(shared: &Arc<Shared>) {
+    let t = &shared.config.timeouts;
+    let interval = Duration::from_millis(t.janitor_interval_ms.max(1));
+    // The pipeline drops its channels on shutdown; that is the janitor's stop signal.
+    while shared.channels.read().is_some() {
+        std::thread::sleep(interval);
+        sweep(shared, Instant::now());
+    }
+}
+
+fn sweep(shared: &Arc<Shared>, now: Instant) {
+    let t = &shared.config.timeouts;
+    let ms = Duration::from_millis;
+    let (requests, generations): (Vec<_>, Vec<_>) = {
+        let active = shared.active.read();
+        (
+            active.requests.values().cloned().collect(),
+            active.generations.values().cloned().collect(),
+        )
+    };
+    let mut expired = Vec::new();
+    for request in requests {
+        let phase = request.state.lock().phase;
+        match phase {
+            Phase::Queued { since }
+                if now.duration_since(since) > ms(t.queue_ms) && request.begin_finish() =>
+            {
+                let failure = Failure::new(
+                    ErrorCode::QueueTimeout,
+                    format!("waited in the queue longer than {} ms", t.queue_ms),
+                );
+                shared.finish_request(&request, Err(failure), String::new(), 0);
+            }
+            Phase::Finished { at } if now.duration_since(at) > ms(t.replay_window_ms) => {
+                expired.push(request.id.clone());
+            }
+            _ => {}
+        }
+    }
+    if !expired.is_empty() {
+        let mut active = shared.active.write();
+        for id in expired {
+            active.requests.remove(&id);
+        }
+    }
+    for generation in generations {
+        let (stage, since, members, orphaned_since) = {
+            let st = generation.state.lock();
+            if st.outcome.is_some() {
+                continue;
+            }
+            (st.stage, st.since, st.members.clone(), st.orphaned_since)
+        };
+        let timeout = |message: String| {
+            GenOutcome::Failed(Failure::new(ErrorCode::ProcessingTimeout, message))
+        };
+        let verdict = match stage {
+            Stage::Queued | Stage::WaitingStream if now.duration_since(since) > ms(t.queue_ms) => {
+                Some(GenOutcome::Failed(Failure::new(
+                    ErrorCode::QueueTimeout,
+                    format!("waited for a worker longer than {} ms", t.queue_ms),
+                )))
+            }
+            Stage::Preparing if now.duration_since(since) > ms(t.prepare_ms) => Some(timeout(
+                format!("preparation took longer than {} ms", t.prepare_ms),
+            )),
+            Stage::Streaming => {
+                let last = generation
+                    .broadcast
+                    .last_token_at()
+                    .unwrap_or(since)
+                    .max(since);
+                (now.duration_since(last) > ms(t.stream_idle_ms))
+                    .then(|| timeout(format!("no token for {} ms", t.stream_idle_ms)))
+            }
+            _ => None,
+        };
+        let verdict = verdict.or_else(|| {
+            (now.duration_since(generation.created_at) > ms(t.request_ms))
+                .then(|| timeout(format!("the request took longer than {} ms", t.request_ms)))
+        });
+        if let Some(outcome) = verdict {
+            shared.finish_generation(&generation, outcome);
+            continue;
+        }
+        if shared.config.cache.complete_orphans {
+            continue;
+        }
+        // Orphaned: nobody is attached and nobody is about to be.
+        let attached = generation.pending_followers.load(Ordering::Acquire) > 0
+            || members
+                .iter()
+                .any(|m| m.state.lock().attachments.iter().any(|a| a.is_live()));
+        if attached {
+            if orphaned_since.is_some() {
+                generation.state.lock().orphaned_since = None;
+            }
+        } else if members.is_empty() {
+            shared.finish_generation(&generation, GenOutcome::Cancelled);
+        } else {
+            match orphaned_since {
+                None => generation.state.lock().orphaned_since = Some(now),
+                Some(t0) if now.duration_since(t0) >= ms(t.orphan_grace_ms) => {
+                    shared.finish_generation(&generation, GenOutcome::Cancelled);
+                }
+                Some(_) => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,138 @@
+//! One accepted chat request: who is attached to it, where its tokens come
+//! from, and how it ended.
+//!
+//! Threads: created by a connection thread; then read and changed by the
+//! pipeline workers that move it along, by connection threads that cancel or
+//! resume it, by the janitor, and finally by the history writer thread that
+//! completes it. All mutable state sits behind one mutex per request. Lock
+//! order: a request's lock may be held while taking a broadcast's lock, never
+//! the other way round.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use parking_lot::Mutex;
+
+use super::generation::Generation;
+use crate::broadcast::Attachment;
+use crate::cache::CachedAnswer;
+use crate::protocol::{Failure, Finish, Role, Timings};
+
+/// Where a request's tokens come from.
+#[derive(Clone)]
+pub(crate) enum Source {
+    /// A live or finished generation (leader or follower).
+    Generation(Arc<Generation>),
+    /// A cached answer.
+    Cached(Arc<CachedAnswer>),
+}
+
+/// How a request ended, kept for `resume` during the replay window.
+#[derive(Debug, Clone)]
+pub(crate) struct End {
+    pub result: Result<Finish, Failure>,
+    pub tokens: u64,
+    pub timings: Timings,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Phase {
+    /// Waiting in the intake or follower queue.
+    Queued { since: Instant },
+    /// Attached to a generation, or being served from the cache.
+    Running,
+    /// Its end is decided and its answer is being stored.
+    Finishing,
+    /// Over; kept only so `resume` can replay it.
+    Finished { at: Instant },
+}
+
+pub(crate) struct RequestState {
+    pub phase: Phase,
+    pub role: Option<Role>,
+    pub attachments: Vec<Arc<Attachment>>,
+    pub source: Option<Source>,
+    /// When it left the queues.
+    pub dequeued_at: Option<Instant>,
+    /// When a follower joined its generation (its first token cannot predate this).
+    pub joined_at: Option<Instant>,
+    pub end: Option<End>,
+}
+
+/// One chat request. Share it as `Arc<Request>`.
+pub(crate) struct Request {
+    pub id: Arc<str>,
+    pub client_id: String,
+    pub conversation: String,
+    pub accepted_at: Instant,
+    pub state: Mutex<RequestState>,
+}
+
+impl Request {
+    pub fn new(client_id: String, conversation: String) -> Arc<Request> {
+        let now = Instant::now();
+        Arc::new(Request {
+            id: crate::protocol::random_id("r-").into(),
+            client_id,
+            conversation,
+            accepted_at: now,
+            state: Mutex::new(RequestState {
+                phase: Phase::Queued { since: now },
+                role: None,
+                attachments: Vec::new(),
+                source: None,
+                dequeued_at: None,
+                joined_at: None,
+                end: None,
+            }),
+        })
+    }
+
+    /// Claims the right to end this request. Exactly one caller ever gets
+    /// `true`; everyone else must leave the request alone.
+    pub fn begin_finish(&self) -> bool {
+        let mut st = self.state.lock();
+        match st.phase {
+            Phase::Queued { .. } | Phase::Running => {
+                st.phase = Phase::Finishing;
+                true
+            }
+            Phase::Finishing | Phase::Finished { .. } => false,
+        }
+    }
+
+    /// True once its end is decided.
+    pub fn is_ending(&self) -> bool {
+        matches!(
+            self.state.lock().phase,
+            Phase::Finishing | Phase::Finished { .. }
+        )
+    }
+
+    /// Timings as of now, from what the request recorded.
+    pub fn timings(
+        &self,
+        st: &RequestState,
+        prepare_ms: f64,
+        first_token: Option<Instant>,
+    ) -> Timings {
+        let ms = |t: Instant| t.saturating_duration_since(self.accepted_at).as_secs_f64() * 1000.0;
+        let now = Instant::now();
+        let first_token = match (first_token, st.joined_at) {
+            (Some(t), Some(joined)) => Some(t.max(joined)),
+            (t, _) => t,
+        };
+        Timings {
+            queue_ms: round(ms(st.dequeued_at.unwrap_or(now))),
+            prepare_ms: round(prepare_ms),
+            ttft_ms: first_token.map(|t| round(ms(t))),
+            total_ms: round(ms(now)),
+        }
+    }
+}
+
+/// Milliseconds with three decimals: microsecond resolution is plenty and
+/// keeps frames short.
+pub(crate) fn round(ms: f64) -> f64 {
+    (ms * 1000.0).round() / 1000.0
+}

@@ -1,0 +1,479 @@
+//! The server: one listening port, an accept thread, one thread per
+//! connection, and the orderly shutdown.
+//!
+//! Threads:
+//! - the accept thread only accepts and spawns: each accepted socket gets
+//!   its own thread (stack `connection_stack_kib`) that reads the HTTP head,
+//!   answers plain HTTP, or upgrades and runs the WebSocket loop;
+//! - the thread that called [`Server::run_until`] waits for the stop signal
+//!   and then drains: new chats get `shutting_down`, `/healthz` says
+//!   `draining`, running streams get up to `drain_ms` to finish, then every
+//!   remaining request ends with `shutting_down`, every WebSocket is closed
+//!   with 1001 and the history is flushed to SQLite.
+//!
+//! The accept thread sleeps in `poll(2)` on the listener and an eventfd, so
+//! stopping it is an explicit wake-up, not a connection to ourselves.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use rustix::event::{eventfd, poll, EventfdFlags, PollFd, PollFlags};
+use socket2::{Domain, Socket, Type};
+
+use crate::cache::{Cache, MemoryCache};
+use crate::config::{CacheBackend, Config, LlmProvider};
+use crate::history::History;
+use crate::http::{self, StaticFiles};
+use crate::llm::{Provider, Simulated};
+use crate::metrics::Metrics;
+use crate::outbox::{Frame, Outbox};
+use crate::pipeline::Pipeline;
+use crate::protocol::{ErrorCode, Failure};
+use crate::ws::{self, Limits};
+
+/// How long a client may take to send its HTTP request head.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Failures that stop the server from starting.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// The listening address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The configured address.
+        addr: String,
+        /// Why.
+        source: io::Error,
+    },
+    /// The SQLite history could not be opened.
+    #[error("cannot open the history database: {0}")]
+    History(#[from] crate::history::HistoryError),
+    /// A configured feature is not available in this build.
+    #[error("{0}")]
+    Unsupported(String),
+    /// Threads or descriptors could not be created.
+    #[error("cannot start: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// State shared by the accept thread and every connection thread.
+pub(crate) struct Shared {
+    config: Arc<Config>,
+    pipeline: Pipeline,
+    history: History,
+    metrics: Arc<Metrics>,
+    static_files: StaticFiles,
+    /// Open WebSocket connections by id, so shutdown can close them.
+    connections: Mutex<HashMap<u64, Arc<Outbox>>>,
+    ws_connections: AtomicUsize,
+    next_connection: AtomicU64,
+    draining: AtomicBool,
+    stopping: AtomicBool,
+    started_at: Instant,
+}
+
+/// A running server.
+pub struct Server {
+    shared: Arc<Shared>,
+    local_addr: SocketAddr,
+    accept_waker: Arc<OwnedFd>,
+    accept_thread: Option<JoinHandle<()>>,
+}
+
+impl Server {
+    /// Opens the history, starts the pipeline and listens. Returns once the
+    /// port is bound (so `local_addr` is final, also with port 0).
+    pub fn start(config: Config) -> Result<Server, ServerError> {
+        let config = Arc::new(config);
+        let metrics = Arc::new(Metrics::new());
+        let history = History::open(
+            &PathBuf::from(&config.history.sqlite_path),
+            config.history.read_pool_size,
+        )?;
+        let cache: Arc<dyn Cache> = match config.cache.backend {
+            CacheBackend::Memory => Arc::new(MemoryCache::new(
+                config.cache.max_entries,
+                Duration::from_secs(config.cache.ttl_s),
+            )),
+            CacheBackend::Redis => return Err(ServerError::Unsupported(
+                "cache.backend = \"redis\" is not available in this version yet; use \"memory\""
+                    .into(),
+            )),
+        };
+        let provider: Arc<dyn Provider> = match config.llm.provider {
+            LlmProvider::Simulated => {
+                let s = &config.llm.simulated;
+                Arc::new(Simulated {
+                    first_token: Duration::from_millis(s.first_token_ms),
+                    token_interval: Duration::from_millis(s.token_interval_ms),
+                    tokens: s.tokens,
+                })
+            }
+            LlmProvider::OpenAi => return Err(ServerError::Unsupported(
+                "llm.provider = \"openai\" is not available in this version yet; use \"simulated\""
+                    .into(),
+            )),
+        };
+        let pipeline = Pipeline::start(
+            config.clone(),
+            history.clone(),
+            cache,
+            provider,
+            metrics.clone(),
+        )?;
+        let static_files = if config.server.static_dir.is_empty() {
+            StaticFiles::Embedded
+        } else {
+            StaticFiles::Directory(PathBuf::from(&config.server.static_dir))
+        };
+        let listener = bind(&config.server.bind, config.server.listen_backlog)?;
+        let local_addr = listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            config,
+            pipeline,
+            history,
+            metrics,
+            static_files,
+            connections: Mutex::new(HashMap::new()),
+            ws_connections: AtomicUsize::new(0),
+            next_connection: AtomicU64::new(1),
+            draining: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
+            started_at: Instant::now(),
+        });
+        let accept_waker = Arc::new(
+            eventfd(0, EventfdFlags::NONBLOCK | EventfdFlags::CLOEXEC).map_err(io::Error::from)?,
+        );
+        let accept_thread = {
+            let (shared, waker) = (shared.clone(), accept_waker.clone());
+            std::thread::Builder::new()
+                .name("chorus-accept".into())
+                .spawn(move || accept_loop(&listener, &shared, &waker))?
+        };
+        Ok(Server {
+            shared,
+            local_addr,
+            accept_waker,
+            accept_thread: Some(accept_thread),
+        })
+    }
+
+    /// The address actually bound.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The orderly shutdown described in the module docs.
+    pub fn shutdown(&mut self) {
+        let shared = &self.shared;
+        if shared.draining.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        log::info!(
+            "draining: no new chats, waiting up to {} ms for running ones",
+            shared.config.timeouts.drain_ms
+        );
+        shared.pipeline.begin_drain();
+        let deadline = Instant::now() + Duration::from_millis(shared.config.timeouts.drain_ms);
+        while shared.pipeline.live_requests() > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        shared.pipeline.abort_all(Failure::new(
+            ErrorCode::ShuttingDown,
+            "the server is shutting down",
+        ));
+        // Joins the pools and waits until every answer is stored and every
+        // final frame queued.
+        shared.pipeline.shutdown();
+        shared.stopping.store(true, Ordering::Release);
+        let _ = rustix::io::write(&*self.accept_waker, &1u64.to_ne_bytes());
+        if let Some(t) = self.accept_thread.take() {
+            let _ = t.join();
+        }
+        let outboxes: Vec<Arc<Outbox>> = shared.connections.lock().values().cloned().collect();
+        for outbox in outboxes {
+            let _ = outbox.push(Frame::Close(1001, "server shutting down"));
+        }
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while shared.ws_connections.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        shared.history.shutdown();
+        log::info!("stopped");
+    }
+}
+
+fn bind(addr: &str, backlog: i32) -> Result<TcpListener, ServerError> {
+    let err = |source: io::Error| ServerError::Bind {
+        addr: addr.to_owned(),
+        source,
+    };
+    let parsed: SocketAddr = addr
+        .parse()
+        .map_err(|e| err(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+    let socket = Socket::new(Domain::for_address(parsed), Type::STREAM, None).map_err(err)?;
+    socket.set_reuse_address(true).map_err(err)?;
+    socket.bind(&parsed.into()).map_err(err)?;
+    // std fixes the backlog at 128; a burst of browsers needs more.
+    socket.listen(backlog).map_err(err)?;
+    socket.set_nonblocking(true).map_err(err)?;
+    Ok(socket.into())
+}
+
+fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>, waker: &OwnedFd) {
+    let stack = shared.config.server.connection_stack_kib * 1024;
+    let listener_fd = listener.as_fd();
+    loop {
+        let mut fds = [
+            PollFd::new(&listener_fd, PollFlags::IN),
+            PollFd::new(waker, PollFlags::IN),
+        ];
+        if let Err(e) = poll(&mut fds, None) {
+            if e != rustix::io::Errno::INTR {
+                log::error!("accept poll failed: {e}");
+                return;
+            }
+        }
+        if shared.stopping.load(Ordering::Acquire) {
+            return;
+        }
+        loop {
+            match listener.accept() {
+                Ok((tcp, _)) => {
+                    let shared = shared.clone();
+                    let spawned = std::thread::Builder::new()
+                        .name("chorus-conn".into())
+                        .stack_size(stack)
+                        .spawn(move || handle_connection(tcp, &shared));
+                    if let Err(e) = spawned {
+                        log::warn!("cannot start a connection thread: {e}");
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    // Out of descriptors and similar: back off briefly instead of spinning.
+                    log::warn!("accept failed: {e}");
+                    std::thread::sleep(Duration::from_millis(10));
+                    break;
+                }
+            }
+        }
+    }
+}
+
+fn handle_connection(mut tcp: TcpStream, shared: &Arc<Shared>) {
+    // The listener is non-blocking and accepted sockets inherit nothing on
+    // Linux, but be explicit: the head is read with blocking reads and a timeout.
+    if tcp.set_nonblocking(false).is_err() || tcp.set_read_timeout(Some(HEAD_TIMEOUT)).is_err() {
+        return;
+    }
+    let request = match http::read_request(&mut tcp) {
+        Ok(r) => r,
+        Err(http::HttpError::Closed) => return,
+        Err(http::HttpError::TooLarge) => {
+            let _ = http::respond_error(&mut tcp, 413, "request head too large");
+            return;
+        }
+        Err(e) => {
+            let _ = http::respond_error(&mut tcp, 400, &e.to_string());
+            return;
+        }
+    };
+    if let Err(e) = route(tcp, request, shared) {
+        log::debug!("HTTP answer failed: {e}");
+    }
+}
+
+fn route(mut tcp: TcpStream, req: http::Request, shared: &Arc<Shared>) -> io::Result<()> {
+    let path = req.path.as_str();
+    let known = path == "/"
+        || path == "/ws"
+        || path == "/healthz"
+        || path == "/metrics"
+        || path == "/api/stats"
+        || path.starts_with("/static/");
+    if !known {
+        return http::respond_error(&mut tcp, 404, "not found");
+    }
+    if req.method != "GET" && req.method != "HEAD" {
+        return http::respond(
+            &mut tcp,
+            405,
+            "application/json",
+            &[("Allow", "GET")],
+            br#"{"error":"method not allowed"}"#,
+        );
+    }
+    match path {
+        "/ws" => upgrade(tcp, req, shared),
+        "/healthz" => {
+            let (status, body) = if shared.draining.load(Ordering::Acquire) {
+                (503, serde_json::json!({"status": "draining"}))
+            } else {
+                (
+                    200,
+                    serde_json::json!({
+                        "status": "ok",
+                        "version": env!("CARGO_PKG_VERSION"),
+                        "uptime_s": shared.started_at.elapsed().as_secs(),
+                    }),
+                )
+            };
+            http::respond(
+                &mut tcp,
+                status,
+                "application/json",
+                &[],
+                body.to_string().as_bytes(),
+            )
+        }
+        "/metrics" => {
+            shared.pipeline.stages();
+            let body = shared.metrics.render();
+            http::respond(&mut tcp, 200, Metrics::content_type(), &[], body.as_bytes())
+        }
+        "/api/stats" => {
+            let body = stats_json(shared).to_string();
+            http::respond(&mut tcp, 200, "application/json", &[], body.as_bytes())
+        }
+        "/" => serve_static(&mut tcp, shared, "index.html"),
+        _ => match path
+            .strip_prefix("/static/")
+            .and_then(http::safe_relative_path)
+        {
+            Some(file) => serve_static(&mut tcp, shared, &file),
+            None => http::respond_error(&mut tcp, 404, "not found"),
+        },
+    }
+}
+
+fn serve_static(tcp: &mut TcpStream, shared: &Shared, file: &str) -> io::Result<()> {
+    match shared.static_files.get(file) {
+        Some(body) => http::respond(tcp, 200, http::content_type(file), &[], &body),
+        None => http::respond_error(tcp, 404, "not found"),
+    }
+}
+
+/// The `/api/stats` snapshot (shape fixed by the protocol; extra fields welcome).
+fn stats_json(shared: &Shared) -> serde_json::Value {
+    let m = &shared.metrics;
+    let stages: serde_json::Map<String, serde_json::Value> = shared
+        .pipeline
+        .stages()
+        .into_iter()
+        .map(|(name, s)| (name.to_owned(), serde_json::json!(s)))
+        .collect();
+    let (p50, p99) = m.ttft_percentiles();
+    serde_json::json!({
+        "connections": shared.ws_connections.load(Ordering::Acquire),
+        "stages": stages,
+        "requests": {
+            "accepted": m.accepted.get(),
+            "leader": m.role("leader"),
+            "follower": m.role("follower"),
+            "cache": m.role("cache"),
+            "done": m.outcome("done"),
+            "cancelled": m.outcome("cancelled"),
+            "failed": m.outcome("failed"),
+            "overloaded": m.outcome("overloaded"),
+            "timed_out": m.outcome("queue_timeout") + m.outcome("processing_timeout"),
+            "in_flight": shared.pipeline.live_requests(),
+        },
+        "cache": {
+            "hits": m.cache_hits.get(),
+            "misses": m.cache_misses.get(),
+            "entries": shared.pipeline.cache_entries(),
+        },
+        "upstream": {
+            "calls": m.upstream_calls.get(),
+            "aborted": m.upstream_aborted.get(),
+            "failures": m.upstream_failures.get(),
+            "in_flight": shared.pipeline.generations(),
+        },
+        "ttft_ms": {"p50": p50, "p99": p99, "recent": m.recent_ttft_ms(60)},
+        "draining": shared.draining.load(Ordering::Acquire),
+    })
+}
+
+fn upgrade(mut tcp: TcpStream, req: http::Request, shared: &Arc<Shared>) -> io::Result<()> {
+    let server = &shared.config.server;
+    let key = req.header("sec-websocket-key").map(str::to_owned);
+    let is_upgrade = req.header_has_token("upgrade", "websocket")
+        && req.header_has_token("connection", "upgrade")
+        && req.header("sec-websocket-version") == Some("13");
+    let Some(key) = key.filter(|_| is_upgrade) else {
+        return http::respond(
+            &mut tcp,
+            426,
+            "application/json",
+            &[("Sec-WebSocket-Version", "13")],
+            br#"{"error":"this endpoint speaks WebSocket (version 13)"}"#,
+        );
+    };
+    if !http::authorized(&req, &server.auth_tokens) {
+        return http::respond(
+            &mut tcp,
+            401,
+            "application/json",
+            &[("WWW-Authenticate", "Bearer")],
+            br#"{"error":"a valid token is required"}"#,
+        );
+    }
+    if !http::origin_allowed(
+        req.header("origin"),
+        req.header("host"),
+        &server.allowed_origins,
+    ) {
+        return http::respond_error(&mut tcp, 403, "origin not allowed");
+    }
+    if shared.draining.load(Ordering::Acquire) {
+        return http::respond_error(&mut tcp, 503, "the server is shutting down");
+    }
+    // Count first, then check: two racing handshakes cannot both take the last slot.
+    if shared.ws_connections.fetch_add(1, Ordering::AcqRel) >= server.max_connections {
+        shared.ws_connections.fetch_sub(1, Ordering::AcqRel);
+        return http::respond_error(&mut tcp, 503, "too many connections");
+    }
+    let guard = ConnectionSlot { shared };
+    let outbox = Arc::new(Outbox::new(server.outbox_frames)?);
+    let id = shared.next_connection.fetch_add(1, Ordering::Relaxed);
+    tcp.set_read_timeout(None)?;
+    if server.send_buffer_bytes > 0 {
+        socket2::SockRef::from(&tcp).set_send_buffer_size(server.send_buffer_bytes)?;
+    }
+    std::io::Write::write_all(&mut tcp, http::upgrade_response(&key).as_bytes())?;
+    shared.connections.lock().insert(id, outbox.clone());
+    shared.metrics.connections.inc();
+    let limits = Limits {
+        max_message_bytes: server.ws_max_message_bytes,
+        max_message_chars: server.max_message_chars,
+        outbox_frames: server.outbox_frames,
+    };
+    ws::serve(tcp, req.leftover, &outbox, &shared.pipeline, limits);
+    outbox.close();
+    shared.connections.lock().remove(&id);
+    shared.metrics.connections.dec();
+    drop(guard);
+    Ok(())
+}
+
+/// Gives a WebSocket slot back however the connection ends.
+struct ConnectionSlot<'a> {
+    shared: &'a Shared,
+}
+
+impl Drop for ConnectionSlot<'_> {
+    fn drop(&mut self) {
+        self.shared.ws_connections.fetch_sub(1, Ordering::AcqRel);
+    }
+}

@@ -1,0 +1,379 @@
+//! One WebSocket connection, served by one OS thread for its whole life.
+//!
+//! Why one thread per connection, and how it reads and writes at once:
+//! blocking tungstenite cannot be split across two threads (its `read` also
+//! writes pongs and close replies), and a read timeout loop would add its
+//! interval to every token's latency. So the socket is non-blocking and the
+//! thread sleeps in `poll(2)` on two descriptors: the socket (readable, or
+//! writable when output is pending) and its [`Outbox`]'s eventfd, which any
+//! producer writes when it queues a frame for a parked connection. A token
+//! therefore reaches the socket as soon as it is published, and an idle
+//! connection costs one sleeping thread with a small stack.
+//!
+//! Outgoing frames are encoded by [`super::frame`] straight into this
+//! connection's write buffer (`Socket::pending`): a token frame is the
+//! request's prefix plus the generation's shared tail, never re-serialised.
+//! tungstenite still owns reading and its own control replies; its writes go
+//! through [`Socket::write`], which first drains our pending bytes, so the
+//! two writers never interleave inside a frame.
+//!
+//! Threads: only this connection's thread touches the socket, the
+//! tungstenite state and the write buffer. Other threads reach the
+//! connection only through its outbox.
+
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rustix::event::{poll, PollFd, PollFlags, Timespec};
+use tungstenite::protocol::{Role, WebSocketConfig};
+use tungstenite::{Error as WsError, Message, WebSocket};
+
+use super::frame;
+use crate::outbox::{Frame, Outbox, Replay};
+use crate::pipeline::Pipeline;
+use crate::protocol::TokenTail;
+use crate::protocol::{self, ClientFrame, ErrorCode, Failure, FrameLimits};
+
+/// Stop reading client frames while this many bytes wait to be written: a
+/// client that sends without reading is slowed down by TCP instead of
+/// growing our buffers.
+const READ_PAUSE_BYTES: usize = 256 * 1024;
+/// Frames taken from the outbox per round; bounds the write buffer growth.
+const BATCH: usize = 512;
+/// Replayed tokens encoded per round.
+const REPLAY_CHUNK: u64 = 256;
+/// How long a closing connection may take to flush its last bytes.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// Capacity the write buffer shrinks back to after a burst.
+const IDLE_BUFFER: usize = 4096;
+
+/// The limits a connection enforces, from `[server]`.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest text frame answered with `too_large` and kept open.
+    pub max_message_bytes: usize,
+    /// Largest message in characters.
+    pub max_message_chars: usize,
+    /// Token frames an outbox holds before its subscriber is cut off.
+    pub outbox_frames: usize,
+}
+
+impl Limits {
+    /// Frames above this close the connection with 1009: reading them whole
+    /// to answer `too_large` would let a client make us buffer anything.
+    fn hard_cap(&self) -> usize {
+        self.max_message_bytes.saturating_mul(16).max(1 << 20)
+    }
+}
+
+/// The TCP stream plus our own pending output.
+struct Socket {
+    tcp: TcpStream,
+    pending: Vec<u8>,
+    written: usize,
+}
+
+impl Socket {
+    /// Writes what is pending; `Ok(true)` when everything went out.
+    fn drain(&mut self) -> io::Result<bool> {
+        while self.written < self.pending.len() {
+            match self.tcp.write(&self.pending[self.written..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.written += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.pending.clear();
+        self.written = 0;
+        if self.pending.capacity() > 16 * IDLE_BUFFER {
+            self.pending.shrink_to(IDLE_BUFFER);
+        }
+        Ok(true)
+    }
+}
+
+impl Read for Socket {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.tcp.read(buf)
+    }
+}
+
+impl Write for Socket {
+    /// tungstenite's writes (pongs, close replies) go after our pending
+    /// frames, never into the middle of one.
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if !self.drain()? {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        self.tcp.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Serves an upgraded connection until it closes. `leftover` holds bytes
+/// read past the HTTP head.
+pub fn serve(
+    tcp: TcpStream,
+    leftover: Vec<u8>,
+    outbox: &Arc<Outbox>,
+    pipeline: &Pipeline,
+    limits: Limits,
+) {
+    if let Err(e) = tcp
+        .set_nonblocking(true)
+        .and_then(|()| tcp.set_nodelay(true))
+    {
+        log::debug!("cannot prepare a WebSocket socket: {e}");
+        return;
+    }
+    let config = WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0)
+        .max_write_buffer_size(64 * 1024)
+        .max_message_size(Some(limits.hard_cap()))
+        .max_frame_size(Some(limits.hard_cap()));
+    let socket = Socket {
+        tcp,
+        pending: Vec::new(),
+        written: 0,
+    };
+    let mut ws = WebSocket::from_partially_read(socket, leftover, Role::Server, Some(config));
+    let mut conn = Connection {
+        outbox,
+        pipeline,
+        limits,
+        batch: Vec::new(),
+        taken: VecDeque::new(),
+        replay: None,
+        tails: Vec::new(),
+        closing_since: None,
+    };
+    if let Err(e) = conn.run(&mut ws) {
+        log::debug!("connection ended: {e}");
+    }
+}
+
+struct Connection<'a> {
+    outbox: &'a Arc<Outbox>,
+    pipeline: &'a Pipeline,
+    limits: Limits,
+    batch: Vec<Frame>,
+    /// Frames taken from the outbox and not yet encoded (a replay in front of them).
+    taken: VecDeque<Frame>,
+    /// The replay being expanded, chunk by chunk, ahead of `taken`.
+    replay: Option<Replay>,
+    tails: Vec<TokenTail>,
+    /// Set once a close frame is queued; the connection ends when it is written.
+    closing_since: Option<Instant>,
+}
+
+impl Connection<'_> {
+    /// This is the main loop of a connection: write what is queued, read
+    /// what arrived, then sleep until either side has more.
+    fn run(&mut self, ws: &mut WebSocket<Socket>) -> io::Result<()> {
+        loop {
+            let write_blocked = self.write_out(ws)?;
+            if let Some(since) = self.closing_since {
+                if !write_blocked || since.elapsed() > CLOSE_GRACE {
+                    let _ = ws.get_ref().tcp.shutdown(std::net::Shutdown::Both);
+                    return Ok(());
+                }
+            }
+            let may_read = self.closing_since.is_none()
+                && ws.get_ref().pending.len() < READ_PAUSE_BYTES
+                && self.outbox.len() < self.limits.outbox_frames;
+            if may_read && !self.read_in(ws)? {
+                return Ok(());
+            }
+            let local_work = self.replay.is_some() || !self.taken.is_empty();
+            let parked = !local_work && self.outbox.park_if_empty();
+            if !parked && !write_blocked {
+                continue;
+            }
+            let mut socket_events = PollFlags::empty();
+            if may_read {
+                socket_events |= PollFlags::IN;
+            }
+            if write_blocked {
+                socket_events |= PollFlags::OUT;
+            }
+            let tcp = ws.get_ref().tcp.as_fd();
+            let mut fds = [
+                PollFd::new(&tcp, socket_events),
+                PollFd::from_borrowed_fd(self.outbox.waker_fd(), PollFlags::IN),
+            ];
+            let timeout = self.closing_since.map(|_| Timespec {
+                tv_sec: 0,
+                tv_nsec: 100_000_000,
+            });
+            match poll(&mut fds, timeout.as_ref()) {
+                Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+            if fds[1].revents().contains(PollFlags::IN) {
+                self.outbox.clear_wake();
+            }
+            if fds[0]
+                .revents()
+                .intersects(PollFlags::ERR | PollFlags::NVAL)
+            {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Encodes queued frames and writes them. Returns true when the socket
+    /// would block with bytes still pending.
+    fn write_out(&mut self, ws: &mut WebSocket<Socket>) -> io::Result<bool> {
+        match ws.flush() {
+            Ok(()) => {}
+            Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
+            Err(e) => return Err(io::Error::other(e)),
+        }
+        loop {
+            let socket = ws.get_mut();
+            if !socket.drain()? {
+                return Ok(true);
+            }
+            if self.closing_since.is_some() {
+                return Ok(false);
+            }
+            if let Some(replay) = &mut self.replay {
+                let to = replay.to.min(replay.from + REPLAY_CHUNK);
+                self.tails.clear();
+                replay.broadcast.tails(replay.from, to, &mut self.tails);
+                for tail in &self.tails {
+                    frame::encode_text(&mut socket.pending, &[&replay.prefix, &tail.0]);
+                }
+                replay.from = to;
+                if replay.from >= replay.to || self.tails.is_empty() {
+                    self.replay = None;
+                }
+                continue;
+            }
+            if self.taken.is_empty() {
+                self.batch.clear();
+                self.outbox.take_some(&mut self.batch, BATCH);
+                if self.batch.is_empty() {
+                    return Ok(false);
+                }
+                self.taken.extend(self.batch.drain(..));
+            }
+            while let Some(f) = self.taken.pop_front() {
+                match f {
+                    Frame::Token { prefix, tail } => {
+                        frame::encode_text(&mut socket.pending, &[&prefix, &tail.0])
+                    }
+                    Frame::Json(bytes) => frame::encode_text(&mut socket.pending, &[&bytes]),
+                    Frame::Replay(replay) => {
+                        self.replay = Some(replay);
+                        break;
+                    }
+                    Frame::Close(code, reason) => {
+                        frame::encode_close(&mut socket.pending, code, reason);
+                        self.closing_since = Some(Instant::now());
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads and handles every complete client frame available. Returns
+    /// false when the peer closed.
+    fn read_in(&mut self, ws: &mut WebSocket<Socket>) -> io::Result<bool> {
+        loop {
+            match ws.read() {
+                Ok(message) => self.handle(message),
+                Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
+                Err(WsError::Capacity(e)) => {
+                    // Too big to skip safely: close with 1009 as the protocol says.
+                    log::debug!("closing a connection that sent an oversized frame: {e}");
+                    let _ = self.outbox.push(Frame::Close(1009, "message too big"));
+                    return Ok(true);
+                }
+                Err(WsError::ConnectionClosed | WsError::AlreadyClosed) => return Ok(false),
+                Err(WsError::Io(e)) => return Err(e),
+                Err(e) => {
+                    log::debug!("WebSocket protocol error: {e}");
+                    let _ = self.outbox.push(Frame::Close(1002, "protocol error"));
+                    return Ok(true);
+                }
+            }
+        }
+    }
+
+    fn handle(&mut self, message: Message) {
+        let text = match message {
+            Message::Text(text) => text,
+            Message::Binary(_) => {
+                return self.reply_error(
+                    None,
+                    None,
+                    ErrorCode::BadRequest,
+                    "binary frames are not supported; send JSON text",
+                );
+            }
+            // tungstenite answers pings and close frames itself.
+            Message::Ping(_) | Message::Pong(_) | Message::Close(_) | Message::Frame(_) => return,
+        };
+        if text.len() > self.limits.max_message_bytes {
+            let message = format!(
+                "the frame has {} bytes, the limit is {}",
+                text.len(),
+                self.limits.max_message_bytes
+            );
+            return self.reply_error(None, None, ErrorCode::TooLarge, &message);
+        }
+        let limits = FrameLimits {
+            max_message_chars: self.limits.max_message_chars,
+        };
+        match protocol::parse_client_frame(text.as_str(), limits) {
+            Err(e) => self.reply_error(None, e.id.as_deref(), e.code, &e.message),
+            Ok(ClientFrame::Chat(chat)) => {
+                let id = chat.id.clone();
+                if let Err(f) = self.pipeline.submit(self.outbox, chat) {
+                    self.reply(None, Some(&id), &f);
+                }
+            }
+            Ok(ClientFrame::Cancel { request }) => {
+                if let Err(f) = self.pipeline.cancel(&request) {
+                    self.reply(Some(&request), None, &f);
+                }
+            }
+            Ok(ClientFrame::Resume { request, from }) => {
+                if let Err(f) = self.pipeline.resume(self.outbox, &request, from) {
+                    self.reply(Some(&request), None, &f);
+                }
+            }
+            Ok(ClientFrame::History {
+                conversation,
+                limit,
+            }) => match self.pipeline.history_frame(&conversation, limit) {
+                Ok(frame) => {
+                    let _ = self.outbox.push(Frame::Json(frame));
+                }
+                Err(f) => self.reply(None, None, &f),
+            },
+        }
+    }
+
+    fn reply_error(&self, request: Option<&str>, id: Option<&str>, code: ErrorCode, message: &str) {
+        self.reply(request, id, &Failure::new(code, message));
+    }
+
+    fn reply(&self, request: Option<&str>, id: Option<&str>, failure: &Failure) {
+        let _ = self
+            .outbox
+            .push(Frame::Json(protocol::error(request, id, failure)));
+    }
+}

@@ -1,0 +1,10 @@
+//! WebSocket connections: frame encoding and the per-connection thread loop.
+//!
+//! Threads: each upgraded connection runs [`serve`] on its own OS thread;
+//! see [`connection`] for how that one thread reads and writes without
+//! polling intervals.
+
+mod connection;
+mod frame;
+
+pub use connection::{serve, Limits};
