@@ -367,6 +367,9 @@ impl History {
 
         let pool = r2d2::Pool::builder()
             .max_size(read_pool_size.max(1))
+            // A local SQLite connection cannot go stale; testing it on every
+            // checkout would add a query to every read.
+            .test_on_check_out(false)
             .build(manager.query_only(true))?;
 
         let (sender, receiver) = crossbeam_channel::unbounded();

@@ -581,6 +581,21 @@ pub fn random_id(prefix: &str) -> String {
     id
 }
 
+/// A new conversation id: `c-`, the creation time in milliseconds (12 hex
+/// digits), then 128 random bits.
+///
+/// The random part makes it unguessable; the time prefix makes new
+/// conversations sort after older ones, so their rows land on the last
+/// pages of SQLite's B-trees instead of on random ones, which keeps each
+/// history commit to a few pages.
+pub fn conversation_id() -> String {
+    let millis = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let random = random_id("");
+    format!("c-{:012x}{random}", millis & 0xffff_ffff_ffff)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -717,5 +732,16 @@ mod tests {
         let b = random_id("r-");
         assert_ne!(a, b);
         assert_eq!(a.len(), 34);
+        let c = conversation_id();
+        assert_eq!(c.len(), 2 + 12 + 32);
+        assert_ne!(c, conversation_id());
+    }
+
+    #[test]
+    fn later_conversations_sort_after_earlier_ones() {
+        let a = conversation_id();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let b = conversation_id();
+        assert!(a[..14] < b[..14], "{a} {b}");
     }
 }

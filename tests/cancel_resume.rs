@@ -216,3 +216,64 @@ tokens = 200
     assert_eq!(a.finish(), "cancelled");
     assert!(a.seqs.len() < 200);
 }
+
+#[test]
+fn resuming_a_cancelled_follower_replays_what_it_was_sent_and_nothing_after() {
+    let server = Server::start(SLOW);
+    let mut clients = crowd(&server, 1, "keep going without me");
+    let (follower, request, _) = &mut clients[1];
+    for _ in 0..3 {
+        follower.recv_matching(|v| v["request"] == request.as_str() && v["type"] == "token");
+    }
+    follower.send(json!({"type": "cancel", "request": request}));
+    let cancelled = follower.answer(request);
+    let sent = cancelled.end["tokens"].as_u64().unwrap();
+    assert!((3..40).contains(&sent), "{}", cancelled.end);
+    // The generation goes on for the leader; a resume of the cancelled
+    // request must not go live with it.
+    let mut other = server.client();
+    other.send(json!({"type": "resume", "request": request, "from": 0}));
+    let replay = other.answer(request);
+    assert_eq!(replay.finish(), "cancelled");
+    assert_eq!(replay.seqs, (0..sent).collect::<Vec<u64>>());
+    let (leader, leader_request, _) = &mut clients[0];
+    assert_eq!(leader.answer(leader_request).finish(), "stop");
+    other.send(json!({"type": "history", "conversation": "none-such"}));
+    let next = other.recv();
+    assert_eq!(
+        next["type"], "error",
+        "a stray frame arrived after done: {next}"
+    );
+    assert_eq!(next["code"], "not_found");
+}
+
+#[test]
+fn resuming_a_cached_answer_sends_one_start() {
+    let server = Server::start(
+        r#"
+[llm.simulated]
+first_token_ms = 5
+token_interval_ms = 1
+tokens = 6
+"#,
+    );
+    let mut c = server.client();
+    c.ask_and_wait(None, "cache me");
+    let hit = c.ask_and_wait(None, "cache me");
+    assert_eq!(hit.role.as_deref(), Some("cache"));
+    let mut other = server.client();
+    other.send(json!({"type": "resume", "request": hit.request, "from": 2}));
+    let mut starts = 0;
+    let mut seqs = Vec::new();
+    loop {
+        let v = other.recv();
+        match v["type"].as_str().unwrap() {
+            "start" => starts += 1,
+            "token" => seqs.push(v["seq"].as_u64().unwrap()),
+            "done" => break,
+            other => panic!("unexpected {other}: {v}"),
+        }
+    }
+    assert_eq!(starts, 1);
+    assert_eq!(seqs, vec![2, 3, 4, 5]);
+}

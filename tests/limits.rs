@@ -138,3 +138,23 @@ tokens = 4000
     assert_eq!(rest.seqs.first().copied(), Some(from));
     assert_eq!(b.text.len() + rest.text.len(), a.text.len());
 }
+
+#[test]
+fn a_stream_with_no_token_for_stream_idle_ms_gets_processing_timeout() {
+    let server = Server::start(
+        r#"
+[timeouts]
+stream_idle_ms = 200
+[llm.simulated]
+first_token_ms = 10
+token_interval_ms = 5000
+tokens = 10
+"#,
+    );
+    let mut c = server.client();
+    let (request, _) = c.ask(None, "then silence");
+    let a = c.answer(&request);
+    assert_eq!(a.code(), "processing_timeout", "{:?}", a.end);
+    assert_eq!(a.seqs, vec![0], "the first token came, then nothing");
+    assert_eq!(server.stats()["upstream"]["aborted"], 1);
+}

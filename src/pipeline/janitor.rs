@@ -39,33 +39,39 @@ fn sweep(shared: &Arc<Shared>, now: Instant) {
     let (requests, generations): (Vec<_>, Vec<_>) = {
         let active = shared.active.read();
         (
-            active.requests.values().cloned().collect(),
+            active.live.values().cloned().collect(),
             active.generations.values().cloned().collect(),
         )
     };
-    let mut expired = Vec::new();
     for request in requests {
         let phase = request.state.lock().phase;
-        match phase {
-            Phase::Queued { since }
-                if now.duration_since(since) > ms(t.queue_ms) && request.begin_finish() =>
-            {
+        if let Phase::Queued { since } = phase {
+            if now.duration_since(since) > ms(t.queue_ms) && request.begin_finish() {
                 let failure = Failure::new(
                     ErrorCode::QueueTimeout,
                     format!("waited in the queue longer than {} ms", t.queue_ms),
                 );
                 shared.finish_request(&request, Err(failure), String::new(), 0);
             }
-            Phase::Finished { at } if now.duration_since(at) > ms(t.replay_window_ms) => {
-                expired.push(request.id.clone());
-            }
-            _ => {}
         }
     }
-    if !expired.is_empty() {
+    let window = ms(t.replay_window_ms);
+    let expired = {
+        let active = shared.active.read();
+        active
+            .finished
+            .front()
+            .is_some_and(|(at, _)| now.duration_since(*at) > window)
+    };
+    if expired {
         let mut active = shared.active.write();
-        for id in expired {
-            active.requests.remove(&id);
+        while let Some((at, _)) = active.finished.front() {
+            if now.duration_since(*at) <= window {
+                break;
+            }
+            if let Some((_, id)) = active.finished.pop_front() {
+                active.requests.remove(&id);
+            }
         }
     }
     for generation in generations {

@@ -36,7 +36,7 @@ mod janitor;
 mod key;
 mod request;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -54,7 +54,7 @@ use crate::config::Config;
 use crate::history::{self, History};
 use crate::llm::{Flow, Prompt, PromptMessage, Provider, StreamEnd};
 use crate::metrics::Metrics;
-use crate::outbox::{Frame, Outbox};
+use crate::outbox::{Frame, Outbox, Replay};
 use crate::pool::Pool;
 use crate::protocol::{self, Chat, ErrorCode, Failure, Finish, Role, Stage};
 use crate::singleflight::{Claim, Group, Leader};
@@ -77,6 +77,11 @@ pub struct Pipeline {
 struct Active {
     /// Live requests, and finished ones still inside the replay window.
     requests: HashMap<Arc<str>, Arc<Request>>,
+    /// Requests not yet finished: what the janitor checks for timeouts.
+    live: HashMap<Arc<str>, Arc<Request>>,
+    /// Finished requests in the order they finished, so expiring the replay
+    /// window costs nothing per request still inside it.
+    finished: VecDeque<(Instant, Arc<str>)>,
     /// Conversations with a request in flight.
     busy_conversations: HashSet<String>,
     /// Generations not yet over.
@@ -240,6 +245,8 @@ impl Pipeline {
             flights: Group::new(),
             active: RwLock::new(Active {
                 requests: HashMap::new(),
+                live: HashMap::new(),
+                finished: VecDeque::new(),
                 busy_conversations: HashSet::new(),
                 generations: HashMap::new(),
             }),
@@ -492,7 +499,7 @@ impl Shared {
         let conversation = chat
             .conversation
             .clone()
-            .unwrap_or_else(|| protocol::random_id("c-"));
+            .unwrap_or_else(protocol::conversation_id);
         let request = Request::new(chat.id.clone(), conversation.clone());
         {
             let mut active = self.active.write();
@@ -503,6 +510,7 @@ impl Shared {
                 ));
             }
             active.requests.insert(request.id.clone(), request.clone());
+            active.live.insert(request.id.clone(), request.clone());
         }
         let head = match self.history.head(&conversation) {
             Ok(head) => head.unwrap_or(history::Head::EMPTY),
@@ -511,6 +519,9 @@ impl Shared {
                 return Err(internal(&e));
             }
         };
+        // The model sees, and the history keeps, the message as the
+        // identical-request key defines it: without surrounding whitespace.
+        let message = chat.message.trim().to_owned();
         let llm = &self.config.llm;
         let model = chat
             .options
@@ -525,7 +536,7 @@ impl Shared {
             max_tokens,
             system_prompt: &llm.system_prompt,
             history_digest: &head.digest,
-            message: &chat.message,
+            message: &message,
         });
         // Reserve an intake slot before anything is stored, so an overloaded
         // chat leaves no trace; the channel itself can then never be full.
@@ -566,7 +577,7 @@ impl Shared {
                 key,
                 fresh: chat.options.fresh,
                 history_len: head.len,
-                message: chat.message,
+                message,
                 model,
                 temperature: chat.options.temperature,
                 top_p: chat.options.top_p,
@@ -585,6 +596,7 @@ impl Shared {
     fn unregister(&self, request: &Arc<Request>) {
         let mut active = self.active.write();
         active.requests.remove(&request.id);
+        active.live.remove(&request.id);
         active.busy_conversations.remove(&request.conversation);
     }
 
@@ -957,6 +969,17 @@ impl Shared {
         answer: String,
         tokens: u64,
     ) {
+        {
+            // The outcome is decided now; record it so a `resume` arriving
+            // while the answer is being stored replays exactly this end.
+            let mut st = request.state.lock();
+            let timings = self.timings(request, &st, tokens);
+            st.end = Some(End {
+                result: result.clone(),
+                tokens,
+                timings,
+            });
+        }
         let message = (!answer.is_empty()).then_some((history::Role::Assistant, answer));
         let (shared, request2) = (self.clone(), request.clone());
         self.history
@@ -966,6 +989,20 @@ impl Shared {
                 }
                 shared.complete_request(&request2, result, tokens);
             });
+    }
+
+    fn timings(
+        &self,
+        request: &Request,
+        st: &request::RequestState,
+        tokens: u64,
+    ) -> protocol::Timings {
+        let (prepare_ms, first_token) = match &st.source {
+            Some(Source::Generation(g)) => (g.prepare_ms(), g.broadcast.first_token_at()),
+            Some(Source::Cached(_)) => (0.0, Some(Instant::now())),
+            None => (0.0, None),
+        };
+        request.timings(st, prepare_ms, if tokens > 0 { first_token } else { None })
     }
 
     /// Runs on the history writer thread once the answer is stored.
@@ -978,15 +1015,14 @@ impl Shared {
         {
             let mut active = self.active.write();
             active.busy_conversations.remove(&request.conversation);
+            active.live.remove(&request.id);
+            active
+                .finished
+                .push_back((Instant::now(), request.id.clone()));
         }
         self.live_requests.fetch_sub(1, Ordering::AcqRel);
         let mut st = request.state.lock();
-        let (prepare_ms, first_token) = match &st.source {
-            Some(Source::Generation(g)) => (g.prepare_ms(), g.broadcast.first_token_at()),
-            Some(Source::Cached(_)) => (0.0, Some(Instant::now())),
-            None => (0.0, None),
-        };
-        let timings = request.timings(&st, prepare_ms, if tokens > 0 { first_token } else { None });
+        let timings = self.timings(request, &st, tokens);
         let role = st.role;
         let end = End {
             result: result.clone(),
@@ -1000,7 +1036,11 @@ impl Shared {
         };
         for a in st.attachments.iter().filter(|a| a.is_live()) {
             let frames = match &cached {
-                Some(answer) => cached_frames(a, answer, 0),
+                Some(answer) => {
+                    let mut frames = vec![Frame::Json(protocol::start(&a.request, Role::Cache))];
+                    frames.extend(cached_tokens(a, answer, 0, answer.tokens()));
+                    frames
+                }
                 None => Vec::new(),
             };
             let _ = a
@@ -1080,35 +1120,38 @@ impl Shared {
         let request = self.lookup(id)?;
         let attachment = Attachment::new(outbox.clone(), id);
         let mut st = request.state.lock();
-        if let Some(role) = st.role {
-            let _ = outbox.push(Frame::Json(protocol::start(id, role)));
-        }
-        match (&st.phase, st.source.clone()) {
-            (Phase::Finished { .. }, source) => {
-                match source {
-                    Some(Source::Generation(g)) => {
-                        g.broadcast.subscribe(&attachment, from);
-                    }
-                    Some(Source::Cached(answer)) => {
-                        let _ = outbox.push_all(cached_frames(&attachment, &answer, from));
-                    }
-                    None => {}
+        let start = st.role.map(|role| Frame::Json(protocol::start(id, role)));
+        if let Some(end) = &st.end {
+            // Ended (or being stored): replay exactly what it was sent, then
+            // its end. Never live: the generation may go on for others.
+            let mut frames: Vec<Frame> = start.into_iter().collect();
+            match &st.source {
+                Some(Source::Generation(g)) if from < end.tokens => {
+                    frames.push(Frame::Replay(Replay {
+                        broadcast: g.broadcast.clone(),
+                        prefix: attachment.prefix.clone(),
+                        from,
+                        to: end.tokens,
+                    }));
                 }
-                if let Some(end) = &st.end {
-                    let _ = outbox.push(Frame::Json(end_frame(&request, end, st.role)));
+                Some(Source::Cached(answer)) => {
+                    frames.extend(cached_tokens(&attachment, answer, from, end.tokens));
                 }
+                _ => {}
             }
-            (_, Some(Source::Generation(g))) => {
-                // Running or finishing: tokens from the broadcast, the end
-                // from `complete_request`, which sees this attachment.
-                let joined = matches!(st.phase, Phase::Running | Phase::Finishing);
-                if joined {
-                    g.broadcast.subscribe(&attachment, from);
-                }
-                st.attachments.push(attachment);
-            }
-            _ => st.attachments.push(attachment),
+            frames.push(Frame::Json(end_frame(&request, end, st.role)));
+            let _ = outbox.push_all(frames);
+            return Ok(());
         }
+        if let (Phase::Running, Some(Source::Generation(g))) = (&st.phase, &st.source) {
+            // Live: its tokens from `from` on, its end from `complete_request`.
+            if let Some(start) = start {
+                let _ = outbox.push(start);
+            }
+            g.broadcast.subscribe(&attachment, from);
+        }
+        // Still queued: `start` and the stream come when it gets a role.
+        st.attachments.push(attachment);
         Ok(())
     }
 
@@ -1117,7 +1160,7 @@ impl Shared {
             let active = self.active.read();
             (
                 active.generations.values().cloned().collect(),
-                active.requests.values().cloned().collect(),
+                active.live.values().cloned().collect(),
             )
         };
         for g in generations {
@@ -1156,16 +1199,24 @@ fn member_result(outcome: &GenOutcome) -> Result<Finish, Failure> {
     }
 }
 
-/// `start` and the token frames of a cached answer from `from`, for one attachment.
-fn cached_frames(a: &Attachment, answer: &CachedAnswer, from: u64) -> Vec<Frame> {
+/// Token frames `from..to` of a cached answer, for one attachment.
+fn cached_tokens<'a>(
+    a: &'a Attachment,
+    answer: &'a CachedAnswer,
+    from: u64,
+    to: u64,
+) -> impl Iterator<Item = Frame> + 'a {
     let skip = usize::try_from(from).unwrap_or(usize::MAX);
-    let mut frames = Vec::with_capacity(answer.tails.len() + 1);
-    frames.push(Frame::Json(protocol::start(&a.request, Role::Cache)));
-    frames.extend(answer.tails.iter().skip(skip).map(|tail| Frame::Token {
-        prefix: a.prefix.clone(),
-        tail: tail.clone(),
-    }));
-    frames
+    let take = usize::try_from(to.saturating_sub(from)).unwrap_or(usize::MAX);
+    answer
+        .tails
+        .iter()
+        .skip(skip)
+        .take(take)
+        .map(|tail| Frame::Token {
+            prefix: a.prefix.clone(),
+            tail: tail.clone(),
+        })
 }
 
 /// A rough token count (about four characters per token, plus a few for

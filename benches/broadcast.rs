@@ -1,0 +1,282 @@
+//! Fan-out cost of the broadcaster: one producer publishing tokens to 1, 100
+//! and 1000 subscribers, each attached through its own [`Outbox`].
+//!
+//! - `publish/S`: the time of one [`Broadcast::publish`] of a short token to
+//!   `S` subscribers whose outboxes are large enough never to cut anyone off.
+//!   Tokens are published in batches of [`PUBLISH_BATCH`] under the timer;
+//!   the outboxes are drained between batches outside it, so queues never
+//!   grow without bound. Nobody is parked, so no wake-up is paid: this is
+//!   the producer's own cost (encode once, one queue push per subscriber).
+//!   Throughput is deliveries (token × subscriber) per second.
+//! - `publish_and_deliver/S`: end to end with `S` real consumer threads, each
+//!   sleeping in `poll(2)` on its outbox's eventfd and taking frames the way
+//!   a connection thread does (`park_if_empty`, `clear_wake`, `take_some`,
+//!   `Frame::Replay` expansion). One iteration is a burst of
+//!   [`DELIVER_BATCH`] tokens, timed from the first publish until every
+//!   consumer has counted all of them, so the wake-ups and the scheduling of
+//!   `S` threads on the machine's cores are included. Throughput is
+//!   deliveries per second. The consumer threads are started once per
+//!   subscriber count, with small stacks, and joined at the end.
+//!
+//! In both groups the generation is replaced by a fresh one (outside the
+//! timer) every [`HISTORY_LIMIT`] tokens, since a [`Broadcast`] keeps its
+//! whole token history.
+//!
+//! Run with `cargo bench --bench broadcast`; add `-- --quick` for a faster,
+//! rougher pass, or a filter such as `-- publish_and_deliver`.
+
+use std::hint::black_box;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use chorus::broadcast::{Attachment, Broadcast};
+use chorus::outbox::{Frame, Outbox};
+use chorus::protocol::TokenTail;
+use criterion::{
+    criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput,
+};
+use rustix::event::{poll, PollFd, PollFlags};
+
+/// Subscriber counts measured.
+const SUBSCRIBERS: [usize; 3] = [1, 100, 1000];
+/// The token published; a typical short piece of text.
+const TOKEN: &str = " token";
+/// Token frames an outbox admits: far more than a batch, so nobody is cut off.
+const OUTBOX_CAPACITY: usize = 1 << 16;
+/// Publishes timed back to back before the outboxes are drained.
+const PUBLISH_BATCH: u64 = 256;
+/// Tokens per end-to-end iteration.
+const DELIVER_BATCH: usize = 16;
+/// Tokens after which the generation is replaced, bounding its history.
+const HISTORY_LIMIT: u64 = 1 << 16;
+/// Frames a consumer takes per round, as a connection thread does.
+const TAKE: usize = 512;
+/// Stack of a consumer thread; it only polls and counts.
+const CONSUMER_STACK: usize = 64 * 1024;
+/// A burst not delivered within this long means a lost wake-up: fail loudly
+/// instead of spinning forever.
+const STALL_LIMIT: Duration = Duration::from_secs(30);
+
+/// `count` attachments, each to its own request on its own outbox.
+fn attachments(count: usize) -> Vec<Arc<Attachment>> {
+    (0..count)
+        .map(|n| {
+            let outbox = Outbox::new(OUTBOX_CAPACITY).expect("create an outbox eventfd");
+            Attachment::new(Arc::new(outbox), &format!("r-{n:032x}"))
+        })
+        .collect()
+}
+
+/// A new generation with every attachment subscribed live from its start.
+fn fresh_broadcast(attachments: &[Arc<Attachment>]) -> Arc<Broadcast> {
+    let broadcast = Broadcast::new();
+    for attachment in attachments {
+        assert!(broadcast.subscribe(attachment, 0).live);
+    }
+    broadcast
+}
+
+/// Replaces the generation once its history reached [`HISTORY_LIMIT`].
+fn renew_if_long(broadcast: &mut Arc<Broadcast>, attachments: &[Arc<Attachment>]) {
+    if broadcast.tokens() >= HISTORY_LIMIT {
+        broadcast.finish();
+        *broadcast = fresh_broadcast(attachments);
+    }
+}
+
+fn publish(c: &mut Criterion) {
+    let mut group = c.benchmark_group("publish");
+    for subscribers in SUBSCRIBERS {
+        let attachments = attachments(subscribers);
+        let mut broadcast = fresh_broadcast(&attachments);
+        let mut drained = Vec::new();
+        group.throughput(Throughput::Elements(subscribers as u64));
+        group.bench_function(BenchmarkId::from_parameter(subscribers), |b| {
+            b.iter_custom(|iters| {
+                let mut timed = Duration::ZERO;
+                let mut left = iters;
+                while left > 0 {
+                    let batch = left.min(PUBLISH_BATCH);
+                    let start = Instant::now();
+                    for _ in 0..batch {
+                        black_box(broadcast.publish(black_box(TOKEN)));
+                    }
+                    timed += start.elapsed();
+                    left -= batch;
+                    for attachment in &attachments {
+                        drained.clear();
+                        attachment.outbox.take_all(&mut drained);
+                        // Every token reached every outbox: nobody was cut off.
+                        assert_eq!(drained.len() as u64, batch);
+                    }
+                    drained.clear();
+                    renew_if_long(&mut broadcast, &attachments);
+                }
+                timed
+            })
+        });
+        broadcast.finish();
+    }
+    group.finish();
+}
+
+/// Consumer threads, one per attachment, counting the token frames they take.
+/// Dropping it stops and joins them.
+struct Consumers {
+    attachments: Vec<Arc<Attachment>>,
+    /// Token frames taken by all consumers together.
+    received: Arc<AtomicUsize>,
+    handles: Vec<JoinHandle<()>>,
+}
+
+impl Consumers {
+    fn spawn(count: usize) -> Consumers {
+        let attachments = attachments(count);
+        let received = Arc::new(AtomicUsize::new(0));
+        let handles = attachments
+            .iter()
+            .enumerate()
+            .map(|(n, attachment)| {
+                let outbox = attachment.outbox.clone();
+                let received = received.clone();
+                thread::Builder::new()
+                    .name(format!("consumer-{n}"))
+                    .stack_size(CONSUMER_STACK)
+                    .spawn(move || consume(&outbox, &received))
+                    .expect("spawn a consumer thread")
+            })
+            .collect();
+        Consumers {
+            attachments,
+            received,
+            handles,
+        }
+    }
+
+    /// Spins (yielding the core to the consumers) until `target` frames were taken.
+    fn wait_for(&self, target: usize) {
+        let deadline = Instant::now() + STALL_LIMIT;
+        let mut rounds = 0u32;
+        loop {
+            let received = self.received.load(Ordering::Acquire);
+            if received >= target {
+                return;
+            }
+            rounds = rounds.wrapping_add(1);
+            if rounds % 1024 == 0 && Instant::now() > deadline {
+                panic!("consumers stalled: {received} of {target} frames after {STALL_LIMIT:?}");
+            }
+            thread::yield_now();
+        }
+    }
+}
+
+impl Drop for Consumers {
+    fn drop(&mut self) {
+        // A consumer checks `is_closed` before it parks, and the wake comes
+        // after the close, so none can sleep through it.
+        for attachment in &self.attachments {
+            attachment.outbox.close();
+            attachment.outbox.wake();
+        }
+        for handle in self.handles.drain(..) {
+            if handle.join().is_err() && !thread::panicking() {
+                panic!("a consumer thread panicked");
+            }
+        }
+    }
+}
+
+/// A connection thread's outbox loop without the socket: take frames, count
+/// the tokens, park on the eventfd when there is nothing left, until closed.
+fn consume(outbox: &Outbox, received: &AtomicUsize) {
+    let mut batch: Vec<Frame> = Vec::with_capacity(TAKE);
+    let mut tails: Vec<TokenTail> = Vec::new();
+    loop {
+        batch.clear();
+        outbox.take_some(&mut batch, TAKE);
+        if batch.is_empty() {
+            if outbox.is_closed() {
+                return;
+            }
+            if outbox.park_if_empty() {
+                let mut fds = [PollFd::from_borrowed_fd(outbox.waker_fd(), PollFlags::IN)];
+                match poll(&mut fds, None) {
+                    Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                    Err(e) => panic!("poll on the outbox waker failed: {e}"),
+                }
+                if fds[0].revents().contains(PollFlags::IN) {
+                    outbox.clear_wake();
+                }
+            }
+            continue;
+        }
+        let mut tokens = 0;
+        for frame in batch.drain(..) {
+            match frame {
+                Frame::Token { prefix, tail } => {
+                    black_box((&prefix, &tail));
+                    tokens += 1;
+                }
+                Frame::Replay(replay) => {
+                    tails.clear();
+                    replay.broadcast.tails(replay.from, replay.to, &mut tails);
+                    black_box(&tails);
+                    tokens += tails.len();
+                }
+                Frame::Json(bytes) => {
+                    black_box(bytes);
+                }
+                Frame::Close(..) => return,
+            }
+        }
+        received.fetch_add(tokens, Ordering::Release);
+    }
+}
+
+fn publish_and_deliver(c: &mut Criterion) {
+    let mut group = c.benchmark_group("publish_and_deliver");
+    // Iterations take up to ~100 ms at 1000 subscribers: the same count per
+    // sample keeps the run within the measurement time.
+    group.sampling_mode(SamplingMode::Flat);
+    for subscribers in SUBSCRIBERS {
+        let consumers = Consumers::spawn(subscribers);
+        let mut broadcast = fresh_broadcast(&consumers.attachments);
+        let mut expected = 0;
+        group.throughput(Throughput::Elements((subscribers * DELIVER_BATCH) as u64));
+        group.bench_function(BenchmarkId::from_parameter(subscribers), |b| {
+            b.iter_custom(|iters| {
+                let mut timed = Duration::ZERO;
+                for _ in 0..iters {
+                    expected += subscribers * DELIVER_BATCH;
+                    let start = Instant::now();
+                    for _ in 0..DELIVER_BATCH {
+                        black_box(broadcast.publish(black_box(TOKEN)));
+                    }
+                    consumers.wait_for(expected);
+                    timed += start.elapsed();
+                    renew_if_long(&mut broadcast, &consumers.attachments);
+                }
+                timed
+            })
+        });
+        broadcast.finish();
+        // Nobody was cut off and nothing arrived twice.
+        assert_eq!(consumers.received.load(Ordering::Acquire), expected);
+        assert!(consumers.attachments.iter().all(|a| !a.is_cut()));
+        drop(consumers);
+    }
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    targets = publish, publish_and_deliver
+}
+criterion_main!(benches);

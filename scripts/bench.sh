@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Runs the load-generator scenarios behind docs/benchmarks.md against a
+# release build, each with a server configured for it, on loopback only.
+# Every server started here is stopped here, by its PID.
+#
+#   scripts/bench.sh            # all scenarios
+#   scripts/bench.sh ttft       # one of: cache-hit ttft fanout idle-rss
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+cargo build --release --locked --bins
+bin=target/release/chorus
+load=target/release/chorus-load
+work=$(mktemp -d)
+server_pid=""
+cleanup() {
+  if [ -n "$server_pid" ]; then kill "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true; fi
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+# start_server NAME TOML: starts chorus on a free port; sets $addr and $server_pid.
+start_server() {
+  local name=$1 toml=$2
+  printf '%s\n[history]\nsqlite_path = "%s/%s.db"\n' "$toml" "$work" "$name" >"$work/$name.toml"
+  RUST_LOG=warn "$bin" --config "$work/$name.toml" --bind 127.0.0.1:0 >"$work/$name.out" 2>"$work/$name.log" &
+  server_pid=$!
+  for _ in $(seq 1 100); do
+    addr=$(sed -n 's#^chorus listening on http://##p' "$work/$name.out")
+    [ -n "$addr" ] && return 0
+    sleep 0.05
+  done
+  echo "server $name did not start:" >&2; cat "$work/$name.log" >&2; exit 1
+}
+
+stop_server() {
+  kill -TERM "$server_pid"; wait "$server_pid" || true; server_pid=""
+}
+
+run() {
+  local scenario=$1
+  case $scenario in
+    cache-hit)
+      start_server cache "[workers]
+cache_workers = ${CACHE_WORKERS:-2}
+"'[llm.simulated]
+first_token_ms = 1
+token_interval_ms = 0
+tokens = 64'
+      "$load" cache-hit --addr "$addr" --pid "$server_pid" --connections "${CONNECTIONS:-8}" --requests 20000 ;;
+    ttft)
+      start_server ttft '[workers]
+max_concurrent_llm_streams = 256
+[llm.simulated]
+first_token_ms = 200
+token_interval_ms = 20
+tokens = 64'
+      "$load" ttft --addr "$addr" --connections 200 --rounds 5 --first-token-ms 200 ;;
+    fanout)
+      start_server fanout '[workers]
+intake_queue = 4096
+follow_queue = 4096
+[llm.simulated]
+first_token_ms = 3000
+token_interval_ms = 20
+tokens = 64'
+      "$load" fanout --addr "$addr" --connections 2000 ;;
+    idle-rss)
+      start_server idle ''
+      "$load" idle-rss --addr "$addr" --pid "$server_pid" --connections 2000 ;;
+    *) echo "unknown scenario $scenario" >&2; exit 2 ;;
+  esac
+  stop_server
+}
+
+if [ $# -gt 0 ]; then
+  for s in "$@"; do run "$s"; done
+else
+  for s in cache-hit ttft fanout idle-rss; do run "$s"; done
+fi
