@@ -306,7 +306,8 @@ type Callback = Box<dyn FnOnce(Result<(), HistoryError>) + Send + 'static>;
 /// One queued write.
 struct Op {
     conversation: String,
-    message: Option<(Role, String)>,
+    /// Appended in order, in one transaction; empty for a barrier.
+    messages: Vec<(Role, String)>,
     at_ms: i64,
     then: Callback,
 }
@@ -445,9 +446,21 @@ impl History {
         message: Option<(Role, String)>,
         then: impl FnOnce(Result<(), HistoryError>) + Send + 'static,
     ) {
+        self.write_all(conversation, message.into_iter().collect(), then);
+    }
+
+    /// Like [`History::write`] with several messages, appended in order and
+    /// committed together (or not at all): a question and its answer cost
+    /// one queue entry and at most one commit.
+    pub fn write_all(
+        &self,
+        conversation: &str,
+        messages: Vec<(Role, String)>,
+        then: impl FnOnce(Result<(), HistoryError>) + Send + 'static,
+    ) {
         let op = Op {
             conversation: conversation.to_string(),
-            message,
+            messages,
             at_ms: now_ms(),
             then: Box::new(then),
         };
@@ -617,25 +630,30 @@ fn apply_all(conn: &mut Connection, ops: &[Op]) -> rusqlite::Result<()> {
 }
 
 fn apply(conn: &Connection, op: &Op) -> rusqlite::Result<()> {
-    let Some((role, content)) = &op.message else {
+    if op.messages.is_empty() {
         return Ok(());
-    };
+    }
     // Read inside the write transaction: an earlier op of the same batch may
     // already have moved this head.
-    let head = read_head(conn, &op.conversation)?.unwrap_or(Head::EMPTY);
-    let idx = to_sql_int(head.len)?;
-    let len = to_sql_int(head.len + 1)?;
-    conn.prepare_cached(INSERT_MESSAGE)?
-        .execute(rusqlite::params![
-            op.conversation,
-            idx,
-            role.as_str(),
-            content,
-            op.at_ms
-        ])?;
-    let digest = chain_digest(&head.digest, *role, content);
+    let mut head = read_head(conn, &op.conversation)?.unwrap_or(Head::EMPTY);
+    for (role, content) in &op.messages {
+        let idx = to_sql_int(head.len)?;
+        conn.prepare_cached(INSERT_MESSAGE)?
+            .execute(rusqlite::params![
+                op.conversation,
+                idx,
+                role.as_str(),
+                content,
+                op.at_ms
+            ])?;
+        head = Head {
+            len: head.len + 1,
+            digest: chain_digest(&head.digest, *role, content),
+        };
+    }
+    let len = to_sql_int(head.len)?;
     conn.prepare_cached(UPSERT_HEAD)?
-        .execute(rusqlite::params![op.conversation, len, digest, op.at_ms])?;
+        .execute(rusqlite::params![op.conversation, len, head.digest, op.at_ms])?;
     Ok(())
 }
 

@@ -122,8 +122,13 @@ fn different_histories_are_never_shared() {
 fn the_first_message_of_new_conversations_is_shared_and_cached() {
     let server = Server::start(FAST);
     let mut c = server.client();
-    let first = c.ask_and_wait(None, "  Tell me a story ");
+    let (first_request, first_conversation) = c.ask(None, "  Tell me a story ");
+    let first = c.answer(&first_request);
     assert_eq!(first.role.as_deref(), Some("leader"));
+    // Stored as the key sees it: trimmed.
+    c.send(json!({"type": "history", "conversation": first_conversation}));
+    let h = c.recv_matching(|v| v["type"] == "history");
+    assert_eq!(h["messages"][0]["content"], "Tell me a story");
     let second = c.ask_and_wait(None, "Tell me a story");
     assert_eq!(second.role.as_deref(), Some("cache"));
     assert_eq!(second.text, first.text);

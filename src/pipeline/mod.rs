@@ -500,7 +500,10 @@ impl Shared {
             .conversation
             .clone()
             .unwrap_or_else(protocol::conversation_id);
-        let request = Request::new(chat.id.clone(), conversation.clone());
+        // The model sees, and the history keeps, the message as the
+        // identical-request key defines it: without surrounding whitespace.
+        let message = chat.message.trim().to_owned();
+        let request = Request::new(chat.id.clone(), conversation.clone(), message.clone());
         {
             let mut active = self.active.write();
             if !active.busy_conversations.insert(conversation.clone()) {
@@ -519,9 +522,6 @@ impl Shared {
                 return Err(internal(&e));
             }
         };
-        // The model sees, and the history keeps, the message as the
-        // identical-request key defines it: without surrounding whitespace.
-        let message = chat.message.trim().to_owned();
         let llm = &self.config.llm;
         let model = chat
             .options
@@ -553,15 +553,6 @@ impl Shared {
         }
         self.live_requests.fetch_add(1, Ordering::AcqRel);
         self.metrics.accepted.inc();
-        self.history.write(
-            &conversation,
-            Some((history::Role::User, chat.message.clone())),
-            |res| {
-                if let Err(e) = res {
-                    log::error!("storing a user message failed: {e}");
-                }
-            },
-        );
         let attachment = Attachment::new(outbox.clone(), &request.id);
         request.state.lock().attachments.push(attachment);
         let _ = outbox.push_all([
@@ -613,6 +604,7 @@ impl Shared {
             match self.cache.get(&work.key) {
                 Ok(Some(answer)) => {
                     self.metrics.cache_hits.inc();
+                    // The question is stored together with the answer.
                     return self.serve_cached(ticket, answer);
                 }
                 Ok(None) => self.metrics.cache_misses.inc(),
@@ -623,6 +615,7 @@ impl Shared {
                 }
             }
         }
+        self.store_user_message(ticket.request());
         let id = self.next_generation.fetch_add(1, Ordering::Relaxed);
         if work.fresh {
             let generation = Generation::new(id, work.key, false);
@@ -661,6 +654,23 @@ impl Shared {
             answer.text.clone(),
             answer.tokens(),
         );
+    }
+
+    /// Queues the request's user message for storage, unless that already happened.
+    fn store_user_message(&self, request: &Request) {
+        let pending = request.state.lock().pending_user_message.take();
+        if let Some(message) = pending {
+            let id = request.id.clone();
+            self.history.write(
+                &request.conversation,
+                Some((history::Role::User, message)),
+                move |stored| {
+                    if let Err(e) = stored {
+                        log::error!("storing the message of {id} failed: {e}");
+                    }
+                },
+            );
+        }
     }
 
     /// Makes `ticket`'s request the leader of `generation` and queues its preparation.
@@ -969,21 +979,27 @@ impl Shared {
         answer: String,
         tokens: u64,
     ) {
+        let mut messages = Vec::with_capacity(2);
         {
             // The outcome is decided now; record it so a `resume` arriving
             // while the answer is being stored replays exactly this end.
             let mut st = request.state.lock();
             let timings = self.timings(request, &st, tokens);
+            if let Some(question) = st.pending_user_message.take() {
+                messages.push((history::Role::User, question));
+            }
             st.end = Some(End {
                 result: result.clone(),
                 tokens,
                 timings,
             });
         }
-        let message = (!answer.is_empty()).then_some((history::Role::Assistant, answer));
+        if !answer.is_empty() {
+            messages.push((history::Role::Assistant, answer));
+        }
         let (shared, request2) = (self.clone(), request.clone());
         self.history
-            .write(&request.conversation, message, move |stored| {
+            .write_all(&request.conversation, messages, move |stored| {
                 if let Err(e) = stored {
                     log::error!("storing the answer of {} failed: {e}", request2.id);
                 }
