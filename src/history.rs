@@ -653,7 +653,12 @@ fn apply(conn: &Connection, op: &Op) -> rusqlite::Result<()> {
     }
     let len = to_sql_int(head.len)?;
     conn.prepare_cached(UPSERT_HEAD)?
-        .execute(rusqlite::params![op.conversation, len, head.digest, op.at_ms])?;
+        .execute(rusqlite::params![
+            op.conversation,
+            len,
+            head.digest,
+            op.at_ms
+        ])?;
     Ok(())
 }
 
