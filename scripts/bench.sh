@@ -57,14 +57,14 @@ token_interval_ms = 20
 tokens = 64'
       "$load" ttft --addr "$addr" --connections 200 --rounds 5 --first-token-ms 200 ;;
     fanout)
-      start_server fanout '[workers]
+      start_server fanout "[workers]
 intake_queue = 4096
 follow_queue = 4096
 [llm.simulated]
 first_token_ms = 3000
-token_interval_ms = 20
-tokens = 64'
-      "$load" fanout --addr "$addr" --connections 2000 ;;
+token_interval_ms = ${TOKEN_INTERVAL_MS:-20}
+tokens = 64"
+      "$load" fanout --addr "$addr" --pid "$server_pid" --connections "${CONNECTIONS:-2000}" ;;
     idle-rss)
       start_server idle ''
       "$load" idle-rss --addr "$addr" --pid "$server_pid" --connections 2000 ;;

@@ -6,7 +6,7 @@
 //! ```text
 //! chorus-load cache-hit  --addr 127.0.0.1:8080 --pid PID [--connections 8] [--requests 2000]
 //! chorus-load ttft       --addr 127.0.0.1:8080 [--connections 200] [--rounds 5] [--first-token-ms 200]
-//! chorus-load fanout     --addr 127.0.0.1:8080 [--connections 2000]
+//! chorus-load fanout     --addr 127.0.0.1:8080 [--pid PID] [--connections 2000]
 //! chorus-load idle-rss   --addr 127.0.0.1:8080 --pid PID [--connections 2000]
 //! ```
 //!
@@ -371,6 +371,7 @@ fn fanout(args: &Args) -> Result<Value, String> {
         .map(|_| Client::connect(args.addr))
         .collect::<Result<_, _>>()?;
     let barrier = Arc::new(Barrier::new(connections));
+    let cpu_before = args.pid.map(cpu_seconds).transpose()?;
     let handles: Vec<_> = clients
         .into_iter()
         .enumerate()
@@ -386,6 +387,10 @@ fn fanout(args: &Args) -> Result<Value, String> {
     for h in handles {
         observed.push(h.join().map_err(|_| "client thread panicked")??);
     }
+    let server_cpu = match (args.pid, cpu_before) {
+        (Some(pid), Some(before)) => Some(cpu_seconds(pid)? - before),
+        _ => None,
+    };
     let tokens = observed
         .iter()
         .map(|o| o.token_times.len())
@@ -427,6 +432,8 @@ fn fanout(args: &Args) -> Result<Value, String> {
         "upstream_calls": s["upstream"]["calls"],
         "lag_behind_first_receiver_ms (every token, every connection)": summary(all_lags),
         "worst_lag_per_connection_ms": summary(worst_lag_per_connection),
+        "server_cpu_us_per_delivered_token": server_cpu
+            .map(|cpu| cpu * 1e6 / (connections * tokens.max(1)) as f64),
     }))
 }
 
