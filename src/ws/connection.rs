@@ -136,7 +136,7 @@ pub fn serve(
         return;
     }
     let config = WebSocketConfig::default()
-        .read_buffer_size(4096)
+        .read_buffer_size(1024)
         .write_buffer_size(0)
         .max_write_buffer_size(64 * 1024)
         .max_message_size(Some(limits.hard_cap()))
