@@ -162,6 +162,40 @@ pub fn serve(
     }
 }
 
+/// Ends a connection whose close frame is written: sends FIN, then reads
+/// and discards what the client still sends until it closes or `deadline`.
+/// Closing a socket with unread input makes the kernel send a reset, which
+/// can destroy the close frame before the client reads it (for example
+/// after an oversized frame the client is still sending).
+fn linger_close(tcp: &TcpStream, deadline: Instant) {
+    let _ = tcp.shutdown(std::net::Shutdown::Write);
+    let mut scratch = [0u8; 4096];
+    let mut reader = tcp;
+    loop {
+        match reader.read(&mut scratch) {
+            Ok(0) => return,
+            Ok(_) => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return;
+                }
+                let timeout = Timespec {
+                    tv_sec: left.as_secs() as i64,
+                    tv_nsec: i64::from(left.subsec_nanos()),
+                };
+                let fd = tcp.as_fd();
+                let mut fds = [PollFd::new(&fd, PollFlags::IN)];
+                if poll(&mut fds, Some(&timeout)).is_err() {
+                    return;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return,
+        }
+    }
+}
+
 struct Connection<'a> {
     outbox: &'a Arc<Outbox>,
     pipeline: &'a Pipeline,
@@ -183,7 +217,11 @@ impl Connection<'_> {
         loop {
             let write_blocked = self.write_out(ws)?;
             if let Some(since) = self.closing_since {
-                if !write_blocked || since.elapsed() > CLOSE_GRACE {
+                if !write_blocked {
+                    linger_close(&ws.get_ref().tcp, since + CLOSE_GRACE);
+                    return Ok(());
+                }
+                if since.elapsed() > CLOSE_GRACE {
                     let _ = ws.get_ref().tcp.shutdown(std::net::Shutdown::Both);
                     return Ok(());
                 }
