@@ -155,6 +155,7 @@ pub fn serve(
         taken: VecDeque::new(),
         replay: None,
         tails: Vec::new(),
+        readable: true,
         closing_since: None,
     };
     if let Err(e) = conn.run(&mut ws) {
@@ -206,6 +207,9 @@ struct Connection<'a> {
     /// The replay being expanded, chunk by chunk, ahead of `taken`.
     replay: Option<Replay>,
     tails: Vec<TokenTail>,
+    /// False after a read found the socket empty, until poll reports input:
+    /// a token wake-up then costs no useless `recv`.
+    readable: bool,
     /// Set once a close frame is queued; the connection ends when it is written.
     closing_since: Option<Instant>,
 }
@@ -229,7 +233,7 @@ impl Connection<'_> {
             let may_read = self.closing_since.is_none()
                 && ws.get_ref().pending.len() < READ_PAUSE_BYTES
                 && self.outbox.len() < self.limits.outbox_frames;
-            if may_read && !self.read_in(ws)? {
+            if may_read && self.readable && !self.read_in(ws)? {
                 return Ok(());
             }
             let local_work = self.replay.is_some() || !self.taken.is_empty();
@@ -259,6 +263,12 @@ impl Connection<'_> {
             }
             if fds[1].revents().contains(PollFlags::IN) {
                 self.outbox.clear_wake();
+            }
+            if fds[0]
+                .revents()
+                .intersects(PollFlags::IN | PollFlags::HUP | PollFlags::RDHUP)
+            {
+                self.readable = true;
             }
             if fds[0]
                 .revents()
@@ -332,7 +342,10 @@ impl Connection<'_> {
         loop {
             match ws.read() {
                 Ok(message) => self.handle(message),
-                Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
+                Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.readable = false;
+                    return Ok(true);
+                }
                 Err(WsError::Capacity(e)) => {
                     // Too big to skip safely: close with 1009 as the protocol says.
                     log::debug!("closing a connection that sent an oversized frame: {e}");
