@@ -71,6 +71,9 @@ pub struct ServerConfig {
     /// default. A small value bounds what a client that stops reading can
     /// make the kernel hold before it is cut off as a slow consumer.
     pub send_buffer_bytes: usize,
+    /// Chats one connection may send per minute (a token bucket that holds
+    /// a minute's worth); more get `rate_limited`. 0 means no limit.
+    pub max_chats_per_minute: u32,
     /// Backlog passed to `listen(2)`.
     pub listen_backlog: i32,
     /// Directory to serve static files from; empty serves the embedded files.
@@ -89,6 +92,7 @@ impl Default for ServerConfig {
             connection_stack_kib: 128,
             outbox_frames: 4096,
             send_buffer_bytes: 0,
+            max_chats_per_minute: 0,
             listen_backlog: 1024,
             static_dir: String::new(),
         }
@@ -1084,6 +1088,7 @@ mod tests {
         ("server.connection_stack_kib", "128"),
         ("server.outbox_frames", "4096"),
         ("server.send_buffer_bytes", "0"),
+        ("server.max_chats_per_minute", "0"),
         ("server.listen_backlog", "1024"),
         ("server.static_dir", "\"\""),
         ("workers.cache_workers", "4"),

@@ -458,6 +458,7 @@ fn upgrade(mut tcp: TcpStream, req: http::Request, shared: &Arc<Shared>) -> io::
         max_message_bytes: server.ws_max_message_bytes,
         max_message_chars: server.max_message_chars,
         outbox_frames: server.outbox_frames,
+        max_chats_per_minute: server.max_chats_per_minute,
     };
     ws::serve(tcp, req.leftover, &outbox, &shared.pipeline, limits);
     outbox.close();

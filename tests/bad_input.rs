@@ -170,3 +170,19 @@ tokens = 30
     let status = terminator.join().unwrap();
     assert!(status.success(), "{status:?}");
 }
+
+#[test]
+fn chats_beyond_the_per_connection_rate_get_rate_limited() {
+    let server = Server::start(&format!("{FAST}\n[server]\nmax_chats_per_minute = 2\n"));
+    let mut c = server.client();
+    c.ask_and_wait(None, "one");
+    c.ask_and_wait(None, "two");
+    let refused = c.chat(None, "three", json!({}));
+    assert_eq!(refused["type"], "error");
+    assert_eq!(refused["code"], "rate_limited");
+    assert!(refused["request"].is_null());
+    // The connection still works, and other connections have their own budget.
+    let e = c.expect_error(json!({"type": "history", "conversation": "nope"}));
+    assert_eq!(e["code"], "not_found");
+    assert_still_works(&mut server.client());
+}

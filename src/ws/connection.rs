@@ -60,6 +60,43 @@ pub struct Limits {
     pub max_message_chars: usize,
     /// Token frames an outbox holds before its subscriber is cut off.
     pub outbox_frames: usize,
+    /// Chats per minute this connection may send; 0 means no limit.
+    pub max_chats_per_minute: u32,
+}
+
+/// A token bucket of chats: it holds at most a minute's worth and refills
+/// continuously, so a client may burst up to the limit and then gets one
+/// chat every `60 / per_minute` seconds.
+#[derive(Debug)]
+struct ChatBudget {
+    per_minute: f64,
+    available: f64,
+    refilled_at: Instant,
+}
+
+impl ChatBudget {
+    fn new(per_minute: u32, now: Instant) -> Option<ChatBudget> {
+        (per_minute > 0).then(|| ChatBudget {
+            per_minute: f64::from(per_minute),
+            available: f64::from(per_minute),
+            refilled_at: now,
+        })
+    }
+
+    /// Takes one chat if one is available at `now`.
+    fn try_take(&mut self, now: Instant) -> bool {
+        let elapsed = now
+            .saturating_duration_since(self.refilled_at)
+            .as_secs_f64();
+        self.available = (self.available + elapsed * self.per_minute / 60.0).min(self.per_minute);
+        self.refilled_at = now;
+        if self.available >= 1.0 {
+            self.available -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 impl Limits {
@@ -156,6 +193,7 @@ pub fn serve(
         replay: None,
         tails: Vec::new(),
         readable: true,
+        chat_budget: ChatBudget::new(limits.max_chats_per_minute, Instant::now()),
         closing_since: None,
     };
     if let Err(e) = conn.run(&mut ws) {
@@ -210,6 +248,7 @@ struct Connection<'a> {
     /// False after a read found the socket empty, until poll reports input:
     /// a token wake-up then costs no useless `recv`.
     readable: bool,
+    chat_budget: Option<ChatBudget>,
     /// Set once a close frame is queued; the connection ends when it is written.
     closing_since: Option<Instant>,
 }
@@ -392,6 +431,19 @@ impl Connection<'_> {
             Err(e) => self.reply_error(None, e.id.as_deref(), e.code, &e.message),
             Ok(ClientFrame::Chat(chat)) => {
                 let id = chat.id.clone();
+                if let Some(budget) = &mut self.chat_budget {
+                    if !budget.try_take(Instant::now()) {
+                        let message = format!(
+                            "more than {} chats per minute on this connection; wait a little",
+                            self.limits.max_chats_per_minute
+                        );
+                        return self.reply(
+                            None,
+                            Some(&id),
+                            &Failure::new(ErrorCode::RateLimited, message),
+                        );
+                    }
+                }
                 if let Err(f) = self.pipeline.submit(self.outbox, chat) {
                     self.reply(None, Some(&id), &f);
                 }
@@ -426,5 +478,27 @@ impl Connection<'_> {
         let _ = self
             .outbox
             .push(Frame::Json(protocol::error(request, id, failure)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn chat_budget_bursts_then_refills() {
+        let t0 = Instant::now();
+        let mut b = ChatBudget::new(60, t0).unwrap();
+        assert!((0..60).all(|_| b.try_take(t0)));
+        assert!(!b.try_take(t0));
+        // One chat per second comes back.
+        assert!(b.try_take(t0 + Duration::from_secs(1)));
+        assert!(!b.try_take(t0 + Duration::from_secs(1)));
+        // Never more than a minute's worth.
+        let later = t0 + Duration::from_secs(3600);
+        assert!((0..60).all(|_| b.try_take(later)));
+        assert!(!b.try_take(later));
+        assert!(ChatBudget::new(0, t0).is_none());
     }
 }
