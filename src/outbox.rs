@@ -111,18 +111,7 @@ impl Outbox {
     /// Queues a control frame. Never blocks and never refuses, except when
     /// the connection is closed.
     pub fn push(&self, frame: Frame) -> Result<(), PushError> {
-        let wake = {
-            let mut q = self.queue.lock();
-            if q.closed {
-                return Err(PushError::Closed);
-            }
-            q.frames.push_back(frame);
-            std::mem::take(&mut q.parked)
-        };
-        if wake {
-            self.wake();
-        }
-        Ok(())
+        self.push_all(std::iter::once(frame))
     }
 
     /// Queues several control frames at once with at most one wake-up, so a
