@@ -183,35 +183,49 @@ impl Broadcast {
     /// Never blocks on a subscriber: one whose outbox is full is cut off with
     /// `slow_consumer`, one whose connection closed is dropped.
     pub fn publish(&self, text: &str) -> Option<u64> {
-        let mut inner = self.inner.lock();
-        if inner.ended {
-            return None;
-        }
-        let seq = inner.tails.len() as u64;
-        let tail = TokenTail::encode(seq, text);
-        let now = Instant::now();
-        inner.first_token_at.get_or_insert(now);
-        inner.last_token_at = Some(now);
-        inner.produced.text.push_str(text);
-        let end = inner.produced.text.len();
-        inner.produced.ends.push(end);
-        inner.subscribers.retain(|(sub, from)| {
-            if sub.is_cut() {
-                return false;
+        let mut to_wake = Vec::new();
+        let seq = {
+            let mut inner = self.inner.lock();
+            if inner.ended {
+                return None;
             }
-            if seq < *from {
-                return true;
-            }
-            match sub.outbox.push_token(sub.token(&tail)) {
-                Ok(()) => true,
-                Err(PushError::Full) => {
-                    sub.cut_off();
-                    false
+            let seq = inner.tails.len() as u64;
+            let tail = TokenTail::encode(seq, text);
+            let now = Instant::now();
+            inner.first_token_at.get_or_insert(now);
+            inner.last_token_at = Some(now);
+            inner.produced.text.push_str(text);
+            let end = inner.produced.text.len();
+            inner.produced.ends.push(end);
+            inner.subscribers.retain(|(sub, from)| {
+                if sub.is_cut() {
+                    return false;
                 }
-                Err(PushError::Closed) => false,
-            }
-        });
-        inner.tails.push(tail);
+                if seq < *from {
+                    return true;
+                }
+                match sub.outbox.queue_token(sub.token(&tail)) {
+                    Ok(parked) => {
+                        if parked {
+                            to_wake.push(sub.outbox.clone());
+                        }
+                        true
+                    }
+                    Err(PushError::Full) => {
+                        sub.cut_off();
+                        false
+                    }
+                    Err(PushError::Closed) => false,
+                }
+            });
+            inner.tails.push(tail);
+            seq
+        };
+        // The wake-ups are system calls: make them after the lock is released,
+        // so subscribers and detaches never wait behind thousands of them.
+        for outbox in to_wake {
+            outbox.wake();
+        }
         Some(seq)
     }
 

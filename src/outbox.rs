@@ -133,21 +133,26 @@ impl Outbox {
 
     /// Queues a token frame unless `capacity` frames are already waiting.
     pub fn push_token(&self, frame: Frame) -> Result<(), PushError> {
-        let wake = {
-            let mut q = self.queue.lock();
-            if q.closed {
-                return Err(PushError::Closed);
-            }
-            if q.frames.len() >= self.capacity {
-                return Err(PushError::Full);
-            }
-            q.frames.push_back(frame);
-            std::mem::take(&mut q.parked)
-        };
-        if wake {
+        if self.queue_token(frame)? {
             self.wake();
         }
         Ok(())
+    }
+
+    /// Like [`Outbox::push_token`] but leaves the wake-up to the caller:
+    /// `Ok(true)` means the consumer is parked and must get [`Outbox::wake`].
+    /// This lets a producer holding a lock of its own do the system call
+    /// after releasing it.
+    pub fn queue_token(&self, frame: Frame) -> Result<bool, PushError> {
+        let mut q = self.queue.lock();
+        if q.closed {
+            return Err(PushError::Closed);
+        }
+        if q.frames.len() >= self.capacity {
+            return Err(PushError::Full);
+        }
+        q.frames.push_back(frame);
+        Ok(std::mem::take(&mut q.parked))
     }
 
     /// Moves every waiting frame into `batch` (consumer only).
