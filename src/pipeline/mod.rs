@@ -67,6 +67,9 @@ type Flights = Group<Key, Arc<Generation>, GenOutcome>;
 /// they get more than connection threads.
 const WORKER_STACK: usize = 512 * 1024;
 
+/// Finished requests kept for `resume` at most, whatever the replay window.
+const MAX_REPLAYABLE: usize = 100_000;
+
 /// What a client may ask the pipeline, from its connection thread.
 pub struct Pipeline {
     shared: Arc<Shared>,
@@ -1035,6 +1038,14 @@ impl Shared {
             active
                 .finished
                 .push_back((Instant::now(), request.id.clone()));
+            // Under a flood of short requests the replay window alone would
+            // let this map grow with the request rate; past the cap the
+            // oldest leave early (a late `resume` then gets `not_found`).
+            while active.finished.len() > MAX_REPLAYABLE {
+                if let Some((_, id)) = active.finished.pop_front() {
+                    active.requests.remove(&id);
+                }
+            }
         }
         self.live_requests.fetch_sub(1, Ordering::AcqRel);
         let mut st = request.state.lock();
