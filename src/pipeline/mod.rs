@@ -499,6 +499,9 @@ impl Shared {
                 "the server is shutting down",
             ));
         }
+        // A conversation id made here is new by construction: it has no
+        // stored history to read.
+        let is_new = chat.conversation.is_none();
         let conversation = chat
             .conversation
             .clone()
@@ -518,7 +521,11 @@ impl Shared {
             active.requests.insert(request.id.clone(), request.clone());
             active.live.insert(request.id.clone(), request.clone());
         }
-        let head = match self.history.head(&conversation) {
+        let head = match if is_new {
+            Ok(None)
+        } else {
+            self.history.head(&conversation)
+        } {
             Ok(head) => head.unwrap_or(history::Head::EMPTY),
             Err(e) => {
                 self.unregister(&request);
