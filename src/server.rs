@@ -93,6 +93,7 @@ impl Server {
     /// Opens the history, starts the pipeline and listens. Returns once the
     /// port is bound (so `local_addr` is final, also with port 0).
     pub fn start(config: Config) -> Result<Server, ServerError> {
+        raise_descriptor_limit(config.server.max_connections);
         let config = Arc::new(config);
         let metrics = Arc::new(Metrics::new());
         let history = History::open(
@@ -209,6 +210,35 @@ impl Server {
         }
         shared.history.shutdown();
         log::info!("stopped");
+    }
+}
+
+/// Each WebSocket holds two descriptors (its socket and its eventfd), and
+/// the usual soft limit of 1024 would stop a default server at a few hundred
+/// connections. Raise the soft limit to the hard one, as far as it goes,
+/// and say so when even that is too low for `max_connections`.
+fn raise_descriptor_limit(max_connections: usize) {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        let raised = rustix::process::Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        if let Err(e) = setrlimit(Resource::Nofile, raised) {
+            log::warn!("cannot raise the open-file limit: {e}");
+        }
+    }
+    let needed = (max_connections as u64)
+        .saturating_mul(2)
+        .saturating_add(64);
+    if let Some(current) = getrlimit(Resource::Nofile).current {
+        if current < needed {
+            log::warn!(
+                "the open-file limit ({current}) allows fewer than server.max_connections = \
+                 {max_connections} WebSockets (each needs 2 descriptors); raise `ulimit -n`"
+            );
+        }
     }
 }
 
