@@ -371,6 +371,10 @@ impl History {
             // A local SQLite connection cannot go stale; testing it on every
             // checkout would add a query to every read.
             .test_on_check_out(false)
+            // Readers run on connection threads: when every pooled connection
+            // stays busy, fail fast (the client gets `overloaded`) rather
+            // than hold the thread for r2d2's default 30 s.
+            .connection_timeout(Duration::from_secs(2))
             .build(manager.query_only(true))?;
 
         let (sender, receiver) = crossbeam_channel::unbounded();

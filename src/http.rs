@@ -80,12 +80,21 @@ impl Request {
     }
 }
 
-/// Reads one request head from a blocking socket (with a read timeout set
-/// by the caller).
-pub fn read_request(tcp: &mut TcpStream) -> Result<Request, HttpError> {
+/// Reads one request head from a blocking socket. The whole head must
+/// arrive within `timeout`, however slowly it trickles in.
+pub fn read_request(
+    tcp: &mut TcpStream,
+    timeout: std::time::Duration,
+) -> Result<Request, HttpError> {
+    let deadline = std::time::Instant::now() + timeout;
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(HttpError::Io(io::ErrorKind::TimedOut.into()));
+        }
+        tcp.set_read_timeout(Some(left))?;
         let n = tcp.read(&mut chunk)?;
         if n == 0 {
             return Err(HttpError::Closed);

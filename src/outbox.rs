@@ -46,6 +46,17 @@ pub enum Frame {
     Close(u16, &'static str),
 }
 
+impl Frame {
+    /// Bytes this frame adds to the socket's output (payload only).
+    fn encoded_len(&self) -> usize {
+        match self {
+            Frame::Token { prefix, tail } => prefix.len() + tail.0.len(),
+            Frame::Json(bytes) => bytes.len(),
+            Frame::Replay(_) | Frame::Close(..) => 0,
+        }
+    }
+}
+
 /// A range of a generation's tokens for one request.
 #[derive(Debug, Clone)]
 pub struct Replay {
@@ -70,6 +81,10 @@ pub enum PushError {
 
 struct Queue {
     frames: VecDeque<Frame>,
+    /// Encoded size of `frames` (a replay counts as nothing: it is expanded
+    /// only as the socket takes it), so the connection can stop reading
+    /// requests while big answers wait.
+    bytes: usize,
     /// Set by the consumer just before it sleeps; cleared by the producer that wakes it.
     parked: bool,
     /// Set once by the consumer when the connection ends.
@@ -100,6 +115,7 @@ impl Outbox {
         Ok(Outbox {
             queue: Mutex::new(Queue {
                 frames: VecDeque::new(),
+                bytes: 0,
                 parked: false,
                 closed: false,
             }),
@@ -122,7 +138,10 @@ impl Outbox {
             if q.closed {
                 return Err(PushError::Closed);
             }
-            q.frames.extend(frames);
+            for frame in frames {
+                q.bytes += frame.encoded_len();
+                q.frames.push_back(frame);
+            }
             std::mem::take(&mut q.parked)
         };
         if wake {
@@ -151,6 +170,7 @@ impl Outbox {
         if q.frames.len() >= self.capacity {
             return Err(PushError::Full);
         }
+        q.bytes += frame.encoded_len();
         q.frames.push_back(frame);
         Ok(std::mem::take(&mut q.parked))
     }
@@ -158,6 +178,7 @@ impl Outbox {
     /// Moves every waiting frame into `batch` (consumer only).
     pub fn take_all(&self, batch: &mut Vec<Frame>) {
         let mut q = self.queue.lock();
+        q.bytes = 0;
         batch.extend(q.frames.drain(..));
     }
 
@@ -165,7 +186,11 @@ impl Outbox {
     pub fn take_some(&self, batch: &mut Vec<Frame>, max: usize) {
         let mut q = self.queue.lock();
         let n = q.frames.len().min(max);
-        batch.extend(q.frames.drain(..n));
+        let Queue { frames, bytes, .. } = &mut *q;
+        for frame in frames.drain(..n) {
+            *bytes -= frame.encoded_len();
+            batch.push(frame);
+        }
     }
 
     /// Consumer only: if nothing is waiting, records that the consumer is
@@ -207,12 +232,18 @@ impl Outbox {
         let mut q = self.queue.lock();
         q.closed = true;
         q.frames.clear();
+        q.bytes = 0;
         q.frames.shrink_to_fit();
     }
 
     /// True once [`Outbox::close`] ran.
     pub fn is_closed(&self) -> bool {
         self.queue.lock().closed
+    }
+
+    /// Bytes of token and JSON frames waiting now.
+    pub fn queued_bytes(&self) -> usize {
+        self.queue.lock().bytes
     }
 
     /// Frames waiting now.
@@ -256,6 +287,28 @@ mod tests {
         assert_eq!(o.push_token(token(2)), Err(PushError::Full));
         o.push(Frame::Json(b"{}".to_vec())).unwrap();
         assert_eq!(o.len(), 3);
+    }
+
+    #[test]
+    fn queued_bytes_follow_pushes_and_takes() {
+        let o = Outbox::new(8).unwrap();
+        o.push(Frame::Json(vec![0; 100])).unwrap();
+        o.push_token(token(0)).unwrap();
+        let token_len = {
+            let Frame::Token { prefix, tail } = token(0) else {
+                unreachable!()
+            };
+            prefix.len() + tail.0.len()
+        };
+        assert_eq!(o.queued_bytes(), 100 + token_len);
+        let mut batch = Vec::new();
+        o.take_some(&mut batch, 1);
+        assert_eq!(o.queued_bytes(), token_len);
+        o.take_all(&mut batch);
+        assert_eq!(o.queued_bytes(), 0);
+        o.push(Frame::Json(vec![0; 7])).unwrap();
+        o.close();
+        assert_eq!(o.queued_bytes(), 0);
     }
 
     #[test]

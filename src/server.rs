@@ -25,7 +25,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use rustix::event::{eventfd, poll, EventfdFlags, PollFd, PollFlags};
+use rustix::event::{eventfd, poll, EventfdFlags, PollFd, PollFlags, Timespec};
 use socket2::{Domain, Socket, Type};
 
 use crate::cache::{Cache, MemoryCache};
@@ -39,8 +39,13 @@ use crate::pipeline::Pipeline;
 use crate::protocol::{ErrorCode, Failure};
 use crate::ws::{self, Limits};
 
-/// How long a client may take to send its HTTP request head.
+/// How long a client may take to send its whole HTTP request head.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connection threads allowed beyond `max_connections`, for plain HTTP
+/// requests and handshakes in progress.
+const PRE_UPGRADE_SLACK: usize = 256;
+/// What the accept thread answers when no connection thread may start.
+const BUSY_RESPONSE: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: 32\r\nConnection: close\r\n\r\n{\"error\":\"too many connections\"}";
 
 /// Failures that stop the server from starting.
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +80,8 @@ pub(crate) struct Shared {
     /// Open WebSocket connections by id, so shutdown can close them.
     connections: Mutex<HashMap<u64, Arc<Outbox>>>,
     ws_connections: AtomicUsize,
+    /// Connection threads alive (plain HTTP and WebSocket).
+    connection_threads: AtomicUsize,
     next_connection: AtomicU64,
     draining: AtomicBool,
     stopping: AtomicBool,
@@ -146,6 +153,7 @@ impl Server {
             static_files,
             connections: Mutex::new(HashMap::new()),
             ws_connections: AtomicUsize::new(0),
+            connection_threads: AtomicUsize::new(0),
             next_connection: AtomicU64::new(1),
             draining: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
@@ -259,15 +267,62 @@ fn bind(addr: &str, backlog: i32) -> Result<TcpListener, ServerError> {
     Ok(socket.into())
 }
 
+/// Sockets refused with a 503 by the accept thread, kept open briefly while
+/// their request is read and dropped: closing a socket with unread input
+/// makes the kernel send a reset that can destroy the answer in flight.
+struct Refused {
+    sockets: std::collections::VecDeque<(TcpStream, Instant)>,
+}
+
+impl Refused {
+    const MAX: usize = 64;
+    const LINGER: Duration = Duration::from_secs(1);
+
+    fn add(&mut self, mut tcp: TcpStream) {
+        // Best effort on a fresh socket; the accept thread never waits.
+        let _ = std::io::Write::write(&mut tcp, BUSY_RESPONSE);
+        let _ = tcp.shutdown(std::net::Shutdown::Write);
+        if self.sockets.len() == Self::MAX {
+            self.sockets.pop_front();
+        }
+        self.sockets.push_back((tcp, Instant::now() + Self::LINGER));
+    }
+
+    /// Drains what the refused clients sent; closes those that are done or out of time.
+    fn sweep(&mut self) {
+        let now = Instant::now();
+        let mut scratch = [0u8; 1024];
+        self.sockets.retain_mut(|(tcp, deadline)| loop {
+            match std::io::Read::read(tcp, &mut scratch) {
+                Ok(0) => return false,
+                Ok(_) => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return now < *deadline,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return false,
+            }
+        });
+    }
+}
+
 fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>, waker: &OwnedFd) {
     let stack = shared.config.server.connection_stack_kib * 1024;
     let listener_fd = listener.as_fd();
+    let mut refused = Refused {
+        sockets: std::collections::VecDeque::new(),
+    };
     loop {
+        refused.sweep();
         let mut fds = [
             PollFd::new(&listener_fd, PollFlags::IN),
             PollFd::new(waker, PollFlags::IN),
         ];
-        if let Err(e) = poll(&mut fds, None) {
+        // Wake up now and then only while refused sockets linger.
+        let tick = Timespec {
+            tv_sec: 0,
+            tv_nsec: 50_000_000,
+        };
+        let timeout = (!refused.sockets.is_empty()).then_some(&tick);
+        if let Err(e) = poll(&mut fds, timeout) {
             if e != rustix::io::Errno::INTR {
                 log::error!("accept poll failed: {e}");
                 return;
@@ -279,12 +334,27 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>, waker: &OwnedFd) {
         loop {
             match listener.accept() {
                 Ok((tcp, _)) => {
-                    let shared = shared.clone();
+                    // WebSockets are capped by `max_connections` at the
+                    // handshake; this caps the threads still reading an HTTP
+                    // head, so a flood of idle sockets cannot exhaust threads.
+                    let threads = shared.connection_threads.fetch_add(1, Ordering::AcqRel);
+                    if threads >= shared.config.server.max_connections + PRE_UPGRADE_SLACK {
+                        shared.connection_threads.fetch_sub(1, Ordering::AcqRel);
+                        if tcp.set_nonblocking(true).is_ok() {
+                            refused.add(tcp);
+                        }
+                        continue;
+                    }
+                    let shared2 = shared.clone();
                     let spawned = std::thread::Builder::new()
                         .name("chorus-conn".into())
                         .stack_size(stack)
-                        .spawn(move || handle_connection(tcp, &shared));
+                        .spawn(move || {
+                            handle_connection(tcp, &shared2);
+                            shared2.connection_threads.fetch_sub(1, Ordering::AcqRel);
+                        });
                     if let Err(e) = spawned {
+                        shared.connection_threads.fetch_sub(1, Ordering::AcqRel);
                         log::warn!("cannot start a connection thread: {e}");
                     }
                 }
@@ -304,10 +374,10 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>, waker: &OwnedFd) {
 fn handle_connection(mut tcp: TcpStream, shared: &Arc<Shared>) {
     // The listener is non-blocking and accepted sockets inherit nothing on
     // Linux, but be explicit: the head is read with blocking reads and a timeout.
-    if tcp.set_nonblocking(false).is_err() || tcp.set_read_timeout(Some(HEAD_TIMEOUT)).is_err() {
+    if tcp.set_nonblocking(false).is_err() {
         return;
     }
-    let request = match http::read_request(&mut tcp) {
+    let request = match http::read_request(&mut tcp, HEAD_TIMEOUT) {
         Ok(r) => r,
         Err(http::HttpError::Closed) => return,
         Err(http::HttpError::TooLarge) => {
@@ -483,6 +553,10 @@ fn upgrade(mut tcp: TcpStream, req: http::Request, shared: &Arc<Shared>) -> io::
     }
     std::io::Write::write_all(&mut tcp, http::upgrade_response(&key).as_bytes())?;
     shared.connections.lock().insert(id, outbox.clone());
+    if shared.stopping.load(Ordering::Acquire) {
+        // Upgraded after shutdown closed the others: close this one too.
+        let _ = outbox.push(Frame::Close(1001, "server shutting down"));
+    }
     shared.metrics.connections.inc();
     let limits = Limits {
         max_message_bytes: server.ws_max_message_bytes,

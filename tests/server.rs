@@ -219,3 +219,20 @@ fn shutdown_closes_every_websocket_with_1001() {
         assert_eq!(close["code"], 1001);
     }
 }
+
+#[test]
+fn sockets_that_never_send_a_request_cannot_exhaust_threads() {
+    let server = Server::start(&format!("{FAST}\n[server]\nmax_connections = 4\n"));
+    // max_connections + 256 connection threads may read HTTP heads at once.
+    let idle: Vec<TcpStream> = (0..260)
+        .map(|_| TcpStream::connect(server.addr).unwrap())
+        .collect();
+    common::eventually("the extra socket is refused with 503", || {
+        let (status, _, body) = server.get("/healthz");
+        status == 503 && body.contains("too many connections")
+    });
+    drop(idle);
+    common::eventually("the server answers again", || {
+        server.get("/healthz").0 == 200
+    });
+}

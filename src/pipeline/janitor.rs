@@ -46,12 +46,15 @@ fn sweep(shared: &Arc<Shared>, now: Instant) {
     for request in requests {
         let phase = request.state.lock().phase;
         if let Phase::Queued { since } = phase {
-            if now.duration_since(since) > ms(t.queue_ms) && request.begin_finish() {
+            if now.duration_since(since) > ms(t.queue_ms) {
                 let failure = Failure::new(
                     ErrorCode::QueueTimeout,
                     format!("waited in the queue longer than {} ms", t.queue_ms),
                 );
-                shared.finish_request(&request, Err(failure), String::new(), 0);
+                // Only if it is still queued when we get its lock.
+                shared.end_request(&request, |_, phase| {
+                    matches!(phase, Phase::Queued { .. }).then(|| (Err(failure), String::new(), 0))
+                });
             }
         }
     }

@@ -149,6 +149,9 @@ struct StreamJob {
 struct FollowJob {
     ticket: RequestTicket,
     generation: Arc<Generation>,
+    /// To lead a new generation if this one was dropped for lack of interest
+    /// before the follower could join it.
+    work: Work,
 }
 
 /// Ownership of a request that has not been handed to a generation yet.
@@ -172,14 +175,12 @@ impl RequestTicket {
 impl Drop for RequestTicket {
     fn drop(&mut self) {
         if let Some(request) = self.request.take() {
-            if request.begin_finish() {
-                let failure = Failure::new(
-                    ErrorCode::Internal,
-                    "the request was lost inside the server",
-                );
-                self.shared
-                    .finish_request(&request, Err(failure), String::new(), 0);
-            }
+            let failure = Failure::new(
+                ErrorCode::Internal,
+                "the request was lost inside the server",
+            );
+            self.shared
+                .end_request(&request, |_, _| Some((Err(failure), String::new(), 0)));
         }
     }
 }
@@ -203,10 +204,10 @@ impl Drop for GenTicket {
             self.shared
                 .finish_generation(&self.generation, GenOutcome::Failed(failure));
         }
-        if let (Some(leader), Some(outcome)) = (
-            self.leader.take(),
-            self.generation.state.lock().outcome.clone(),
-        ) {
+        // Read the outcome first: completing takes the singleflight's lock,
+        // which must not be taken under the generation's.
+        let outcome = self.generation.state.lock().outcome.clone();
+        if let (Some(leader), Some(outcome)) = (self.leader.take(), outcome) {
             leader.complete(outcome);
         }
     }
@@ -345,7 +346,7 @@ impl Pipeline {
             .shared
             .history
             .recent(conversation, limit)
-            .map_err(|e| internal(&e))?
+            .map_err(|e| history_failure(&e))?
             .ok_or_else(|| Failure::new(ErrorCode::NotFound, "no such conversation"))?;
         let out: Vec<protocol::HistoryMessage<'_>> = messages
             .iter()
@@ -388,7 +389,9 @@ impl Pipeline {
         ));
         // Dropping the senders ends the workers once their queues are empty.
         self.shared.channels.write().take();
-        for pool in self.pools.lock().drain(..) {
+        // Take the pools out first: `/api/stats` reads them meanwhile.
+        let pools: Vec<Pool> = self.pools.lock().drain(..).collect();
+        for pool in pools {
             pool.join();
         }
         if let Some(janitor) = self.janitor.lock().take() {
@@ -476,6 +479,18 @@ impl Pipeline {
     }
 }
 
+/// A history failure as the client sees it: a read pool that stays busy
+/// is overload, anything else is internal.
+fn history_failure(e: &history::HistoryError) -> Failure {
+    match e {
+        history::HistoryError::Pool(_) => Failure::new(
+            ErrorCode::Overloaded,
+            "the history database is busy; try again shortly",
+        ),
+        other => internal(other),
+    }
+}
+
 fn internal(e: &dyn std::fmt::Display) -> Failure {
     log::error!("internal error: {e}");
     Failure::new(
@@ -510,16 +525,16 @@ impl Shared {
         // identical-request key defines it: without surrounding whitespace.
         let message = chat.message.trim().to_owned();
         let request = Request::new(chat.id.clone(), conversation.clone(), message.clone());
+        if !self
+            .active
+            .write()
+            .busy_conversations
+            .insert(conversation.clone())
         {
-            let mut active = self.active.write();
-            if !active.busy_conversations.insert(conversation.clone()) {
-                return Err(Failure::new(
-                    ErrorCode::ConversationBusy,
-                    "this conversation already has a request in flight",
-                ));
-            }
-            active.requests.insert(request.id.clone(), request.clone());
-            active.live.insert(request.id.clone(), request.clone());
+            return Err(Failure::new(
+                ErrorCode::ConversationBusy,
+                "this conversation already has a request in flight",
+            ));
         }
         let head = match if is_new {
             Ok(None)
@@ -529,7 +544,7 @@ impl Shared {
             Ok(head) => head.unwrap_or(history::Head::EMPTY),
             Err(e) => {
                 self.unregister(&request);
-                return Err(internal(&e));
+                return Err(history_failure(&e));
             }
         };
         let llm = &self.config.llm;
@@ -569,6 +584,14 @@ impl Shared {
             Frame::Json(protocol::accepted(&chat.id, &request.id, &conversation)),
             Frame::Json(protocol::state(&request.id, Stage::Queued, Some(position))),
         ]);
+        // Visible to cancel, resume, the janitor and shutdown only now that
+        // `accepted` is queued and the request is counted: whatever ends it
+        // from here on has an attachment to tell and a count to settle.
+        {
+            let mut active = self.active.write();
+            active.requests.insert(request.id.clone(), request.clone());
+            active.live.insert(request.id.clone(), request.clone());
+        }
         let job = IntakeJob {
             ticket: RequestTicket {
                 shared: self.clone(),
@@ -594,10 +617,9 @@ impl Shared {
         Ok(())
     }
 
+    /// Undoes admission of a request refused before `accepted`.
     fn unregister(&self, request: &Arc<Request>) {
         let mut active = self.active.write();
-        active.requests.remove(&request.id);
-        active.live.remove(&request.id);
         active.busy_conversations.remove(&request.conversation);
     }
 
@@ -626,6 +648,12 @@ impl Shared {
             }
         }
         self.store_user_message(ticket.request());
+        self.lead_or_follow(ticket, work);
+    }
+
+    /// The singleflight: a new key makes `ticket`'s request a leader, a key
+    /// in flight makes it a follower. A `fresh` request always leads alone.
+    fn lead_or_follow(self: &Arc<Self>, ticket: RequestTicket, work: Work) {
         let id = self.next_generation.fetch_add(1, Ordering::Relaxed);
         if work.fresh {
             let generation = Generation::new(id, work.key, false);
@@ -639,31 +667,23 @@ impl Shared {
                 let generation = leader.shared().clone();
                 self.lead(ticket, work, generation, Some(leader));
             }
-            Claim::Follower(call) => self.follow(ticket, call.shared().clone()),
+            Claim::Follower(call) => self.follow(ticket, call.shared().clone(), work),
         }
     }
 
     fn serve_cached(self: &Arc<Self>, ticket: RequestTicket, answer: Arc<CachedAnswer>) {
         let request = ticket.release();
-        {
-            let mut st = request.state.lock();
-            if !matches!(st.phase, Phase::Queued { .. }) {
-                return;
-            }
-            st.phase = Phase::Finishing;
+        // The whole answer (start, tokens, done) is pushed in one go when the
+        // history writer has stored it; see `complete_request`.
+        let served = self.end_request(&request, |st, _| {
             st.role = Some(Role::Cache);
             st.source = Some(Source::Cached(answer.clone()));
             st.dequeued_at = Some(Instant::now());
+            Some((Ok(Finish::Stop), answer.text.clone(), answer.tokens()))
+        });
+        if served {
+            self.metrics.by_role.with_label_values(&["cache"]).inc();
         }
-        self.metrics.by_role.with_label_values(&["cache"]).inc();
-        // The whole answer (start, tokens, done) is pushed in one go when the
-        // history writer has stored it; see `complete_request`.
-        self.finish_request(
-            &request,
-            Ok(Finish::Stop),
-            answer.text.clone(),
-            answer.tokens(),
-        );
     }
 
     /// Queues the request's user message for storage, unless that already happened.
@@ -692,10 +712,6 @@ impl Shared {
         leader: Option<Leader<Key, Arc<Generation>, GenOutcome>>,
     ) {
         let request = ticket.release();
-        self.active
-            .write()
-            .generations
-            .insert(generation.id, generation.clone());
         let gen_ticket = GenTicket {
             shared: self.clone(),
             generation: generation.clone(),
@@ -704,8 +720,8 @@ impl Shared {
         {
             let mut st = request.state.lock();
             if !matches!(st.phase, Phase::Queued { .. }) {
-                // Cancelled in the meantime; the generation is unwanted and
-                // the ticket's drop would call it lost, so end it properly.
+                // Cancelled in the meantime. Followers that already claimed
+                // this generation see it cancelled and lead a new one.
                 drop(st);
                 self.finish_generation(&generation, GenOutcome::Cancelled);
                 return;
@@ -721,6 +737,12 @@ impl Shared {
                 generation.broadcast.subscribe(a, 0);
             }
         }
+        // Visible to the janitor only now that it has its member, so it is
+        // never mistaken for an unwanted generation.
+        self.active
+            .write()
+            .generations
+            .insert(generation.id, generation.clone());
         self.metrics.by_role.with_label_values(&["leader"]).inc();
         let position = self
             .channels()
@@ -764,7 +786,7 @@ impl Shared {
     }
 
     /// Queues `ticket`'s request to join `generation` as a follower.
-    fn follow(self: &Arc<Self>, ticket: RequestTicket, generation: Arc<Generation>) {
+    fn follow(self: &Arc<Self>, ticket: RequestTicket, generation: Arc<Generation>, work: Work) {
         {
             let mut st = ticket.request().state.lock();
             st.role = Some(Role::Follower);
@@ -775,62 +797,88 @@ impl Shared {
         let job = FollowJob {
             ticket,
             generation: generation.clone(),
+            work,
         };
         if let Err((job, failure)) = self.send(|c| &c.follow, job, "the follower queue is full") {
             generation.pending_followers.fetch_sub(1, Ordering::AcqRel);
             let request = job.ticket.release();
-            if request.begin_finish() {
-                self.finish_request(&request, Err(failure), String::new(), 0);
-            }
+            self.end_request(&request, |_, phase| {
+                matches!(phase, Phase::Queued { .. }).then(|| (Err(failure), String::new(), 0))
+            });
         }
     }
 
     // -- the follower pool -------------------------------------------------
 
     fn run_follower(self: &Arc<Self>, job: FollowJob) {
-        let FollowJob { ticket, generation } = job;
+        let FollowJob {
+            ticket,
+            generation,
+            work,
+        } = job;
         let request = ticket.release();
-        let joined = {
+        let ended = {
             let mut st = request.state.lock();
             if !matches!(st.phase, Phase::Queued { .. }) {
                 None
             } else {
-                let now = Instant::now();
-                st.dequeued_at = Some(now);
-                st.joined_at = Some(now);
                 let mut gen = generation.state.lock();
-                if gen.outcome.is_none() {
-                    st.phase = Phase::Running;
-                    gen.members.push(request.clone());
-                    let stage = gen.stage;
-                    drop(gen);
-                    for a in &st.attachments {
-                        let _ = a.outbox.push_all([
-                            Frame::Json(protocol::start(&request.id, Role::Follower)),
-                            Frame::Json(protocol::state(&request.id, stage, None)),
-                        ]);
-                        generation.broadcast.subscribe(a, 0);
+                match gen.outcome.clone() {
+                    None => {
+                        let now = Instant::now();
+                        st.dequeued_at = Some(now);
+                        st.joined_at = Some(now);
+                        st.phase = Phase::Running;
+                        gen.members.push(request.clone());
+                        let stage = gen.stage;
+                        drop(gen);
+                        for a in &st.attachments {
+                            let _ = a.outbox.push_all([
+                                Frame::Json(protocol::start(&request.id, Role::Follower)),
+                                Frame::Json(protocol::state(&request.id, stage, None)),
+                            ]);
+                            generation.broadcast.subscribe(a, 0);
+                        }
+                        None
                     }
-                    Some(None)
-                } else {
-                    // The generation ended before this follower got a worker:
-                    // replay it whole and end the same way.
-                    st.phase = Phase::Finishing;
+                    Some(outcome) => Some(outcome),
+                }
+            }
+        };
+        generation.pending_followers.fetch_sub(1, Ordering::AcqRel);
+        match ended {
+            None => {}
+            // Dropped for lack of interest before this follower could join
+            // (a cancel or the janitor raced its claim): it is wanted now, so
+            // lead a new generation instead of inheriting the cancel.
+            Some(GenOutcome::Cancelled) => {
+                let ticket = RequestTicket {
+                    shared: self.clone(),
+                    request: Some(request),
+                };
+                self.lead_or_follow(ticket, work);
+            }
+            // It ended before this follower got a worker: replay it whole
+            // and end the same way.
+            Some(outcome) => {
+                self.end_request(&request, |st, phase| {
+                    if !matches!(phase, Phase::Queued { .. }) {
+                        return None;
+                    }
+                    let now = Instant::now();
+                    st.dequeued_at = Some(now);
+                    st.joined_at = Some(now);
                     for a in &st.attachments {
                         let _ = a
                             .outbox
                             .push(Frame::Json(protocol::start(&request.id, Role::Follower)));
                         generation.broadcast.subscribe(a, 0);
                     }
-                    Some(gen.outcome.clone())
-                }
+                    let produced = generation.broadcast.produced();
+                    let tokens = produced.ends.len() as u64;
+                    Some((member_result(&outcome), produced.text, tokens))
+                });
             }
-        };
-        generation.pending_followers.fetch_sub(1, Ordering::AcqRel);
-        if let Some(Some(outcome)) = joined {
-            let produced = generation.broadcast.produced();
-            let tokens = produced.ends.len() as u64;
-            self.finish_request(&request, member_result(&outcome), produced.text, tokens);
         }
     }
 
@@ -973,40 +1021,54 @@ impl Shared {
         let result = member_result(&outcome);
         let tokens = produced.ends.len() as u64;
         for member in members {
-            if member.begin_finish() {
-                self.finish_request(&member, result.clone(), produced.text.clone(), tokens);
-            }
+            self.end_request(&member, |_, _| {
+                Some((result.clone(), produced.text.clone(), tokens))
+            });
         }
     }
 
-    /// Stores the request's answer, then (on the history writer thread)
-    /// releases its conversation and tells its attached clients. The caller
-    /// must have won `begin_finish`.
-    fn finish_request(
+    /// Ends `request` exactly once. `decide` runs under the request's lock,
+    /// with the phase the request was in, and only if nobody ended it yet; it
+    /// returns the result, the answer text to store and the tokens the client
+    /// was sent, or `None` to leave the request alone. The end is recorded
+    /// in the same critical section, so a concurrent `resume` sees either the
+    /// running request or its end, never something in between. The answer
+    /// (with the question, if it is still pending) is then queued for
+    /// storage, and `complete_request` tells the clients once it is stored.
+    /// Returns true when this call ended the request.
+    fn end_request(
         self: &Arc<Self>,
         request: &Arc<Request>,
-        result: Result<Finish, Failure>,
-        answer: String,
-        tokens: u64,
-    ) {
+        decide: impl FnOnce(
+            &mut request::RequestState,
+            Phase,
+        ) -> Option<(Result<Finish, Failure>, String, u64)>,
+    ) -> bool {
         let mut messages = Vec::with_capacity(2);
-        {
-            // The outcome is decided now; record it so a `resume` arriving
-            // while the answer is being stored replays exactly this end.
+        let (result, tokens) = {
             let mut st = request.state.lock();
-            let timings = self.timings(request, &st, tokens);
-            if let Some(question) = st.pending_user_message.take() {
-                messages.push((history::Role::User, question));
+            let phase = st.phase;
+            if matches!(phase, Phase::Finishing | Phase::Finished { .. }) {
+                return false;
             }
+            let Some((result, answer, tokens)) = decide(&mut st, phase) else {
+                return false;
+            };
+            st.phase = Phase::Finishing;
+            let timings = self.timings(request, &st, tokens);
             st.end = Some(End {
                 result: result.clone(),
                 tokens,
                 timings,
             });
-        }
-        if !answer.is_empty() {
-            messages.push((history::Role::Assistant, answer));
-        }
+            if let Some(question) = st.pending_user_message.take() {
+                messages.push((history::Role::User, question));
+            }
+            if !answer.is_empty() {
+                messages.push((history::Role::Assistant, answer));
+            }
+            (result, tokens)
+        };
         let (shared, request2) = (self.clone(), request.clone());
         self.history
             .write_all(&request.conversation, messages, move |stored| {
@@ -1015,6 +1077,7 @@ impl Shared {
                 }
                 shared.complete_request(&request2, result, tokens);
             });
+        true
     }
 
     fn timings(
@@ -1119,33 +1182,33 @@ impl Shared {
 
     fn cancel(self: &Arc<Self>, id: &str) -> Result<(), Failure> {
         let request = self.lookup(id)?;
-        // Claim the end and read the source under one lock: a worker can
-        // then no longer make this request a leader or member behind our back.
-        let source = {
-            let mut st = request.state.lock();
-            match st.phase {
-                Phase::Queued { .. } | Phase::Running => st.phase = Phase::Finishing,
-                // Already ending (a cached answer is always already ending).
-                Phase::Finishing | Phase::Finished { .. } => return Ok(()),
+        let mut left: Option<Arc<Generation>> = None;
+        // Everything under the request's lock (generation and broadcast locks
+        // nest inside it): no worker can make the request a member meanwhile,
+        // and the tokens counted are exactly those it was sent.
+        self.end_request(&request, |st, phase| {
+            let Some(Source::Generation(generation)) = st.source.clone() else {
+                // Still in the intake queue (a cached answer is never cancelled:
+                // it is already ending when it gets its source).
+                return Some((Ok(Finish::Cancelled), String::new(), 0));
+            };
+            if generation.leave(&request) {
+                left = Some(generation.clone());
             }
-            st.source.clone()
-        };
-        let Some(Source::Generation(generation)) = source else {
-            self.finish_request(&request, Ok(Finish::Cancelled), String::new(), 0);
-            return Ok(());
-        };
-        let was_member = generation.leave(&request);
-        let (text, tokens) = if was_member {
-            let attachments = request.state.lock().attachments.clone();
-            let produced = generation.broadcast.detach(&attachments);
+            if phase != Phase::Running {
+                // A follower still waiting for a worker: it was sent nothing.
+                return Some((Ok(Finish::Cancelled), String::new(), 0));
+            }
+            // Running (even if the generation just ended and took its
+            // members): detach and count what it was sent.
+            let produced = generation.broadcast.detach(&st.attachments);
             let tokens = produced.ends.len() as u64;
-            (produced.text, tokens)
-        } else {
-            (String::new(), 0)
-        };
-        self.finish_request(&request, Ok(Finish::Cancelled), text, tokens);
-        if was_member && generation.is_unwanted() && !self.config.cache.complete_orphans {
-            self.finish_generation(&generation, GenOutcome::Cancelled);
+            Some((Ok(Finish::Cancelled), produced.text, tokens))
+        });
+        if let Some(generation) = left {
+            if generation.is_unwanted() && !self.config.cache.complete_orphans {
+                self.finish_generation(&generation, GenOutcome::Cancelled);
+            }
         }
         Ok(())
     }
@@ -1177,6 +1240,18 @@ impl Shared {
             let _ = outbox.push_all(frames);
             return Ok(());
         }
+        // A connection resuming a request it is still attached to replaces
+        // that attachment, so it never gets the stream, or the end, twice.
+        if let Some(i) = st
+            .attachments
+            .iter()
+            .position(|a| Arc::ptr_eq(&a.outbox, outbox) && a.is_live())
+        {
+            let old = st.attachments.swap_remove(i);
+            if let Some(Source::Generation(g)) = &st.source {
+                g.broadcast.unsubscribe(&old);
+            }
+        }
         if let (Phase::Running, Some(Source::Generation(g))) = (&st.phase, &st.source) {
             // Live: its tokens from `from` on, its end from `complete_request`.
             if let Some(start) = start {
@@ -1200,10 +1275,16 @@ impl Shared {
         for g in generations {
             self.finish_generation(&g, GenOutcome::Failed(failure.clone()));
         }
+        // Whatever the generations did not end: requests still queued.
         for r in requests {
-            if matches!(r.state.lock().phase, Phase::Queued { .. }) && r.begin_finish() {
-                self.finish_request(&r, Err(failure.clone()), String::new(), 0);
-            }
+            self.end_request(&r, |st, phase| match (&st.source, phase) {
+                (Some(Source::Generation(g)), Phase::Running) => {
+                    let produced = g.broadcast.detach(&st.attachments);
+                    let tokens = produced.ends.len() as u64;
+                    Some((Err(failure.clone()), produced.text, tokens))
+                }
+                _ => Some((Err(failure.clone()), String::new(), 0)),
+            });
         }
     }
 }

@@ -94,19 +94,6 @@ impl Request {
         })
     }
 
-    /// Claims the right to end this request. Exactly one caller ever gets
-    /// `true`; everyone else must leave the request alone.
-    pub fn begin_finish(&self) -> bool {
-        let mut st = self.state.lock();
-        match st.phase {
-            Phase::Queued { .. } | Phase::Running => {
-                st.phase = Phase::Finishing;
-                true
-            }
-            Phase::Finishing | Phase::Finished { .. } => false,
-        }
-    }
-
     /// True once its end is decided.
     pub fn is_ending(&self) -> bool {
         matches!(

@@ -269,9 +269,7 @@ impl Connection<'_> {
                     return Ok(());
                 }
             }
-            let may_read = self.closing_since.is_none()
-                && ws.get_ref().pending.len() < READ_PAUSE_BYTES
-                && self.outbox.len() < self.limits.outbox_frames;
+            let may_read = self.closing_since.is_none() && !self.backlogged(ws);
             if may_read && self.readable && !self.read_in(ws)? {
                 return Ok(());
             }
@@ -375,10 +373,23 @@ impl Connection<'_> {
         }
     }
 
-    /// Reads and handles every complete client frame available. Returns
-    /// false when the peer closed.
+    /// True while enough output waits that reading more requests would only
+    /// queue more answers: a client that sends without reading is then held
+    /// back by TCP instead of growing our buffers.
+    fn backlogged(&self, ws: &WebSocket<Socket>) -> bool {
+        ws.get_ref().pending.len() >= READ_PAUSE_BYTES
+            || self.outbox.queued_bytes() >= READ_PAUSE_BYTES
+            || self.outbox.len() >= self.limits.outbox_frames
+    }
+
+    /// Reads and handles client frames until the socket is empty or output
+    /// backs up. Returns false when the peer closed.
     fn read_in(&mut self, ws: &mut WebSocket<Socket>) -> io::Result<bool> {
         loop {
+            if self.backlogged(ws) {
+                // More may be buffered: read it once the output drains.
+                return Ok(true);
+            }
             match ws.read() {
                 Ok(message) => self.handle(message),
                 Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
