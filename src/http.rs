@@ -30,7 +30,7 @@ pub enum HttpError {
     /// The bytes were not an HTTP/1.x request head.
     #[error("malformed request: {0}")]
     Malformed(String),
-    /// The head exceeded [`MAX_HEAD`].
+    /// The head exceeded 16 KiB.
     #[error("request head too large")]
     TooLarge,
     /// The peer closed before sending a full head.

@@ -5,7 +5,7 @@
 //! - the accept thread only accepts and spawns: each accepted socket gets
 //!   its own thread (stack `connection_stack_kib`) that reads the HTTP head,
 //!   answers plain HTTP, or upgrades and runs the WebSocket loop;
-//! - the thread that called [`Server::run_until`] waits for the stop signal
+//! - the thread that calls [`Server::shutdown`] (main, on the stop signal)
 //!   and then drains: new chats get `shutting_down`, `/healthz` says
 //!   `draining`, running streams get up to `drain_ms` to finish, then every
 //!   remaining request ends with `shutting_down`, every WebSocket is closed

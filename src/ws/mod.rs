@@ -1,7 +1,7 @@
 //! WebSocket connections: frame encoding and the per-connection thread loop.
 //!
 //! Threads: each upgraded connection runs [`serve`] on its own OS thread;
-//! see [`connection`] for how that one thread reads and writes without
+//! see `connection` for how that one thread reads and writes without
 //! polling intervals.
 
 mod connection;

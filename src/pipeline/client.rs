@@ -1,0 +1,263 @@
+//! What clients ask of the pipeline, on their connection threads: admitting
+//! a chat (`accepted`, or a refusal before anything is stored), `cancel` and
+//! `resume`.
+//!
+//! Threads: every function here runs on the connection thread that read
+//! the client's frame. None of them blocks on a queue; they take the active
+//! map's lock briefly and a request's lock (with, nested inside it, its
+//! generation's and broadcast's locks).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use super::ending::{cached_tokens, end_frame};
+use super::generation::{GenOutcome, Generation};
+use super::request::{Phase, Request, Source};
+use super::*;
+use crate::broadcast::Attachment;
+use crate::history;
+use crate::outbox::{Frame, Outbox, Replay};
+use crate::protocol::{self, Chat, ErrorCode, Failure, Finish, Stage};
+
+impl Shared {
+    // -- admission (connection thread) -------------------------------------
+
+    pub(super) fn submit(
+        self: &Arc<Self>,
+        outbox: &Arc<Outbox>,
+        chat: Chat,
+    ) -> Result<(), Failure> {
+        if self.draining.load(Ordering::Acquire) {
+            return Err(Failure::new(
+                ErrorCode::ShuttingDown,
+                "the server is shutting down",
+            ));
+        }
+        // A conversation id made here is new by construction: it has no
+        // stored history to read.
+        let is_new = chat.conversation.is_none();
+        let conversation = chat
+            .conversation
+            .clone()
+            .unwrap_or_else(protocol::conversation_id);
+        // The model sees, and the history keeps, the message as the
+        // identical-request key defines it: without surrounding whitespace.
+        let message = chat.message.trim().to_owned();
+        let request = Request::new(chat.id.clone(), conversation.clone(), message.clone());
+        if !self
+            .active
+            .write()
+            .busy_conversations
+            .insert(conversation.clone())
+        {
+            return Err(Failure::new(
+                ErrorCode::ConversationBusy,
+                "this conversation already has a request in flight",
+            ));
+        }
+        let head = match if is_new {
+            Ok(None)
+        } else {
+            self.history.head(&conversation)
+        } {
+            Ok(head) => head.unwrap_or(history::Head::EMPTY),
+            Err(e) => {
+                self.unregister(&request);
+                return Err(history_failure(&e));
+            }
+        };
+        let llm = &self.config.llm;
+        let model = chat
+            .options
+            .model
+            .clone()
+            .unwrap_or_else(|| llm.model.clone());
+        let max_tokens = chat.options.max_tokens.unwrap_or(llm.max_tokens);
+        let key = identical_request_key(&KeyInput {
+            model: &model,
+            temperature: chat.options.temperature,
+            top_p: chat.options.top_p,
+            max_tokens,
+            system_prompt: &llm.system_prompt,
+            history_digest: &head.digest,
+            message: &message,
+        });
+        // Reserve an intake slot before anything is stored, so an overloaded
+        // chat leaves no trace; the channel itself can then never be full.
+        let capacity = self.config.workers.intake_queue;
+        let position = self.intake_reserved.fetch_add(1, Ordering::AcqRel);
+        if position >= capacity {
+            self.intake_reserved.fetch_sub(1, Ordering::AcqRel);
+            self.unregister(&request);
+            self.metrics.count_failure(ErrorCode::Overloaded);
+            return Err(Failure::new(
+                ErrorCode::Overloaded,
+                "the intake queue is full; try again shortly",
+            ));
+        }
+        self.live_requests.fetch_add(1, Ordering::AcqRel);
+        self.metrics.accepted.inc();
+        let attachment = Attachment::new(outbox.clone(), &request.id);
+        request.state.lock().attachments.push(attachment);
+        let _ = outbox.push_all([
+            Frame::Json(protocol::accepted(&chat.id, &request.id, &conversation)),
+            Frame::Json(protocol::state(&request.id, Stage::Queued, Some(position))),
+        ]);
+        // Visible to cancel, resume, the janitor and shutdown only now that
+        // `accepted` is queued and the request is counted: whatever ends it
+        // from here on has an attachment to tell and a count to settle.
+        {
+            let mut active = self.active.write();
+            active.requests.insert(request.id.clone(), request.clone());
+            active.live.insert(request.id.clone(), request.clone());
+        }
+        let job = IntakeJob {
+            ticket: RequestTicket {
+                shared: self.clone(),
+                request: Some(request),
+            },
+            work: Work {
+                key,
+                fresh: chat.options.fresh,
+                history_len: head.len,
+                message,
+                model,
+                temperature: chat.options.temperature,
+                top_p: chat.options.top_p,
+                max_tokens,
+            },
+        };
+        if let Err((job, _)) = self.send(|c| &c.intake, job, "the intake queue is full") {
+            // The reservation makes a full channel impossible; a closed one
+            // means shutdown. Either way the dropped ticket ends the request.
+            self.intake_reserved.fetch_sub(1, Ordering::AcqRel);
+            drop(job);
+        }
+        Ok(())
+    }
+
+    /// Undoes admission of a request refused before `accepted`.
+    pub(super) fn unregister(&self, request: &Arc<Request>) {
+        let mut active = self.active.write();
+        active.busy_conversations.remove(&request.conversation);
+    }
+
+    // -- client operations -------------------------------------------------
+
+    pub(super) fn lookup(&self, request: &str) -> Result<Arc<Request>, Failure> {
+        self.active
+            .read()
+            .requests
+            .get(request)
+            .cloned()
+            .ok_or_else(|| Failure::new(ErrorCode::NotFound, "no such request, or it expired"))
+    }
+
+    pub(super) fn cancel(self: &Arc<Self>, id: &str) -> Result<(), Failure> {
+        let request = self.lookup(id)?;
+        let mut left: Option<Arc<Generation>> = None;
+        // Everything under the request's lock (generation and broadcast locks
+        // nest inside it): no worker can make the request a member meanwhile,
+        // and the tokens counted are exactly those it was sent.
+        self.end_request(&request, |st, phase| {
+            let Some(Source::Generation(generation)) = st.source.clone() else {
+                // Still in the intake queue (a cached answer is never cancelled:
+                // it is already ending when it gets its source).
+                return Some((Ok(Finish::Cancelled), String::new(), 0));
+            };
+            if generation.leave(&request) {
+                left = Some(generation.clone());
+            }
+            if phase != Phase::Running {
+                // A follower still waiting for a worker: it was sent nothing.
+                return Some((Ok(Finish::Cancelled), String::new(), 0));
+            }
+            // Running (even if the generation just ended and took its
+            // members): detach and count what it was sent.
+            let produced = generation.broadcast.detach(&st.attachments);
+            let tokens = produced.ends.len() as u64;
+            Some((Ok(Finish::Cancelled), produced.text, tokens))
+        });
+        if let Some(generation) = left {
+            if generation.is_unwanted() && !self.config.cache.complete_orphans {
+                self.finish_generation(&generation, GenOutcome::Cancelled);
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn resume(&self, outbox: &Arc<Outbox>, id: &str, from: u64) -> Result<(), Failure> {
+        let request = self.lookup(id)?;
+        let attachment = Attachment::new(outbox.clone(), id);
+        let mut st = request.state.lock();
+        let start = st.role.map(|role| Frame::Json(protocol::start(id, role)));
+        if let Some(end) = &st.end {
+            // Ended (or being stored): replay exactly what it was sent, then
+            // its end. Never live: the generation may go on for others.
+            let mut frames: Vec<Frame> = start.into_iter().collect();
+            match &st.source {
+                Some(Source::Generation(g)) if from < end.tokens => {
+                    frames.push(Frame::Replay(Replay {
+                        broadcast: g.broadcast.clone(),
+                        prefix: attachment.prefix.clone(),
+                        from,
+                        to: end.tokens,
+                    }));
+                }
+                Some(Source::Cached(answer)) => {
+                    frames.extend(cached_tokens(&attachment, answer, from, end.tokens));
+                }
+                _ => {}
+            }
+            frames.push(Frame::Json(end_frame(&request, end, st.role)));
+            let _ = outbox.push_all(frames);
+            return Ok(());
+        }
+        // A connection resuming a request it is still attached to replaces
+        // that attachment, so it never gets the stream, or the end, twice.
+        if let Some(i) = st
+            .attachments
+            .iter()
+            .position(|a| Arc::ptr_eq(&a.outbox, outbox) && a.is_live())
+        {
+            let old = st.attachments.swap_remove(i);
+            if let Some(Source::Generation(g)) = &st.source {
+                g.broadcast.unsubscribe(&old);
+            }
+        }
+        if let (Phase::Running, Some(Source::Generation(g))) = (&st.phase, &st.source) {
+            // Live: its tokens from `from` on, its end from `complete_request`.
+            if let Some(start) = start {
+                let _ = outbox.push(start);
+            }
+            g.broadcast.subscribe(&attachment, from);
+        }
+        // Still queued: `start` and the stream come when it gets a role.
+        st.attachments.push(attachment);
+        Ok(())
+    }
+
+    pub(super) fn abort_all(self: &Arc<Self>, failure: Failure) {
+        let (generations, requests): (Vec<_>, Vec<_>) = {
+            let active = self.active.read();
+            (
+                active.generations.values().cloned().collect(),
+                active.live.values().cloned().collect(),
+            )
+        };
+        for g in generations {
+            self.finish_generation(&g, GenOutcome::Failed(failure.clone()));
+        }
+        // Whatever the generations did not end: requests still queued.
+        for r in requests {
+            self.end_request(&r, |st, phase| match (&st.source, phase) {
+                (Some(Source::Generation(g)), Phase::Running) => {
+                    let produced = g.broadcast.detach(&st.attachments);
+                    let tokens = produced.ends.len() as u64;
+                    Some((Err(failure.clone()), produced.text, tokens))
+                }
+                _ => Some((Err(failure.clone()), String::new(), 0)),
+            });
+        }
+    }
+}

@@ -1,0 +1,273 @@
+//! How generations and requests end: exactly once each, with the answer
+//! stored before the conversation is released and the clients are told.
+//!
+//! Threads: `finish_generation` and `end_request` run on whichever thread
+//! decides an end (a streaming or preparation worker, the janitor, a
+//! connection thread cancelling, the shutdown); `complete_request` runs on
+//! the history writer thread after the commit.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::generation::{GenOutcome, Generation};
+use super::request::{self, End, Phase, Request, Source};
+use super::*;
+use crate::broadcast::Attachment;
+use crate::cache::CachedAnswer;
+use crate::history;
+use crate::outbox::Frame;
+use crate::protocol::{self, ErrorCode, Failure, Finish, Role, Stage};
+
+impl Shared {
+    // -- ending things -----------------------------------------------------
+
+    /// Ends `generation` with `outcome` (first call wins) and ends every
+    /// member request accordingly.
+    pub(super) fn finish_generation(
+        self: &Arc<Self>,
+        generation: &Arc<Generation>,
+        outcome: GenOutcome,
+    ) {
+        let (members, was_streaming) = {
+            let mut st = generation.state.lock();
+            if st.outcome.is_some() {
+                return;
+            }
+            st.outcome = Some(outcome.clone());
+            (
+                std::mem::take(&mut st.members),
+                st.stage == Stage::Streaming,
+            )
+        };
+        generation.abort.abort();
+        let produced = generation.broadcast.finish();
+        match &outcome {
+            GenOutcome::Finished(Finish::Stop) => {
+                let answer = Arc::new(CachedAnswer::from_pieces(produced.pieces()));
+                if let Err(e) = self.cache.put(&generation.key, answer) {
+                    self.metrics.cache_errors.inc();
+                    log::warn!("cache write failed: {e}");
+                }
+            }
+            GenOutcome::Finished(_) => {}
+            GenOutcome::Cancelled => {
+                if was_streaming {
+                    self.metrics.upstream_aborted.inc();
+                }
+            }
+            GenOutcome::Failed(f) => {
+                if was_streaming {
+                    self.metrics.upstream_aborted.inc();
+                }
+                if f.code == ErrorCode::UpstreamError {
+                    self.metrics.upstream_failures.inc();
+                }
+            }
+        }
+        if generation.shared {
+            // New identical requests must not join a generation that is over:
+            // they find the cache entry written above, or start afresh.
+            if let Some(call) = self.flights.get(&generation.key) {
+                if Arc::ptr_eq(call.shared(), generation) {
+                    self.flights.forget(&generation.key);
+                }
+            }
+        }
+        self.active.write().generations.remove(&generation.id);
+        let result = member_result(&outcome);
+        let tokens = produced.ends.len() as u64;
+        for member in members {
+            self.end_request(&member, |_, _| {
+                Some((result.clone(), produced.text.clone(), tokens))
+            });
+        }
+    }
+
+    /// Ends `request` exactly once. `decide` runs under the request's lock,
+    /// with the phase the request was in, and only if nobody ended it yet; it
+    /// returns the result, the answer text to store and the tokens the client
+    /// was sent, or `None` to leave the request alone. The end is recorded
+    /// in the same critical section, so a concurrent `resume` sees either the
+    /// running request or its end, never something in between. The answer
+    /// (with the question, if it is still pending) is then queued for
+    /// storage, and `complete_request` tells the clients once it is stored.
+    /// Returns true when this call ended the request.
+    pub(super) fn end_request(
+        self: &Arc<Self>,
+        request: &Arc<Request>,
+        decide: impl FnOnce(
+            &mut request::RequestState,
+            Phase,
+        ) -> Option<(Result<Finish, Failure>, String, u64)>,
+    ) -> bool {
+        let mut messages = Vec::with_capacity(2);
+        let (result, tokens) = {
+            let mut st = request.state.lock();
+            let phase = st.phase;
+            if matches!(phase, Phase::Finishing | Phase::Finished { .. }) {
+                return false;
+            }
+            let Some((result, answer, tokens)) = decide(&mut st, phase) else {
+                return false;
+            };
+            st.phase = Phase::Finishing;
+            let timings = self.timings(request, &st, tokens);
+            st.end = Some(End {
+                result: result.clone(),
+                tokens,
+                timings,
+            });
+            if let Some(question) = st.pending_user_message.take() {
+                messages.push((history::Role::User, question));
+            }
+            if !answer.is_empty() {
+                messages.push((history::Role::Assistant, answer));
+            }
+            (result, tokens)
+        };
+        let (shared, request2) = (self.clone(), request.clone());
+        self.history
+            .write_all(&request.conversation, messages, move |stored| {
+                if let Err(e) = stored {
+                    log::error!("storing the answer of {} failed: {e}", request2.id);
+                }
+                shared.complete_request(&request2, result, tokens);
+            });
+        true
+    }
+
+    pub(super) fn timings(
+        &self,
+        request: &Request,
+        st: &request::RequestState,
+        tokens: u64,
+    ) -> protocol::Timings {
+        let (prepare_ms, first_token) = match &st.source {
+            Some(Source::Generation(g)) => (g.prepare_ms(), g.broadcast.first_token_at()),
+            Some(Source::Cached(_)) => (0.0, Some(Instant::now())),
+            None => (0.0, None),
+        };
+        request.timings(st, prepare_ms, if tokens > 0 { first_token } else { None })
+    }
+
+    /// Runs on the history writer thread once the answer is stored.
+    pub(super) fn complete_request(
+        &self,
+        request: &Arc<Request>,
+        result: Result<Finish, Failure>,
+        tokens: u64,
+    ) {
+        {
+            let mut active = self.active.write();
+            active.busy_conversations.remove(&request.conversation);
+            active.live.remove(&request.id);
+            active
+                .finished
+                .push_back((Instant::now(), request.id.clone()));
+            // Under a flood of short requests the replay window alone would
+            // let this map grow with the request rate; past the cap the
+            // oldest leave early (a late `resume` then gets `not_found`).
+            while active.finished.len() > MAX_REPLAYABLE {
+                if let Some((_, id)) = active.finished.pop_front() {
+                    active.requests.remove(&id);
+                }
+            }
+        }
+        self.live_requests.fetch_sub(1, Ordering::AcqRel);
+        let mut st = request.state.lock();
+        let timings = self.timings(request, &st, tokens);
+        let role = st.role;
+        let end = End {
+            result: result.clone(),
+            tokens,
+            timings,
+        };
+        let end_frame = end_frame(request, &end, role);
+        let cached = match (&st.source, &result) {
+            (Some(Source::Cached(answer)), Ok(_)) => Some(answer.clone()),
+            _ => None,
+        };
+        for a in st.attachments.iter().filter(|a| a.is_live()) {
+            let frames = match &cached {
+                Some(answer) => {
+                    let mut frames = vec![Frame::Json(protocol::start(&a.request, Role::Cache))];
+                    frames.extend(cached_tokens(a, answer, 0, answer.tokens()));
+                    frames
+                }
+                None => Vec::new(),
+            };
+            let _ = a
+                .outbox
+                .push_all(frames.into_iter().chain([Frame::Json(end_frame.clone())]));
+        }
+        st.attachments.clear();
+        st.phase = Phase::Finished { at: Instant::now() };
+        st.end = Some(end);
+        drop(st);
+        match &result {
+            Ok(Finish::Cancelled) => self
+                .metrics
+                .by_outcome
+                .with_label_values(&["cancelled"])
+                .inc(),
+            Ok(_) if role.is_none() => self
+                .metrics
+                .by_outcome
+                .with_label_values(&["cancelled"])
+                .inc(),
+            Ok(_) => self.metrics.by_outcome.with_label_values(&["done"]).inc(),
+            Err(f) => self.metrics.count_failure(f.code),
+        }
+        if let Some(ttft) = timings.ttft_ms {
+            if result.is_ok() {
+                self.metrics.observe_ttft_ms(ttft);
+            }
+        }
+    }
+}
+
+/// The frame that ends a request for one client: `done`, or `error` when it
+/// failed or was cancelled before it had a role.
+pub(super) fn end_frame(request: &Request, end: &End, role: Option<Role>) -> Vec<u8> {
+    match (&end.result, role) {
+        (Ok(finish), Some(role)) => {
+            protocol::done(&request.id, *finish, end.tokens, role, end.timings)
+        }
+        (Ok(_), None) => protocol::error(
+            Some(&request.id),
+            Some(&request.client_id),
+            &Failure::new(ErrorCode::Cancelled, "cancelled before it started"),
+        ),
+        (Err(f), _) => protocol::error(Some(&request.id), Some(&request.client_id), f),
+    }
+}
+
+/// The result a member request gets from its generation's outcome.
+pub(super) fn member_result(outcome: &GenOutcome) -> Result<Finish, Failure> {
+    match outcome {
+        GenOutcome::Finished(f) => Ok(*f),
+        GenOutcome::Cancelled => Ok(Finish::Cancelled),
+        GenOutcome::Failed(f) => Err(f.clone()),
+    }
+}
+
+/// Token frames `from..to` of a cached answer, for one attachment.
+pub(super) fn cached_tokens<'a>(
+    a: &'a Attachment,
+    answer: &'a CachedAnswer,
+    from: u64,
+    to: u64,
+) -> impl Iterator<Item = Frame> + 'a {
+    let skip = usize::try_from(from).unwrap_or(usize::MAX);
+    let take = usize::try_from(to.saturating_sub(from)).unwrap_or(usize::MAX);
+    answer
+        .tails
+        .iter()
+        .skip(skip)
+        .take(take)
+        .map(|tail| Frame::Token {
+            prefix: a.prefix.clone(),
+            tail: tail.clone(),
+        })
+}

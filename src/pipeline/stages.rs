@@ -1,0 +1,376 @@
+//! The work of each pool: the cache lane (lookup, then lead or follow), the
+//! follower pool (join a generation), the preparation pool (history and
+//! prompt) and the streaming pool (the provider call).
+//!
+//! Threads: each `run_*` function runs on a worker of its pool, one job at a
+//! time; a job is handed to the next stage with a `try_send`, so no worker
+//! ever waits for another stage's capacity.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crossbeam_channel::{Sender, TrySendError};
+
+use super::ending::member_result;
+use super::generation::{GenOutcome, Generation};
+use super::prompt::assemble_prompt;
+use super::request::{Phase, Request, Source};
+use super::*;
+use crate::cache::{CachedAnswer, Key};
+use crate::history;
+use crate::llm::{Flow, StreamEnd};
+use crate::outbox::Frame;
+use crate::protocol::{self, ErrorCode, Failure, Finish, Role, Stage};
+use crate::singleflight::{Claim, Leader};
+
+impl Shared {
+    // -- the cache lane ----------------------------------------------------
+
+    pub(super) fn run_cache_lane(self: &Arc<Self>, job: IntakeJob) {
+        let IntakeJob { ticket, work } = job;
+        if ticket.request().is_ending() {
+            // Cancelled or timed out while queued: already answered.
+            ticket.release();
+            return;
+        }
+        if !work.fresh {
+            match self.cache.get(&work.key) {
+                Ok(Some(answer)) => {
+                    self.metrics.cache_hits.inc();
+                    // The question is stored together with the answer.
+                    return self.serve_cached(ticket, answer);
+                }
+                Ok(None) => self.metrics.cache_misses.inc(),
+                Err(e) => {
+                    self.metrics.cache_errors.inc();
+                    self.metrics.cache_misses.inc();
+                    log::warn!("cache lookup failed, treating as a miss: {e}");
+                }
+            }
+        }
+        self.store_user_message(ticket.request());
+        self.lead_or_follow(ticket, work);
+    }
+
+    /// The singleflight: a new key makes `ticket`'s request a leader, a key
+    /// in flight makes it a follower. A `fresh` request always leads alone.
+    pub(super) fn lead_or_follow(self: &Arc<Self>, ticket: RequestTicket, work: Work) {
+        let id = self.next_generation.fetch_add(1, Ordering::Relaxed);
+        if work.fresh {
+            let generation = Generation::new(id, work.key, false);
+            return self.lead(ticket, work, generation, None);
+        }
+        match self
+            .flights
+            .claim(work.key, || Generation::new(id, work.key, true))
+        {
+            Claim::Leader(leader) => {
+                let generation = leader.shared().clone();
+                self.lead(ticket, work, generation, Some(leader));
+            }
+            Claim::Follower(call) => self.follow(ticket, call.shared().clone(), work),
+        }
+    }
+
+    pub(super) fn serve_cached(self: &Arc<Self>, ticket: RequestTicket, answer: Arc<CachedAnswer>) {
+        let request = ticket.release();
+        // The whole answer (start, tokens, done) is pushed in one go when the
+        // history writer has stored it; see `complete_request`.
+        let served = self.end_request(&request, |st, _| {
+            st.role = Some(Role::Cache);
+            st.source = Some(Source::Cached(answer.clone()));
+            st.dequeued_at = Some(Instant::now());
+            Some((Ok(Finish::Stop), answer.text.clone(), answer.tokens()))
+        });
+        if served {
+            self.metrics.by_role.with_label_values(&["cache"]).inc();
+        }
+    }
+
+    /// Queues the request's user message for storage, unless that already happened.
+    pub(super) fn store_user_message(&self, request: &Request) {
+        let pending = request.state.lock().pending_user_message.take();
+        if let Some(message) = pending {
+            let id = request.id.clone();
+            self.history.write(
+                &request.conversation,
+                Some((history::Role::User, message)),
+                move |stored| {
+                    if let Err(e) = stored {
+                        log::error!("storing the message of {id} failed: {e}");
+                    }
+                },
+            );
+        }
+    }
+
+    /// Makes `ticket`'s request the leader of `generation` and queues its preparation.
+    pub(super) fn lead(
+        self: &Arc<Self>,
+        ticket: RequestTicket,
+        work: Work,
+        generation: Arc<Generation>,
+        leader: Option<Leader<Key, Arc<Generation>, GenOutcome>>,
+    ) {
+        let request = ticket.release();
+        let gen_ticket = GenTicket {
+            shared: self.clone(),
+            generation: generation.clone(),
+            leader,
+        };
+        {
+            let mut st = request.state.lock();
+            if !matches!(st.phase, Phase::Queued { .. }) {
+                // Cancelled in the meantime. Followers that already claimed
+                // this generation see it cancelled and lead a new one.
+                drop(st);
+                self.finish_generation(&generation, GenOutcome::Cancelled);
+                return;
+            }
+            st.phase = Phase::Running;
+            st.role = Some(Role::Leader);
+            st.source = Some(Source::Generation(generation.clone()));
+            generation.state.lock().members.push(request.clone());
+            for a in &st.attachments {
+                let _ = a
+                    .outbox
+                    .push(Frame::Json(protocol::start(&request.id, Role::Leader)));
+                generation.broadcast.subscribe(a, 0);
+            }
+        }
+        // Visible to the janitor only now that it has its member, so it is
+        // never mistaken for an unwanted generation.
+        self.active
+            .write()
+            .generations
+            .insert(generation.id, generation.clone());
+        self.metrics.by_role.with_label_values(&["leader"]).inc();
+        let position = self
+            .channels()
+            .and_then(|c| c.as_ref().map(|c| c.prepare.len()));
+        generation.set_stage(Stage::Queued, position);
+        let job = LeaderJob {
+            generation: gen_ticket,
+            leader: request,
+            work,
+        };
+        if let Err((job, failure)) = self.send(|c| &c.prepare, job, "the preparation queue is full")
+        {
+            // Settle the outcome before the refused job (and its ticket) is dropped.
+            self.finish_generation(&generation, GenOutcome::Failed(failure));
+            drop(job);
+        }
+    }
+
+    /// `try_send` on one of the stage channels; a refusal hands the job
+    /// back with the failure its requests get.
+    pub(super) fn send<J>(
+        &self,
+        channel: impl Fn(&Channels) -> &Sender<J>,
+        job: J,
+        full: &str,
+    ) -> Result<(), (J, Failure)> {
+        let channels = self.channels.read();
+        let Some(c) = channels.as_ref() else {
+            return Err((
+                job,
+                Failure::new(ErrorCode::ShuttingDown, "the server is shutting down"),
+            ));
+        };
+        channel(c).try_send(job).map_err(|e| match e {
+            TrySendError::Full(job) => (job, Failure::new(ErrorCode::Overloaded, full)),
+            TrySendError::Disconnected(job) => (
+                job,
+                Failure::new(ErrorCode::ShuttingDown, "the server is shutting down"),
+            ),
+        })
+    }
+
+    /// Queues `ticket`'s request to join `generation` as a follower.
+    pub(super) fn follow(
+        self: &Arc<Self>,
+        ticket: RequestTicket,
+        generation: Arc<Generation>,
+        work: Work,
+    ) {
+        {
+            let mut st = ticket.request().state.lock();
+            st.role = Some(Role::Follower);
+            st.source = Some(Source::Generation(generation.clone()));
+        }
+        self.metrics.by_role.with_label_values(&["follower"]).inc();
+        generation.pending_followers.fetch_add(1, Ordering::AcqRel);
+        let job = FollowJob {
+            ticket,
+            generation: generation.clone(),
+            work,
+        };
+        if let Err((job, failure)) = self.send(|c| &c.follow, job, "the follower queue is full") {
+            generation.pending_followers.fetch_sub(1, Ordering::AcqRel);
+            let request = job.ticket.release();
+            self.end_request(&request, |_, phase| {
+                matches!(phase, Phase::Queued { .. }).then(|| (Err(failure), String::new(), 0))
+            });
+        }
+    }
+
+    // -- the follower pool -------------------------------------------------
+
+    pub(super) fn run_follower(self: &Arc<Self>, job: FollowJob) {
+        let FollowJob {
+            ticket,
+            generation,
+            work,
+        } = job;
+        let request = ticket.release();
+        let ended = {
+            let mut st = request.state.lock();
+            if !matches!(st.phase, Phase::Queued { .. }) {
+                None
+            } else {
+                let mut gen = generation.state.lock();
+                match gen.outcome.clone() {
+                    None => {
+                        let now = Instant::now();
+                        st.dequeued_at = Some(now);
+                        st.joined_at = Some(now);
+                        st.phase = Phase::Running;
+                        gen.members.push(request.clone());
+                        let stage = gen.stage;
+                        drop(gen);
+                        for a in &st.attachments {
+                            let _ = a.outbox.push_all([
+                                Frame::Json(protocol::start(&request.id, Role::Follower)),
+                                Frame::Json(protocol::state(&request.id, stage, None)),
+                            ]);
+                            generation.broadcast.subscribe(a, 0);
+                        }
+                        None
+                    }
+                    Some(outcome) => Some(outcome),
+                }
+            }
+        };
+        generation.pending_followers.fetch_sub(1, Ordering::AcqRel);
+        match ended {
+            None => {}
+            // Dropped for lack of interest before this follower could join
+            // (a cancel or the janitor raced its claim): it is wanted now, so
+            // lead a new generation instead of inheriting the cancel.
+            Some(GenOutcome::Cancelled) => {
+                let ticket = RequestTicket {
+                    shared: self.clone(),
+                    request: Some(request),
+                };
+                self.lead_or_follow(ticket, work);
+            }
+            // It ended before this follower got a worker: replay it whole
+            // and end the same way.
+            Some(outcome) => {
+                self.end_request(&request, |st, phase| {
+                    if !matches!(phase, Phase::Queued { .. }) {
+                        return None;
+                    }
+                    let now = Instant::now();
+                    st.dequeued_at = Some(now);
+                    st.joined_at = Some(now);
+                    for a in &st.attachments {
+                        let _ = a
+                            .outbox
+                            .push(Frame::Json(protocol::start(&request.id, Role::Follower)));
+                        generation.broadcast.subscribe(a, 0);
+                    }
+                    let produced = generation.broadcast.produced();
+                    let tokens = produced.ends.len() as u64;
+                    Some((member_result(&outcome), produced.text, tokens))
+                });
+            }
+        }
+    }
+
+    // -- the preparation pool ----------------------------------------------
+
+    pub(super) fn run_preparation(self: &Arc<Self>, job: LeaderJob) {
+        let LeaderJob {
+            generation: ticket,
+            leader,
+            work,
+        } = job;
+        let generation = ticket.generation.clone();
+        if generation.is_over() {
+            return;
+        }
+        let started = Instant::now();
+        // Collect first: a request's lock is never taken under a generation's.
+        let members = generation.state.lock().members.clone();
+        for member in members {
+            member.state.lock().dequeued_at.get_or_insert(started);
+        }
+        generation.set_stage(Stage::Preparing, None);
+        let stored = match self.history.context(&leader.conversation, work.history_len) {
+            Ok(messages) => messages,
+            Err(e) => {
+                self.finish_generation(&generation, GenOutcome::Failed(internal(&e)));
+                return;
+            }
+        };
+        let prompt = assemble_prompt(
+            &self.config.llm.system_prompt,
+            &stored,
+            &work,
+            self.config.history.max_context_tokens,
+        );
+        generation.state.lock().prepare_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let position = self
+            .channels()
+            .and_then(|c| c.as_ref().map(|c| c.stream.len()));
+        generation.set_stage(Stage::WaitingStream, position);
+        let job = StreamJob {
+            generation: ticket,
+            prompt,
+        };
+        if let Err((job, failure)) = self.send(|c| &c.stream, job, "the streaming queue is full") {
+            self.finish_generation(&generation, GenOutcome::Failed(failure));
+            drop(job);
+        }
+    }
+
+    // -- the streaming pool ------------------------------------------------
+
+    pub(super) fn run_stream(self: &Arc<Self>, job: StreamJob) {
+        let StreamJob {
+            generation: ticket,
+            prompt,
+        } = job;
+        let generation = ticket.generation.clone();
+        if generation.is_over() {
+            return;
+        }
+        generation.set_stage(Stage::Streaming, None);
+        self.metrics.upstream_calls.inc();
+        let broadcast = &generation.broadcast;
+        let result = self
+            .provider
+            .stream(&prompt, &generation.abort, &mut |token| {
+                if broadcast.publish(token).is_none() {
+                    // The generation was ended from outside (timeout, cancel).
+                    return Flow::Stop;
+                }
+                self.metrics.tokens.inc();
+                Flow::Continue
+            });
+        let outcome = match result {
+            Ok(StreamEnd::Stop) => GenOutcome::Finished(Finish::Stop),
+            Ok(StreamEnd::Length) => GenOutcome::Finished(Finish::Length),
+            // Whoever aborted already set the outcome; this is a fallback.
+            Ok(StreamEnd::Aborted) => GenOutcome::Cancelled,
+            Err(e) => {
+                log::warn!("generation {} failed: {e}", generation.id);
+                GenOutcome::Failed(Failure::new(ErrorCode::UpstreamError, e.to_string()))
+            }
+        };
+        self.finish_generation(&generation, outcome);
+        drop(ticket);
+    }
+}
