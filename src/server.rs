@@ -6,7 +6,7 @@
 //!   its own thread (stack `connection_stack_kib`) that reads the HTTP head,
 //!   answers plain HTTP, or upgrades and runs the WebSocket loop;
 //! - the thread that calls [`Server::shutdown`] (main, on the stop signal)
-//!   and then drains: new chats get `shutting_down`, `/healthz` says
+//!   drains: new chats get `shutting_down`, `/healthz` says
 //!   `draining`, running streams get up to `drain_ms` to finish, then every
 //!   remaining request ends with `shutting_down`, every WebSocket is closed
 //!   with 1001 and the history is flushed to SQLite.
