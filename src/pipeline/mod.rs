@@ -488,6 +488,19 @@ impl Pipeline {
     }
 }
 
+// How the layers' errors reach clients: the one place they map to codes.
+// (Cache errors never do: a failing cache is a miss.)
+
+/// A provider failure as the clients of its generation see it.
+fn llm_failure(e: &crate::llm::LlmError) -> Failure {
+    match e {
+        crate::llm::LlmError::Timeout(_) => {
+            Failure::new(ErrorCode::ProcessingTimeout, e.to_string())
+        }
+        _ => Failure::new(ErrorCode::UpstreamError, e.to_string()),
+    }
+}
+
 /// A history failure as the client sees it: a read pool that stays busy
 /// is overload, anything else is internal.
 fn history_failure(e: &history::HistoryError) -> Failure {

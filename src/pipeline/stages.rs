@@ -367,7 +367,7 @@ impl Shared {
             Ok(StreamEnd::Aborted) => GenOutcome::Cancelled,
             Err(e) => {
                 log::warn!("generation {} failed: {e}", generation.id);
-                GenOutcome::Failed(Failure::new(ErrorCode::UpstreamError, e.to_string()))
+                GenOutcome::Failed(llm_failure(&e))
             }
         };
         self.finish_generation(&generation, outcome);
