@@ -443,6 +443,28 @@ mod tests {
     }
 
     #[test]
+    fn a_token_is_encoded_once_and_shared_by_every_subscriber() {
+        let b = Broadcast::new();
+        let subs: Vec<_> = (0..3).map(|i| attach(&format!("r-{i}"), 8)).collect();
+        for a in &subs {
+            b.subscribe(a, 0);
+        }
+        b.publish("shared");
+        let tails: Vec<Arc<[u8]>> = subs
+            .iter()
+            .map(|a| {
+                let mut batch = Vec::new();
+                a.outbox.take_all(&mut batch);
+                match batch.pop() {
+                    Some(Frame::Token { tail, .. }) => tail.0,
+                    other => panic!("expected a token frame, got {other:?}"),
+                }
+            })
+            .collect();
+        assert!(Arc::ptr_eq(&tails[0], &tails[1]) && Arc::ptr_eq(&tails[1], &tails[2]));
+    }
+
+    #[test]
     fn after_finish_subscribe_replays_only_and_publish_is_refused() {
         let b = Broadcast::new();
         b.publish("a");

@@ -242,3 +242,35 @@ fn stats_and_metrics_count_what_happened() {
     });
     std::thread::sleep(Duration::from_millis(1));
 }
+
+#[test]
+fn a_leader_reports_each_stage_before_its_first_token() {
+    let server = Server::start(FAST);
+    let mut c = server.client();
+    let accepted = c.chat(None, "show me the stages", json!({}));
+    let request = accepted["request"].as_str().unwrap().to_owned();
+    let mut seen = Vec::new();
+    loop {
+        let v = c.recv_matching(|v| v["request"] == request.as_str());
+        match v["type"].as_str().unwrap() {
+            "state" => seen.push(v["state"].as_str().unwrap().to_owned()),
+            "start" => seen.push(format!("start:{}", v["role"].as_str().unwrap())),
+            "token" => break,
+            other => panic!("unexpected {other} before the first token: {v}"),
+        }
+    }
+    // The intake position first, then the generation's stages in order.
+    assert_eq!(
+        seen,
+        [
+            "queued",
+            "start:leader",
+            "queued",
+            "preparing",
+            "waiting_stream",
+            "streaming"
+        ],
+        "{seen:?}"
+    );
+    assert!(c.answer(&request).is_done());
+}
