@@ -44,17 +44,7 @@ impl Shared {
         // identical-request key defines it: without surrounding whitespace.
         let message = chat.message.trim().to_owned();
         let request = Request::new(chat.id.clone(), conversation.clone(), message.clone());
-        if !self
-            .active
-            .write()
-            .busy_conversations
-            .insert(conversation.clone())
-        {
-            return Err(Failure::new(
-                ErrorCode::ConversationBusy,
-                "this conversation already has a request in flight",
-            ));
-        }
+        self.claim_conversation(&request)?;
         let head = match if is_new {
             Ok(None)
         } else {
@@ -136,10 +126,62 @@ impl Shared {
         Ok(())
     }
 
+    /// Makes `request` the one request in flight in its conversation. A
+    /// previous request that has already ended and is only being stored
+    /// (its client may have its `done` already) is waited for, briefly,
+    /// instead of refusing with `conversation_busy`.
+    fn claim_conversation(&self, request: &Arc<Request>) -> Result<(), Failure> {
+        loop {
+            let holder = {
+                let mut active = self.active.write();
+                match active.busy_conversations.get(&request.conversation) {
+                    None => {
+                        active
+                            .busy_conversations
+                            .insert(request.conversation.clone(), request.clone());
+                        return Ok(());
+                    }
+                    Some(holder) => holder.clone(),
+                }
+            };
+            if !holder.is_ending() || !holder.wait_stored(STORE_WAIT) {
+                return Err(Failure::new(
+                    ErrorCode::ConversationBusy,
+                    "this conversation already has a request in flight",
+                ));
+            }
+        }
+    }
+
+    /// Waits (briefly) until the request that ended last in `conversation`
+    /// is stored, so a `history` sent right after a `done` includes it.
+    pub(super) fn await_stored(&self, conversation: &str) {
+        let holder = self
+            .active
+            .read()
+            .busy_conversations
+            .get(conversation)
+            .cloned();
+        if let Some(holder) = holder.filter(|h| h.is_ending()) {
+            holder.wait_stored(STORE_WAIT);
+        }
+    }
+
     /// Undoes admission of a request refused before `accepted`.
     pub(super) fn unregister(&self, request: &Arc<Request>) {
+        self.release_conversation(request);
+    }
+
+    /// Frees `request`'s conversation, if `request` is the one holding it.
+    pub(super) fn release_conversation(&self, request: &Arc<Request>) {
         let mut active = self.active.write();
-        active.busy_conversations.remove(&request.conversation);
+        if active
+            .busy_conversations
+            .get(&request.conversation)
+            .is_some_and(|holder| Arc::ptr_eq(holder, request))
+        {
+            active.busy_conversations.remove(&request.conversation);
+        }
     }
 
     // -- client operations -------------------------------------------------

@@ -87,11 +87,14 @@ impl Shared {
     /// Ends `request` exactly once. `decide` runs under the request's lock,
     /// with the phase the request was in, and only if nobody ended it yet; it
     /// returns the result, the answer text to store and the tokens the client
-    /// was sent, or `None` to leave the request alone. The end is recorded
-    /// in the same critical section, so a concurrent `resume` sees either the
-    /// running request or its end, never something in between. The answer
-    /// (with the question, if it is still pending) is then queued for
-    /// storage, and `complete_request` tells the clients once it is stored.
+    /// was sent, or `None` to leave the request alone. In the same critical
+    /// section the end is recorded (so a concurrent `resume` sees either the
+    /// running request or its end, never something in between) and sent to
+    /// every attached connection: `done` or `error`, after the whole answer
+    /// for a cache hit, all in one push. The question (if still pending) and
+    /// the answer are then queued for storage; the conversation is released
+    /// once they are stored (`complete_request`), and a chat or `history`
+    /// for it arriving in between waits for that instead of being refused.
     /// Returns true when this call ended the request.
     pub(super) fn end_request(
         self: &Arc<Self>,
@@ -102,7 +105,7 @@ impl Shared {
         ) -> Option<(Result<Finish, Failure>, String, u64)>,
     ) -> bool {
         let mut messages = Vec::with_capacity(2);
-        let (result, tokens) = {
+        let (result, role, timings) = {
             let mut st = request.state.lock();
             let phase = st.phase;
             if matches!(phase, Phase::Finishing | Phase::Finished { .. }) {
@@ -113,28 +116,71 @@ impl Shared {
             };
             st.phase = Phase::Finishing;
             let timings = self.timings(request, &st, tokens);
-            st.end = Some(End {
+            let end = End {
                 result: result.clone(),
                 tokens,
                 timings,
-            });
+            };
+            let end_frame = end_frame(request, &end, st.role);
+            let cached = match (&st.source, &result) {
+                (Some(Source::Cached(answer)), Ok(_)) => Some(answer.clone()),
+                _ => None,
+            };
+            for a in st.attachments.iter().filter(|a| a.is_live()) {
+                let mut frames = Vec::new();
+                if let Some(answer) = &cached {
+                    frames.push(Frame::Json(protocol::start(&a.request, Role::Cache)));
+                    frames.extend(cached_tokens(a, answer, 0, answer.tokens()));
+                }
+                frames.push(Frame::Json(end_frame.clone()));
+                let _ = a.outbox.push_all(frames);
+            }
+            st.attachments.clear();
+            st.end = Some(end);
             if let Some(question) = st.pending_user_message.take() {
                 messages.push((history::Role::User, question));
             }
             if !answer.is_empty() {
                 messages.push((history::Role::Assistant, answer));
             }
-            (result, tokens)
+            (result, st.role, timings)
         };
+        self.count_end(&result, role, timings);
         let (shared, request2) = (self.clone(), request.clone());
         self.history
             .write_all(&request.conversation, messages, move |stored| {
                 if let Err(e) = stored {
                     log::error!("storing the answer of {} failed: {e}", request2.id);
                 }
-                shared.complete_request(&request2, result, tokens);
+                shared.complete_request(&request2);
             });
         true
+    }
+
+    fn count_end(
+        &self,
+        result: &Result<Finish, Failure>,
+        role: Option<Role>,
+        timings: protocol::Timings,
+    ) {
+        match result {
+            Ok(Finish::Cancelled) => self
+                .metrics
+                .by_outcome
+                .with_label_values(&["cancelled"])
+                .inc(),
+            // Cancelled before it had a role: the client got `error` `cancelled`.
+            Ok(_) if role.is_none() => self
+                .metrics
+                .by_outcome
+                .with_label_values(&["cancelled"])
+                .inc(),
+            Ok(_) => self.metrics.by_outcome.with_label_values(&["done"]).inc(),
+            Err(f) => self.metrics.count_failure(f.code),
+        }
+        if let (Some(ttft), Ok(_)) = (timings.ttft_ms, result) {
+            self.metrics.observe_ttft_ms(ttft);
+        }
     }
 
     pub(super) fn timings(
@@ -151,16 +197,12 @@ impl Shared {
         request.timings(st, prepare_ms, if tokens > 0 { first_token } else { None })
     }
 
-    /// Runs on the history writer thread once the answer is stored.
-    pub(super) fn complete_request(
-        &self,
-        request: &Arc<Request>,
-        result: Result<Finish, Failure>,
-        tokens: u64,
-    ) {
+    /// Runs on the history writer thread once the request's messages are
+    /// stored: frees its conversation and moves it to the replay window.
+    pub(super) fn complete_request(&self, request: &Arc<Request>) {
+        self.release_conversation(request);
         {
             let mut active = self.active.write();
-            active.busy_conversations.remove(&request.conversation);
             active.live.remove(&request.id);
             active
                 .finished
@@ -175,55 +217,8 @@ impl Shared {
             }
         }
         self.live_requests.fetch_sub(1, Ordering::AcqRel);
-        let mut st = request.state.lock();
-        let timings = self.timings(request, &st, tokens);
-        let role = st.role;
-        let end = End {
-            result: result.clone(),
-            tokens,
-            timings,
-        };
-        let end_frame = end_frame(request, &end, role);
-        let cached = match (&st.source, &result) {
-            (Some(Source::Cached(answer)), Ok(_)) => Some(answer.clone()),
-            _ => None,
-        };
-        for a in st.attachments.iter().filter(|a| a.is_live()) {
-            let frames = match &cached {
-                Some(answer) => {
-                    let mut frames = vec![Frame::Json(protocol::start(&a.request, Role::Cache))];
-                    frames.extend(cached_tokens(a, answer, 0, answer.tokens()));
-                    frames
-                }
-                None => Vec::new(),
-            };
-            let _ = a
-                .outbox
-                .push_all(frames.into_iter().chain([Frame::Json(end_frame.clone())]));
-        }
-        st.attachments.clear();
-        st.phase = Phase::Finished { at: Instant::now() };
-        st.end = Some(end);
-        drop(st);
-        match &result {
-            Ok(Finish::Cancelled) => self
-                .metrics
-                .by_outcome
-                .with_label_values(&["cancelled"])
-                .inc(),
-            Ok(_) if role.is_none() => self
-                .metrics
-                .by_outcome
-                .with_label_values(&["cancelled"])
-                .inc(),
-            Ok(_) => self.metrics.by_outcome.with_label_values(&["done"]).inc(),
-            Err(f) => self.metrics.count_failure(f.code),
-        }
-        if let Some(ttft) = timings.ttft_ms {
-            if result.is_ok() {
-                self.metrics.observe_ttft_ms(ttft);
-            }
-        }
+        request.state.lock().phase = Phase::Finished { at: Instant::now() };
+        request.stored.notify_all();
     }
 }
 

@@ -25,9 +25,12 @@
 //! Threads and state: the active-request map is a `parking_lot::RwLock`
 //! (many readers on resume/cancel/stats, brief writes on accept and end).
 //! Each `request::Request` and `generation::Generation` has its own
-//! mutex. Requests end on the history writer thread: their answer is stored
-//! first, then the conversation is released and `done` is sent, so a client
-//! that reacts to `done` always finds its conversation free and up to date.
+//! mutex. A request's end (`done` or `error`) is sent the moment it is
+//! decided; its question and answer then go to the history writer, and its
+//! conversation is released when they are stored. A chat or `history` for
+//! that conversation arriving in between waits for the commit (well under a
+//! millisecond) instead of being refused, so a client that reacts to `done`
+//! always finds its conversation free and up to date.
 //! A janitor thread enforces the timeouts and drops finished requests after
 //! the replay window.
 //!
@@ -46,7 +49,7 @@ mod prompt;
 mod request;
 mod stages;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -76,6 +79,10 @@ type Flights = Group<Key, Arc<Generation>, GenOutcome>;
 /// they get more than connection threads.
 const WORKER_STACK: usize = 512 * 1024;
 
+/// How long a chat or `history` for a conversation waits for the previous
+/// request's messages to be stored before answering `conversation_busy`.
+const STORE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Finished requests kept for `resume` at most, whatever the replay window.
 const MAX_REPLAYABLE: usize = 100_000;
 
@@ -95,7 +102,7 @@ struct Active {
     /// window costs nothing per request still inside it.
     finished: VecDeque<(Instant, Arc<str>)>,
     /// Conversations with a request in flight.
-    busy_conversations: HashSet<String>,
+    busy_conversations: HashMap<String, Arc<Request>>,
     /// Generations not yet over.
     generations: HashMap<u64, Arc<Generation>>,
 }
@@ -260,7 +267,7 @@ impl Pipeline {
                 requests: HashMap::new(),
                 live: HashMap::new(),
                 finished: VecDeque::new(),
-                busy_conversations: HashSet::new(),
+                busy_conversations: HashMap::new(),
                 generations: HashMap::new(),
             }),
             channels: RwLock::new(Some(Channels {
@@ -351,6 +358,7 @@ impl Pipeline {
 
     /// The encoded `history` frame for a conversation.
     pub fn history_frame(&self, conversation: &str, limit: usize) -> Result<Vec<u8>, Failure> {
+        self.shared.await_stored(conversation);
         let messages = self
             .shared
             .history

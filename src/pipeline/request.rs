@@ -11,7 +11,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 
 use super::generation::Generation;
 use crate::broadcast::Attachment;
@@ -71,6 +71,8 @@ pub(crate) struct Request {
     pub conversation: String,
     pub accepted_at: Instant,
     pub state: Mutex<RequestState>,
+    /// Notified when the request's messages are stored (phase `Finished`).
+    pub stored: Condvar,
 }
 
 impl Request {
@@ -91,7 +93,22 @@ impl Request {
                 end: None,
                 pending_user_message: Some(message),
             }),
+            stored: Condvar::new(),
         })
+    }
+
+    /// Waits until the request's messages are stored, at most `timeout`;
+    /// true when they are. What blocks it: the history writer not having
+    /// committed yet; what wakes it: `complete_request`.
+    pub fn wait_stored(&self, timeout: std::time::Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut st = self.state.lock();
+        while !matches!(st.phase, Phase::Finished { .. }) {
+            if self.stored.wait_until(&mut st, deadline).timed_out() {
+                return matches!(st.phase, Phase::Finished { .. });
+            }
+        }
+        true
     }
 
     /// True once its end is decided.
