@@ -1252,7 +1252,7 @@ mod tests {
             env(&[
                 ("CHORUS_WORKERS_CACHE_WORKER", "8"),
                 ("CHORUS_LLM_SIMULATED", "x"),
-                ("HOME", "/root"),
+                ("HOME", "/home/someone"),
             ]),
         )
         .expect("load");
