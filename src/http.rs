@@ -136,7 +136,7 @@ pub fn read_request(
 
 /// Writes a complete response and asks the client to close.
 pub fn respond(
-    tcp: &mut TcpStream,
+    tcp: &mut impl Write,
     status: u16,
     content_type: &str,
     extra_headers: &[(&str, &str)],
@@ -161,7 +161,7 @@ pub fn respond(
 }
 
 /// A JSON error body `{"error": "..."}` with `status`.
-pub fn respond_error(tcp: &mut TcpStream, status: u16, message: &str) -> io::Result<()> {
+pub fn respond_error(tcp: &mut impl Write, status: u16, message: &str) -> io::Result<()> {
     let body = serde_json::json!({ "error": message }).to_string();
     respond(tcp, status, "application/json", &[], body.as_bytes())
 }
@@ -180,6 +180,48 @@ fn reason(status: u16) -> &'static str {
         500 => "Internal Server Error",
         503 => "Service Unavailable",
         _ => "Unknown",
+    }
+}
+
+/// A writer that passes an HTTP response's head and drops its body: how a
+/// `HEAD` request is answered with exactly the headers `GET` would get.
+pub struct HeadOnly<W> {
+    inner: W,
+    /// How much of the blank line ending the head has been seen.
+    matched: usize,
+}
+
+impl<W: Write> HeadOnly<W> {
+    /// Wraps `inner`.
+    pub fn new(inner: W) -> HeadOnly<W> {
+        HeadOnly { inner, matched: 0 }
+    }
+}
+
+impl<W: Write> Write for HeadOnly<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        const END: &[u8] = b"\r\n\r\n";
+        if self.matched == END.len() {
+            return Ok(buf.len());
+        }
+        let mut head = buf.len();
+        for (i, &b) in buf.iter().enumerate() {
+            self.matched = if b == END[self.matched] {
+                self.matched + 1
+            } else {
+                usize::from(b == END[0])
+            };
+            if self.matched == END.len() {
+                head = i + 1;
+                break;
+            }
+        }
+        self.inner.write_all(&buf[..head])?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
     }
 }
 
@@ -336,6 +378,30 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn head_only_keeps_the_head_and_drops_the_body() {
+        let mut out = Vec::new();
+        respond(
+            &mut HeadOnly::new(&mut out),
+            200,
+            "text/plain",
+            &[],
+            b"body\r\n\r\nmore",
+        )
+        .unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\n"));
+        assert!(text.contains("Content-Length: 12\r\n"));
+        assert!(text.ends_with("\r\n\r\n"), "{text:?}");
+        // Split across writes, the end of the head is still found.
+        let mut out = Vec::new();
+        let mut w = HeadOnly::new(&mut out);
+        for part in [&b"A: b\r"[..], b"\n\r", b"\nbody"] {
+            w.write_all(part).unwrap();
+        }
+        assert_eq!(out, b"A: b\r\n\r\n");
+    }
 
     #[test]
     fn traversal_is_refused() {

@@ -405,17 +405,30 @@ fn route(mut tcp: TcpStream, req: http::Request, shared: &Arc<Shared>) -> io::Re
     if !known {
         return http::respond_error(&mut tcp, 404, "not found");
     }
-    if req.method != "GET" && req.method != "HEAD" {
+    let allowed = req.method == "GET" || (req.method == "HEAD" && path != "/ws");
+    if !allowed {
         return http::respond(
             &mut tcp,
             405,
             "application/json",
-            &[("Allow", "GET")],
+            &[("Allow", if path == "/ws" { "GET" } else { "GET, HEAD" })],
             br#"{"error":"method not allowed"}"#,
         );
     }
+    if path == "/ws" {
+        return upgrade(tcp, req, shared);
+    }
+    if req.method == "HEAD" {
+        answer(&mut http::HeadOnly::new(&mut tcp), path, shared)
+    } else {
+        answer(&mut tcp, path, shared)
+    }
+}
+
+/// The plain HTTP endpoints, written to `out` (the socket, or its
+/// head-only view for `HEAD`).
+fn answer(out: &mut impl std::io::Write, path: &str, shared: &Shared) -> io::Result<()> {
     match path {
-        "/ws" => upgrade(tcp, req, shared),
         "/healthz" => {
             let (status, body) = if shared.draining.load(Ordering::Acquire) {
                 (503, serde_json::json!({"status": "draining"}))
@@ -430,7 +443,7 @@ fn route(mut tcp: TcpStream, req: http::Request, shared: &Arc<Shared>) -> io::Re
                 )
             };
             http::respond(
-                &mut tcp,
+                out,
                 status,
                 "application/json",
                 &[],
@@ -440,27 +453,27 @@ fn route(mut tcp: TcpStream, req: http::Request, shared: &Arc<Shared>) -> io::Re
         "/metrics" => {
             shared.pipeline.stages();
             let body = shared.metrics.render();
-            http::respond(&mut tcp, 200, Metrics::content_type(), &[], body.as_bytes())
+            http::respond(out, 200, Metrics::content_type(), &[], body.as_bytes())
         }
         "/api/stats" => {
             let body = stats_json(shared).to_string();
-            http::respond(&mut tcp, 200, "application/json", &[], body.as_bytes())
+            http::respond(out, 200, "application/json", &[], body.as_bytes())
         }
-        "/" => serve_static(&mut tcp, shared, "index.html"),
+        "/" => serve_static(out, shared, "index.html"),
         _ => match path
             .strip_prefix("/static/")
             .and_then(http::safe_relative_path)
         {
-            Some(file) => serve_static(&mut tcp, shared, &file),
-            None => http::respond_error(&mut tcp, 404, "not found"),
+            Some(file) => serve_static(out, shared, &file),
+            None => http::respond_error(out, 404, "not found"),
         },
     }
 }
 
-fn serve_static(tcp: &mut TcpStream, shared: &Shared, file: &str) -> io::Result<()> {
+fn serve_static(out: &mut impl std::io::Write, shared: &Shared, file: &str) -> io::Result<()> {
     match shared.static_files.get(file) {
-        Some(body) => http::respond(tcp, 200, http::content_type(file), &[], &body),
-        None => http::respond_error(tcp, 404, "not found"),
+        Some(body) => http::respond(out, 200, http::content_type(file), &[], &body),
+        None => http::respond_error(out, 404, "not found"),
     }
 }
 

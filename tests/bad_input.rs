@@ -96,6 +96,9 @@ fn oversized_frames_and_messages_are_too_large_and_the_connection_stays_open() {
     let big = "x".repeat(2000);
     let e = c.expect_error(json!({"type": "chat", "id": "big", "message": big}));
     assert_eq!(e["code"], "too_large", "{e}");
+    c.send_raw(Message::binary(vec![7u8; 2000]));
+    let e = c.recv_matching(|v| v["type"] == "error");
+    assert_eq!(e["code"], "too_large", "an oversized binary frame: {e}");
     let e = c.expect_error(json!({"type": "chat", "id": "long", "message": "y".repeat(101)}));
     assert_eq!(e["code"], "too_large", "{e}");
     assert_eq!(e["id"], "long");

@@ -50,6 +50,11 @@ fn http_endpoints_answer_as_documented() {
     );
     assert_eq!(status, 405);
     assert!(head.contains("Allow: GET"));
+    // HEAD gets GET's head and no body.
+    let (status, head, body) = raw_http(server.addr, "HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(status, 200);
+    assert!(head.contains("Content-Length: "), "{head}");
+    assert_eq!(body, "");
     let (status, _, _) = raw_http(server.addr, "GARBAGE\r\n\r\n");
     assert_eq!(status, 400);
     // A plain GET on /ws (no upgrade) is refused clearly.

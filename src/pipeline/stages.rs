@@ -199,7 +199,6 @@ impl Shared {
             st.role = Some(Role::Follower);
             st.source = Some(Source::Generation(generation.clone()));
         }
-        self.metrics.by_role.with_label_values(&["follower"]).inc();
         generation.pending_followers.fetch_add(1, Ordering::AcqRel);
         let job = FollowJob {
             ticket,
@@ -237,6 +236,9 @@ impl Shared {
                         st.joined_at = Some(now);
                         st.phase = Phase::Running;
                         gen.members.push(request.clone());
+                        // Counted here, not at the claim: a follower whose
+                        // generation was dropped before it joined leads instead.
+                        self.metrics.by_role.with_label_values(&["follower"]).inc();
                         let stage = gen.stage;
                         drop(gen);
                         for a in &st.attachments {
@@ -283,6 +285,7 @@ impl Shared {
                     }
                     let produced = generation.broadcast.produced();
                     let tokens = produced.ends.len() as u64;
+                    self.metrics.by_role.with_label_values(&["follower"]).inc();
                     Some((member_result(&outcome), produced.text, tokens))
                 });
             }

@@ -416,6 +416,14 @@ impl Connection<'_> {
     fn handle(&mut self, message: Message) {
         let text = match message {
             Message::Text(text) => text,
+            Message::Binary(bytes) if bytes.len() > self.limits.max_message_bytes => {
+                let message = format!(
+                    "the frame has {} bytes, the limit is {}",
+                    bytes.len(),
+                    self.limits.max_message_bytes
+                );
+                return self.reply_error(None, None, ErrorCode::TooLarge, &message);
+            }
             Message::Binary(_) => {
                 return self.reply_error(
                     None,
