@@ -10,8 +10,8 @@ use std::collections::VecDeque;
 
 use parking_lot::Mutex;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 use crate::protocol::ErrorCode;
@@ -222,13 +222,6 @@ impl Metrics {
     /// The content type of [`Metrics::render`].
     pub fn content_type() -> &'static str {
         "text/plain; version=0.0.4; charset=utf-8"
-    }
-
-    /// Writes the exposition into any writer.
-    pub fn write_to(&self, out: &mut impl std::io::Write) -> std::io::Result<()> {
-        TextEncoder::new()
-            .encode(&self.registry.gather(), out)
-            .map_err(std::io::Error::other)
     }
 }
 

@@ -183,14 +183,11 @@ impl Outbox {
     }
 
     /// Moves up to `max` waiting frames into `batch` (consumer only).
-    pub fn take_some(&self, batch: &mut Vec<Frame>, max: usize) {
+    pub fn take_some(&self, batch: &mut impl Extend<Frame>, max: usize) {
         let mut q = self.queue.lock();
         let n = q.frames.len().min(max);
         let Queue { frames, bytes, .. } = &mut *q;
-        for frame in frames.drain(..n) {
-            *bytes -= frame.encoded_len();
-            batch.push(frame);
-        }
+        batch.extend(frames.drain(..n).inspect(|f| *bytes -= f.encoded_len()));
     }
 
     /// Consumer only: if nothing is waiting, records that the consumer is

@@ -552,7 +552,8 @@ impl TokenTail {
     pub fn encode(seq: u64, text: &str) -> TokenTail {
         let mut tail = Vec::with_capacity(text.len() + 32);
         tail.extend_from_slice(b"\",\"seq\":");
-        tail.extend_from_slice(seq.to_string().as_bytes());
+        // Writing into a Vec cannot fail.
+        let _ = std::io::Write::write_fmt(&mut tail, format_args!("{seq}"));
         tail.extend_from_slice(b",\"text\":");
         // Writing a &str into a Vec cannot fail.
         let _ = serde_json::to_writer(&mut tail, text);

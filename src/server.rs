@@ -514,6 +514,7 @@ fn stats_json(shared: &Shared) -> serde_json::Value {
             "in_flight": shared.pipeline.generations(),
         },
         "ttft_ms": {"p50": p50, "p99": p99, "recent": m.recent_ttft_ms(60)},
+        "history": {"pending_writes": shared.history.pending_writes()},
         "draining": shared.draining.load(Ordering::Acquire),
     })
 }

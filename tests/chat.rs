@@ -222,6 +222,7 @@ fn stats_and_metrics_count_what_happened() {
     assert_eq!(stats["stages"]["follow"]["workers"], 64);
     assert_eq!(stats["stages"]["cache"]["workers"], 4);
     assert!(stats["ttft_ms"]["p50"].as_f64().unwrap() > 0.0);
+    assert!(stats["history"]["pending_writes"].is_u64(), "{stats}");
     let (status, head, body) = server.get("/metrics");
     assert_eq!(status, 200);
     assert!(head.contains("text/plain; version=0.0.4"));

@@ -281,18 +281,6 @@ impl Pipeline {
             draining: AtomicBool::new(false),
             next_generation: AtomicU64::new(1),
         });
-        for (stage, n) in [
-            ("cache", w.cache_workers),
-            ("prepare", w.max_concurrent_leaders),
-            ("follow", w.max_concurrent_followers),
-            ("stream", w.max_concurrent_llm_streams),
-            ("intake", 0),
-        ] {
-            metrics
-                .pool_workers
-                .with_label_values(&[stage])
-                .set(n as i64);
-        }
         let s = shared.clone();
         let cache_pool = Pool::spawn(
             "cache",
@@ -381,11 +369,6 @@ impl Pipeline {
         self.shared.draining.store(true, Ordering::Release);
     }
 
-    /// True once draining started.
-    pub fn is_draining(&self) -> bool {
-        self.shared.draining.load(Ordering::Acquire)
-    }
-
     /// Requests not yet ended.
     pub fn live_requests(&self) -> usize {
         self.shared.live_requests.load(Ordering::Acquire)
@@ -429,56 +412,47 @@ impl Pipeline {
         };
         let channels = self.shared.channels.read();
         let depth = |f: &dyn Fn(&Channels) -> usize| channels.as_ref().map_or(0, f);
+        let stage = |name, workers, queue, capacity| {
+            let busy = busy(name);
+            (
+                name,
+                StageStats {
+                    workers,
+                    busy,
+                    queue,
+                    capacity,
+                },
+            )
+        };
+        // The cache lane drains the intake queue itself: both show that queue.
         let intake = depth(&|c| c.intake.len());
         let stages = vec![
-            (
-                "intake",
-                StageStats {
-                    workers: 0,
-                    busy: 0,
-                    queue: intake,
-                    capacity: w.intake_queue,
-                },
-            ),
-            (
-                "cache",
-                StageStats {
-                    workers: w.cache_workers,
-                    busy: busy("cache"),
-                    queue: intake,
-                    capacity: w.intake_queue,
-                },
-            ),
-            (
+            stage("intake", 0, intake, w.intake_queue),
+            stage("cache", w.cache_workers, intake, w.intake_queue),
+            stage(
                 "prepare",
-                StageStats {
-                    workers: w.max_concurrent_leaders,
-                    busy: busy("prepare"),
-                    queue: depth(&|c| c.prepare.len()),
-                    capacity: w.prepare_queue,
-                },
+                w.max_concurrent_leaders,
+                depth(&|c| c.prepare.len()),
+                w.prepare_queue,
             ),
-            (
+            stage(
                 "follow",
-                StageStats {
-                    workers: w.max_concurrent_followers,
-                    busy: busy("follow"),
-                    queue: depth(&|c| c.follow.len()),
-                    capacity: w.follow_queue,
-                },
+                w.max_concurrent_followers,
+                depth(&|c| c.follow.len()),
+                w.follow_queue,
             ),
-            (
+            stage(
                 "stream",
-                StageStats {
-                    workers: w.max_concurrent_llm_streams,
-                    busy: busy("stream"),
-                    queue: depth(&|c| c.stream.len()),
-                    capacity: w.prepared_queue,
-                },
+                w.max_concurrent_llm_streams,
+                depth(&|c| c.stream.len()),
+                w.prepared_queue,
             ),
         ];
         let m = &self.shared.metrics;
         for (name, s) in &stages {
+            m.pool_workers
+                .with_label_values(&[name])
+                .set(s.workers as i64);
             m.pool_busy.with_label_values(&[name]).set(s.busy as i64);
             m.queue_depth.with_label_values(&[name]).set(s.queue as i64);
         }

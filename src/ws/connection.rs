@@ -188,7 +188,6 @@ pub fn serve(
         outbox,
         pipeline,
         limits,
-        batch: Vec::new(),
         taken: VecDeque::new(),
         replay: None,
         tails: Vec::new(),
@@ -239,7 +238,6 @@ struct Connection<'a> {
     outbox: &'a Arc<Outbox>,
     pipeline: &'a Pipeline,
     limits: Limits,
-    batch: Vec<Frame>,
     /// Frames taken from the outbox and not yet encoded (a replay in front of them).
     taken: VecDeque<Frame>,
     /// The replay being expanded, chunk by chunk, ahead of `taken`.
@@ -346,12 +344,10 @@ impl Connection<'_> {
                 continue;
             }
             if self.taken.is_empty() {
-                self.batch.clear();
-                self.outbox.take_some(&mut self.batch, BATCH);
-                if self.batch.is_empty() {
+                self.outbox.take_some(&mut self.taken, BATCH);
+                if self.taken.is_empty() {
                     return Ok(false);
                 }
-                self.taken.extend(self.batch.drain(..));
             }
             while let Some(f) = self.taken.pop_front() {
                 match f {
