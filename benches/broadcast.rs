@@ -10,7 +10,7 @@
 //!   Throughput is deliveries (token × subscriber) per second.
 //! - `publish_and_deliver/S`: end to end with `S` real consumer threads, each
 //!   sleeping in `poll(2)` on its outbox's eventfd and taking frames the way
-//!   a connection thread does (`park_if_empty`, `clear_wake`, `take_some`,
+//!   a connection thread does (`park_if_empty`, `unpark`, `take_some`,
 //!   `Frame::Replay` expansion). One iteration is a burst of
 //!   [`DELIVER_BATCH`] tokens, timed from the first publish until every
 //!   consumer has counted all of them, so the wake-ups and the scheduling of
@@ -201,14 +201,14 @@ fn consume(outbox: &Outbox, received: &AtomicUsize) {
             if outbox.is_closed() {
                 return;
             }
-            if outbox.park_if_empty() {
+            if outbox.park_if_empty(false) {
                 let mut fds = [PollFd::from_borrowed_fd(outbox.waker_fd(), PollFlags::IN)];
                 match poll(&mut fds, None) {
                     Ok(_) | Err(rustix::io::Errno::INTR) => {}
                     Err(e) => panic!("poll on the outbox waker failed: {e}"),
                 }
                 if fds[0].revents().contains(PollFlags::IN) {
-                    outbox.clear_wake();
+                    outbox.unpark(true);
                 }
             }
             continue;
@@ -226,7 +226,7 @@ fn consume(outbox: &Outbox, received: &AtomicUsize) {
                     black_box(&tails);
                     tokens += tails.len();
                 }
-                Frame::Json(bytes) => {
+                Frame::Json(bytes) | Frame::Raw(bytes) => {
                     black_box(bytes);
                 }
                 Frame::Close(..) => return,

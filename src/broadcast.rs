@@ -38,6 +38,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use parking_lot::Mutex;
+use rayon::prelude::*;
 
 use crate::outbox::{Frame, Outbox, PushError, Replay};
 use crate::protocol::{self, ErrorCode, Failure, TokenTail};
@@ -91,6 +92,25 @@ impl Attachment {
         }
     }
 
+    /// Hands token `seq` to this attachment, which wants tokens from `from` on.
+    fn deliver(&self, seq: u64, from: u64, tail: &TokenTail) -> Delivery {
+        if self.is_cut() {
+            return Delivery::Dropped;
+        }
+        if seq < from {
+            return Delivery::Kept;
+        }
+        match self.outbox.queue_token(self.token(tail)) {
+            Ok(false) => Delivery::Kept,
+            Ok(true) => Delivery::Wake,
+            Err(PushError::Full) => {
+                self.cut_off();
+                Delivery::Dropped
+            }
+            Err(PushError::Closed) => Delivery::Dropped,
+        }
+    }
+
     fn token(&self, tail: &TokenTail) -> Frame {
         Frame::Token {
             prefix: self.prefix.clone(),
@@ -98,6 +118,23 @@ impl Attachment {
         }
     }
 }
+
+/// What handing one token to one attachment did.
+enum Delivery {
+    /// Delivered (or not wanted yet); the attachment stays.
+    Kept,
+    /// Queued for a parked connection, which must be woken.
+    Wake,
+    /// Cut off or closed; the attachment leaves the stream.
+    Dropped,
+}
+
+/// From this many subscribers on, a token is handed out by the rayon pool
+/// rather than by the publishing thread alone. Handing a token to an idle
+/// connection is a non-blocking socket write (see [`Outbox`]), pure CPU work
+/// that never waits, so it fits rayon; spread over the cores, the last of
+/// thousands of subscribers gets it proportionally sooner.
+const PARALLEL_FANOUT: usize = 64;
 
 /// What a finished generation produced.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -197,26 +234,20 @@ impl Broadcast {
             inner.produced.text.push_str(text);
             let end = inner.produced.text.len();
             inner.produced.ends.push(end);
-            inner.subscribers.retain(|(sub, from)| {
-                if sub.is_cut() {
-                    return false;
+            let deliver = |(sub, from): &(Arc<Attachment>, u64)| sub.deliver(seq, *from, &tail);
+            let outcomes: Vec<Delivery> = if inner.subscribers.len() >= PARALLEL_FANOUT {
+                inner.subscribers.par_iter().map(deliver).collect()
+            } else {
+                inner.subscribers.iter().map(deliver).collect()
+            };
+            let mut outcome = outcomes.into_iter();
+            inner.subscribers.retain(|(sub, _)| match outcome.next() {
+                Some(Delivery::Kept) => true,
+                Some(Delivery::Wake) => {
+                    to_wake.push(sub.outbox.clone());
+                    true
                 }
-                if seq < *from {
-                    return true;
-                }
-                match sub.outbox.queue_token(sub.token(&tail)) {
-                    Ok(parked) => {
-                        if parked {
-                            to_wake.push(sub.outbox.clone());
-                        }
-                        true
-                    }
-                    Err(PushError::Full) => {
-                        sub.cut_off();
-                        false
-                    }
-                    Err(PushError::Closed) => false,
-                }
+                Some(Delivery::Dropped) | None => false,
             });
             inner.tails.push(tail);
             seq
@@ -418,6 +449,7 @@ mod tests {
                     }
                 }
                 Frame::Close(..) => panic!("unexpected close"),
+                Frame::Raw(_) => panic!("no socket is attached, so nothing is written through"),
             }
         }
         (tokens, errors)
@@ -499,6 +531,34 @@ mod tests {
     }
 
     #[test]
+    fn parallel_fanout_cuts_only_the_slow_consumer() {
+        let b = Broadcast::new();
+        let slow = attach("r-slow", 2);
+        let fast: Vec<_> = (0..PARALLEL_FANOUT * 2)
+            .map(|i| attach(&format!("r-{i}"), 1000))
+            .collect();
+        b.subscribe(&slow, 0);
+        for a in &fast {
+            b.subscribe(a, 0);
+        }
+        for i in 0..10 {
+            b.publish(&i.to_string());
+        }
+        let (tokens, errors) = drain(&slow);
+        assert_eq!(tokens.len(), 2);
+        assert_eq!(errors, ["slow_consumer"]);
+        for a in &fast {
+            let (tokens, errors) = drain(a);
+            assert!(errors.is_empty());
+            assert_eq!(
+                tokens.iter().map(|t| t.0).collect::<Vec<_>>(),
+                (0..10).collect::<Vec<_>>()
+            );
+        }
+        assert_eq!(b.live_subscribers(), fast.len());
+    }
+
+    #[test]
     fn closed_connection_is_dropped() {
         let b = Broadcast::new();
         let a = attach("r", 4);
@@ -524,7 +584,8 @@ mod tests {
     #[test]
     fn stress_concurrent_subscribe_has_no_gap_or_duplicate() {
         const TOKENS: u64 = 2_000;
-        const SUBSCRIBERS: usize = 32;
+        // Above PARALLEL_FANOUT, so both delivery paths are exercised.
+        const SUBSCRIBERS: usize = 2 * PARALLEL_FANOUT;
         let b = Broadcast::new();
         let producer = {
             let b = b.clone();

@@ -119,6 +119,9 @@ pub struct WorkersConfig {
     pub follow_queue: usize,
     /// Bound of the preparation pool's queue.
     pub prepare_queue: usize,
+    /// Threads that hand a token to a big audience (rayon); 0 means one
+    /// per CPU core.
+    pub fanout_threads: usize,
 }
 
 impl Default for WorkersConfig {
@@ -132,6 +135,7 @@ impl Default for WorkersConfig {
             prepared_queue: 256,
             follow_queue: 1024,
             prepare_queue: 1024,
+            fanout_threads: 0,
         }
     }
 }
@@ -1099,6 +1103,7 @@ mod tests {
         ("workers.prepared_queue", "256"),
         ("workers.follow_queue", "1024"),
         ("workers.prepare_queue", "1024"),
+        ("workers.fanout_threads", "0"),
         ("timeouts.queue_ms", "30000"),
         ("timeouts.prepare_ms", "30000"),
         ("timeouts.stream_idle_ms", "60000"),

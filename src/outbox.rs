@@ -15,8 +15,28 @@
 //! consumer said it is about to sleep (`parked`), which it does under the
 //! same lock: a push after the consumer checked the queue always sees
 //! `parked == true` and wakes it.
+//!
+//! Writing straight through. Waking a sleeping thread is the most expensive
+//! thing a delivery does (a context switch in, another out; far more than
+//! the `write` itself), and one generation fanned out to thousands of
+//! connections would pay it thousands of times per token. So when the
+//! consumer parks with nothing of its own left to write (its write buffer
+//! and tungstenite's are empty), it says so (`socket_idle`), and a producer
+//! that finds the queue empty encodes its frames and writes them to the
+//! non-blocking socket itself, under this queue's lock, without waking
+//! anyone. If the socket takes only part, the rest is queued as
+//! [`Frame::Raw`] ahead of everything else and the consumer is woken to
+//! finish it when the socket drains. The consumer gives the socket back to
+//! itself ([`Outbox::unpark`]) as soon as its poll returns, before it reads
+//! (tungstenite may answer a ping while reading), so at any moment exactly
+//! one side writes, and bytes reach the socket in the order they were
+//! pushed. The connection thread stays the socket's owner: it reads,
+//! answers control frames, writes whenever output backs up, and closes.
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
+use std::io::Write;
+use std::net::TcpStream;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
@@ -25,6 +45,7 @@ use rustix::event::{eventfd, EventfdFlags};
 
 use crate::broadcast::Broadcast;
 use crate::protocol::TokenTail;
+use crate::ws::frame;
 
 /// One frame waiting to be written.
 #[derive(Debug, Clone)]
@@ -44,6 +65,9 @@ pub enum Frame {
     Json(Vec<u8>),
     /// Close the WebSocket with this close code and reason, then end.
     Close(u16, &'static str),
+    /// Encoded WebSocket frames whose first bytes a producer already wrote
+    /// to the socket: the rest, to be written verbatim before anything else.
+    Raw(Vec<u8>),
 }
 
 impl Frame {
@@ -51,11 +75,32 @@ impl Frame {
     fn encoded_len(&self) -> usize {
         match self {
             Frame::Token { prefix, tail } => prefix.len() + tail.0.len(),
-            Frame::Json(bytes) => bytes.len(),
+            Frame::Json(bytes) | Frame::Raw(bytes) => bytes.len(),
             Frame::Replay(_) | Frame::Close(..) => 0,
         }
     }
+
+    /// Appends this frame's WebSocket encoding to `out`, or returns false
+    /// for frames only the connection thread may write (a replay is
+    /// expanded as the socket takes it; a close ends the connection).
+    fn encode_into(&self, out: &mut Vec<u8>) -> bool {
+        match self {
+            Frame::Token { prefix, tail } => frame::encode_text(out, &[prefix, &tail.0]),
+            Frame::Json(bytes) => frame::encode_text(out, &[bytes]),
+            Frame::Raw(bytes) => out.extend_from_slice(bytes),
+            Frame::Replay(_) | Frame::Close(..) => return false,
+        }
+        true
+    }
 }
+
+thread_local! {
+    /// A producer's encoding buffer for frames it writes straight to a socket.
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Largest scratch buffer a producer thread keeps between writes.
+const SCRATCH_KEEP: usize = 64 * 1024;
 
 /// A range of a generation's tokens for one request.
 #[derive(Debug, Clone)]
@@ -85,10 +130,67 @@ struct Queue {
     /// only as the socket takes it), so the connection can stop reading
     /// requests while big answers wait.
     bytes: usize,
-    /// Set by the consumer just before it sleeps; cleared by the producer that wakes it.
+    /// Set by the consumer just before it sleeps; cleared by the producer
+    /// that wakes it, or by the consumer when it wakes up.
     parked: bool,
+    /// Set with `parked` when the consumer has no bytes of its own waiting:
+    /// producers may then write to `socket` themselves.
+    socket_idle: bool,
+    /// The connection's socket (non-blocking), for writing straight through.
+    socket: Option<Arc<TcpStream>>,
     /// Set once by the consumer when the connection ends.
     closed: bool,
+}
+
+impl Queue {
+    fn enqueue(&mut self, frame: Frame) {
+        self.bytes += frame.encoded_len();
+        self.frames.push_back(frame);
+    }
+
+    /// The socket, when frames may be written to it right now.
+    fn direct_socket(&self) -> Option<Arc<TcpStream>> {
+        if self.parked && self.socket_idle && self.frames.is_empty() {
+            self.socket.clone()
+        } else {
+            None
+        }
+    }
+
+    /// Encodes `frames` and writes them to `socket` while it takes them;
+    /// whatever it does not take is queued, in order.
+    fn write_through(&mut self, socket: &TcpStream, frames: impl Iterator<Item = Frame>) {
+        let mut frames = frames.peekable();
+        SCRATCH.with_borrow_mut(|buf| {
+            buf.clear();
+            while frames.next_if(|f| f.encode_into(buf)).is_some() {}
+            let mut written = 0;
+            while written < buf.len() {
+                match (&*socket).write(&buf[written..]) {
+                    Ok(0) => break,
+                    Ok(n) => written += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    // Full (WouldBlock) or broken: the consumer finds out which.
+                    Err(_) => break,
+                }
+            }
+            if written < buf.len() {
+                self.enqueue(Frame::Raw(buf[written..].to_vec()));
+            }
+            if buf.capacity() > SCRATCH_KEEP {
+                *buf = Vec::new();
+            }
+        });
+        for f in frames {
+            self.enqueue(f);
+        }
+    }
+
+    /// True when the consumer sleeps and has frames to write: the caller
+    /// must wake it.
+    fn take_wake(&mut self) -> bool {
+        !self.frames.is_empty() && std::mem::take(&mut self.parked)
+    }
 }
 
 /// The outbound queue of one connection. Share it as `Arc<Outbox>`.
@@ -100,7 +202,7 @@ struct Queue {
 /// let mut batch = Vec::new();
 /// outbox.take_all(&mut batch);
 /// assert_eq!(batch.len(), 1);
-/// assert!(outbox.park_if_empty());
+/// assert!(outbox.park_if_empty(false));
 /// ```
 pub struct Outbox {
     queue: Mutex<Queue>,
@@ -117,11 +219,19 @@ impl Outbox {
                 frames: VecDeque::new(),
                 bytes: 0,
                 parked: false,
+                socket_idle: false,
+                socket: None,
                 closed: false,
             }),
             capacity,
             waker,
         })
+    }
+
+    /// Lets producers write straight to `socket` (which must be
+    /// non-blocking) whenever the consumer parks with its socket idle.
+    pub fn attach_socket(&self, socket: Arc<TcpStream>) {
+        self.queue.lock().socket = Some(socket);
     }
 
     /// Queues a control frame. Never blocks and never refuses, except when
@@ -138,11 +248,12 @@ impl Outbox {
             if q.closed {
                 return Err(PushError::Closed);
             }
-            for frame in frames {
-                q.bytes += frame.encoded_len();
-                q.frames.push_back(frame);
+            let frames = frames.into_iter();
+            match q.direct_socket() {
+                Some(socket) => q.write_through(&socket, frames),
+                None => frames.for_each(|f| q.enqueue(f)),
             }
-            std::mem::take(&mut q.parked)
+            q.take_wake()
         };
         if wake {
             self.wake();
@@ -170,9 +281,11 @@ impl Outbox {
         if q.frames.len() >= self.capacity {
             return Err(PushError::Full);
         }
-        q.bytes += frame.encoded_len();
-        q.frames.push_back(frame);
-        Ok(std::mem::take(&mut q.parked))
+        match q.direct_socket() {
+            Some(socket) => q.write_through(&socket, std::iter::once(frame)),
+            None => q.enqueue(frame),
+        }
+        Ok(q.take_wake())
     }
 
     /// Moves every waiting frame into `batch` (consumer only).
@@ -192,23 +305,32 @@ impl Outbox {
 
     /// Consumer only: if nothing is waiting, records that the consumer is
     /// going to sleep on [`Outbox::waker_fd`] and returns true. A producer
-    /// pushing afterwards will wake it.
-    pub fn park_if_empty(&self) -> bool {
+    /// pushing afterwards will wake it, or, when `socket_idle` (the
+    /// consumer has no bytes of its own to write) and a socket is attached,
+    /// write to the socket itself.
+    pub fn park_if_empty(&self, socket_idle: bool) -> bool {
         let mut q = self.queue.lock();
         if q.frames.is_empty() {
             q.parked = true;
+            q.socket_idle = socket_idle;
             true
         } else {
             false
         }
     }
 
-    /// Consumer only: clears the waker after it fired, and the parked flag.
-    pub fn clear_wake(&self) {
-        let mut buf = [0u8; 8];
-        // Reading a non-blocking eventfd resets it; EAGAIN only means it was not set.
-        let _ = rustix::io::read(&self.waker, &mut buf);
-        self.queue.lock().parked = false;
+    /// Consumer only: call whenever it returns from its sleep, for whatever
+    /// reason, before it reads or writes the socket; `woken` says the
+    /// waker fired. From here on producers queue instead of writing.
+    pub fn unpark(&self, woken: bool) {
+        if woken {
+            let mut buf = [0u8; 8];
+            // Reading a non-blocking eventfd resets it; EAGAIN only means it was not set.
+            let _ = rustix::io::read(&self.waker, &mut buf);
+        }
+        let mut q = self.queue.lock();
+        q.parked = false;
+        q.socket_idle = false;
     }
 
     /// Wakes the consumer from its poll.
@@ -228,6 +350,7 @@ impl Outbox {
     pub fn close(&self) {
         let mut q = self.queue.lock();
         q.closed = true;
+        q.socket = None;
         q.frames.clear();
         q.bytes = 0;
         q.frames.shrink_to_fit();
@@ -321,7 +444,7 @@ mod tests {
     #[test]
     fn a_push_wakes_a_parked_consumer() {
         let o = Arc::new(Outbox::new(8).unwrap());
-        assert!(o.park_if_empty());
+        assert!(o.park_if_empty(false));
         let producer = {
             let o = o.clone();
             std::thread::spawn(move || {
@@ -332,7 +455,7 @@ mod tests {
         let mut fds = [PollFd::new(&o.waker, PollFlags::IN)];
         let ready = poll(&mut fds, None).unwrap();
         assert_eq!(ready, 1);
-        o.clear_wake();
+        o.unpark(true);
         let mut batch = Vec::new();
         o.take_all(&mut batch);
         assert_eq!(batch.len(), 1);
@@ -373,14 +496,14 @@ mod tests {
         let mut got = 0;
         let mut batch = Vec::new();
         while got < PRODUCERS * EACH {
-            if o.park_if_empty() {
+            if o.park_if_empty(false) {
                 let mut fds = [PollFd::new(&o.waker, PollFlags::IN)];
                 let timeout = rustix::event::Timespec {
                     tv_sec: 5,
                     tv_nsec: 0,
                 };
                 assert_eq!(poll(&mut fds, Some(&timeout)).unwrap(), 1, "lost wake-up");
-                o.clear_wake();
+                o.unpark(true);
             }
             batch.clear();
             o.take_all(&mut batch);
@@ -390,5 +513,207 @@ mod tests {
             h.join().unwrap();
         }
         assert_eq!(got, PRODUCERS * EACH);
+    }
+
+    /// A connected loopback pair: the server side non-blocking (as a
+    /// connection thread sets it), the client side blocking.
+    fn socket_pair() -> (Arc<TcpStream>, TcpStream) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        server.set_nonblocking(true).unwrap();
+        (Arc::new(server), client)
+    }
+
+    /// Reads `n` text frames from `client` with tungstenite as the client.
+    fn read_texts(client: TcpStream, n: usize) -> Vec<String> {
+        use tungstenite::protocol::Role;
+        let mut ws = tungstenite::WebSocket::from_raw_socket(client, Role::Client, None);
+        (0..n)
+            .map(|_| ws.read().unwrap().into_text().unwrap().to_string())
+            .collect()
+    }
+
+    fn json(text: &str) -> Frame {
+        Frame::Json(text.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn a_parked_idle_consumer_is_written_through_without_a_wake() {
+        let (server, client) = socket_pair();
+        let o = Outbox::new(8).unwrap();
+        o.attach_socket(server);
+        assert!(o.park_if_empty(true));
+        o.push(json("1")).unwrap();
+        o.push_token(token(0)).unwrap();
+        o.push_all([json("2"), json("3")]).unwrap();
+        assert!(o.is_empty(), "everything went straight to the socket");
+        let mut fds = [PollFd::new(&o.waker, PollFlags::IN)];
+        let now = rustix::event::Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        assert_eq!(poll(&mut fds, Some(&now)).unwrap(), 0, "nobody was woken");
+        let texts = read_texts(client, 4);
+        assert_eq!(texts[0], "1");
+        assert!(texts[1].starts_with(r#"{"type":"token","request":"r","seq":0"#));
+        assert_eq!(&texts[2..], ["2", "3"]);
+    }
+
+    #[test]
+    fn no_write_through_unless_parked_with_an_idle_socket() {
+        let (server, _client) = socket_pair();
+        let o = Outbox::new(8).unwrap();
+        o.attach_socket(server);
+        o.push(json("awake")).unwrap();
+        assert_eq!(o.len(), 1, "the consumer is awake: it writes");
+        let mut batch = Vec::new();
+        o.take_all(&mut batch);
+        assert!(o.park_if_empty(false));
+        o.push(json("busy")).unwrap();
+        assert_eq!(
+            o.len(),
+            1,
+            "the consumer has bytes pending: queue behind them"
+        );
+        o.take_all(&mut batch);
+        assert!(o.park_if_empty(true));
+        o.unpark(false);
+        o.push(json("unparked")).unwrap();
+        assert_eq!(o.len(), 1, "the consumer took the socket back");
+        // Replays and closes are the consumer's to write even when it sleeps.
+        o.take_all(&mut batch);
+        assert!(o.park_if_empty(true));
+        o.push(Frame::Close(1000, "bye")).unwrap();
+        assert_eq!(o.len(), 1);
+    }
+
+    #[test]
+    fn a_full_socket_leaves_the_rest_queued_in_order_and_wakes_the_consumer() {
+        let (server, client) = socket_pair();
+        let o = Outbox::new(usize::MAX).unwrap();
+        o.attach_socket(server.clone());
+        // Big frames fill the kernel's buffers while nobody reads.
+        let big = |i: usize| json(&format!("{i:05}{}", "x".repeat(64 * 1024)));
+        let mut pushed = 0;
+        assert!(o.park_if_empty(true));
+        while o.is_empty() {
+            o.push(big(pushed)).unwrap();
+            pushed += 1;
+            assert!(pushed < 10_000, "the socket never filled");
+        }
+        let mut batch = Vec::new();
+        o.take_all(&mut batch);
+        assert!(
+            matches!(batch.first(), Some(Frame::Raw(_))),
+            "the unwritten rest of a frame comes first"
+        );
+        let mut fds = [PollFd::new(&o.waker, PollFlags::IN)];
+        assert_eq!(poll(&mut fds, None).unwrap(), 1, "the consumer was woken");
+        let reader = std::thread::spawn(move || read_texts(client, pushed));
+        // What a connection thread does with the queued rest.
+        let mut rest = Vec::new();
+        for f in batch {
+            assert!(f.encode_into(&mut rest));
+        }
+        let mut written = 0;
+        while written < rest.len() {
+            match (&*server).write(&rest[written..]) {
+                Ok(n) => written += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(1))
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let texts = reader.join().unwrap();
+        for (i, text) in texts.iter().enumerate() {
+            assert!(
+                text.starts_with(&format!("{i:05}")),
+                "frame {i} out of order"
+            );
+            assert_eq!(text.len(), 5 + 64 * 1024);
+        }
+    }
+
+    /// Producers push from many threads while a consumer parks and unparks
+    /// the way a connection thread does; the client must read every frame
+    /// whole, and each producer's frames in its own order.
+    #[test]
+    fn stress_write_through_and_queue_interleave_without_loss_or_reordering() {
+        const PRODUCERS: usize = 8;
+        const EACH: usize = 2_000;
+        let (server, client) = socket_pair();
+        let o = Arc::new(Outbox::new(usize::MAX).unwrap());
+        o.attach_socket(server.clone());
+        let reader = std::thread::spawn(move || read_texts(client, PRODUCERS * EACH));
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let consumer = {
+            let (o, done) = (o.clone(), done.clone());
+            std::thread::spawn(move || {
+                let mut pending: Vec<u8> = Vec::new();
+                let mut batch = Vec::new();
+                loop {
+                    batch.clear();
+                    o.take_all(&mut batch);
+                    for f in batch.drain(..) {
+                        assert!(f.encode_into(&mut pending));
+                    }
+                    while !pending.is_empty() {
+                        match (&*server).write(&pending) {
+                            Ok(n) => drop(pending.drain(..n)),
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                                std::thread::yield_now()
+                            }
+                            Err(e) => panic!("{e}"),
+                        }
+                    }
+                    let finished = done.load(std::sync::atomic::Ordering::Acquire);
+                    if o.park_if_empty(true) {
+                        if finished {
+                            return;
+                        }
+                        let mut fds = [PollFd::new(&o.waker, PollFlags::IN)];
+                        let short = rustix::event::Timespec {
+                            tv_sec: 0,
+                            tv_nsec: 200_000,
+                        };
+                        poll(&mut fds, Some(&short)).unwrap();
+                        let woken = fds[0].revents().contains(PollFlags::IN);
+                        o.unpark(woken);
+                    }
+                }
+            })
+        };
+        let producers: Vec<_> = (0..PRODUCERS)
+            .map(|p| {
+                let o = o.clone();
+                std::thread::spawn(move || {
+                    for i in 0..EACH {
+                        let text = format!("{p}:{i}");
+                        if i % 3 == 0 {
+                            o.push_token(Frame::Json(text.into_bytes())).unwrap();
+                        } else {
+                            o.push(json(&text)).unwrap();
+                        }
+                    }
+                })
+            })
+            .collect();
+        for p in producers {
+            p.join().unwrap();
+        }
+        done.store(true, std::sync::atomic::Ordering::Release);
+        o.wake();
+        consumer.join().unwrap();
+        let texts = reader.join().unwrap();
+        let mut next = [0usize; PRODUCERS];
+        for text in texts {
+            let (p, i) = text.split_once(':').unwrap();
+            let (p, i): (usize, usize) = (p.parse().unwrap(), i.parse().unwrap());
+            assert_eq!(i, next[p], "producer {p}'s frames out of order");
+            next[p] += 1;
+        }
+        assert_eq!(next, [EACH; PRODUCERS]);
     }
 }

@@ -101,6 +101,7 @@ impl Server {
     /// port is bound (so `local_addr` is final, also with port 0).
     pub fn start(config: Config) -> Result<Server, ServerError> {
         raise_descriptor_limit(config.server.max_connections);
+        start_fanout_pool(config.workers.fanout_threads);
         let config = Arc::new(config);
         let metrics = Arc::new(Metrics::new());
         let history = History::open(
@@ -225,6 +226,19 @@ impl Server {
 /// the usual soft limit of 1024 would stop a default server at a few hundred
 /// connections. Raise the soft limit to the hard one, as far as it goes,
 /// and say so when even that is too low for `max_connections`.
+/// Sizes rayon's global pool, which the broadcaster uses to hand a token to
+/// a big audience. It can be built once per process: a second server in the
+/// same process shares the first one's.
+fn start_fanout_pool(threads: usize) {
+    let built = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("chorus-fanout-{i}"))
+        .build_global();
+    if let Err(e) = built {
+        log::debug!("the fan-out pool already exists: {e}");
+    }
+}
+
 fn raise_descriptor_limit(max_connections: usize) {
     use rustix::process::{getrlimit, setrlimit, Resource};
     let limit = getrlimit(Resource::Nofile);

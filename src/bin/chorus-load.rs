@@ -144,6 +144,8 @@ struct Observed {
     sent: Instant,
     first_token: Option<Instant>,
     token_times: Vec<Instant>,
+    /// Kernel receive times of the tokens (reactor clients only).
+    kernel_times: Vec<f64>,
     end: Value,
     role: String,
 }
@@ -156,6 +158,7 @@ fn chat(c: &mut Client, id: &str, message: &str) -> Result<Observed, String> {
         sent,
         first_token: None,
         token_times: Vec::new(),
+        kernel_times: Vec::new(),
         end: Value::Null,
         role: String::new(),
     };
@@ -178,6 +181,227 @@ fn chat(c: &mut Client, id: &str, message: &str) -> Result<Observed, String> {
             _ => {}
         }
     }
+}
+
+/// What a [`Reactor`] does with a connection after one of its frames.
+enum Next {
+    Read,
+    Send(Value),
+    Finished,
+}
+
+/// When a frame reached the client.
+#[derive(Clone, Copy)]
+struct Arrival {
+    /// When the reactor read it.
+    read: Instant,
+    /// When the kernel put its bytes on the client's socket (`SO_TIMESTAMPNS`,
+    /// seconds of the real-time clock): the moment a client on another
+    /// machine would have had it, free of this client's own scheduling.
+    kernel: f64,
+}
+
+struct ReactorConn {
+    /// For sending (tungstenite masks client frames).
+    ws: WebSocket<TcpStream>,
+    /// The same socket, read here directly, with receive timestamps.
+    reader: TcpStream,
+    /// Bytes read and not yet parsed into frames.
+    buf: Vec<u8>,
+}
+
+/// Many connections on one thread: non-blocking sockets and one epoll set.
+/// A thread per connection would charge the server for waking thousands of
+/// client threads (on loopback the sender's system call runs the receiver's
+/// wake-up), which no real, remote client costs it.
+struct Reactor {
+    epoll: rustix::fd::OwnedFd,
+    conns: Vec<ReactorConn>,
+}
+
+impl Reactor {
+    fn new(clients: Vec<Client>) -> Result<Reactor, String> {
+        use rustix::event::epoll;
+        use std::os::fd::AsRawFd;
+        let epoll = epoll::create(epoll::CreateFlags::CLOEXEC).map_err(|e| e.to_string())?;
+        let mut conns = Vec::with_capacity(clients.len());
+        for (i, c) in clients.into_iter().enumerate() {
+            let reader = c.ws.get_ref().try_clone().map_err(|e| e.to_string())?;
+            reader.set_nonblocking(true).map_err(|e| e.to_string())?;
+            let on: libc::c_int = 1;
+            // SAFETY: a valid socket, option and option length.
+            let rc = unsafe {
+                libc::setsockopt(
+                    reader.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_TIMESTAMPNS,
+                    (&on as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            if rc != 0 {
+                return Err(format!(
+                    "SO_TIMESTAMPNS: {}",
+                    std::io::Error::last_os_error()
+                ));
+            }
+            epoll::add(
+                &epoll,
+                &reader,
+                epoll::EventData::new_u64(i as u64),
+                epoll::EventFlags::IN,
+            )
+            .map_err(|e| e.to_string())?;
+            conns.push(ReactorConn {
+                ws: c.ws,
+                reader,
+                buf: Vec::new(),
+            });
+        }
+        Ok(Reactor { epoll, conns })
+    }
+
+    fn send(&mut self, i: usize, v: &Value) -> Result<(), String> {
+        // The socket is shared with the non-blocking reader, so this may
+        // find it full: the bytes then wait in tungstenite's buffer.
+        match self.conns[i].ws.send(Message::text(v.to_string())) {
+            Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
+            r => r.map_err(|e| format!("send: {e}")),
+        }
+    }
+
+    /// Reads every connection until `on_frame` has said `Finished` for each.
+    /// `on_frame` gets the connection's index, when its frame arrived, and
+    /// the frame: `None` for a token frame (not parsed, to keep the client
+    /// cheap), the parsed JSON otherwise.
+    fn run(
+        &mut self,
+        mut on_frame: impl FnMut(usize, Arrival, Option<Value>) -> Result<Next, String>,
+    ) -> Result<(), String> {
+        use rustix::event::epoll;
+        let mut open = self.conns.len();
+        let mut finished = vec![false; open];
+        let mut events = Vec::with_capacity(1024);
+        let mut scratch = vec![0u8; 64 * 1024];
+        let timeout = rustix::event::Timespec {
+            tv_sec: READ_TIMEOUT.as_secs() as i64,
+            tv_nsec: 0,
+        };
+        while open > 0 {
+            events.clear();
+            epoll::wait(
+                &self.epoll,
+                rustix::buffer::spare_capacity(&mut events),
+                Some(&timeout),
+            )
+            .map_err(|e| e.to_string())?;
+            if events.is_empty() {
+                return Err(format!("no frame for {READ_TIMEOUT:?}"));
+            }
+            for event in &events {
+                let i = event.data.u64() as usize;
+                while !finished[i] {
+                    let conn = &mut self.conns[i];
+                    let (n, kernel) = match recv_stamped(&conn.reader, &mut scratch) {
+                        Ok((0, _)) => return Err("server closed the connection".into()),
+                        Ok(got) => got,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                        Err(e) => return Err(format!("read: {e}")),
+                    };
+                    let arrival = Arrival {
+                        read: Instant::now(),
+                        kernel,
+                    };
+                    conn.buf.extend_from_slice(&scratch[..n]);
+                    let mut parsed = 0;
+                    let mut frames = Vec::new();
+                    while let Some((opcode, payload, used)) = server_frame(&conn.buf[parsed..]) {
+                        if opcode == 0x8 {
+                            return Err("server closed the connection".into());
+                        }
+                        if opcode == 0x1 {
+                            frames.push(if payload.starts_with(br#"{"type":"token""#) {
+                                None
+                            } else {
+                                Some(
+                                    serde_json::from_slice::<Value>(payload)
+                                        .map_err(|e| format!("bad JSON: {e}"))?,
+                                )
+                            });
+                        }
+                        parsed += used;
+                    }
+                    conn.buf.drain(..parsed);
+                    for frame in frames {
+                        match on_frame(i, arrival, frame)? {
+                            Next::Read => {}
+                            Next::Send(v) => self.send(i, &v)?,
+                            Next::Finished => {
+                                finished[i] = true;
+                                open -= 1;
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads what `socket` holds, with the kernel's receive time of the bytes.
+fn recv_stamped(socket: &TcpStream, buf: &mut [u8]) -> std::io::Result<(usize, f64)> {
+    use std::os::fd::AsRawFd;
+    // u64s keep the control buffer aligned for cmsghdr.
+    let mut control = [0u64; 16];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: msghdr is plain data; every pointer in it refers to a live
+    // buffer of the stated length, and the cmsg walk stays inside `control`.
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = std::mem::size_of_val(&control) as _;
+        let n = libc::recvmsg(socket.as_raw_fd(), &mut msg, libc::MSG_DONTWAIT);
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut stamp = f64::NAN;
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_TIMESTAMPNS
+            {
+                let ts: libc::timespec = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast());
+                stamp = ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9;
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+        Ok((n as usize, stamp))
+    }
+}
+
+/// One complete unmasked server frame at the start of `buf`: its opcode,
+/// payload and encoded length. Server frames are never fragmented.
+fn server_frame(buf: &[u8]) -> Option<(u8, &[u8], usize)> {
+    let opcode = buf.first()? & 0x0f;
+    let (len, header) = match buf.get(1)? & 0x7f {
+        126 => (
+            u16::from_be_bytes(buf.get(2..4)?.try_into().ok()?) as usize,
+            4,
+        ),
+        127 => (
+            u64::from_be_bytes(buf.get(2..10)?.try_into().ok()?) as usize,
+            10,
+        ),
+        n => (n as usize, 2),
+    };
+    let payload = buf.get(header..header + len)?;
+    Some((opcode, payload, header + len))
 }
 
 fn spawn<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
@@ -255,6 +479,8 @@ fn stats(addr: SocketAddr) -> Result<Value, String> {
 
 /// Server CPU per cached answer: warm one answer, then many connections ask
 /// it again (each time in a new conversation, so every ask is a cache hit).
+/// All connections are driven by one [`Reactor`] thread, so the client costs
+/// the shared cores as little as it can.
 fn cache_hit(args: &Args) -> Result<Value, String> {
     let pid = args.pid.ok_or("cache-hit needs --pid")?;
     let connections = if args.connections == 0 {
@@ -266,36 +492,59 @@ fn cache_hit(args: &Args) -> Result<Value, String> {
     let mut warm = Client::connect(args.addr)?;
     chat(&mut warm, "warm", question)?;
     let per_connection = args.requests.div_ceil(connections);
-    let barrier = Arc::new(Barrier::new(connections + 1));
-    let handles: Vec<_> = (0..connections)
-        .map(|_| {
-            let (barrier, addr) = (barrier.clone(), args.addr);
-            spawn(move || -> Result<(Vec<f64>, usize), String> {
-                let mut c = Client::connect(addr)?;
-                barrier.wait();
-                let mut latencies = Vec::with_capacity(per_connection);
-                let mut hits = 0;
-                for i in 0..per_connection {
-                    let o = chat(&mut c, &format!("h{i}"), question)?;
-                    if o.role == "cache" {
-                        hits += 1;
-                    }
-                    latencies.push(ms(o.first_token.unwrap_or(o.sent) - o.sent));
-                }
-                Ok((latencies, hits))
-            })
-        })
-        .collect();
-    barrier.wait();
+    let clients = (0..connections)
+        .map(|_| Client::connect(args.addr))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut reactor = Reactor::new(clients)?;
+    struct Asking {
+        asked: usize,
+        sent: Instant,
+        first_token: Option<Instant>,
+        role_cache: bool,
+    }
+    let chat_frame = |n: usize| json!({"type": "chat", "id": format!("h{n}"), "message": question});
     let cpu_before = cpu_seconds(pid)?;
     let started = Instant::now();
-    let mut latencies = Vec::new();
+    let mut state: Vec<Asking> = (0..connections)
+        .map(|i| -> Result<Asking, String> {
+            reactor.send(i, &chat_frame(0))?;
+            Ok(Asking {
+                asked: 1,
+                sent: Instant::now(),
+                first_token: None,
+                role_cache: false,
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    let mut latencies = Vec::with_capacity(per_connection * connections);
     let mut hits = 0;
-    for h in handles {
-        let (l, n) = h.join().map_err(|_| "client thread panicked")??;
-        latencies.extend(l);
-        hits += n;
-    }
+    reactor.run(|i, arrival, frame| {
+        let s = &mut state[i];
+        let Some(v) = frame else {
+            s.first_token.get_or_insert(arrival.read);
+            return Ok(Next::Read);
+        };
+        match v["type"].as_str() {
+            Some("start") => s.role_cache = v["role"] == "cache",
+            Some("done") => {
+                hits += usize::from(s.role_cache);
+                latencies.push(ms(s.first_token.unwrap_or(s.sent) - s.sent));
+                if s.asked == per_connection {
+                    return Ok(Next::Finished);
+                }
+                *s = Asking {
+                    asked: s.asked + 1,
+                    sent: Instant::now(),
+                    first_token: None,
+                    role_cache: false,
+                };
+                return Ok(Next::Send(chat_frame(s.asked - 1)));
+            }
+            Some("error") => return Err(format!("chat failed: {v}")),
+            _ => {}
+        }
+        Ok(Next::Read)
+    })?;
     let wall = started.elapsed();
     let cpu = cpu_seconds(pid)? - cpu_before;
     let tokens = stats(args.addr)?;
@@ -378,23 +627,43 @@ fn fanout(args: &Args) -> Result<Value, String> {
     let clients: Vec<Client> = (0..connections)
         .map(|_| Client::connect(args.addr))
         .collect::<Result<_, _>>()?;
-    let barrier = Arc::new(Barrier::new(connections));
+    let mut reactor = Reactor::new(clients)?;
     let cpu_before = args.pid.map(cpu_seconds).transpose()?;
-    let handles: Vec<_> = clients
-        .into_iter()
-        .enumerate()
-        .map(|(i, mut c)| {
-            let barrier = barrier.clone();
-            spawn(move || -> Result<Observed, String> {
-                barrier.wait();
-                chat(&mut c, &format!("f{i}"), "One question for everyone")
-            })
-        })
-        .collect();
     let mut observed = Vec::with_capacity(connections);
-    for h in handles {
-        observed.push(h.join().map_err(|_| "client thread panicked")??);
+    for i in 0..connections {
+        let id = format!("f{i}");
+        reactor.send(
+            i,
+            &json!({"type": "chat", "id": id, "message": "One question for everyone"}),
+        )?;
+        observed.push(Observed {
+            sent: Instant::now(),
+            first_token: None,
+            token_times: Vec::with_capacity(64),
+            kernel_times: Vec::with_capacity(64),
+            end: Value::Null,
+            role: String::new(),
+        });
     }
+    reactor.run(|i, arrival, frame| {
+        let o = &mut observed[i];
+        let Some(v) = frame else {
+            o.first_token.get_or_insert(arrival.read);
+            o.token_times.push(arrival.read);
+            o.kernel_times.push(arrival.kernel);
+            return Ok(Next::Read);
+        };
+        match v["type"].as_str() {
+            Some("start") => o.role = v["role"].as_str().unwrap_or("").to_owned(),
+            Some("done") => {
+                o.end = v;
+                return Ok(Next::Finished);
+            }
+            Some("error") => return Err(format!("chat failed: {v}")),
+            _ => {}
+        }
+        Ok(Next::Read)
+    })?;
     let server_cpu = match (args.pid, cpu_before) {
         (Some(pid), Some(before)) => Some(cpu_seconds(pid)? - before),
         _ => None,
@@ -404,27 +673,16 @@ fn fanout(args: &Args) -> Result<Value, String> {
         .map(|o| o.token_times.len())
         .min()
         .unwrap_or(0);
-    // For each token, the earliest arrival over all connections.
-    let first: Vec<Instant> = (0..tokens)
-        .map(|seq| {
-            observed
-                .iter()
-                .map(|o| o.token_times[seq])
-                .min()
-                .unwrap_or_else(Instant::now)
-        })
-        .collect();
-    let mut worst_lag_per_connection = Vec::with_capacity(connections);
-    let mut all_lags = Vec::with_capacity(connections * tokens);
-    for o in &observed {
-        let mut worst = 0.0f64;
-        for (arrived, earliest) in o.token_times.iter().zip(&first) {
-            let lag = ms(*arrived - *earliest);
-            worst = worst.max(lag);
-            all_lags.push(lag);
-        }
-        worst_lag_per_connection.push(worst);
-    }
+    // Lag of every token at every connection behind its earliest arrival
+    // anywhere, measured on the kernel's receive clock and on the reactor's
+    // read clock.
+    let kernel_lags = lags(&observed, tokens, |o, seq| o.kernel_times[seq]);
+    let origin = Instant::now();
+    let read_lags = lags(&observed, tokens, |o, seq| {
+        -(origin
+            .saturating_duration_since(o.token_times[seq])
+            .as_secs_f64())
+    });
     let roles = observed
         .iter()
         .fold(std::collections::BTreeMap::new(), |mut m, o| {
@@ -438,11 +696,42 @@ fn fanout(args: &Args) -> Result<Value, String> {
         "tokens": tokens,
         "roles": roles,
         "upstream_calls": s["upstream"]["calls"],
-        "lag_behind_first_receiver_ms (every token, every connection)": summary(all_lags),
-        "worst_lag_per_connection_ms": summary(worst_lag_per_connection),
+        "lag_behind_first_receiver_ms, kernel receive time (every token, every connection)": summary(kernel_lags.0),
+        "worst_kernel_lag_per_connection_ms": summary(kernel_lags.1),
+        "lag_behind_first_receiver_ms, client read time (every token, every connection)": summary(read_lags.0),
+        "worst_read_lag_per_connection_ms": summary(read_lags.1),
         "server_cpu_us_per_delivered_token": server_cpu
             .map(|cpu| cpu * 1e6 / (connections * tokens.max(1)) as f64),
     }))
+}
+
+/// Every lag (ms) of a token behind its earliest arrival at any connection,
+/// and each connection's worst, with arrival times in seconds from `time`.
+fn lags(
+    observed: &[Observed],
+    tokens: usize,
+    time: impl Fn(&Observed, usize) -> f64,
+) -> (Vec<f64>, Vec<f64>) {
+    let first: Vec<f64> = (0..tokens)
+        .map(|seq| {
+            observed
+                .iter()
+                .map(|o| time(o, seq))
+                .fold(f64::INFINITY, f64::min)
+        })
+        .collect();
+    let mut all = Vec::with_capacity(observed.len() * tokens);
+    let mut worst = Vec::with_capacity(observed.len());
+    for o in observed {
+        let mut w = 0.0f64;
+        for (seq, earliest) in first.iter().enumerate() {
+            let lag = (time(o, seq) - earliest) * 1000.0;
+            w = w.max(lag);
+            all.push(lag);
+        }
+        worst.push(w);
+    }
+    (all, worst)
 }
 
 /// Resident memory per idle WebSocket connection.

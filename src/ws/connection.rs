@@ -17,9 +17,15 @@
 //! through [`Socket::write`], which first drains our pending bytes, so the
 //! two writers never interleave inside a frame.
 //!
-//! Threads: only this connection's thread touches the socket, the
-//! tungstenite state and the write buffer. Other threads reach the
-//! connection only through its outbox.
+//! While this thread sleeps with nothing of its own to write, producers
+//! write their frames to the socket themselves instead of waking it (see
+//! [`Outbox`]: "writing straight through"); the thread takes the socket back
+//! with [`Outbox::unpark`] whenever its poll returns.
+//!
+//! Threads: only this connection's thread touches the tungstenite state
+//! and the write buffer, and it reads the socket alone. Other threads reach
+//! the connection only through its outbox, which writes to the socket only
+//! while this thread is parked.
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
@@ -109,7 +115,7 @@ impl Limits {
 
 /// The TCP stream plus our own pending output.
 struct Socket {
-    tcp: TcpStream,
+    tcp: Arc<TcpStream>,
     pending: Vec<u8>,
     written: usize,
 }
@@ -118,7 +124,7 @@ impl Socket {
     /// Writes what is pending; `Ok(true)` when everything went out.
     fn drain(&mut self) -> io::Result<bool> {
         while self.written < self.pending.len() {
-            match self.tcp.write(&self.pending[self.written..]) {
+            match (&*self.tcp).write(&self.pending[self.written..]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => self.written += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
@@ -137,7 +143,7 @@ impl Socket {
 
 impl Read for Socket {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.tcp.read(buf)
+        (&*self.tcp).read(buf)
     }
 }
 
@@ -148,7 +154,7 @@ impl Write for Socket {
         if !self.drain()? {
             return Err(io::ErrorKind::WouldBlock.into());
         }
-        self.tcp.write(buf)
+        (&*self.tcp).write(buf)
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -178,6 +184,8 @@ pub fn serve(
         .max_write_buffer_size(64 * 1024)
         .max_message_size(Some(limits.hard_cap()))
         .max_frame_size(Some(limits.hard_cap()));
+    let tcp = Arc::new(tcp);
+    outbox.attach_socket(tcp.clone());
     let socket = Socket {
         tcp,
         pending: Vec::new(),
@@ -272,7 +280,8 @@ impl Connection<'_> {
                 return Ok(());
             }
             let local_work = self.replay.is_some() || !self.taken.is_empty();
-            let parked = !local_work && self.outbox.park_if_empty();
+            let socket_idle = !write_blocked && self.closing_since.is_none();
+            let parked = !local_work && self.outbox.park_if_empty(socket_idle);
             if !parked && !write_blocked {
                 continue;
             }
@@ -296,9 +305,7 @@ impl Connection<'_> {
                 Ok(_) | Err(rustix::io::Errno::INTR) => {}
                 Err(e) => return Err(e.into()),
             }
-            if fds[1].revents().contains(PollFlags::IN) {
-                self.outbox.clear_wake();
-            }
+            self.outbox.unpark(fds[1].revents().contains(PollFlags::IN));
             if fds[0]
                 .revents()
                 .intersects(PollFlags::IN | PollFlags::HUP | PollFlags::RDHUP)
@@ -355,6 +362,7 @@ impl Connection<'_> {
                         frame::encode_text(&mut socket.pending, &[&prefix, &tail.0])
                     }
                     Frame::Json(bytes) => frame::encode_text(&mut socket.pending, &[&bytes]),
+                    Frame::Raw(bytes) => socket.pending.extend_from_slice(&bytes),
                     Frame::Replay(replay) => {
                         self.replay = Some(replay);
                         break;

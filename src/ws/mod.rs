@@ -5,6 +5,6 @@
 //! polling intervals.
 
 mod connection;
-mod frame;
+pub(crate) mod frame;
 
 pub use connection::{serve, Limits};
