@@ -226,7 +226,7 @@ fn consume(outbox: &Outbox, received: &AtomicUsize) {
                     black_box(&tails);
                     tokens += tails.len();
                 }
-                Frame::Json(bytes) | Frame::Raw(bytes) => {
+                Frame::Json(bytes) | Frame::Encoded(bytes) => {
                     black_box(bytes);
                 }
                 Frame::Close(..) => return,

@@ -449,7 +449,7 @@ mod tests {
                     }
                 }
                 Frame::Close(..) => panic!("unexpected close"),
-                Frame::Raw(_) => panic!("no socket is attached, so nothing is written through"),
+                Frame::Encoded(_) => panic!("no socket is attached, so nothing is written through"),
             }
         }
         (tokens, errors)

@@ -515,9 +515,9 @@ impl History {
         self.inner.stats.pending.load(Ordering::Relaxed)
     }
 
-    /// Number of write transactions committed so far.
-    #[cfg(test)]
-    fn committed_batches(&self) -> u64 {
+    /// Number of write transactions committed so far (each commits a batch
+    /// of ops: group commit).
+    pub fn committed_batches(&self) -> u64 {
         self.inner.stats.batches.load(Ordering::Relaxed)
     }
 }

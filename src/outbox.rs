@@ -25,7 +25,7 @@
 //! that finds the queue empty encodes its frames and writes them to the
 //! non-blocking socket itself, under this queue's lock, without waking
 //! anyone. If the socket takes only part, the rest is queued as
-//! [`Frame::Raw`] ahead of everything else and the consumer is woken to
+//! [`Frame::Encoded`] ahead of everything else and the consumer is woken to
 //! finish it when the socket drains. The consumer gives the socket back to
 //! itself ([`Outbox::unpark`]) as soon as its poll returns, before it reads
 //! (tungstenite may answer a ping while reading), so at any moment exactly
@@ -65,9 +65,10 @@ pub enum Frame {
     Json(Vec<u8>),
     /// Close the WebSocket with this close code and reason, then end.
     Close(u16, &'static str),
-    /// Encoded WebSocket frames whose first bytes a producer already wrote
-    /// to the socket: the rest, to be written verbatim before anything else.
-    Raw(Vec<u8>),
+    /// WebSocket frames already encoded, written verbatim: a whole cached
+    /// answer, or the rest of frames whose first bytes a producer already
+    /// wrote to the socket.
+    Encoded(Vec<u8>),
 }
 
 impl Frame {
@@ -75,7 +76,7 @@ impl Frame {
     fn encoded_len(&self) -> usize {
         match self {
             Frame::Token { prefix, tail } => prefix.len() + tail.0.len(),
-            Frame::Json(bytes) | Frame::Raw(bytes) => bytes.len(),
+            Frame::Json(bytes) | Frame::Encoded(bytes) => bytes.len(),
             Frame::Replay(_) | Frame::Close(..) => 0,
         }
     }
@@ -87,7 +88,7 @@ impl Frame {
         match self {
             Frame::Token { prefix, tail } => frame::encode_text(out, &[prefix, &tail.0]),
             Frame::Json(bytes) => frame::encode_text(out, &[bytes]),
-            Frame::Raw(bytes) => out.extend_from_slice(bytes),
+            Frame::Encoded(bytes) => out.extend_from_slice(bytes),
             Frame::Replay(_) | Frame::Close(..) => return false,
         }
         true
@@ -175,7 +176,7 @@ impl Queue {
                 }
             }
             if written < buf.len() {
-                self.enqueue(Frame::Raw(buf[written..].to_vec()));
+                self.enqueue(Frame::Encoded(buf[written..].to_vec()));
             }
             if buf.capacity() > SCRATCH_KEEP {
                 *buf = Vec::new();
@@ -605,7 +606,7 @@ mod tests {
         let mut batch = Vec::new();
         o.take_all(&mut batch);
         assert!(
-            matches!(batch.first(), Some(Frame::Raw(_))),
+            matches!(batch.first(), Some(Frame::Encoded(_))),
             "the unwritten rest of a frame comes first"
         );
         let mut fds = [PollFd::new(&o.waker, PollFlags::IN)];

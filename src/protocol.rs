@@ -565,14 +565,10 @@ impl TokenTail {
 /// A fresh unguessable id: `prefix` followed by 128 random bits in hex.
 ///
 /// Ids are capabilities (knowing a request id lets a client resume it), so
-/// they come from the operating system's random source.
+/// they come from the operating system's random source, fetched in blocks
+/// of [`RANDOM_BLOCK`] bytes per thread so that an id costs no system call.
 pub fn random_id(prefix: &str) -> String {
-    let mut bytes = [0u8; 16];
-    if getrandom::fill(&mut bytes).is_err() {
-        // getrandom only fails on exotic platforms without an entropy source;
-        // refusing to run is better than handing out guessable ids.
-        panic!("the operating system's random source is unavailable");
-    }
+    let bytes = random_bytes();
     let mut id = String::with_capacity(prefix.len() + 32);
     id.push_str(prefix);
     for b in bytes {
@@ -580,6 +576,35 @@ pub fn random_id(prefix: &str) -> String {
         id.push(char::from_digit(u32::from(b & 15), 16).unwrap_or('0'));
     }
     id
+}
+
+/// Bytes fetched from the operating system's random source at once.
+const RANDOM_BLOCK: usize = 1024;
+
+thread_local! {
+    /// Unused random bytes of this thread and where the unused part starts.
+    static RANDOM: std::cell::RefCell<([u8; RANDOM_BLOCK], usize)> =
+        const { std::cell::RefCell::new(([0; RANDOM_BLOCK], RANDOM_BLOCK)) };
+}
+
+/// 16 bytes from the operating system's random source, never handed out twice.
+fn random_bytes() -> [u8; 16] {
+    RANDOM.with_borrow_mut(|(block, used)| {
+        if *used + 16 > RANDOM_BLOCK {
+            if getrandom::fill(block).is_err() {
+                // getrandom only fails on exotic platforms without an entropy
+                // source; refusing to run beats handing out guessable ids.
+                panic!("the operating system's random source is unavailable");
+            }
+            *used = 0;
+        }
+        let mut bytes = [0u8; 16];
+        bytes.copy_from_slice(&block[*used..*used + 16]);
+        // Spent bytes are wiped so they cannot leak again later.
+        block[*used..*used + 16].fill(0);
+        *used += 16;
+        bytes
+    })
 }
 
 /// A new conversation id: `c-`, the creation time in milliseconds (12 hex
@@ -736,6 +761,24 @@ mod tests {
         let c = conversation_id();
         assert_eq!(c.len(), 2 + 12 + 32);
         assert_ne!(c, conversation_id());
+    }
+
+    #[test]
+    fn ids_stay_unique_across_refills_and_threads() {
+        let draws = 4 * RANDOM_BLOCK / 16;
+        let ids: Vec<String> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..4)
+                .map(|_| s.spawn(move || (0..draws).map(|_| random_id("")).collect::<Vec<_>>()))
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().unwrap())
+                .collect()
+        });
+        let distinct: std::collections::HashSet<&String> = ids.iter().collect();
+        assert_eq!(distinct.len(), ids.len());
+        // 16 zero bytes would mean a spent (wiped) slot was handed out.
+        assert!(ids.iter().all(|id| id != &"0".repeat(32)));
     }
 
     #[test]

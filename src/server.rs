@@ -528,7 +528,10 @@ fn stats_json(shared: &Shared) -> serde_json::Value {
             "in_flight": shared.pipeline.generations(),
         },
         "ttft_ms": {"p50": p50, "p99": p99, "recent": m.recent_ttft_ms(60)},
-        "history": {"pending_writes": shared.history.pending_writes()},
+        "history": {
+            "pending_writes": shared.history.pending_writes(),
+            "commits": shared.history.committed_batches(),
+        },
         "draining": shared.draining.load(Ordering::Acquire),
     })
 }

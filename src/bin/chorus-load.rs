@@ -453,6 +453,35 @@ fn cpu_seconds(pid: u32) -> Result<f64, String> {
     Ok((ticks(11) + ticks(12)) / hz)
 }
 
+/// CPU seconds of the server's threads by role: thread
+/// names without their number (`chorus-conn`, `chorus-cache`, …), from
+/// /proc/PID/task. Threads that ended in between are missing from it.
+fn cpu_by_thread(pid: u32) -> Result<std::collections::BTreeMap<String, f64>, String> {
+    let mut by_role = std::collections::BTreeMap::new();
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).map_err(|e| e.to_string())?;
+    for task in tasks.flatten() {
+        // schedstat's first field is the time on a CPU in nanoseconds, far
+        // finer than stat's clock ticks, which a short-lived share of many
+        // threads would round away.
+        let (Ok(name), Ok(schedstat)) = (
+            std::fs::read_to_string(task.path().join("comm")),
+            std::fs::read_to_string(task.path().join("schedstat")),
+        ) else {
+            continue;
+        };
+        let role = name
+            .trim()
+            .trim_end_matches(|c: char| c.is_ascii_digit() || c == '-');
+        let nanos: f64 = schedstat
+            .split_whitespace()
+            .next()
+            .and_then(|f| f.parse().ok())
+            .unwrap_or(0.0);
+        *by_role.entry(role.to_owned()).or_insert(0.0) += nanos / 1e9;
+    }
+    Ok(by_role)
+}
+
 /// Resident set size in KiB, from /proc/PID/status.
 fn rss_kib(pid: u32) -> Result<f64, String> {
     let status =
@@ -503,7 +532,9 @@ fn cache_hit(args: &Args) -> Result<Value, String> {
         role_cache: bool,
     }
     let chat_frame = |n: usize| json!({"type": "chat", "id": format!("h{n}"), "message": question});
+    let commits_before = stats(args.addr)?["history"]["commits"].as_f64();
     let cpu_before = cpu_seconds(pid)?;
+    let threads_before = cpu_by_thread(pid)?;
     let started = Instant::now();
     let mut state: Vec<Asking> = (0..connections)
         .map(|i| -> Result<Asking, String> {
@@ -547,12 +578,24 @@ fn cache_hit(args: &Args) -> Result<Value, String> {
     })?;
     let wall = started.elapsed();
     let cpu = cpu_seconds(pid)? - cpu_before;
+    let by_thread: serde_json::Map<String, Value> = cpu_by_thread(pid)?
+        .into_iter()
+        .map(|(role, seconds)| {
+            let spent = seconds - threads_before.get(&role).copied().unwrap_or(0.0);
+            (role, json!(spent * 1e6 / hits.max(1) as f64))
+        })
+        .filter(|(_, us)| us.as_f64().unwrap_or(0.0) > 0.0)
+        .collect();
     let tokens = stats(args.addr)?;
     Ok(json!({
         "scenario": "cache-hit",
         "connections": connections,
         "hits": hits,
         "server_cpu_us_per_hit": cpu * 1e6 / hits.max(1) as f64,
+        "server_cpu_us_per_hit_by_thread": by_thread,
+        "hits_per_history_commit": commits_before
+            .zip(tokens["history"]["commits"].as_f64())
+            .map(|(before, after)| hits as f64 / (after - before).max(1.0)),
         "hits_per_second": hits as f64 / wall.as_secs_f64(),
         "client_latency_to_first_token_ms": summary(latencies),
         "upstream_calls": tokens["upstream"]["calls"],

@@ -18,6 +18,7 @@ use crate::cache::CachedAnswer;
 use crate::history;
 use crate::outbox::Frame;
 use crate::protocol::{self, ErrorCode, Failure, Finish, Role, Stage};
+use crate::ws::frame;
 
 impl Shared {
     // -- ending things -----------------------------------------------------
@@ -127,13 +128,18 @@ impl Shared {
                 _ => None,
             };
             for a in st.attachments.iter().filter(|a| a.is_live()) {
-                let mut frames = Vec::new();
+                // A cached answer is encoded here in one piece, so it costs
+                // one queue entry and reaches the socket in one write.
+                let mut bytes = Vec::new();
                 if let Some(answer) = &cached {
-                    frames.push(Frame::Json(protocol::start(&a.request, Role::Cache)));
-                    frames.extend(cached_tokens(a, answer, 0, answer.tokens()));
+                    let start = protocol::start(&a.request, Role::Cache);
+                    frame::encode_text(&mut bytes, &[&start]);
+                    for tail in &answer.tails {
+                        frame::encode_text(&mut bytes, &[&a.prefix, &tail.0]);
+                    }
                 }
-                frames.push(Frame::Json(end_frame.clone()));
-                let _ = a.outbox.push_all(frames);
+                frame::encode_text(&mut bytes, &[&end_frame]);
+                let _ = a.outbox.push(Frame::Encoded(bytes));
             }
             st.attachments.clear();
             st.end = Some(end);

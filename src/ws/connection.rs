@@ -118,6 +118,10 @@ struct Socket {
     tcp: Arc<TcpStream>,
     pending: Vec<u8>,
     written: usize,
+    /// Set when a read returned less than asked: the kernel had nothing
+    /// more, so the next read can answer `WouldBlock` without a system
+    /// call. Cleared when poll reports input.
+    input_drained: bool,
 }
 
 impl Socket {
@@ -143,7 +147,13 @@ impl Socket {
 
 impl Read for Socket {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        (&*self.tcp).read(buf)
+        if self.input_drained {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let n = (&*self.tcp).read(buf)?;
+        // A short read of a stream socket took everything there was.
+        self.input_drained = n > 0 && n < buf.len();
+        Ok(n)
     }
 }
 
@@ -190,6 +200,7 @@ pub fn serve(
         tcp,
         pending: Vec::new(),
         written: 0,
+        input_drained: false,
     };
     let mut ws = WebSocket::from_partially_read(socket, leftover, Role::Server, Some(config));
     let mut conn = Connection {
@@ -305,17 +316,13 @@ impl Connection<'_> {
                 Ok(_) | Err(rustix::io::Errno::INTR) => {}
                 Err(e) => return Err(e.into()),
             }
-            self.outbox.unpark(fds[1].revents().contains(PollFlags::IN));
-            if fds[0]
-                .revents()
-                .intersects(PollFlags::IN | PollFlags::HUP | PollFlags::RDHUP)
-            {
+            let (socket_ready, woken) = (fds[0].revents(), fds[1].revents());
+            self.outbox.unpark(woken.contains(PollFlags::IN));
+            if socket_ready.intersects(PollFlags::IN | PollFlags::HUP | PollFlags::RDHUP) {
                 self.readable = true;
+                ws.get_mut().input_drained = false;
             }
-            if fds[0]
-                .revents()
-                .intersects(PollFlags::ERR | PollFlags::NVAL)
-            {
+            if socket_ready.intersects(PollFlags::ERR | PollFlags::NVAL) {
                 return Ok(());
             }
         }
@@ -362,7 +369,7 @@ impl Connection<'_> {
                         frame::encode_text(&mut socket.pending, &[&prefix, &tail.0])
                     }
                     Frame::Json(bytes) => frame::encode_text(&mut socket.pending, &[&bytes]),
-                    Frame::Raw(bytes) => socket.pending.extend_from_slice(&bytes),
+                    Frame::Encoded(bytes) => socket.pending.extend_from_slice(&bytes),
                     Frame::Replay(replay) => {
                         self.replay = Some(replay);
                         break;
