@@ -32,6 +32,15 @@
 //! one side writes, and bytes reach the socket in the order they were
 //! pushed. The connection thread stays the socket's owner: it reads,
 //! answers control frames, writes whenever output backs up, and closes.
+//!
+//! Riding along. `accepted` and the first `state` of a chat are made by the
+//! connection thread itself, and the request's next frames (a cached
+//! answer, usually within microseconds) come from a worker. Writing the
+//! first two at once would cost a system call per chat and a second TCP
+//! segment, so the connection thread may leave them queued as *deferred*
+//! ([`Outbox::push_deferred`]) and sleep: the next producer's write carries
+//! them, in front of its own frames. If no producer comes, the janitor
+//! releases them ([`Outbox::release_deferred`]) within one of its ticks.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -137,6 +146,12 @@ struct Queue {
     /// Set with `parked` when the consumer has no bytes of its own waiting:
     /// producers may then write to `socket` themselves.
     socket_idle: bool,
+    /// How many of `frames` the consumer pushed with
+    /// [`Outbox::push_deferred`]; when that is all of them, it may sleep
+    /// and leave them to the next producer.
+    deferred: usize,
+    /// Set with `parked` when the consumer sleeps leaving deferred frames.
+    lingering: bool,
     /// The connection's socket (non-blocking), for writing straight through.
     socket: Option<Arc<TcpStream>>,
     /// Set once by the consumer when the connection ends.
@@ -149,21 +164,31 @@ impl Queue {
         self.frames.push_back(frame);
     }
 
-    /// The socket, when frames may be written to it right now.
+    /// The socket, when frames may be written to it right now: the
+    /// consumer sleeps with nothing of its own to write except deferred
+    /// frames, which then go first.
     fn direct_socket(&self) -> Option<Arc<TcpStream>> {
-        if self.parked && self.socket_idle && self.frames.is_empty() {
+        if self.parked && self.socket_idle && (self.frames.is_empty() || self.lingering) {
             self.socket.clone()
         } else {
             None
         }
     }
 
-    /// Encodes `frames` and writes them to `socket` while it takes them;
-    /// whatever it does not take is queued, in order.
+    /// Encodes the deferred frames waiting and then `frames`, and writes
+    /// them to `socket` while it takes them; whatever it does not take is
+    /// queued, in order.
     fn write_through(&mut self, socket: &TcpStream, frames: impl Iterator<Item = Frame>) {
         let mut frames = frames.peekable();
         SCRATCH.with_borrow_mut(|buf| {
             buf.clear();
+            // Deferred frames are plain JSON, which always encodes.
+            for waiting in self.frames.drain(..) {
+                waiting.encode_into(buf);
+            }
+            self.bytes = 0;
+            self.deferred = 0;
+            self.lingering = false;
             while frames.next_if(|f| f.encode_into(buf)).is_some() {}
             let mut written = 0;
             while written < buf.len() {
@@ -221,6 +246,8 @@ impl Outbox {
                 bytes: 0,
                 parked: false,
                 socket_idle: false,
+                deferred: 0,
+                lingering: false,
                 socket: None,
                 closed: false,
             }),
@@ -262,6 +289,34 @@ impl Outbox {
         Ok(())
     }
 
+    /// Consumer only: queues JSON frames it made itself that may wait for
+    /// the next producer's write to carry them (see "Riding along" above);
+    /// they never wait longer than one janitor tick.
+    pub fn push_deferred(&self, frames: impl IntoIterator<Item = Vec<u8>>) {
+        let mut q = self.queue.lock();
+        if q.closed {
+            return;
+        }
+        for json in frames {
+            q.enqueue(Frame::Json(json));
+            q.deferred += 1;
+        }
+    }
+
+    /// Wakes a consumer that sleeps leaving deferred frames, so it writes
+    /// them itself. Called by the janitor: it bounds how long they wait.
+    pub fn release_deferred(&self) {
+        {
+            let mut q = self.queue.lock();
+            if !q.lingering {
+                return;
+            }
+            q.lingering = false;
+            q.parked = false;
+        }
+        self.wake();
+    }
+
     /// Queues a token frame unless `capacity` frames are already waiting.
     pub fn push_token(&self, frame: Frame) -> Result<(), PushError> {
         if self.queue_token(frame)? {
@@ -293,6 +348,7 @@ impl Outbox {
     pub fn take_all(&self, batch: &mut Vec<Frame>) {
         let mut q = self.queue.lock();
         q.bytes = 0;
+        q.deferred = 0;
         batch.extend(q.frames.drain(..));
     }
 
@@ -300,6 +356,8 @@ impl Outbox {
     pub fn take_some(&self, batch: &mut impl Extend<Frame>, max: usize) {
         let mut q = self.queue.lock();
         let n = q.frames.len().min(max);
+        // The consumer writes what it takes itself, deferred or not.
+        q.deferred = 0;
         let Queue { frames, bytes, .. } = &mut *q;
         batch.extend(frames.drain(..n).inspect(|f| *bytes -= f.encoded_len()));
     }
@@ -308,12 +366,19 @@ impl Outbox {
     /// going to sleep on [`Outbox::waker_fd`] and returns true. A producer
     /// pushing afterwards will wake it, or, when `socket_idle` (the
     /// consumer has no bytes of its own to write) and a socket is attached,
-    /// write to the socket itself.
+    /// write to the socket itself. With `socket_idle`, frames pushed with
+    /// [`Outbox::push_deferred`] count as nothing waiting: the next
+    /// producer's write carries them.
     pub fn park_if_empty(&self, socket_idle: bool) -> bool {
         let mut q = self.queue.lock();
-        if q.frames.is_empty() {
+        let lingering = !q.frames.is_empty()
+            && socket_idle
+            && q.socket.is_some()
+            && q.deferred == q.frames.len();
+        if q.frames.is_empty() || lingering {
             q.parked = true;
             q.socket_idle = socket_idle;
+            q.lingering = lingering;
             true
         } else {
             false
@@ -332,6 +397,7 @@ impl Outbox {
         let mut q = self.queue.lock();
         q.parked = false;
         q.socket_idle = false;
+        q.lingering = false;
     }
 
     /// Wakes the consumer from its poll.
@@ -354,6 +420,8 @@ impl Outbox {
         q.socket = None;
         q.frames.clear();
         q.bytes = 0;
+        q.deferred = 0;
+        q.lingering = false;
         q.frames.shrink_to_fit();
     }
 
@@ -638,22 +706,26 @@ mod tests {
     }
 
     /// Producers push from many threads while a consumer parks and unparks
-    /// the way a connection thread does; the client must read every frame
-    /// whole, and each producer's frames in its own order.
+    /// the way a connection thread does, deferring frames of its own; the
+    /// client must read every frame whole, and each pusher's frames in its
+    /// own order.
     #[test]
     fn stress_write_through_and_queue_interleave_without_loss_or_reordering() {
         const PRODUCERS: usize = 8;
         const EACH: usize = 2_000;
+        // The consumer's own frames are numbered as pusher PRODUCERS.
+        const OWN: usize = 500;
         let (server, client) = socket_pair();
         let o = Arc::new(Outbox::new(usize::MAX).unwrap());
         o.attach_socket(server.clone());
-        let reader = std::thread::spawn(move || read_texts(client, PRODUCERS * EACH));
+        let reader = std::thread::spawn(move || read_texts(client, PRODUCERS * EACH + OWN));
         let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let consumer = {
             let (o, done) = (o.clone(), done.clone());
             std::thread::spawn(move || {
                 let mut pending: Vec<u8> = Vec::new();
                 let mut batch = Vec::new();
+                let mut own = 0;
                 loop {
                     batch.clear();
                     o.take_all(&mut batch);
@@ -669,9 +741,13 @@ mod tests {
                             Err(e) => panic!("{e}"),
                         }
                     }
+                    if own < OWN {
+                        o.push_deferred([format!("{PRODUCERS}:{own}").into_bytes()]);
+                        own += 1;
+                    }
                     let finished = done.load(std::sync::atomic::Ordering::Acquire);
                     if o.park_if_empty(true) {
-                        if finished {
+                        if finished && own == OWN && o.is_empty() {
                             return;
                         }
                         let mut fds = [PollFd::new(&o.waker, PollFlags::IN)];
@@ -708,13 +784,82 @@ mod tests {
         o.wake();
         consumer.join().unwrap();
         let texts = reader.join().unwrap();
-        let mut next = [0usize; PRODUCERS];
+        let mut next = [0usize; PRODUCERS + 1];
         for text in texts {
             let (p, i) = text.split_once(':').unwrap();
             let (p, i): (usize, usize) = (p.parse().unwrap(), i.parse().unwrap());
-            assert_eq!(i, next[p], "producer {p}'s frames out of order");
+            assert_eq!(i, next[p], "pusher {p}'s frames out of order");
             next[p] += 1;
         }
-        assert_eq!(next, [EACH; PRODUCERS]);
+        let mut expected = [EACH; PRODUCERS + 1];
+        expected[PRODUCERS] = OWN;
+        assert_eq!(next, expected);
+    }
+
+    #[test]
+    fn deferred_frames_ride_along_with_the_next_producer_write() {
+        let (server, client) = socket_pair();
+        let o = Outbox::new(8).unwrap();
+        o.attach_socket(server);
+        o.push_deferred([b"accepted".to_vec(), b"state".to_vec()]);
+        assert!(
+            o.park_if_empty(true),
+            "only deferred frames: the consumer may sleep"
+        );
+        o.push(json("answer")).unwrap();
+        assert!(o.is_empty());
+        let mut fds = [PollFd::new(&o.waker, PollFlags::IN)];
+        let now = rustix::event::Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        assert_eq!(poll(&mut fds, Some(&now)).unwrap(), 0, "nobody was woken");
+        assert_eq!(read_texts(client, 3), ["accepted", "state", "answer"]);
+    }
+
+    #[test]
+    fn release_deferred_wakes_a_lingering_consumer_only() {
+        let (server, _client) = socket_pair();
+        let o = Outbox::new(8).unwrap();
+        o.attach_socket(server);
+        let now = rustix::event::Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        let woken = |o: &Outbox| {
+            let mut fds = [PollFd::new(&o.waker, PollFlags::IN)];
+            poll(&mut fds, Some(&now)).unwrap() == 1
+        };
+        assert!(o.park_if_empty(true));
+        o.release_deferred();
+        assert!(!woken(&o), "nothing was deferred");
+        o.unpark(false);
+        o.push_deferred([b"accepted".to_vec()]);
+        assert!(o.park_if_empty(true));
+        o.release_deferred();
+        assert!(woken(&o));
+        o.unpark(true);
+        assert_eq!(o.len(), 1, "the consumer writes it itself now");
+    }
+
+    #[test]
+    fn deferred_frames_do_not_linger_behind_other_frames_or_a_busy_socket() {
+        let (server, _client) = socket_pair();
+        let o = Outbox::new(8).unwrap();
+        o.attach_socket(server);
+        o.push(json("token from a worker")).unwrap();
+        o.push_deferred([b"accepted".to_vec()]);
+        assert!(!o.park_if_empty(true), "a worker's frame must not wait");
+        let mut batch = Vec::new();
+        o.take_all(&mut batch);
+        o.push_deferred([b"accepted".to_vec()]);
+        assert!(
+            !o.park_if_empty(false),
+            "the consumer's own bytes are pending"
+        );
+        // Without a socket nobody else could write them.
+        let unattached = Outbox::new(8).unwrap();
+        unattached.push_deferred([b"accepted".to_vec()]);
+        assert!(!unattached.park_if_empty(true));
     }
 }

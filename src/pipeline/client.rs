@@ -89,9 +89,11 @@ impl Shared {
         self.metrics.accepted.inc();
         let attachment = Attachment::new(outbox.clone(), &request.id);
         request.state.lock().attachments.push(attachment);
-        let _ = outbox.push_all([
-            Frame::Json(protocol::accepted(&chat.id, &request.id, &conversation)),
-            Frame::Json(protocol::state(&request.id, Stage::Queued, Some(position))),
+        // Deferred: the request's next frames (a cached answer, usually)
+        // carry them in the same write.
+        outbox.push_deferred([
+            protocol::accepted(&chat.id, &request.id, &conversation),
+            protocol::state(&request.id, Stage::Queued, Some(position)),
         ]);
         // Visible to cancel, resume, the janitor and shutdown only now that
         // `accepted` is queued and the request is counted: whatever ends it

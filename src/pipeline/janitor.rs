@@ -9,7 +9,9 @@
 //!   `processing_timeout` and its upstream call is aborted;
 //! - a generation whose clients all disconnected is aborted once
 //!   `orphan_grace_ms` passed with nobody resuming (unless `complete_orphans`);
-//! - finished requests are forgotten after `replay_window_ms`.
+//! - finished requests are forgotten after `replay_window_ms`;
+//! - `accepted` frames left for the next write to carry
+//!   ([`crate::outbox::Outbox::push_deferred`]) are released.
 //!
 //! It works on snapshots (`Arc` clones taken under a brief read lock), so it
 //! never holds the active map while ending anything.
@@ -44,7 +46,14 @@ fn sweep(shared: &Arc<Shared>, now: Instant) {
         )
     };
     for request in requests {
-        let phase = request.state.lock().phase;
+        let phase = {
+            let st = request.state.lock();
+            // Frames deferred by a connection thread wait at most one tick.
+            for a in &st.attachments {
+                a.outbox.release_deferred();
+            }
+            st.phase
+        };
         if let Phase::Queued { since } = phase {
             if now.duration_since(since) > ms(t.queue_ms) {
                 let failure = Failure::new(
