@@ -18,7 +18,12 @@
 //!   deliveries per second. The consumer threads are started once per
 //!   subscriber count, with small stacks, and joined at the end.
 //!
-//! In both groups the generation is replaced by a fresh one (outside the
+//! - `publish_to_sockets/S`: one publish to `S` connections whose threads
+//!   sleep with nothing to write, so the publisher (and, from 64
+//!   subscribers on, rayon's pool) writes each frame straight to a real
+//!   loopback socket: the production path of a live stream.
+//!
+//! In every group the generation is replaced by a fresh one (outside the
 //! timer) every [`HISTORY_LIMIT`] tokens, since a [`Broadcast`] keeps its
 //! whole token history.
 //!
@@ -26,6 +31,8 @@
 //! rougher pass, or a filter such as `-- publish_and_deliver`.
 
 use std::hint::black_box;
+use std::io::Read;
+use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
@@ -271,12 +278,98 @@ fn publish_and_deliver(c: &mut Criterion) {
     group.finish();
 }
 
+/// Loopback TCP pairs: the server side attached to an outbox whose consumer
+/// is parked with an idle socket (as a sleeping connection thread leaves
+/// it), the client side kept to be drained.
+struct SocketSubscribers {
+    attachments: Vec<Arc<Attachment>>,
+    clients: Vec<TcpStream>,
+}
+
+impl SocketSubscribers {
+    fn connect(count: usize) -> SocketSubscribers {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+        let addr = listener.local_addr().expect("listener address");
+        let mut attachments = Vec::with_capacity(count);
+        let mut clients = Vec::with_capacity(count);
+        for n in 0..count {
+            let client = TcpStream::connect(addr).expect("connect loopback");
+            let (server, _) = listener.accept().expect("accept loopback");
+            server
+                .set_nonblocking(true)
+                .expect("non-blocking server side");
+            client
+                .set_nonblocking(true)
+                .expect("non-blocking client side");
+            let outbox = Outbox::new(OUTBOX_CAPACITY).expect("create an outbox eventfd");
+            outbox.attach_socket(Arc::new(server));
+            assert!(outbox.park_if_empty(true));
+            attachments.push(Attachment::new(Arc::new(outbox), &format!("r-{n:032x}")));
+            clients.push(client);
+        }
+        SocketSubscribers {
+            attachments,
+            clients,
+        }
+    }
+
+    /// Reads everything the clients have, and returns the byte count.
+    fn drain(&mut self) -> usize {
+        let mut buf = [0u8; 64 * 1024];
+        let mut total = 0;
+        for client in &mut self.clients {
+            loop {
+                match client.read(&mut buf) {
+                    Ok(0) => panic!("the server side closed"),
+                    Ok(n) => total += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        }
+        total
+    }
+}
+
+/// `publish_to_sockets/S`: one publish to `S` sleeping connections, each
+/// written straight to its loopback socket by the publisher (and, from 64
+/// subscribers on, the rayon pool). Per iteration, the time of one token's
+/// hand-out including the `S` socket writes; the client sides are drained
+/// outside the timer.
+fn publish_to_sockets(c: &mut Criterion) {
+    let mut group = c.benchmark_group("publish_to_sockets");
+    group.sampling_mode(SamplingMode::Flat);
+    for subscribers in SUBSCRIBERS {
+        let mut sockets = SocketSubscribers::connect(subscribers);
+        let mut broadcast = fresh_broadcast(&sockets.attachments);
+        group.throughput(Throughput::Elements(subscribers as u64));
+        group.bench_function(BenchmarkId::from_parameter(subscribers), |b| {
+            b.iter_custom(|iters| {
+                let mut timed = Duration::ZERO;
+                for _ in 0..iters {
+                    let start = Instant::now();
+                    black_box(broadcast.publish(black_box(TOKEN)));
+                    timed += start.elapsed();
+                    // Everything went to the sockets; nothing was queued.
+                    assert!(sockets.attachments.iter().all(|a| a.outbox.is_empty()));
+                    assert!(sockets.drain() > 0);
+                    renew_if_long(&mut broadcast, &sockets.attachments);
+                }
+                timed
+            })
+        });
+        broadcast.finish();
+        sockets.drain();
+    }
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .sample_size(10)
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-    targets = publish, publish_and_deliver
+    targets = publish, publish_and_deliver, publish_to_sockets
 }
 criterion_main!(benches);

@@ -11,9 +11,14 @@
 //! both and never neither.
 //!
 //! The producer never blocks on a subscriber. Each attachment writes into its
-//! connection's bounded [`Outbox`]; when that is full the attachment is cut
-//! off with `slow_consumer` and removed, and the others carry on. The token
-//! is encoded once ([`TokenTail`]) and the same bytes go to every outbox.
+//! connection's bounded [`Outbox`] (which, for a connection asleep with
+//! nothing else to write, means a non-blocking write to its socket); when
+//! that is full the attachment is cut off with `slow_consumer` and removed,
+//! and the others carry on. The token is encoded once ([`TokenTail`]) and
+//! the same bytes go to every outbox. From [`PARALLEL_FANOUT`] subscribers
+//! on, the hand-outs of one token run on rayon's pool (still under the
+//! generation's mutex, which the publishing thread holds while it waits),
+//! so a big audience is served by every core.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -134,7 +139,7 @@ enum Delivery {
 /// connection is a non-blocking socket write (see [`Outbox`]), pure CPU work
 /// that never waits, so it fits rayon; spread over the cores, the last of
 /// thousands of subscribers gets it proportionally sooner.
-const PARALLEL_FANOUT: usize = 64;
+pub const PARALLEL_FANOUT: usize = 64;
 
 /// What a finished generation produced.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -582,15 +582,19 @@ pub fn random_id(prefix: &str) -> String {
 const RANDOM_BLOCK: usize = 1024;
 
 thread_local! {
-    /// Unused random bytes of this thread and where the unused part starts.
-    static RANDOM: std::cell::RefCell<([u8; RANDOM_BLOCK], usize)> =
-        const { std::cell::RefCell::new(([0; RANDOM_BLOCK], RANDOM_BLOCK)) };
+    /// Unused random bytes of this thread; the first `used` are spent.
+    /// On the heap, allocated on first use: a buffer in the thread-local
+    /// block itself would add a page to every thread, idle connections
+    /// included.
+    static RANDOM: std::cell::RefCell<(Vec<u8>, usize)> =
+        const { std::cell::RefCell::new((Vec::new(), 0)) };
 }
 
 /// 16 bytes from the operating system's random source, never handed out twice.
 fn random_bytes() -> [u8; 16] {
     RANDOM.with_borrow_mut(|(block, used)| {
-        if *used + 16 > RANDOM_BLOCK {
+        if *used + 16 > block.len() {
+            block.resize(RANDOM_BLOCK, 0);
             if getrandom::fill(block).is_err() {
                 // getrandom only fails on exotic platforms without an entropy
                 // source; refusing to run beats handing out guessable ids.
