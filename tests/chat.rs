@@ -275,3 +275,38 @@ fn a_leader_reports_each_stage_before_its_first_token() {
     );
     assert!(c.answer(&request).is_done());
 }
+
+/// `accepted` rides along with a request's next frame instead of being
+/// written on its own; it must still come at once for leaders and followers
+/// whose first token is seconds away.
+#[test]
+fn accepted_comes_at_once_even_when_the_first_token_is_far_away() {
+    let server = Server::start(
+        r#"
+[llm.simulated]
+first_token_ms = 3000
+token_interval_ms = 2
+tokens = 4
+"#,
+    );
+    let (mut leader, mut follower) = (server.client(), server.client());
+    for c in [&mut leader, &mut follower] {
+        let sent = std::time::Instant::now();
+        let accepted = c.chat(None, "a slow question", json!({}));
+        assert_eq!(accepted["type"], "accepted", "{accepted}");
+        let waited = sent.elapsed();
+        assert!(
+            waited < Duration::from_millis(1000),
+            "accepted took {waited:?} with the first token 3 s away"
+        );
+    }
+    let request = |c: &mut Client| {
+        c.recv_matching(|v| v["type"] == "start")["request"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let (l, f) = (request(&mut leader), request(&mut follower));
+    assert!(leader.answer(&l).is_done());
+    assert!(follower.answer(&f).is_done());
+}
