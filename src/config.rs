@@ -267,8 +267,40 @@ pub struct LlmConfig {
     pub system_prompt: String,
     /// `max_tokens` used when the client gives none.
     pub max_tokens: u32,
+    /// How long connecting to an upstream may take, in milliseconds.
+    pub connect_timeout_ms: u64,
+    /// How long one read from an upstream may wait for data, in
+    /// milliseconds (the response head, then every piece of the stream).
+    pub read_timeout_ms: u64,
+    /// Retries of one upstream after a connect error, 429 or 5xx, only
+    /// before its first token; 0 disables them.
+    pub max_retries: u32,
+    /// First retry delay in milliseconds; it doubles per retry, with jitter.
+    pub retry_base_ms: u64,
+    /// Longest retry delay, and the longest `Retry-After` honoured (a
+    /// longer one moves on to the next provider instead).
+    pub retry_max_ms: u64,
     /// Pacing of the simulated provider.
     pub simulated: SimulatedConfig,
+    /// `[[llm.providers]]`: upstream endpoints tried in order, each after
+    /// the previous failed before its first token. Empty: one endpoint from
+    /// `base_url`, `model` and `api_key_env`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub providers: Vec<ProviderConfig>,
+}
+
+/// One `[[llm.providers]]` entry; empty fields take the `[llm]` value.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProviderConfig {
+    /// Name in logs and `/api/stats`; default: the base URL's host and port.
+    pub name: String,
+    /// Base URL of the OpenAI-compatible API.
+    pub base_url: String,
+    /// Model name sent to this endpoint.
+    pub model: String,
+    /// Environment variable holding this endpoint's API key.
+    pub api_key_env: String,
 }
 
 impl Default for LlmConfig {
@@ -280,7 +312,13 @@ impl Default for LlmConfig {
             api_key_env: "OPENAI_API_KEY".to_owned(),
             system_prompt: "You are a helpful assistant.".to_owned(),
             max_tokens: 1024,
+            connect_timeout_ms: 5000,
+            read_timeout_ms: 60000,
+            max_retries: 2,
+            retry_base_ms: 250,
+            retry_max_ms: 8000,
             simulated: SimulatedConfig::default(),
+            providers: Vec::new(),
         }
     }
 }
@@ -977,6 +1015,31 @@ impl Config {
             32,
         )?;
         at_least("server.outbox_frames", self.server.outbox_frames, 16)?;
+        let l = &self.llm;
+        at_least("llm.connect_timeout_ms", l.connect_timeout_ms, 1)?;
+        at_least("llm.read_timeout_ms", l.read_timeout_ms, 1)?;
+        at_least("llm.retry_max_ms", l.retry_max_ms, l.retry_base_ms)?;
+        for (i, p) in l.providers.iter().enumerate() {
+            let base_url = if p.base_url.is_empty() {
+                &l.base_url
+            } else {
+                &p.base_url
+            };
+            if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
+                return Err(invalid(
+                    &format!("llm.providers[{i}].base_url"),
+                    format!("{base_url:?} is not an http:// or https:// URL"),
+                ));
+            }
+        }
+        if l.providers.is_empty()
+            && !(l.base_url.starts_with("http://") || l.base_url.starts_with("https://"))
+        {
+            return Err(invalid(
+                "llm.base_url",
+                format!("{:?} is not an http:// or https:// URL", l.base_url),
+            ));
+        }
         let w = &self.workers;
         at_least("workers.cache_workers", w.cache_workers, 1)?;
         at_least(
@@ -1126,6 +1189,11 @@ mod tests {
         ("llm.api_key_env", "\"OPENAI_API_KEY\""),
         ("llm.system_prompt", "\"You are a helpful assistant.\""),
         ("llm.max_tokens", "1024"),
+        ("llm.connect_timeout_ms", "5000"),
+        ("llm.read_timeout_ms", "60000"),
+        ("llm.max_retries", "2"),
+        ("llm.retry_base_ms", "250"),
+        ("llm.retry_max_ms", "8000"),
         ("llm.simulated.first_token_ms", "200"),
         ("llm.simulated.token_interval_ms", "20"),
         ("llm.simulated.tokens", "64"),

@@ -32,7 +32,7 @@ use crate::cache::{Cache, MemoryCache};
 use crate::config::{CacheBackend, Config, LlmProvider};
 use crate::history::History;
 use crate::http::{self, StaticFiles};
-use crate::llm::{Provider, Simulated};
+use crate::llm::{Endpoint, OpenAi, Provider, RetryPolicy, Simulated};
 use crate::metrics::Metrics;
 use crate::outbox::{Frame, Outbox};
 use crate::pipeline::Pipeline;
@@ -127,10 +127,7 @@ impl Server {
                     tokens: s.tokens,
                 })
             }
-            LlmProvider::OpenAi => return Err(ServerError::Unsupported(
-                "llm.provider = \"openai\" is not available in this version yet; use \"simulated\""
-                    .into(),
-            )),
+            LlmProvider::OpenAi => Arc::new(openai_provider(&config.llm)),
         };
         let pipeline = Pipeline::start(
             config.clone(),
@@ -226,6 +223,69 @@ impl Server {
 /// the usual soft limit of 1024 would stop a default server at a few hundred
 /// connections. Raise the soft limit to the hard one, as far as it goes,
 /// and say so when even that is too low for `max_connections`.
+/// The OpenAI-compatible provider over the configured endpoints: the
+/// `[[llm.providers]]` list, or the one endpoint of `[llm]`. Keys are read
+/// from the environment here, once.
+fn openai_provider(llm: &crate::config::LlmConfig) -> OpenAi {
+    let primary = crate::config::ProviderConfig::default();
+    let entries = if llm.providers.is_empty() {
+        std::slice::from_ref(&primary)
+    } else {
+        &llm.providers[..]
+    };
+    let or = |value: &str, fallback: &str| {
+        if value.is_empty() {
+            fallback.to_owned()
+        } else {
+            value.to_owned()
+        }
+    };
+    let endpoints = entries
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let base_url = or(&p.base_url, &llm.base_url);
+            let key_env = or(&p.api_key_env, &llm.api_key_env);
+            let api_key = std::env::var(&key_env).ok().filter(|k| !k.is_empty());
+            let name = if p.name.is_empty() {
+                // Scheme and path say little; host and port tell endpoints apart.
+                let host = base_url
+                    .split("://")
+                    .nth(1)
+                    .and_then(|rest| rest.split('/').next())
+                    .unwrap_or(&base_url);
+                format!("{i}:{host}")
+            } else {
+                p.name.clone()
+            };
+            log::info!(
+                "upstream {name}: {base_url}, API key {}",
+                if api_key.is_some() {
+                    format!("from ${key_env}")
+                } else {
+                    format!("none (${key_env} is not set)")
+                }
+            );
+            Endpoint {
+                name,
+                base_url,
+                model: (!p.model.is_empty()).then(|| p.model.clone()),
+                api_key,
+            }
+        })
+        .collect();
+    OpenAi::new(
+        endpoints,
+        RetryPolicy {
+            max_retries: llm.max_retries,
+            base: Duration::from_millis(llm.retry_base_ms),
+            max: Duration::from_millis(llm.retry_max_ms),
+        },
+        Duration::from_millis(llm.connect_timeout_ms),
+        Duration::from_millis(llm.read_timeout_ms),
+    )
+}
+
 /// Sizes rayon's global pool, which the broadcaster uses to hand a token to
 /// a big audience. It can be built once per process: a second server in the
 /// same process shares the first one's.
@@ -525,6 +585,7 @@ fn stats_json(shared: &Shared) -> serde_json::Value {
             "calls": m.upstream_calls.get(),
             "aborted": m.upstream_aborted.get(),
             "failures": m.upstream_failures.get(),
+            "providers": shared.pipeline.provider_stats(),
             "in_flight": shared.pipeline.generations(),
         },
         "ttft_ms": {"p50": p50, "p99": p99, "recent": m.recent_ttft_ms(60)},

@@ -6,13 +6,16 @@
 //! notice [`AbortSignal::abort`] within one token interval, which is how the
 //! janitor, cancellation and shutdown stop an upstream call that nobody needs.
 
+mod openai;
 mod simulated;
+pub mod sse;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex};
 
+pub use openai::{Endpoint, OpenAi, RetryPolicy};
 pub use simulated::Simulated;
 
 /// What the model is asked: the assembled conversation and the options.
@@ -71,10 +74,32 @@ pub enum LlmError {
     Timeout(String),
 }
 
+/// Counters of one upstream endpoint, for `/api/stats`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct EndpointStats {
+    /// The endpoint's name.
+    pub name: String,
+    /// HTTP calls made, retries included.
+    pub calls: u64,
+    /// Calls that failed (connect error, HTTP error, broken or stalled stream).
+    pub failures: u64,
+    /// Calls that were retries of a failed one.
+    pub retries: u64,
+    /// Prompt tokens the endpoint reported using (`usage`).
+    pub prompt_tokens: u64,
+    /// Completion tokens the endpoint reported using (`usage`).
+    pub completion_tokens: u64,
+}
+
 /// A source of tokens.
 pub trait Provider: Send + Sync {
     /// A short name for logs and stats.
     fn name(&self) -> &str;
+
+    /// Counters per upstream endpoint; empty for providers without any.
+    fn endpoint_stats(&self) -> Vec<EndpointStats> {
+        Vec::new()
+    }
 
     /// Generates an answer to `prompt`, calling `on_token` with each token as
     /// soon as it exists. Blocks until the end. Must return within one token
@@ -87,7 +112,9 @@ pub trait Provider: Send + Sync {
     ) -> Result<StreamEnd, LlmError>;
 }
 
-/// A one-way "stop now" flag that a sleeping provider wakes up for.
+/// A one-way "stop now" flag that a sleeping provider wakes up for, and
+/// that runs registered hooks (closing an upstream connection a thread is
+/// blocked reading) when it fires.
 ///
 /// Cloning shares the flag.
 ///
@@ -102,8 +129,22 @@ pub trait Provider: Send + Sync {
 /// ```
 #[derive(Clone, Default)]
 pub struct AbortSignal {
-    inner: Arc<(Mutex<bool>, Condvar)>,
+    inner: Arc<(Mutex<AbortState>, Condvar)>,
 }
+
+type Hook = Box<dyn FnOnce() + Send>;
+
+#[derive(Default)]
+struct AbortState {
+    aborted: bool,
+    hooks: Vec<(u64, Hook)>,
+    next_hook: u64,
+}
+
+/// A hook registered with [`AbortSignal::on_abort`]; pass it to
+/// [`AbortSignal::forget`] once it is no longer needed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HookId(u64);
 
 impl AbortSignal {
     /// A signal that has not fired.
@@ -111,29 +152,68 @@ impl AbortSignal {
         AbortSignal::default()
     }
 
-    /// Fires the signal and wakes every sleeper. Idempotent.
+    /// Fires the signal, wakes every sleeper and runs the hooks (on this
+    /// thread, after the lock is released). Idempotent.
     pub fn abort(&self) {
-        let (flag, cond) = &*self.inner;
-        *flag.lock() = true;
+        let (state, cond) = &*self.inner;
+        let hooks = {
+            let mut st = state.lock();
+            st.aborted = true;
+            std::mem::take(&mut st.hooks)
+        };
         cond.notify_all();
+        for (_, hook) in hooks {
+            hook();
+        }
     }
 
     /// True once fired.
     pub fn is_aborted(&self) -> bool {
-        *self.inner.0.lock()
+        self.inner.0.lock().aborted
+    }
+
+    /// Runs `hook` when the signal fires, or at once if it already has.
+    ///
+    /// ```
+    /// use std::sync::atomic::{AtomicBool, Ordering};
+    /// use std::sync::Arc;
+    /// use chorus::llm::AbortSignal;
+    /// let signal = AbortSignal::new();
+    /// let ran = Arc::new(AtomicBool::new(false));
+    /// let flag = ran.clone();
+    /// signal.on_abort(move || flag.store(true, Ordering::SeqCst));
+    /// signal.abort();
+    /// assert!(ran.load(Ordering::SeqCst));
+    /// ```
+    pub fn on_abort(&self, hook: impl FnOnce() + Send + 'static) -> HookId {
+        let mut st = self.inner.0.lock();
+        let id = st.next_hook;
+        st.next_hook += 1;
+        if st.aborted {
+            drop(st);
+            hook();
+        } else {
+            st.hooks.push((id, Box::new(hook)));
+        }
+        HookId(id)
+    }
+
+    /// Drops a hook that has not run, so what it holds is freed now.
+    pub fn forget(&self, id: HookId) {
+        self.inner.0.lock().hooks.retain(|(h, _)| *h != id.0);
     }
 
     /// Sleeps for `duration` or until the signal fires; true when it fired.
     pub fn sleep(&self, duration: Duration) -> bool {
-        let (flag, cond) = &*self.inner;
+        let (state, cond) = &*self.inner;
         let deadline = std::time::Instant::now() + duration;
-        let mut aborted = flag.lock();
-        while !*aborted {
-            if cond.wait_until(&mut aborted, deadline).timed_out() {
+        let mut st = state.lock();
+        while !st.aborted {
+            if cond.wait_until(&mut st, deadline).timed_out() {
                 break;
             }
         }
-        *aborted
+        st.aborted
     }
 }
 

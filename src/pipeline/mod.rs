@@ -400,6 +400,11 @@ impl Pipeline {
         let _ = self.shared.history.sync();
     }
 
+    /// Counters of each upstream endpoint, for `/api/stats`.
+    pub fn provider_stats(&self) -> Vec<crate::llm::EndpointStats> {
+        self.shared.provider.endpoint_stats()
+    }
+
     /// Per-stage occupancy for `/api/stats` and `/metrics`.
     pub fn stages(&self) -> Vec<(&'static str, StageStats)> {
         let w = &self.shared.config.workers;

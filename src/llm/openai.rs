@@ -1,0 +1,594 @@
+//! The OpenAI-compatible provider: `POST {base_url}/chat/completions` with
+//! `stream: true` over ureq (synchronous HTTP), the event stream parsed as
+//! it arrives, with retries and fallback to further endpoints.
+//!
+//! Works with OpenAI and with any server that speaks its chat completions
+//! API: llama.cpp's server, vLLM, Ollama's `/v1`, LM Studio.
+//!
+//! Failure handling, in order:
+//! - one call: connect timeout and a per-read timeout from config; HTTP
+//!   errors become [`LlmError::Upstream`] with the upstream's own message;
+//! - retries of the same endpoint, with exponential backoff and jitter, on
+//!   connect errors, 429 (honouring `Retry-After`) and 5xx, and on a stream
+//!   that broke before its first token — only while no token has reached
+//!   anyone, so a client never sees an answer start twice;
+//! - fallback: when an endpoint fails before the first token, the next one
+//!   in `[[llm.providers]]` is tried.
+//!
+//! Cancellation: every call runs on an [`Agent`] of its own, and the
+//! generation's [`AbortSignal`] shuts that agent down when it fires. A read
+//! blocked on the upstream then fails at once and the socket is closed, so
+//! the upstream sees the client leave within one chunk interval and can
+//! stop generating.
+//!
+//! The API key is read once from the environment variable the config names
+//! and never leaves this module: it is not logged, and every message that
+//! comes back from an upstream has it replaced before anyone sees it.
+//!
+//! Threads: one [`OpenAi`] is shared by every streaming worker; a call runs
+//! entirely on the calling worker; the counters are atomics.
+
+use std::io::Read;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use ureq::Agent;
+
+use super::sse::SseParser;
+use super::{AbortSignal, EndpointStats, Flow, LlmError, Prompt, Provider, StreamEnd};
+
+/// Longest event-stream line accepted from an upstream.
+const MAX_SSE_LINE: usize = 1 << 20;
+/// Most bytes of an error body read to find its message.
+const MAX_ERROR_BODY: u64 = 64 * 1024;
+/// Most bytes of an upstream message passed on to clients.
+const MAX_MESSAGE_CHARS: usize = 500;
+/// Largest streamed response read at all.
+const MAX_STREAM_BYTES: u64 = 256 << 20;
+
+/// One upstream: where it is and how to authenticate.
+#[derive(Clone)]
+pub struct Endpoint {
+    /// Name for logs and stats.
+    pub name: String,
+    /// Base URL, e.g. `https://api.openai.com/v1`.
+    pub base_url: String,
+    /// Model sent to this endpoint; `None` sends the prompt's model.
+    pub model: Option<String>,
+    /// Bearer token, if the endpoint needs one.
+    pub api_key: Option<String>,
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key itself, so a debug print cannot leak it.
+        f.debug_struct("Endpoint")
+            .field("name", &self.name)
+            .field("base_url", &self.base_url)
+            .field("model", &self.model)
+            .field("api_key", &self.api_key.as_ref().map(|_| "[set]"))
+            .finish()
+    }
+}
+
+/// Retry behaviour of one endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Retries after the first attempt.
+    pub max_retries: u32,
+    /// First delay; doubled per retry.
+    pub base: Duration,
+    /// Longest delay, and the longest `Retry-After` honoured.
+    pub max: Duration,
+}
+
+impl RetryPolicy {
+    /// The delay before retry number `retry` (0-based): half of the doubled
+    /// base, plus a random part of the other half, so many clients that
+    /// failed together do not come back together.
+    fn delay(&self, retry: u32) -> Duration {
+        let doubled = self
+            .base
+            .saturating_mul(1u32 << retry.min(16))
+            .min(self.max);
+        let half = doubled / 2;
+        let jitter = getrandom::u64().unwrap_or(0) % (half.as_millis() as u64 + 1);
+        half + Duration::from_millis(jitter)
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    calls: AtomicU64,
+    failures: AtomicU64,
+    retries: AtomicU64,
+    prompt_tokens: AtomicU64,
+    completion_tokens: AtomicU64,
+}
+
+/// The provider. See the module documentation.
+pub struct OpenAi {
+    endpoints: Vec<(Endpoint, Counters)>,
+    retry: RetryPolicy,
+    connect_timeout: Duration,
+    read_timeout: Duration,
+}
+
+/// How one failed call may go on.
+struct CallError {
+    error: LlmError,
+    /// Worth another try on the same endpoint.
+    retryable: bool,
+    /// What the upstream asked for with `Retry-After`.
+    retry_after: Option<Duration>,
+}
+
+impl CallError {
+    fn fatal(error: LlmError) -> CallError {
+        CallError {
+            error,
+            retryable: false,
+            retry_after: None,
+        }
+    }
+
+    fn retryable(error: LlmError) -> CallError {
+        CallError {
+            error,
+            retryable: true,
+            retry_after: None,
+        }
+    }
+}
+
+/// What a stream said about how it ended, and what it used.
+#[derive(Default)]
+struct StreamState {
+    finish: Option<String>,
+    done: bool,
+}
+
+impl OpenAi {
+    /// A provider over `endpoints` (tried in order), at least one.
+    pub fn new(
+        endpoints: Vec<Endpoint>,
+        retry: RetryPolicy,
+        connect_timeout: Duration,
+        read_timeout: Duration,
+    ) -> OpenAi {
+        OpenAi {
+            endpoints: endpoints
+                .into_iter()
+                .map(|e| (e, Counters::default()))
+                .collect(),
+            retry,
+            connect_timeout,
+            read_timeout,
+        }
+    }
+
+    /// Calls `endpoint`, retrying as the policy allows.
+    fn call_with_retries(
+        &self,
+        endpoint: &Endpoint,
+        counters: &Counters,
+        prompt: &Prompt,
+        abort: &AbortSignal,
+        emitted: &mut bool,
+        on_token: &mut dyn FnMut(&str) -> Flow,
+    ) -> Result<StreamEnd, LlmError> {
+        let mut retry = 0;
+        loop {
+            counters.calls.fetch_add(1, Ordering::Relaxed);
+            let failure = match self.call(endpoint, counters, prompt, abort, emitted, on_token) {
+                Ok(end) => return Ok(end),
+                Err(failure) => failure,
+            };
+            if abort.is_aborted() {
+                return Ok(StreamEnd::Aborted);
+            }
+            counters.failures.fetch_add(1, Ordering::Relaxed);
+            if *emitted || !failure.retryable || retry >= self.retry.max_retries {
+                return Err(failure.error);
+            }
+            let delay = match failure.retry_after {
+                Some(asked) if asked > self.retry.max => {
+                    log::warn!(
+                        "{}: asked to retry after {asked:?}, longer than llm.retry_max_ms",
+                        endpoint.name
+                    );
+                    return Err(failure.error);
+                }
+                Some(asked) => asked,
+                None => self.retry.delay(retry),
+            };
+            log::info!(
+                "{}: {}; retry {} in {delay:?}",
+                endpoint.name,
+                failure.error,
+                retry + 1
+            );
+            retry += 1;
+            counters.retries.fetch_add(1, Ordering::Relaxed);
+            if abort.sleep(delay) {
+                return Ok(StreamEnd::Aborted);
+            }
+        }
+    }
+
+    /// One HTTP call to `endpoint`, streaming its answer into `on_token`.
+    fn call(
+        &self,
+        endpoint: &Endpoint,
+        counters: &Counters,
+        prompt: &Prompt,
+        abort: &AbortSignal,
+        emitted: &mut bool,
+        on_token: &mut dyn FnMut(&str) -> Flow,
+    ) -> Result<StreamEnd, CallError> {
+        let agent: Agent = Agent::config_builder()
+            .timeout_connect(Some(self.connect_timeout))
+            .timeout_per_read(Some(self.read_timeout))
+            .http_status_as_error(false)
+            .build()
+            .into();
+        // Shutting the agent down fails a blocked read at once and closes
+        // the socket: that is how an abort reaches the upstream.
+        let hook = abort.on_abort({
+            let agent = agent.clone();
+            move || agent.shutdown()
+        });
+        let result = self.call_on(&agent, endpoint, counters, prompt, emitted, on_token);
+        abort.forget(hook);
+        result.map_err(|mut failure| {
+            failure.error = scrub(failure.error, endpoint);
+            failure
+        })
+    }
+
+    fn call_on(
+        &self,
+        agent: &Agent,
+        endpoint: &Endpoint,
+        counters: &Counters,
+        prompt: &Prompt,
+        emitted: &mut bool,
+        on_token: &mut dyn FnMut(&str) -> Flow,
+    ) -> Result<StreamEnd, CallError> {
+        let name = &endpoint.name;
+        let url = format!(
+            "{}/chat/completions",
+            endpoint.base_url.trim_end_matches('/')
+        );
+        let mut request = agent.post(&url).header("Accept", "text/event-stream");
+        if let Some(key) = &endpoint.api_key {
+            request = request.header("Authorization", &format!("Bearer {key}"));
+        }
+        let body = request_body(prompt, endpoint.model.as_deref().unwrap_or(&prompt.model));
+        let mut response = request
+            .send_json(&body)
+            .map_err(|e| connect_error(name, e))?;
+        let status = response.status().as_u16();
+        if !(200..300).contains(&status) {
+            let retry_after = response
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(Duration::from_secs);
+            let text = response
+                .body_mut()
+                .with_config()
+                .limit(MAX_ERROR_BODY)
+                .read_to_string()
+                .unwrap_or_default();
+            let error = LlmError::Upstream(format!(
+                "{name} answered HTTP {status}: {}",
+                error_message(&text)
+            ));
+            return Err(CallError {
+                error,
+                retryable: status == 429 || status >= 500,
+                retry_after,
+            });
+        }
+        let mut reader = response
+            .into_body()
+            .into_with_config()
+            .limit(MAX_STREAM_BYTES)
+            .reader();
+        let mut parser = SseParser::new(MAX_SSE_LINE);
+        let mut state = StreamState::default();
+        let mut events = Vec::new();
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = match reader.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) if is_timeout(&e) => {
+                    return Err(CallError::fatal(LlmError::Timeout(format!(
+                        "{name} sent nothing for {} ms",
+                        self.read_timeout.as_millis()
+                    ))))
+                }
+                Err(e) => {
+                    let error = LlmError::Upstream(format!("the stream from {name} broke: {e}"));
+                    // Nothing reached anyone yet: as good as a failed connect.
+                    return Err(if *emitted {
+                        CallError::fatal(error)
+                    } else {
+                        CallError::retryable(error)
+                    });
+                }
+            };
+            parser
+                .feed(&buf[..n], &mut |event| events.push(event))
+                .map_err(|e| {
+                    CallError::fatal(LlmError::Upstream(format!("{name} sent a bad stream: {e}")))
+                })?;
+            for event in events.drain(..) {
+                if event.data == "[DONE]" {
+                    state.done = true;
+                    break;
+                }
+                let chunk: Value = serde_json::from_str(&event.data).map_err(|e| {
+                    CallError::fatal(LlmError::Upstream(format!(
+                        "{name} sent a chunk that is not JSON: {e}"
+                    )))
+                })?;
+                if let Some(error) = chunk.get("error") {
+                    return Err(CallError::fatal(LlmError::Upstream(format!(
+                        "{name} reported an error mid-stream: {}",
+                        error_message(&error.to_string())
+                    ))));
+                }
+                if let Some(usage) = chunk.get("usage").filter(|u| u.is_object()) {
+                    let count = |k: &str| usage.get(k).and_then(Value::as_u64).unwrap_or(0);
+                    counters
+                        .prompt_tokens
+                        .fetch_add(count("prompt_tokens"), Ordering::Relaxed);
+                    counters
+                        .completion_tokens
+                        .fetch_add(count("completion_tokens"), Ordering::Relaxed);
+                }
+                let choice = &chunk["choices"][0];
+                if let Some(text) = choice["delta"]["content"].as_str() {
+                    if !text.is_empty() {
+                        *emitted = true;
+                        if on_token(text) == Flow::Stop {
+                            // Dropping the reader closes the connection.
+                            return Ok(StreamEnd::Aborted);
+                        }
+                    }
+                }
+                if let Some(finish) = choice["finish_reason"].as_str() {
+                    state.finish = Some(finish.to_owned());
+                }
+            }
+            if state.done {
+                break;
+            }
+        }
+        match state.finish.as_deref() {
+            Some("length") => Ok(StreamEnd::Length),
+            Some(_) => Ok(StreamEnd::Stop),
+            // `[DONE]` without a finish reason: some servers skip it.
+            None if state.done => Ok(StreamEnd::Stop),
+            None => {
+                let error = LlmError::Upstream(format!(
+                    "the stream from {name} ended before the answer was complete"
+                ));
+                Err(if *emitted {
+                    CallError::fatal(error)
+                } else {
+                    CallError::retryable(error)
+                })
+            }
+        }
+    }
+}
+
+impl Provider for OpenAi {
+    fn name(&self) -> &str {
+        "openai"
+    }
+
+    fn endpoint_stats(&self) -> Vec<EndpointStats> {
+        self.endpoints
+            .iter()
+            .map(|(e, c)| EndpointStats {
+                name: e.name.clone(),
+                calls: c.calls.load(Ordering::Relaxed),
+                failures: c.failures.load(Ordering::Relaxed),
+                retries: c.retries.load(Ordering::Relaxed),
+                prompt_tokens: c.prompt_tokens.load(Ordering::Relaxed),
+                completion_tokens: c.completion_tokens.load(Ordering::Relaxed),
+            })
+            .collect()
+    }
+
+    fn stream(
+        &self,
+        prompt: &Prompt,
+        abort: &AbortSignal,
+        on_token: &mut dyn FnMut(&str) -> Flow,
+    ) -> Result<StreamEnd, LlmError> {
+        let mut emitted = false;
+        let mut last = LlmError::Upstream("no upstream endpoint is configured".into());
+        for (i, (endpoint, counters)) in self.endpoints.iter().enumerate() {
+            match self.call_with_retries(endpoint, counters, prompt, abort, &mut emitted, on_token)
+            {
+                Ok(end) => return Ok(end),
+                Err(e) if emitted => return Err(e),
+                Err(e) => {
+                    if let Some((next, _)) = self.endpoints.get(i + 1) {
+                        log::warn!("{e}; falling back to {}", next.name);
+                    }
+                    last = e;
+                }
+            }
+        }
+        Err(last)
+    }
+}
+
+/// The chat completion request for `prompt`.
+fn request_body(prompt: &Prompt, model: &str) -> Value {
+    let messages: Vec<Value> = prompt
+        .messages
+        .iter()
+        .map(|m| json!({"role": m.role, "content": m.content}))
+        .collect();
+    let mut body = json!({
+        "model": model,
+        "messages": messages,
+        "stream": true,
+        // Servers that support it send token usage in a last chunk.
+        "stream_options": {"include_usage": true},
+        "max_tokens": prompt.max_tokens,
+    });
+    if let Some(t) = prompt.temperature {
+        body["temperature"] = json!(t);
+    }
+    if let Some(p) = prompt.top_p {
+        body["top_p"] = json!(p);
+    }
+    body
+}
+
+/// A failed request before any response: connect errors and timeouts are
+/// worth a retry, a malformed URL or a TLS misconfiguration is not.
+fn connect_error(name: &str, e: ureq::Error) -> CallError {
+    match e {
+        ureq::Error::Timeout(_) => CallError::retryable(LlmError::Timeout(format!(
+            "{name} did not answer in time: {e}"
+        ))),
+        ureq::Error::Io(_) | ureq::Error::ConnectionFailed | ureq::Error::HostNotFound => {
+            CallError::retryable(LlmError::Upstream(format!("cannot reach {name}: {e}")))
+        }
+        other => CallError::fatal(LlmError::Upstream(format!(
+            "calling {name} failed: {other}"
+        ))),
+    }
+}
+
+fn is_timeout(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::TimedOut
+        || e.get_ref()
+            .and_then(|inner| inner.downcast_ref::<ureq::Error>())
+            .is_some_and(|u| matches!(u, ureq::Error::Timeout(_)))
+}
+
+/// The human part of an upstream error body: OpenAI's `error.message`, a
+/// bare `error` string, or the text itself, shortened.
+fn error_message(text: &str) -> String {
+    let parsed: Option<Value> = serde_json::from_str(text).ok();
+    let message = parsed
+        .as_ref()
+        .and_then(|v| {
+            v.pointer("/error/message")
+                .or_else(|| v.get("message"))
+                .or_else(|| v.get("error"))
+                .or_else(|| v.get("detail"))
+        })
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .unwrap_or_else(|| text.trim().to_owned());
+    let message = if message.is_empty() {
+        "(no message)".to_owned()
+    } else {
+        message
+    };
+    let mut short: String = message.chars().take(MAX_MESSAGE_CHARS).collect();
+    if short.len() < message.len() {
+        short.push('…');
+    }
+    short
+}
+
+/// Removes the endpoint's API key from an error message: upstreams echo
+/// headers back surprisingly often.
+fn scrub(error: LlmError, endpoint: &Endpoint) -> LlmError {
+    let Some(key) = endpoint.api_key.as_deref().filter(|k| k.len() >= 4) else {
+        return error;
+    };
+    let clean = |s: String| s.replace(key, "[redacted]");
+    match error {
+        LlmError::Upstream(s) => LlmError::Upstream(clean(s)),
+        LlmError::Timeout(s) => LlmError::Timeout(clean(s)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_within_jitter_and_stops_at_the_cap() {
+        let policy = RetryPolicy {
+            max_retries: 5,
+            base: Duration::from_millis(100),
+            max: Duration::from_millis(1000),
+        };
+        for _ in 0..50 {
+            let first = policy.delay(0);
+            assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(100));
+            let third = policy.delay(2);
+            assert!(third >= Duration::from_millis(200) && third <= Duration::from_millis(400));
+            let late = policy.delay(30);
+            assert!(late >= Duration::from_millis(500) && late <= Duration::from_millis(1000));
+        }
+    }
+
+    #[test]
+    fn error_messages_are_found_and_shortened() {
+        assert_eq!(
+            error_message(r#"{"error":{"message":"model not found","type":"x"}}"#),
+            "model not found"
+        );
+        assert_eq!(error_message(r#"{"error":"overloaded"}"#), "overloaded");
+        assert_eq!(error_message("  Bad Gateway  "), "Bad Gateway");
+        assert_eq!(error_message(""), "(no message)");
+        let long = "x".repeat(2000);
+        assert_eq!(error_message(&long).chars().count(), MAX_MESSAGE_CHARS + 1);
+    }
+
+    #[test]
+    fn the_key_never_survives_in_an_error_or_a_debug_print() {
+        let endpoint = Endpoint {
+            name: "e".into(),
+            base_url: "http://x".into(),
+            model: None,
+            api_key: Some("sk-secret-123".into()),
+        };
+        let e = scrub(
+            LlmError::Upstream("bad header: Bearer sk-secret-123".into()),
+            &endpoint,
+        );
+        assert!(!e.to_string().contains("sk-secret-123"), "{e}");
+        assert!(!format!("{endpoint:?}").contains("sk-secret-123"));
+    }
+
+    #[test]
+    fn the_request_carries_the_prompt_and_asks_for_a_stream() {
+        let prompt = Prompt {
+            model: "m".into(),
+            messages: vec![super::super::PromptMessage {
+                role: "user",
+                content: "hi".into(),
+            }],
+            temperature: Some(0.5),
+            top_p: None,
+            max_tokens: 7,
+        };
+        let body = request_body(&prompt, "other");
+        assert_eq!(body["model"], "other");
+        assert_eq!(body["stream"], true);
+        assert_eq!(body["max_tokens"], 7);
+        assert_eq!(body["temperature"], 0.5);
+        assert!(body.get("top_p").is_none());
+        assert_eq!(body["messages"][0]["content"], "hi");
+    }
+}
