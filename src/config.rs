@@ -700,6 +700,10 @@ fn join_key(prefix: &str, name: &str) -> String {
     }
 }
 
+/// Keys holding a list of tables (`[[…]]`): file-only settings with no
+/// default entries and no environment variable.
+const TABLE_LISTS: &[&str] = &["llm.providers"];
+
 /// Overlays `file` on `base`, refusing keys and types the defaults lack.
 fn merge_file(
     base: &mut Table,
@@ -710,6 +714,12 @@ fn merge_file(
 ) -> Result<(), ConfigError> {
     for (name, value) in file {
         let key = join_key(prefix, &name);
+        if TABLE_LISTS.contains(&key.as_str()) && value.is_array() {
+            // Absent from the defaults (an empty list); serde checks its entries.
+            base.insert(name, value);
+            origins.insert(key, Origin::File(path.to_owned()));
+            continue;
+        }
         let Some(slot) = base.get_mut(&name) else {
             return Err(ConfigError::UnknownKey {
                 key,
@@ -1334,6 +1344,29 @@ mod tests {
             unknown,
             ["CHORUS_LLM_SIMULATED", "CHORUS_WORKERS_CACHE_WORKER"]
         );
+    }
+
+    #[test]
+    fn provider_lists_load_and_their_mistakes_are_named() {
+        let c = load_text(
+            "[llm]\nprovider = \"openai\"\n\n[[llm.providers]]\nname = \"a\"\nbase_url = \"http://x/v1\"\n\n[[llm.providers]]\nmodel = \"m\"\n",
+            &[],
+        )
+        .expect("load");
+        assert_eq!(c.llm.providers.len(), 2);
+        assert_eq!(c.llm.providers[0].name, "a");
+        assert_eq!(c.llm.providers[1].model, "m");
+        assert_eq!(c.llm.providers[1].base_url, "");
+
+        let err =
+            load_text("[[llm.providers]]\nbase_url = \"ftp://x\"\n", &[]).expect_err("bad URL");
+        assert!(
+            err.to_string().contains("llm.providers[0].base_url"),
+            "{err}"
+        );
+        let err = load_text("[[llm.providers]]\nbase_uri = \"http://x\"\n", &[])
+            .expect_err("unknown field");
+        assert!(err.to_string().contains("base_uri"), "{err}");
     }
 
     #[test]

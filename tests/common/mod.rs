@@ -3,6 +3,8 @@
 //! real sockets with a real WebSocket client.
 #![allow(dead_code)]
 
+pub mod upstream;
+
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -38,6 +40,15 @@ impl Server {
         let temp = tempfile::tempdir().expect("temp dir");
         let dir = temp.path().to_path_buf();
         let mut server = Server::start_in(&dir, config);
+        server._temp = Some(temp);
+        server
+    }
+
+    /// Like [`Server::start`], with extra environment variables.
+    pub fn start_env(config: &str, env: &[(&str, &str)]) -> Server {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let dir = temp.path().to_path_buf();
+        let mut server = Server::start_with_env(&dir, config, env);
         server._temp = Some(temp);
         server
     }

@@ -1,0 +1,438 @@
+//! The fake OpenAI upstream (`common::upstream`) checked on its own, over
+//! raw sockets and with ureq (the client chorus uses), so a failure in the
+//! provider tests can be trusted to be chorus's and not the fake's.
+
+mod common;
+
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use common::upstream::{Reply, Upstream};
+use serde_json::{json, Value};
+
+const SECOND: Duration = Duration::from_secs(1);
+
+fn tokens(words: &[&str]) -> Vec<String> {
+    words.iter().map(|w| (*w).to_owned()).collect()
+}
+
+/// Connects and sends a `POST path` with `body` as JSON and `extra` headers.
+fn post(addr: SocketAddr, path: &str, body: &Value, extra: &str) -> TcpStream {
+    let body = body.to_string();
+    let mut tcp = TcpStream::connect(addr).expect("connect");
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         {extra}Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    tcp.write_all(request.as_bytes()).unwrap();
+    tcp
+}
+
+/// Reads to EOF: (status, head, body).
+fn response(mut tcp: TcpStream) -> (u16, String, String) {
+    let mut raw = Vec::new();
+    tcp.read_to_end(&mut raw).expect("read the response");
+    let text = String::from_utf8(raw).expect("UTF-8 response");
+    let (head, body) = text.split_once("\r\n\r\n").expect("a head");
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (status, head.to_owned(), body.to_owned())
+}
+
+/// The `data:` payloads of an event-stream body, checking the framing.
+fn events(body: &str) -> Vec<String> {
+    assert!(body.is_empty() || body.ends_with("\n\n"), "{body:?}");
+    body.split_terminator("\n\n")
+        .map(|e| e.strip_prefix("data: ").expect("a data line").to_owned())
+        .collect()
+}
+
+/// The content token of a chunk, if it carries one.
+fn content(event: &str) -> Option<String> {
+    let v: Value = serde_json::from_str(event).ok()?;
+    v["choices"][0]["delta"]["content"]
+        .as_str()
+        .map(str::to_owned)
+}
+
+/// Reads until `needle` has arrived; returns everything read.
+fn read_until(tcp: &mut TcpStream, needle: &str) -> String {
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains(needle) {
+        let n = tcp.read(&mut buf).expect("read");
+        assert!(
+            n > 0,
+            "closed before {needle:?}: {:?}",
+            String::from_utf8_lossy(&seen)
+        );
+        seen.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&seen).into_owned()
+}
+
+fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().find_map(|line| {
+        let (n, v) = line.split_once(':')?;
+        n.eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+#[test]
+fn the_default_reply_is_an_openai_stream_and_the_request_is_recorded() {
+    let upstream = Upstream::start();
+    assert!(upstream.base_url().starts_with("http://127.0.0.1:"));
+    assert!(upstream.base_url().ends_with("/v1"));
+    let before = Instant::now();
+    let tcp = post(
+        upstream.addr(),
+        "/v1/chat/completions",
+        &json!({"model": "m", "stream": true}),
+        "Authorization: Bearer k\r\nX-Mixed-Case: Yes\r\n",
+    );
+    let (status, head, body) = response(tcp);
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    assert_eq!(header(&head, "content-type"), Some("text/event-stream"));
+    assert_eq!(header(&head, "connection"), Some("close"));
+    assert_eq!(header(&head, "content-length"), None);
+    assert_eq!(status, 200);
+
+    let events = events(&body);
+    assert_eq!(events.len(), 4 + 1 + 1 + 1, "{events:#?}");
+    let words: Vec<String> = events[..4].iter().filter_map(|e| content(e)).collect();
+    assert_eq!(words, ["Hello", " from", " up", "stream"]);
+    let first: Value = serde_json::from_str(&events[0]).unwrap();
+    assert_eq!(
+        first,
+        json!({"id": "chatcmpl-test", "object": "chat.completion.chunk",
+               "choices": [{"index": 0, "delta": {"content": "Hello"}, "finish_reason": null}]})
+    );
+    let finish: Value = serde_json::from_str(&events[4]).unwrap();
+    assert_eq!(finish["choices"][0]["delta"], json!({}));
+    assert_eq!(finish["choices"][0]["finish_reason"], "stop");
+    let usage: Value = serde_json::from_str(&events[5]).unwrap();
+    assert_eq!(usage["choices"], json!([]));
+    assert_eq!(
+        usage["usage"],
+        json!({"prompt_tokens": 10, "completion_tokens": 4, "total_tokens": 14})
+    );
+    assert_eq!(events[6], "[DONE]");
+
+    let requests = upstream.requests();
+    assert_eq!(requests.len(), 1);
+    let r = &requests[0];
+    assert_eq!(r.method, "POST");
+    assert_eq!(r.path, "/v1/chat/completions");
+    assert_eq!(r.body, json!({"model": "m", "stream": true}));
+    assert_eq!(r.header("authorization"), Some("Bearer k"));
+    assert!(r.headers.contains(&("x-mixed-case".into(), "Yes".into())));
+    assert!(r.at >= before && r.at <= Instant::now());
+    // A response read to the end was not abandoned.
+    assert!(!upstream.wait_disconnects(1, Duration::from_millis(100)));
+}
+
+#[test]
+fn queued_replies_are_used_in_order_then_the_default() {
+    let upstream = Upstream::start();
+    upstream.push(Reply::Stream {
+        tokens: tokens(&["cut", " short"]),
+        delay: Duration::ZERO,
+        finish: "length",
+        usage: None,
+    });
+    upstream.push(Reply::Error {
+        status: 429,
+        message: "slow down".into(),
+        retry_after: Some(7),
+    });
+    upstream.push(Reply::Error {
+        status: 503,
+        message: "warming up".into(),
+        retry_after: None,
+    });
+    upstream.push(Reply::Json {
+        status: 201,
+        body: json!({"choices": [{"message": {"content": "tool!"}}]}),
+    });
+    let addr = upstream.addr();
+    let ask = |path: &str| response(post(addr, path, &json!({}), ""));
+
+    let (status, _, body) = ask("/v1/chat/completions");
+    assert_eq!(status, 200);
+    let chunks = events(&body);
+    assert_eq!(chunks.len(), 2 + 1 + 1, "no usage chunk: {chunks:#?}");
+    assert_eq!(content(&chunks[1]).as_deref(), Some(" short"));
+    let finish: Value = serde_json::from_str(&chunks[2]).unwrap();
+    assert_eq!(finish["choices"][0]["finish_reason"], "length");
+    assert_eq!(chunks[3], "[DONE]");
+
+    let (status, head, body) = ask("/anything/at/all?x=1");
+    assert_eq!(status, 429);
+    assert!(
+        head.starts_with("HTTP/1.1 429 Too Many Requests\r\n"),
+        "{head}"
+    );
+    assert_eq!(header(&head, "retry-after"), Some("7"));
+    assert_eq!(header(&head, "content-type"), Some("application/json"));
+    assert_eq!(
+        header(&head, "content-length"),
+        Some(body.len().to_string().as_str())
+    );
+    let error: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        error,
+        json!({"error": {"message": "slow down", "type": "test_error"}})
+    );
+
+    let (status, head, _) = ask("/v1/chat/completions");
+    assert_eq!(status, 503);
+    assert!(
+        head.starts_with("HTTP/1.1 503 Service Unavailable\r\n"),
+        "{head}"
+    );
+    assert_eq!(header(&head, "retry-after"), None);
+
+    let (status, head, body) = ask("/v1/chat/completions");
+    assert_eq!(status, 201);
+    assert_eq!(
+        header(&head, "content-length"),
+        Some(body.len().to_string().as_str())
+    );
+    let parsed: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(parsed["choices"][0]["message"]["content"], "tool!");
+
+    let (status, _, body) = ask("/v1/chat/completions");
+    assert_eq!(status, 200);
+    assert_eq!(content(&events(&body)[0]).as_deref(), Some("Hello"));
+
+    let paths: Vec<String> = upstream.requests().into_iter().map(|r| r.path).collect();
+    assert_eq!(paths[1], "/anything/at/all?x=1");
+    assert_eq!(paths.len(), 5);
+    assert_eq!(upstream.disconnects(), 0);
+}
+
+#[test]
+fn reset_after_ends_the_stream_without_a_finish_or_done() {
+    let upstream = Upstream::start();
+    upstream.push(Reply::ResetAfter {
+        tokens: tokens(&["half", " an"]),
+        delay: Duration::from_millis(10),
+    });
+    let (status, _, body) = response(post(
+        upstream.addr(),
+        "/v1/chat/completions",
+        &json!({}),
+        "",
+    ));
+    assert_eq!(status, 200);
+    let events = events(&body);
+    let words: Vec<String> = events.iter().filter_map(|e| content(e)).collect();
+    assert_eq!(words, ["half", " an"]);
+    assert_eq!(events.len(), 2, "nothing after the tokens: {events:#?}");
+    assert!(!body.contains("[DONE]") && !body.contains("\"finish_reason\":\"stop\""));
+    assert_eq!(
+        upstream.disconnects(),
+        0,
+        "the server cut it, not the client"
+    );
+}
+
+#[test]
+fn a_client_leaving_a_stalled_stream_is_one_disconnect() {
+    let upstream = Upstream::start();
+    upstream.push(Reply::StallAfter {
+        tokens: tokens(&["and", " then"]),
+    });
+    let mut tcp = post(upstream.addr(), "/v1/chat/completions", &json!({}), "");
+    let seen = read_until(&mut tcp, "\" then\"");
+    assert!(seen.starts_with("HTTP/1.1 200 OK\r\n"));
+    // Then silence, on an open socket.
+    tcp.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let err = tcp.read(&mut buf).expect_err("the stream should stall");
+    assert!(matches!(
+        err.kind(),
+        ErrorKind::WouldBlock | ErrorKind::TimedOut
+    ));
+    assert_eq!(upstream.disconnects(), 0);
+
+    let left = Instant::now();
+    drop(tcp);
+    assert!(
+        upstream.wait_disconnects(1, SECOND),
+        "the leave went unnoticed"
+    );
+    assert!(left.elapsed() < SECOND);
+    assert!(!upstream.wait_disconnects(2, Duration::from_millis(100)));
+}
+
+#[test]
+fn a_client_leaving_mid_stream_is_one_disconnect() {
+    let upstream = Upstream::start();
+    upstream.push(Reply::Stream {
+        tokens: (0..30).map(|i| format!("t{i}")).collect(),
+        delay: Duration::from_millis(20),
+        finish: "stop",
+        usage: Some((1, 30)),
+    });
+    let mut tcp = post(upstream.addr(), "/v1/chat/completions", &json!({}), "");
+    read_until(&mut tcp, "\"t0\"");
+    drop(tcp);
+    // The first write after the close may still succeed; one of the next
+    // fails, long before the 30 tokens would have been sent.
+    assert!(
+        upstream.wait_disconnects(1, SECOND),
+        "the leave went unnoticed"
+    );
+    assert!(!upstream.wait_disconnects(2, Duration::from_millis(100)));
+}
+
+#[test]
+fn requests_are_read_however_they_are_framed_and_garbage_gets_a_400() {
+    let upstream = Upstream::start();
+    let addr = upstream.addr();
+
+    // The head split mid-line and mid-terminator, the body in pieces.
+    let mut tcp = TcpStream::connect(addr).unwrap();
+    tcp.set_nodelay(true).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    for piece in [
+        "POST /v1/a HTTP/1.1\r\nHo",
+        "st: x\r\nContent-Length: 13\r\n\r",
+        "\n{\"a\":",
+        " [1, 2]}",
+    ] {
+        tcp.write_all(piece.as_bytes()).unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(response(tcp).0, 200);
+
+    // Chunked, with an Expect: 100-continue the server must answer first.
+    let mut tcp = TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    tcp.write_all(
+        b"POST /v1/b HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\
+          Expect: 100-continue\r\n\r\n",
+    )
+    .unwrap();
+    let interim = read_until(&mut tcp, "\r\n\r\n");
+    assert_eq!(interim, "HTTP/1.1 100 Continue\r\n\r\n");
+    tcp.write_all(b"5;ext=1\r\n{\"b\":\r\n3\r\n 2}\r\n0\r\nTrailer: t\r\n\r\n")
+        .unwrap();
+    assert_eq!(response(tcp).0, 200);
+
+    // Not HTTP: a 400, and nothing recorded or consumed.
+    let mut tcp = TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    tcp.write_all(b"hello there\r\n\r\n").unwrap();
+    assert_eq!(response(tcp).0, 400);
+    // A connection that closes without a word is no request either.
+    drop(TcpStream::connect(addr).unwrap());
+
+    // A GET without a body is recorded with a Null body.
+    let mut tcp = TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    tcp.write_all(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    assert_eq!(response(tcp).0, 200);
+
+    assert!(upstream.wait_requests(3, SECOND));
+    let requests = upstream.requests();
+    assert_eq!(requests.len(), 3, "{requests:#?}");
+    assert_eq!(requests[0].body, json!({"a": [1, 2]}));
+    assert_eq!(requests[1].path, "/v1/b");
+    assert_eq!(requests[1].body, json!({"b": 2}));
+    assert_eq!(requests[2].method, "GET");
+    assert_eq!(requests[2].body, Value::Null);
+    assert_eq!(upstream.disconnects(), 0);
+}
+
+#[test]
+fn ureq_sees_each_token_as_it_is_produced() {
+    let upstream = Upstream::start();
+    upstream.push(Reply::Stream {
+        tokens: tokens(&["a", "b", "c"]),
+        delay: Duration::from_millis(200),
+        finish: "stop",
+        usage: None,
+    });
+    upstream.push(Reply::Error {
+        status: 429,
+        message: "later".into(),
+        retry_after: Some(1),
+    });
+    // As chorus does: a 4xx/5xx is a response to read, not an error.
+    let ureq_post = |url: &str, body: Value| {
+        ureq::post(url)
+            .config()
+            .http_status_as_error(false)
+            .build()
+            .send_json(body)
+    };
+    let url = format!("{}/chat/completions", upstream.base_url());
+
+    let response = ureq_post(&url, json!({"stream": true})).expect("stream");
+    assert_eq!(response.status().as_u16(), 200);
+    let reader = BufReader::new(response.into_body().into_reader());
+    let mut arrivals = Vec::new();
+    let mut lines = Vec::new();
+    for line in reader.lines() {
+        let line = line.expect("read a line");
+        if let Some(data) = line.strip_prefix("data: ") {
+            arrivals.push(Instant::now());
+            lines.push(data.to_owned());
+        }
+    }
+    let words: Vec<String> = lines.iter().filter_map(|e| content(e)).collect();
+    assert_eq!(words, ["a", "b", "c"]);
+    assert_eq!(lines.last().map(String::as_str), Some("[DONE]"));
+    // Read incrementally: the first token was in hand before the last one
+    // was even produced (3 delays after the request arrived). A client that
+    // buffered to the end could not pass this, however slow the machine.
+    let last_produced = upstream.requests()[0].at + 3 * Duration::from_millis(200);
+    assert!(
+        arrivals[0] < last_produced,
+        "first token seen {:?} after the last one was produced",
+        arrivals[0] - last_produced
+    );
+
+    let mut response = ureq_post(&url, json!({})).expect("error reply");
+    assert_eq!(response.status().as_u16(), 429);
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .unwrap()
+        .to_str()
+        .unwrap();
+    assert_eq!(retry_after, "1");
+    let body = response.body_mut().read_to_string().unwrap();
+    assert!(body.contains("\"later\""), "{body}");
+
+    assert_eq!(upstream.requests()[0].body, json!({"stream": true}));
+    assert!(!upstream.wait_disconnects(1, Duration::from_millis(50)));
+}
+
+#[test]
+fn dropping_the_upstream_is_quick_and_ends_a_stalled_stream() {
+    let upstream = Upstream::start();
+    upstream.push(Reply::StallAfter {
+        tokens: tokens(&["x"]),
+    });
+    let mut tcp = post(upstream.addr(), "/v1/chat/completions", &json!({}), "");
+    read_until(&mut tcp, "\"x\"");
+    let addr = upstream.addr();
+    let dropping = Instant::now();
+    drop(upstream);
+    assert!(dropping.elapsed() < Duration::from_millis(500));
+    // The stalled connection ends instead of lingering for a minute.
+    tcp.set_read_timeout(Some(SECOND)).unwrap();
+    let mut rest = Vec::new();
+    let ended = Instant::now();
+    let _ = tcp.read_to_end(&mut rest);
+    assert!(ended.elapsed() < SECOND, "the stall outlived its server");
+    // Nobody accepts any more.
+    assert!(TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err());
+}
