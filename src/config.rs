@@ -43,8 +43,36 @@ pub struct Config {
     pub history: HistoryConfig,
     /// Upstream language model.
     pub llm: LlmConfig,
+    /// Tools the model may call during preparation.
+    pub tools: ToolsConfig,
     /// Multi-node coordination.
     pub cluster: ClusterConfig,
+}
+
+/// `[tools]`: tool selection in the preparation stage.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ToolsConfig {
+    /// Ask the model which tools to call before each new generation.
+    pub enabled: bool,
+    /// The built-in tools offered: `calculator`, `clock`, `search_history`.
+    pub builtins: Vec<String>,
+    /// Tools whose output is the answer itself (no second model call).
+    pub direct: Vec<String>,
+}
+
+impl Default for ToolsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            builtins: vec![
+                "calculator".to_owned(),
+                "clock".to_owned(),
+                "search_history".to_owned(),
+            ],
+            direct: vec!["clock".to_owned()],
+        }
+    }
 }
 
 /// `[server]`: listener, WebSocket and per-connection limits.
@@ -1050,6 +1078,9 @@ impl Config {
                 format!("{:?} is not an http:// or https:// URL", l.base_url),
             ));
         }
+        if let Err(e) = crate::tools::Toolbox::new(&self.tools.builtins, &self.tools.direct) {
+            return Err(invalid("tools.builtins", e.to_string()));
+        }
         let w = &self.workers;
         at_least("workers.cache_workers", w.cache_workers, 1)?;
         at_least(
@@ -1207,6 +1238,12 @@ mod tests {
         ("llm.simulated.first_token_ms", "200"),
         ("llm.simulated.token_interval_ms", "20"),
         ("llm.simulated.tokens", "64"),
+        ("tools.enabled", "true"),
+        (
+            "tools.builtins",
+            "[\"calculator\", \"clock\", \"search_history\"]",
+        ),
+        ("tools.direct", "[\"clock\"]"),
         ("cluster.enabled", "false"),
         ("cluster.redis_url", "\"redis://127.0.0.1:6379/\""),
         ("cluster.node_id", "\"\""),

@@ -74,7 +74,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 use sha2::{Digest, Sha256};
 
 /// Value of `PRAGMA user_version` for the schema this module creates.
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 /// Most ops committed in one transaction. Bounds the latency a single batch
 /// adds to the first op's callback while still amortising the commit.
@@ -100,9 +100,30 @@ const SCHEMA: &str = "
         at_ms INTEGER NOT NULL,
         PRIMARY KEY(conversation, idx)
     ) WITHOUT ROWID;
-    PRAGMA user_version = 1;
+    -- Full-text index for search_history, filled per conversation on
+    -- demand (see `History::search`), so storing a message never pays for it.
+    CREATE VIRTUAL TABLE IF NOT EXISTS messages_fts USING fts5(
+        content,
+        conversation UNINDEXED,
+        idx UNINDEXED,
+        role UNINDEXED
+    );
+    CREATE TABLE IF NOT EXISTS fts_progress (
+        conversation TEXT PRIMARY KEY,
+        indexed INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    PRAGMA user_version = 2;
     COMMIT;
 ";
+
+const SEARCH: &str = "SELECT role, content, idx FROM messages_fts \
+     WHERE messages_fts MATCH ?1 AND conversation = ?2 ORDER BY rank LIMIT ?3";
+const INDEXED: &str = "SELECT indexed FROM fts_progress WHERE conversation = ?1";
+const INDEX_NEW: &str = "INSERT INTO messages_fts (content, conversation, idx, role) \
+     SELECT content, conversation, idx, role FROM messages \
+     WHERE conversation = ?1 AND idx >= ?2 ORDER BY idx";
+const SET_INDEXED: &str = "INSERT INTO fts_progress (conversation, indexed) VALUES (?1, ?2) \
+     ON CONFLICT(conversation) DO UPDATE SET indexed = excluded.indexed";
 
 const SELECT_HEAD: &str = "SELECT len, digest FROM conversations WHERE id = ?1";
 const SELECT_BEFORE: &str = "SELECT role, content, at_ms FROM messages \
@@ -115,6 +136,30 @@ const UPSERT_HEAD: &str = "INSERT INTO conversations (id, len, digest, created_m
      VALUES (?1, ?2, ?3, ?4, ?4) \
      ON CONFLICT(id) DO UPDATE SET len = excluded.len, digest = excluded.digest, \
      updated_ms = excluded.updated_ms";
+
+/// A message found by [`History::search`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hit {
+    /// Who wrote it.
+    pub role: Role,
+    /// The whole message.
+    pub content: String,
+    /// Its position in the conversation, from 0.
+    pub index: u64,
+}
+
+/// An FTS5 query matching any of the words of `query`, each quoted so
+/// that nothing a user types is read as query syntax. `None` when there
+/// is no word.
+fn match_expression(query: &str) -> Option<String> {
+    let words: Vec<String> = query
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .take(16)
+        .map(|w| format!("\"{w}\""))
+        .collect();
+    (!words.is_empty()).then(|| words.join(" OR "))
+}
 
 /// Who wrote a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -308,6 +353,8 @@ struct Op {
     conversation: String,
     /// Appended in order, in one transaction; empty for a barrier.
     messages: Vec<(Role, String)>,
+    /// Bring the conversation's full-text index up to date.
+    index: bool,
     at_ms: i64,
     then: Callback,
 }
@@ -462,12 +509,17 @@ impl History {
         messages: Vec<(Role, String)>,
         then: impl FnOnce(Result<(), HistoryError>) + Send + 'static,
     ) {
-        let op = Op {
+        self.submit(Op {
             conversation: conversation.to_string(),
             messages,
+            index: false,
             at_ms: now_ms(),
             then: Box::new(then),
-        };
+        });
+    }
+
+    /// Queues `op` for the writer, or fails its callback when stopped.
+    fn submit(&self, op: Op) {
         let guard = self.inner.sender.read();
         let Some(sender) = guard.as_ref() else {
             drop(guard);
@@ -481,6 +533,47 @@ impl History {
             self.inner.stats.pending.fetch_sub(1, Ordering::Relaxed);
             (op.then)(Err(HistoryError::WriterStopped));
         }
+    }
+
+    /// Full-text search over one conversation's messages: up to `limit`
+    /// best matches for any of the words of `query`, best first. Nobody
+    /// else's messages can match. The conversation's index is brought up
+    /// to date first, by the writer thread, so this waits for one commit.
+    pub fn search(
+        &self,
+        conversation: &str,
+        query: &str,
+        limit: usize,
+    ) -> Result<Vec<Hit>, HistoryError> {
+        let Some(expression) = match_expression(query) else {
+            return Ok(Vec::new());
+        };
+        if thread::current().id() == self.inner.writer_id {
+            return Err(HistoryError::SyncOnWriterThread);
+        }
+        let (done, wait) = crossbeam_channel::bounded(1);
+        let op = Op {
+            conversation: conversation.to_owned(),
+            messages: Vec::new(),
+            index: true,
+            at_ms: now_ms(),
+            then: Box::new(move |result| {
+                let _ = done.send(result);
+            }),
+        };
+        self.submit(op);
+        wait.recv().unwrap_or(Err(HistoryError::WriterStopped))?;
+        let conn = self.inner.pool.get()?;
+        let mut stmt = conn.prepare_cached(SEARCH)?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = stmt.query_map(rusqlite::params![expression, conversation, limit], |row| {
+            Ok(Hit {
+                role: row.get(0)?,
+                content: row.get(1)?,
+                index: row.get::<_, i64>(2)?.try_into().unwrap_or(0),
+            })
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
     }
 
     /// Blocks until everything queued before this call is committed.
@@ -634,6 +727,9 @@ fn apply_all(conn: &mut Connection, ops: &[Op]) -> rusqlite::Result<()> {
 }
 
 fn apply(conn: &Connection, op: &Op) -> rusqlite::Result<()> {
+    if op.index {
+        return index_conversation(conn, &op.conversation);
+    }
     if op.messages.is_empty() {
         return Ok(());
     }
@@ -666,6 +762,25 @@ fn apply(conn: &Connection, op: &Op) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// Adds the conversation's messages that are not in the full-text index yet.
+fn index_conversation(conn: &Connection, conversation: &str) -> rusqlite::Result<()> {
+    use rusqlite::OptionalExtension;
+    let indexed: i64 = conn
+        .prepare_cached(INDEXED)?
+        .query_row([conversation], |row| row.get(0))
+        .optional()?
+        .unwrap_or(0);
+    let added = conn
+        .prepare_cached(INDEX_NEW)?
+        .execute(rusqlite::params![conversation, indexed])?;
+    if added > 0 {
+        let total = indexed.saturating_add(i64::try_from(added).unwrap_or(i64::MAX));
+        conn.prepare_cached(SET_INDEXED)?
+            .execute(rusqlite::params![conversation, total])?;
+    }
+    Ok(())
+}
+
 fn to_sql_int(value: u64) -> rusqlite::Result<i64> {
     i64::try_from(value).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))
 }
@@ -692,7 +807,7 @@ fn now_ms() -> i64 {
 }
 
 /// Formats milliseconds since the epoch as `YYYY-MM-DDTHH:MM:SSZ`.
-fn rfc3339_seconds(ms: i64) -> String {
+pub(crate) fn rfc3339_seconds(ms: i64) -> String {
     let secs = ms.div_euclid(1000);
     let days = secs.div_euclid(86_400);
     let rem = secs.rem_euclid(86_400);
@@ -766,7 +881,20 @@ mod tests {
             .unwrap()
             .collect::<Result<_, _>>()
             .unwrap();
-        assert_eq!(tables, ["conversations", "messages"]);
+        assert_eq!(
+            tables,
+            [
+                "conversations",
+                "fts_progress",
+                "messages",
+                "messages_fts",
+                "messages_fts_config",
+                "messages_fts_content",
+                "messages_fts_data",
+                "messages_fts_docsize",
+                "messages_fts_idx"
+            ]
+        );
         // Pool connections are for reading only.
         assert!(conn
             .execute("DELETE FROM messages WHERE conversation = ?1", ["x"])
@@ -1083,5 +1211,61 @@ mod tests {
         assert_eq!(m(1_795_420_800_999).at_rfc3339(), "2026-11-23T08:00:00Z");
         assert_eq!(m(951_782_400_000).at_rfc3339(), "2000-02-29T00:00:00Z");
         assert_eq!(m(-1).at_rfc3339(), "1969-12-31T23:59:59Z");
+    }
+
+    #[test]
+    fn search_finds_only_the_asking_conversations_messages() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = open(&dir);
+        let store = |c: &str, role: Role, text: &str| {
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            h.write(c, Some((role, text.to_owned())), move |r| {
+                tx.send(r).unwrap();
+            });
+            rx.recv().unwrap().unwrap();
+        };
+        store("c-mine", Role::User, "My cat is called Pixel");
+        store("c-mine", Role::Assistant, "Pixel is a fine name for a cat");
+        store("c-other", Role::User, "My cat is called Secret");
+        let hits = h.search("c-mine", "cat", 10).unwrap();
+        assert_eq!(hits.len(), 2);
+        assert!(hits.iter().all(|hit| !hit.content.contains("Secret")));
+        assert!(h.search("c-mine", "Secret", 10).unwrap().is_empty());
+        assert_eq!(h.search("c-other", "secret", 10).unwrap().len(), 1);
+        // Later messages are indexed on the next search, once.
+        store("c-mine", Role::User, "Pixel likes tuna");
+        let hits = h.search("c-mine", "tuna", 10).unwrap();
+        assert_eq!(hits.len(), 1);
+        assert_eq!((hits[0].index, hits[0].role), (2, Role::User));
+        assert_eq!(h.search("c-mine", "Pixel", 10).unwrap().len(), 3);
+        // Query syntax is never interpreted: these are just words.
+        assert!(h.search("c-mine", "\" OR * NEAR(", 10).unwrap().is_empty());
+        assert!(h.search("c-mine", "   ", 10).unwrap().is_empty());
+        assert_eq!(h.search("c-mine", "cat) OR (tuna", 10).unwrap().len(), 3);
+    }
+
+    #[test]
+    fn a_version_1_database_is_upgraded_and_searchable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(
+                "PRAGMA journal_mode = WAL;
+                 CREATE TABLE conversations (id TEXT PRIMARY KEY, len INTEGER NOT NULL,
+                     digest BLOB NOT NULL, created_ms INTEGER NOT NULL, updated_ms INTEGER NOT NULL);
+                 CREATE TABLE messages (conversation TEXT NOT NULL, idx INTEGER NOT NULL,
+                     role TEXT NOT NULL CHECK(role IN ('user','assistant')), content TEXT NOT NULL,
+                     at_ms INTEGER NOT NULL, PRIMARY KEY(conversation, idx)) WITHOUT ROWID;
+                 INSERT INTO messages VALUES ('c-old', 0, 'user', 'an old question about tea', 1);
+                 INSERT INTO conversations VALUES ('c-old', 1, x'00', 1, 1);
+                 PRAGMA user_version = 1;",
+            )
+            .unwrap();
+        }
+        let h = History::open(&path, 1).unwrap();
+        let hits = h.search("c-old", "tea", 5).unwrap();
+        assert_eq!(hits.len(), 1);
+        assert_eq!(hits[0].content, "an old question about tea");
     }
 }

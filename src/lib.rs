@@ -31,4 +31,5 @@ pub mod pool;
 pub mod protocol;
 pub mod server;
 pub mod singleflight;
+pub mod tools;
 pub mod ws;

@@ -44,6 +44,8 @@ pub struct Metrics {
     pub upstream_failures: IntCounter,
     /// Tokens published by generations.
     pub tokens: IntCounter,
+    /// Tool calls run during preparation.
+    pub tool_calls: IntCounter,
     /// Workers per stage.
     pub pool_workers: IntGaugeVec,
     /// Busy workers per stage (set at scrape time).
@@ -98,6 +100,10 @@ impl Metrics {
         let upstream_failures =
             counter("chorus_upstream_failures_total", "Generations that failed");
         let tokens = counter("chorus_tokens_total", "Tokens produced by generations");
+        let tool_calls = counter(
+            "chorus_tool_calls_total",
+            "Tool calls run during preparation",
+        );
         let gauge_vec = |name: &str, help: &str| {
             IntGaugeVec::new(Opts::new(name, help), &["stage"])
                 .unwrap_or_else(|e| panic!("metric definition: {e}"))
@@ -128,6 +134,7 @@ impl Metrics {
             Box::new(upstream_aborted.clone()),
             Box::new(upstream_failures.clone()),
             Box::new(tokens.clone()),
+            Box::new(tool_calls.clone()),
             Box::new(pool_workers.clone()),
             Box::new(pool_busy.clone()),
             Box::new(queue_depth.clone()),
@@ -156,6 +163,7 @@ impl Metrics {
             upstream_aborted,
             upstream_failures,
             tokens,
+            tool_calls,
             pool_workers,
             pool_busy,
             queue_depth,

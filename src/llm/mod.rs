@@ -74,6 +74,29 @@ pub enum LlmError {
     Timeout(String),
 }
 
+/// A tool the model may call, in the shape of OpenAI's function calling.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolSpec {
+    /// The function name, e.g. `calculator`.
+    pub name: &'static str,
+    /// What it does, for the model.
+    pub description: &'static str,
+    /// JSON Schema of its arguments.
+    pub parameters: serde_json::Value,
+}
+
+/// A call the model asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToolCall {
+    /// The model's id for the call.
+    pub id: String,
+    /// Which tool.
+    pub name: String,
+    /// The arguments as JSON text, exactly as the model wrote them (they
+    /// may be malformed; the tool reports that as its result).
+    pub arguments: String,
+}
+
 /// Counters of one upstream endpoint, for `/api/stats`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct EndpointStats {
@@ -99,6 +122,19 @@ pub trait Provider: Send + Sync {
     /// Counters per upstream endpoint; empty for providers without any.
     fn endpoint_stats(&self) -> Vec<EndpointStats> {
         Vec::new()
+    }
+
+    /// Asks the model, without streaming, which of `tools` to call before
+    /// it answers `prompt`. Runs on a preparation worker. An empty list
+    /// means no tool.
+    fn select_tools(
+        &self,
+        prompt: &Prompt,
+        tools: &[ToolSpec],
+        abort: &AbortSignal,
+    ) -> Result<Vec<ToolCall>, LlmError> {
+        let _ = (prompt, tools, abort);
+        Ok(Vec::new())
     }
 
     /// Generates an answer to `prompt`, calling `on_token` with each token as

@@ -36,7 +36,9 @@ use serde_json::{json, Value};
 use ureq::Agent;
 
 use super::sse::SseParser;
-use super::{AbortSignal, EndpointStats, Flow, LlmError, Prompt, Provider, StreamEnd};
+use super::{
+    AbortSignal, EndpointStats, Flow, LlmError, Prompt, Provider, StreamEnd, ToolCall, ToolSpec,
+};
 
 /// Longest event-stream line accepted from an upstream.
 const MAX_SSE_LINE: usize = 1 << 20;
@@ -168,29 +170,45 @@ impl OpenAi {
         }
     }
 
-    /// Calls `endpoint`, retrying as the policy allows.
-    fn call_with_retries(
+    /// Runs `call` against `endpoint`, retrying as the policy allows while
+    /// `retry_allowed` says nothing has reached a client yet. An abort
+    /// ends it with `Ok(None)`.
+    fn with_retries<T>(
         &self,
         endpoint: &Endpoint,
         counters: &Counters,
-        prompt: &Prompt,
         abort: &AbortSignal,
-        emitted: &mut bool,
-        on_token: &mut dyn FnMut(&str) -> Flow,
-    ) -> Result<StreamEnd, LlmError> {
+        retry_allowed: &dyn Fn() -> bool,
+        call: &mut dyn FnMut(&Agent) -> Result<T, CallError>,
+    ) -> Result<Option<T>, LlmError> {
         let mut retry = 0;
         loop {
             counters.calls.fetch_add(1, Ordering::Relaxed);
-            let failure = match self.call(endpoint, counters, prompt, abort, emitted, on_token) {
-                Ok(end) => return Ok(end),
+            let agent: Agent = Agent::config_builder()
+                .timeout_connect(Some(self.connect_timeout))
+                .timeout_per_read(Some(self.read_timeout))
+                .http_status_as_error(false)
+                .build()
+                .into();
+            // Shutting the agent down fails a blocked read at once and closes
+            // the socket: that is how an abort reaches the upstream.
+            let hook = abort.on_abort({
+                let agent = agent.clone();
+                move || agent.shutdown()
+            });
+            let result = call(&agent);
+            abort.forget(hook);
+            let failure = match result {
+                Ok(value) => return Ok(Some(value)),
                 Err(failure) => failure,
             };
             if abort.is_aborted() {
-                return Ok(StreamEnd::Aborted);
+                return Ok(None);
             }
             counters.failures.fetch_add(1, Ordering::Relaxed);
-            if *emitted || !failure.retryable || retry >= self.retry.max_retries {
-                return Err(failure.error);
+            let error = scrub(failure.error, endpoint);
+            if !retry_allowed() || !failure.retryable || retry >= self.retry.max_retries {
+                return Err(error);
             }
             let delay = match failure.retry_after {
                 Some(asked) if asked > self.retry.max => {
@@ -198,56 +216,22 @@ impl OpenAi {
                         "{}: asked to retry after {asked:?}, longer than llm.retry_max_ms",
                         endpoint.name
                     );
-                    return Err(failure.error);
+                    return Err(error);
                 }
                 Some(asked) => asked,
                 None => self.retry.delay(retry),
             };
-            log::info!(
-                "{}: {}; retry {} in {delay:?}",
-                endpoint.name,
-                failure.error,
-                retry + 1
-            );
+            log::info!("{error}; retry {} in {delay:?}", retry + 1);
             retry += 1;
             counters.retries.fetch_add(1, Ordering::Relaxed);
             if abort.sleep(delay) {
-                return Ok(StreamEnd::Aborted);
+                return Ok(None);
             }
         }
     }
 
     /// One HTTP call to `endpoint`, streaming its answer into `on_token`.
-    fn call(
-        &self,
-        endpoint: &Endpoint,
-        counters: &Counters,
-        prompt: &Prompt,
-        abort: &AbortSignal,
-        emitted: &mut bool,
-        on_token: &mut dyn FnMut(&str) -> Flow,
-    ) -> Result<StreamEnd, CallError> {
-        let agent: Agent = Agent::config_builder()
-            .timeout_connect(Some(self.connect_timeout))
-            .timeout_per_read(Some(self.read_timeout))
-            .http_status_as_error(false)
-            .build()
-            .into();
-        // Shutting the agent down fails a blocked read at once and closes
-        // the socket: that is how an abort reaches the upstream.
-        let hook = abort.on_abort({
-            let agent = agent.clone();
-            move || agent.shutdown()
-        });
-        let result = self.call_on(&agent, endpoint, counters, prompt, emitted, on_token);
-        abort.forget(hook);
-        result.map_err(|mut failure| {
-            failure.error = scrub(failure.error, endpoint);
-            failure
-        })
-    }
-
-    fn call_on(
+    fn stream_once(
         &self,
         agent: &Agent,
         endpoint: &Endpoint,
@@ -269,30 +253,7 @@ impl OpenAi {
         let mut response = request
             .send_json(&body)
             .map_err(|e| connect_error(name, e))?;
-        let status = response.status().as_u16();
-        if !(200..300).contains(&status) {
-            let retry_after = response
-                .headers()
-                .get("retry-after")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .map(Duration::from_secs);
-            let text = response
-                .body_mut()
-                .with_config()
-                .limit(MAX_ERROR_BODY)
-                .read_to_string()
-                .unwrap_or_default();
-            let error = LlmError::Upstream(format!(
-                "{name} answered HTTP {status}: {}",
-                error_message(&text)
-            ));
-            return Err(CallError {
-                error,
-                retryable: status == 429 || status >= 500,
-                retry_after,
-            });
-        }
+        check_status(name, &mut response)?;
         let mut reader = response
             .into_body()
             .into_with_config()
@@ -395,6 +356,59 @@ impl Provider for OpenAi {
         "openai"
     }
 
+    fn select_tools(
+        &self,
+        prompt: &Prompt,
+        tools: &[ToolSpec],
+        abort: &AbortSignal,
+    ) -> Result<Vec<ToolCall>, LlmError> {
+        if tools.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut last = LlmError::Upstream("no upstream endpoint is configured".into());
+        for (endpoint, counters) in &self.endpoints {
+            let model = endpoint.model.as_deref().unwrap_or(&prompt.model);
+            let body = selection_body(prompt, model, tools);
+            let result = self.with_retries(endpoint, counters, abort, &|| true, &mut |agent| {
+                let url = format!(
+                    "{}/chat/completions",
+                    endpoint.base_url.trim_end_matches('/')
+                );
+                let mut request = agent.post(&url);
+                if let Some(key) = &endpoint.api_key {
+                    request = request.header("Authorization", &format!("Bearer {key}"));
+                }
+                let mut response = request
+                    .send_json(&body)
+                    .map_err(|e| connect_error(&endpoint.name, e))?;
+                check_status(&endpoint.name, &mut response)?;
+                let text = response
+                    .body_mut()
+                    .with_config()
+                    .limit(MAX_ERROR_BODY * 16)
+                    .read_to_string()
+                    .map_err(|e| {
+                        CallError::retryable(LlmError::Upstream(format!(
+                            "reading the answer of {} failed: {e}",
+                            endpoint.name
+                        )))
+                    })?;
+                serde_json::from_str::<Value>(&text).map_err(|e| {
+                    CallError::fatal(LlmError::Upstream(format!(
+                        "{} answered with something that is not JSON: {e}",
+                        endpoint.name
+                    )))
+                })
+            });
+            match result {
+                Ok(Some(answer)) => return Ok(tool_calls(&answer)),
+                Ok(None) => return Ok(Vec::new()),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
     fn endpoint_stats(&self) -> Vec<EndpointStats> {
         self.endpoints
             .iter()
@@ -415,13 +429,26 @@ impl Provider for OpenAi {
         abort: &AbortSignal,
         on_token: &mut dyn FnMut(&str) -> Flow,
     ) -> Result<StreamEnd, LlmError> {
-        let mut emitted = false;
+        let emitted = std::cell::Cell::new(false);
         let mut last = LlmError::Upstream("no upstream endpoint is configured".into());
         for (i, (endpoint, counters)) in self.endpoints.iter().enumerate() {
-            match self.call_with_retries(endpoint, counters, prompt, abort, &mut emitted, on_token)
-            {
-                Ok(end) => return Ok(end),
-                Err(e) if emitted => return Err(e),
+            let result = self.with_retries(
+                endpoint,
+                counters,
+                abort,
+                &|| !emitted.get(),
+                &mut |agent| {
+                    let mut sent = emitted.get();
+                    let result =
+                        self.stream_once(agent, endpoint, counters, prompt, &mut sent, on_token);
+                    emitted.set(sent);
+                    result
+                },
+            );
+            match result {
+                Ok(Some(end)) => return Ok(end),
+                Ok(None) => return Ok(StreamEnd::Aborted),
+                Err(e) if emitted.get() => return Err(e),
                 Err(e) => {
                     if let Some((next, _)) = self.endpoints.get(i + 1) {
                         log::warn!("{e}; falling back to {}", next.name);
@@ -432,6 +459,54 @@ impl Provider for OpenAi {
         }
         Err(last)
     }
+}
+
+/// The non-streaming request that offers `tools` for `prompt`.
+fn selection_body(prompt: &Prompt, model: &str, tools: &[ToolSpec]) -> Value {
+    let mut body = request_body(prompt, model);
+    body["stream"] = json!(false);
+    if let Some(options) = body.as_object_mut() {
+        options.remove("stream_options");
+    }
+    body["tools"] = tools
+        .iter()
+        .map(|t| {
+            json!({
+                "type": "function",
+                "function": {
+                    "name": t.name,
+                    "description": t.description,
+                    "parameters": t.parameters,
+                }
+            })
+        })
+        .collect();
+    body["tool_choice"] = json!("auto");
+    body
+}
+
+/// The tool calls of a chat completion (`choices[0].message.tool_calls`).
+fn tool_calls(answer: &Value) -> Vec<ToolCall> {
+    answer
+        .pointer("/choices/0/message/tool_calls")
+        .and_then(Value::as_array)
+        .map(|calls| {
+            calls
+                .iter()
+                .filter_map(|c| {
+                    Some(ToolCall {
+                        id: c["id"].as_str().unwrap_or_default().to_owned(),
+                        name: c.pointer("/function/name")?.as_str()?.to_owned(),
+                        arguments: c
+                            .pointer("/function/arguments")
+                            .and_then(Value::as_str)
+                            .unwrap_or("{}")
+                            .to_owned(),
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// The chat completion request for `prompt`.
@@ -456,6 +531,38 @@ fn request_body(prompt: &Prompt, model: &str) -> Value {
         body["top_p"] = json!(p);
     }
     body
+}
+
+/// Turns an HTTP error status into a [`CallError`] carrying the upstream's
+/// message; 429 and 5xx are worth a retry.
+fn check_status(
+    name: &str,
+    response: &mut ureq::http::Response<ureq::Body>,
+) -> Result<(), CallError> {
+    let status = response.status().as_u16();
+    if (200..300).contains(&status) {
+        return Ok(());
+    }
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs);
+    let text = response
+        .body_mut()
+        .with_config()
+        .limit(MAX_ERROR_BODY)
+        .read_to_string()
+        .unwrap_or_default();
+    Err(CallError {
+        error: LlmError::Upstream(format!(
+            "{name} answered HTTP {status}: {}",
+            error_message(&text)
+        )),
+        retryable: status == 429 || status >= 500,
+        retry_after,
+    })
 }
 
 /// A failed request before any response: connect errors and timeouts are

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
-use super::{AbortSignal, Flow, LlmError, Prompt, Provider, StreamEnd};
+use super::{AbortSignal, Flow, LlmError, Prompt, Provider, StreamEnd, ToolCall, ToolSpec};
 
 /// Timing and length of simulated answers (`[llm.simulated]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,8 +74,66 @@ const WORDS: [&str; 48] = [
     "code",
 ];
 
+/// The simulated model's choice of tools for `message`, by keywords, so
+/// demos and tests show tools without a real model: "calculate 2+3*4" calls
+/// `calculator`, "what time is it" calls `clock`, "search my history for
+/// pizza" calls `search_history`. Only tools in `offered` are chosen.
+pub fn choose_tools(message: &str, offered: &[ToolSpec]) -> Vec<ToolCall> {
+    let offers = |name: &str| offered.iter().any(|t| t.name == name);
+    let lower = message.to_lowercase();
+    let mut calls = Vec::new();
+    let mut call = |name: &str, arguments: serde_json::Value| {
+        calls.push(ToolCall {
+            id: format!("call_{}", calls.len()),
+            name: name.to_owned(),
+            arguments: arguments.to_string(),
+        });
+    };
+    if offers("calculator") {
+        // Byte offsets of the lower-cased text fit the original while
+        // the keyword is ASCII and nothing before it changes length.
+        let keyword = ["calculate", "compute"]
+            .iter()
+            .find_map(|k| lower.find(k).map(|at| at + k.len()));
+        if let Some(rest) = keyword.and_then(|at| message.get(at..)) {
+            let expression = rest.trim().trim_end_matches(['?', '.', '!']).trim();
+            if expression.chars().any(|c| c.is_ascii_digit()) {
+                call(
+                    "calculator",
+                    serde_json::json!({ "expression": expression }),
+                );
+            }
+        }
+    }
+    if offers("clock")
+        && ["what time", "the time", "current time", "clock"]
+            .iter()
+            .any(|k| lower.contains(k))
+    {
+        call("clock", serde_json::json!({}));
+    }
+    if offers("search_history") {
+        let query = [
+            "search my history for",
+            "search history for",
+            "did i mention",
+        ]
+        .iter()
+        .find_map(|k| lower.find(k).map(|at| at + k.len()))
+        .and_then(|at| message.get(at..))
+        .map(|rest| rest.trim().trim_end_matches(['?', '.', '!']).trim())
+        .filter(|q| !q.is_empty());
+        if let Some(query) = query {
+            call("search_history", serde_json::json!({ "query": query }));
+        }
+    }
+    calls
+}
+
 impl Simulated {
     /// The tokens of the complete answer to `prompt`, before `max_tokens`.
+    /// When the prompt carries tool results, the answer opens by quoting
+    /// them, so a demo shows the tools at work.
     pub fn answer(&self, prompt: &Prompt) -> Vec<String> {
         let mut hasher = Sha256::new();
         hasher.update(prompt.model.as_bytes());
@@ -98,8 +156,26 @@ impl Simulated {
             state.wrapping_mul(0x2545_f491_4f6c_dd1d)
         };
         let mut tokens = Vec::with_capacity(self.tokens as usize);
+        let tool_lines = prompt
+            .messages
+            .iter()
+            .filter(|m| m.role == "system")
+            .filter_map(|m| m.content.strip_prefix(crate::tools::RESULTS_HEADER))
+            .flat_map(|results| results.lines().filter_map(|l| l.strip_prefix("- ")));
+        for line in tool_lines {
+            // "name(args): result" becomes "name says: result."
+            let (name, result) = match (line.split_once('('), line.split_once("): ")) {
+                (Some((name, _)), Some((_, result))) => (name, result),
+                _ => ("a tool", line),
+            };
+            let sentence = format!("{name} says: {}.", result.trim_end_matches('.'));
+            for (i, word) in sentence.split(' ').enumerate() {
+                let lead = if tokens.is_empty() && i == 0 { "" } else { " " };
+                tokens.push(format!("{lead}{word}"));
+            }
+        }
         let mut sentence_left = 0;
-        for i in 0..self.tokens {
+        for i in tokens.len() as u32..self.tokens.max(tokens.len() as u32) {
             let word = WORDS[(next() % WORDS.len() as u64) as usize];
             let mut token = String::with_capacity(word.len() + 2);
             if i > 0 {
@@ -129,6 +205,20 @@ impl Simulated {
 impl Provider for Simulated {
     fn name(&self) -> &str {
         "simulated"
+    }
+
+    fn select_tools(
+        &self,
+        prompt: &Prompt,
+        tools: &[ToolSpec],
+        _abort: &AbortSignal,
+    ) -> Result<Vec<ToolCall>, LlmError> {
+        let message = prompt
+            .messages
+            .last()
+            .filter(|m| m.role == "user")
+            .map_or("", |m| m.content.as_str());
+        Ok(choose_tools(message, tools))
     }
 
     fn stream(

@@ -30,7 +30,7 @@ impl Shared {
         generation: &Arc<Generation>,
         outcome: GenOutcome,
     ) {
-        let (members, was_streaming) = {
+        let (members, was_streaming, cacheable) = {
             let mut st = generation.state.lock();
             if st.outcome.is_some() {
                 return;
@@ -39,12 +39,13 @@ impl Shared {
             (
                 std::mem::take(&mut st.members),
                 st.stage == Stage::Streaming,
+                st.cacheable,
             )
         };
         generation.abort.abort();
         let produced = generation.broadcast.finish();
         match &outcome {
-            GenOutcome::Finished(Finish::Stop) => {
+            GenOutcome::Finished(Finish::Stop) if cacheable => {
                 let answer = Arc::new(CachedAnswer::from_pieces(produced.pieces()));
                 if let Err(e) = self.cache.put(&generation.key, answer) {
                     self.metrics.cache_errors.inc();

@@ -42,6 +42,9 @@ pub(crate) struct GenState {
     /// Since when no member has had a live attachment.
     pub orphaned_since: Option<Instant>,
     pub prepare_ms: f64,
+    /// False once a tool whose result changes over time (the clock) went
+    /// into the answer: it must not be cached.
+    pub cacheable: bool,
 }
 
 /// A generation; share it as `Arc<Generation>`.
@@ -78,6 +81,7 @@ impl Generation {
                 outcome: None,
                 orphaned_since: None,
                 prepare_ms: 0.0,
+                cacheable: true,
             }),
         })
     }
@@ -106,6 +110,16 @@ impl Generation {
             let _ = a
                 .outbox
                 .push(Frame::Json(protocol::state(&a.request, stage, position)));
+        });
+    }
+
+    /// Sends a `tool` frame (a call, a piece of output, a result) to every
+    /// request attached to this generation.
+    pub fn tool_frame(&self, name: &str, phase: &str, text: &str) {
+        self.broadcast.for_each_subscriber(|a| {
+            let _ = a
+                .outbox
+                .push(Frame::Json(protocol::tool(&a.request, name, phase, text)));
         });
     }
 

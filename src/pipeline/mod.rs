@@ -119,6 +119,8 @@ pub(crate) struct Shared {
     history: History,
     cache: Arc<dyn Cache>,
     provider: Arc<dyn Provider>,
+    /// `None` when tools are disabled (or none is enabled).
+    toolbox: Option<crate::tools::Toolbox>,
     metrics: Arc<Metrics>,
     flights: Flights,
     active: RwLock<Active>,
@@ -160,6 +162,8 @@ struct LeaderJob {
 struct StreamJob {
     generation: GenTicket,
     prompt: Prompt,
+    /// The answer of a `direct` tool: published as is, no model call.
+    direct: Option<String>,
 }
 
 struct FollowJob {
@@ -256,11 +260,16 @@ impl Pipeline {
         let (prepare_tx, prepare_rx) = bounded::<LeaderJob>(w.prepare_queue);
         let (follow_tx, follow_rx) = bounded::<FollowJob>(w.follow_queue);
         let (stream_tx, stream_rx) = bounded::<StreamJob>(w.prepared_queue);
+        // The configuration was validated, so the names are known.
+        let toolbox = crate::tools::Toolbox::new(&config.tools.builtins, &config.tools.direct)
+            .ok()
+            .filter(|t| config.tools.enabled && !t.is_empty());
         let shared = Arc::new(Shared {
             config: config.clone(),
             history,
             cache,
             provider,
+            toolbox,
             metrics: metrics.clone(),
             flights: Group::new(),
             active: RwLock::new(Active {

@@ -19,7 +19,7 @@ use super::request::{Phase, Request, Source};
 use super::*;
 use crate::cache::{CachedAnswer, Key};
 use crate::history;
-use crate::llm::{Flow, StreamEnd};
+use crate::llm::{Flow, Prompt, PromptMessage, StreamEnd};
 use crate::outbox::Frame;
 use crate::protocol::{self, ErrorCode, Failure, Finish, Role, Stage};
 use crate::singleflight::{Claim, Leader};
@@ -318,12 +318,21 @@ impl Shared {
                 return;
             }
         };
-        let prompt = assemble_prompt(
+        let mut prompt = assemble_prompt(
             &self.config.llm.system_prompt,
             &stored,
             &work,
             self.config.history.max_context_tokens,
         );
+        let direct = match &self.toolbox {
+            Some(toolbox) => {
+                self.run_tools(toolbox, &generation, &leader.conversation, &mut prompt)
+            }
+            None => None,
+        };
+        if generation.is_over() {
+            return;
+        }
         generation.state.lock().prepare_ms = started.elapsed().as_secs_f64() * 1000.0;
         let position = self
             .channels()
@@ -332,11 +341,68 @@ impl Shared {
         let job = StreamJob {
             generation: ticket,
             prompt,
+            direct,
         };
         if let Err((job, failure)) = self.send(|c| &c.stream, job, "the streaming queue is full") {
             self.finish_generation(&generation, GenOutcome::Failed(failure));
             drop(job);
         }
+    }
+
+    /// Lets the model pick tools for `prompt`, runs them, shows each call,
+    /// output and result to the generation's clients, and puts the results
+    /// into the prompt. Returns the answer of a `direct` tool, if one ran.
+    /// A failed selection call is logged and the question answered without
+    /// tools: the streaming call reports upstream trouble if it persists.
+    fn run_tools(
+        &self,
+        toolbox: &crate::tools::Toolbox,
+        generation: &Arc<Generation>,
+        conversation: &str,
+        prompt: &mut Prompt,
+    ) -> Option<String> {
+        let calls = match self
+            .provider
+            .select_tools(prompt, &toolbox.specs(), &generation.abort)
+        {
+            Ok(calls) => calls,
+            Err(e) => {
+                log::warn!(
+                    "tool selection for generation {} failed: {e}",
+                    generation.id
+                );
+                return None;
+            }
+        };
+        if calls.is_empty() || generation.is_over() {
+            return None;
+        }
+        self.metrics.tool_calls.inc_by(calls.len() as u64);
+        for call in &calls {
+            generation.tool_frame(&call.name, "call", &call.arguments);
+        }
+        let results = toolbox.run(&calls, conversation, &self.history, &|call, text| {
+            generation.tool_frame(&call.name, "output", text)
+        });
+        for result in &results {
+            generation.tool_frame(&result.call.name, "result", &result.text());
+        }
+        if results.iter().any(|r| !r.cacheable) {
+            generation.state.lock().cacheable = false;
+        }
+        if let Some(direct) = results.iter().find(|r| r.direct && r.result.is_ok()) {
+            return Some(direct.text());
+        }
+        // Just before the question, so the model reads them as its context.
+        let at = prompt.messages.len().saturating_sub(1);
+        prompt.messages.insert(
+            at,
+            PromptMessage {
+                role: "system",
+                content: crate::tools::results_message(&results),
+            },
+        );
+        None
     }
 
     // -- the streaming pool ------------------------------------------------
@@ -345,12 +411,26 @@ impl Shared {
         let StreamJob {
             generation: ticket,
             prompt,
+            direct,
         } = job;
         let generation = ticket.generation.clone();
         if generation.is_over() {
             return;
         }
         generation.set_stage(Stage::Streaming, None);
+        if let Some(answer) = direct {
+            // A direct tool answered: its text is the answer, word by word,
+            // and the model is not called.
+            for piece in answer.split_inclusive(' ') {
+                if generation.broadcast.publish(piece).is_none() {
+                    break;
+                }
+                self.metrics.tokens.inc();
+            }
+            self.finish_generation(&generation, GenOutcome::Finished(Finish::Stop));
+            drop(ticket);
+            return;
+        }
         self.metrics.upstream_calls.inc();
         let broadcast = &generation.broadcast;
         let result = self
