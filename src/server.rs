@@ -546,7 +546,23 @@ fn answer(out: &mut impl std::io::Write, path: &str, shared: &Shared) -> io::Res
 
 fn serve_static(out: &mut impl std::io::Write, shared: &Shared, file: &str) -> io::Result<()> {
     match shared.static_files.get(file) {
-        Some(body) => http::respond(out, 200, http::content_type(file), &[], &body),
+        Some(body) => {
+            let content_type = http::content_type(file);
+            // The page's own files only: no inline script, no outside
+            // request, no framing. Model text is rendered as text anyway;
+            // this is the second wall.
+            let csp: &[(&str, &str)] = if content_type.starts_with("text/html") {
+                &[(
+                    "Content-Security-Policy",
+                    "default-src 'self'; script-src 'self'; connect-src 'self'; \
+                     img-src 'self' data:; style-src 'self' 'unsafe-inline'; \
+                     base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+                )]
+            } else {
+                &[]
+            };
+            http::respond(out, 200, content_type, csp, &body)
+        }
         None => http::respond_error(out, 404, "not found"),
     }
 }

@@ -96,7 +96,7 @@ pub fn choose_tools(message: &str, offered: &[ToolSpec]) -> Vec<ToolCall> {
             .iter()
             .find_map(|k| lower.find(k).map(|at| at + k.len()));
         if let Some(rest) = keyword.and_then(|at| message.get(at..)) {
-            let expression = rest.trim().trim_end_matches(['?', '.', '!']).trim();
+            let expression = leading_expression(rest);
             if expression.chars().any(|c| c.is_ascii_digit()) {
                 call(
                     "calculator",
@@ -128,6 +128,27 @@ pub fn choose_tools(message: &str, offered: &[ToolSpec]) -> Vec<ToolCall> {
         }
     }
     calls
+}
+
+/// The arithmetic at the start of `text`: digits, operators, brackets and
+/// math function names, up to the first other word ("(2+3)*4 and what
+/// time is it" gives "(2+3)*4").
+fn leading_expression(text: &str) -> &str {
+    const FUNCTIONS: [&str; 9] = ["sqrt", "sin", "cos", "tan", "ln", "log", "exp", "abs", "pi"];
+    let mut end = 0;
+    let mut rest = text;
+    while let Some(c) = rest.chars().next() {
+        let taken = if let Some(f) = FUNCTIONS.iter().find(|f| rest.starts_with(*f)) {
+            f.len()
+        } else if c.is_ascii_digit() || c.is_whitespace() || "+-*/^()., ×÷%".contains(c) {
+            c.len_utf8()
+        } else {
+            break;
+        };
+        end += taken;
+        rest = &rest[taken..];
+    }
+    text[..end].trim().trim_end_matches(['.', ',']).trim()
 }
 
 impl Simulated {
@@ -336,5 +357,47 @@ mod tests {
             })
             .unwrap();
         assert_eq!((n, end), (3, StreamEnd::Aborted));
+    }
+
+    #[test]
+    fn the_keyword_rules_pick_tools_and_their_arguments() {
+        let offered: Vec<ToolSpec> = ["calculator", "clock", "search_history"]
+            .iter()
+            .map(|name| ToolSpec {
+                name,
+                description: "",
+                parameters: serde_json::json!({}),
+            })
+            .collect();
+        let picks = |m: &str| -> Vec<(String, String)> {
+            choose_tools(m, &offered)
+                .into_iter()
+                .map(|c| (c.name, c.arguments))
+                .collect()
+        };
+        assert_eq!(
+            picks("calculate (2+3)*4 and what time is it?"),
+            [
+                ("calculator".into(), r#"{"expression":"(2+3)*4"}"#.into()),
+                ("clock".into(), "{}".into())
+            ]
+        );
+        assert_eq!(
+            picks("Please compute sqrt(16) + 2."),
+            [(
+                "calculator".into(),
+                r#"{"expression":"sqrt(16) + 2"}"#.into()
+            )]
+        );
+        assert_eq!(
+            picks("Search my history for pizza recipes?"),
+            [(
+                "search_history".into(),
+                r#"{"query":"pizza recipes"}"#.into()
+            )]
+        );
+        assert!(picks("calculate nothing at all").is_empty());
+        assert!(picks("Hello there").is_empty());
+        assert!(choose_tools("what time is it", &offered[..1]).is_empty());
     }
 }

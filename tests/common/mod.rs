@@ -3,6 +3,7 @@
 //! real sockets with a real WebSocket client.
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod upstream;
 
 use std::collections::VecDeque;

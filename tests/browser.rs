@@ -1,0 +1,225 @@
+//! The demo page end to end in a real headless Chromium (Debian's
+//! `/usr/bin/chromium`) against the real server. Every test saves a
+//! screenshot under `target/browser-screenshots/`.
+
+mod common;
+
+use common::browser::Browser;
+use common::Server;
+use serde_json::json;
+
+/// A simulated model slow enough to watch: 30 tokens, 60 ms apart.
+const SLOW: &str = r#"
+[llm.simulated]
+first_token_ms = 300
+token_interval_ms = 60
+tokens = 30
+"#;
+
+/// Opens the page on `server` and waits for its WebSocket.
+fn open(server: &Server, width: u32, height: u32) -> Browser {
+    let mut b = Browser::launch(width, height);
+    b.goto(&format!("http://{}/", server.addr));
+    b.wait_for("document.querySelector('#connection')?.dataset.state === 'open'");
+    b
+}
+
+/// Types `text` into the composer and presses Enter.
+fn send(b: &mut Browser, text: &str) {
+    b.type_text("#composer", text);
+    b.press("Enter", 13);
+}
+
+/// Text of the last assistant answer.
+const LAST_ANSWER: &str =
+    "[...document.querySelectorAll('#messages .msg.assistant')].pop()?.querySelector('.msg-text')?.textContent ?? ''";
+/// State of the last assistant answer.
+const LAST_STATE: &str =
+    "[...document.querySelectorAll('#messages .msg.assistant')].pop()?.dataset.state ?? ''";
+
+#[test]
+fn the_page_loads_with_no_outside_request_at_both_widths() {
+    let server = Server::start(SLOW);
+    for (width, height) in [(1440, 900), (375, 800)] {
+        let mut b = open(&server, width, height);
+        let requests = b.requests();
+        assert!(
+            requests.iter().any(|u| u.ends_with("/ws")),
+            "the page's WebSocket is missing from {requests:?}"
+        );
+        let origin = format!("http://{}", server.addr);
+        let ws_origin = format!("ws://{}", server.addr);
+        for url in b.requests() {
+            assert!(
+                url.starts_with(&origin)
+                    || url.starts_with(&ws_origin)
+                    || url.starts_with("data:")
+                    || url.starts_with("about:"),
+                "the page requested {url}"
+            );
+        }
+        assert!(b.errors().is_empty(), "page errors: {:?}", b.errors());
+        // Every control has a name a screen reader can read.
+        let unlabelled = b.eval(
+            "[...document.querySelectorAll('button, input, textarea, select')]\
+             .filter(e => !(e.getAttribute('aria-label') || e.labels?.length || e.textContent.trim() || e.title))\
+             .map(e => e.outerHTML.slice(0, 80))",
+        );
+        assert_eq!(unlabelled, json!([]), "unlabelled controls");
+        b.screenshot(&format!("page-{width}"));
+    }
+}
+
+#[test]
+fn an_answer_streams_in_token_by_token() {
+    let server = Server::start(SLOW);
+    let mut b = open(&server, 1440, 900);
+    send(&mut b, "Hello, who are you?");
+    b.wait_for(&format!("({LAST_ANSWER}).length > 0"));
+    // Sample the growing text: several distinct lengths before the end.
+    let mut lengths = std::collections::BTreeSet::new();
+    while b.eval(LAST_STATE) != json!("done") {
+        lengths.insert(
+            b.eval(&format!("({LAST_ANSWER}).length"))
+                .as_u64()
+                .unwrap_or(0),
+        );
+        std::thread::sleep(std::time::Duration::from_millis(40));
+    }
+    assert!(lengths.len() >= 4, "the answer did not stream: {lengths:?}");
+    assert_eq!(
+        b.eval("document.querySelector('#messages .msg.assistant .badge-role').textContent.trim()"),
+        json!("leader")
+    );
+    let timings = b.eval("document.querySelector('#messages .msg.assistant .timings').textContent");
+    assert!(timings.as_str().unwrap_or("").contains("ms"), "{timings}");
+    assert_eq!(
+        b.eval("document.querySelector('#messages .msg.user').textContent.includes('Hello, who are you?')"),
+        json!(true)
+    );
+    b.screenshot("streamed-answer");
+}
+
+#[test]
+fn stop_cancels_the_running_answer() {
+    let server = Server::start(SLOW);
+    let mut b = open(&server, 1440, 900);
+    send(&mut b, "Tell me a long story");
+    b.wait_for(&format!("({LAST_ANSWER}).length > 10"));
+    b.click("#messages .msg.assistant .btn-stop");
+    b.wait_for(&format!("({LAST_STATE}) === 'cancelled'"));
+    let stopped = b.eval(&format!("({LAST_ANSWER}).length")).as_u64().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    assert_eq!(
+        b.eval(&format!("({LAST_ANSWER}).length")).as_u64().unwrap(),
+        stopped,
+        "text kept coming after Stop"
+    );
+    b.screenshot("stopped-answer");
+}
+
+#[test]
+fn regenerate_asks_again_with_a_fresh_generation() {
+    let server = Server::start(SLOW);
+    let mut b = open(&server, 1440, 900);
+    send(&mut b, "Give me an idea");
+    b.wait_for(&format!("({LAST_STATE}) === 'done'"));
+    let calls_before = server.stats()["upstream"]["calls"].as_u64().unwrap();
+    b.click("#messages .msg.assistant .btn-regenerate");
+    b.wait_for("document.querySelectorAll('#messages .msg.assistant').length === 2");
+    b.wait_for(&format!("({LAST_STATE}) === 'done'"));
+    // Fresh: a new generation, not the cache.
+    assert_eq!(
+        b.eval("[...document.querySelectorAll('#messages .msg.assistant .badge-role')].pop().textContent.trim()"),
+        json!("leader")
+    );
+    assert_eq!(
+        server.stats()["upstream"]["calls"].as_u64().unwrap(),
+        calls_before + 1
+    );
+    b.screenshot("regenerated-answer");
+}
+
+#[test]
+fn markup_in_messages_is_shown_as_text() {
+    let server = Server::start(SLOW);
+    let mut b = open(&server, 1440, 900);
+    let attack = "<img src=x onerror=alert(1)> <script>alert(2)</script>";
+    send(&mut b, attack);
+    b.wait_for(&format!("({LAST_STATE}) === 'done'"));
+    assert_eq!(
+        b.eval("document.querySelector('#messages .msg.user').textContent.includes('<img src=x onerror=alert(1)>')"),
+        json!(true)
+    );
+    assert_eq!(
+        b.eval("document.querySelectorAll('#messages img, #messages script').length"),
+        json!(0)
+    );
+    assert!(b.dialogs().is_empty(), "a dialog opened: {:?}", b.dialogs());
+    b.screenshot("markup-as-text");
+}
+
+#[test]
+fn a_reload_restores_the_conversation_from_history() {
+    let server = Server::start(SLOW);
+    let mut b = open(&server, 1440, 900);
+    send(&mut b, "Remember this conversation");
+    b.wait_for(&format!("({LAST_STATE}) === 'done'"));
+    let answer = b.eval(LAST_ANSWER);
+    b.reload();
+    b.wait_for("document.querySelector('#connection')?.dataset.state === 'open'");
+    b.wait_for("document.querySelectorAll('#conversations li[data-conversation]').length === 1");
+    b.click("#conversations li[data-conversation]");
+    b.wait_for(&format!("({LAST_ANSWER}).length > 0"));
+    assert_eq!(b.eval(LAST_ANSWER), answer);
+    assert_eq!(
+        b.eval("document.querySelector('#messages .msg.user').textContent.includes('Remember this conversation')"),
+        json!(true)
+    );
+    b.screenshot("restored-conversation");
+}
+
+#[test]
+fn a_dropped_connection_resumes_the_answer_without_gaps() {
+    let server = Server::start(SLOW);
+    let mut b = open(&server, 1440, 900);
+    let question = "Tell me about resuming streams";
+    send(&mut b, question);
+    b.wait_for(&format!("({LAST_ANSWER}).length > 15"));
+    b.eval("window.chorusDebug.dropConnection()");
+    b.wait_for(&format!("({LAST_STATE}) === 'done'"));
+    let shown = b.eval(LAST_ANSWER);
+    // The same first question in a new conversation is answered from the
+    // cache with the very same text: that is what the page must show.
+    let mut c = server.client();
+    let reference = c.ask_and_wait(None, question);
+    assert_eq!(reference.role.as_deref(), Some("cache"));
+    assert_eq!(shown, json!(reference.text));
+    assert_eq!(
+        b.eval("document.querySelector('#connection').dataset.state"),
+        json!("open")
+    );
+    b.screenshot("resumed-answer");
+}
+
+#[test]
+fn the_crowd_control_shows_singleflight_at_work() {
+    let server = Server::start(SLOW);
+    let mut b = open(&server, 1440, 900);
+    b.click("#toggle-pipeline");
+    b.wait_for("!document.querySelector('#pipeline').hidden");
+    b.eval("document.querySelector('#crowd-n').value = '12'");
+    b.type_text("#composer", "What do crowds teach us?");
+    let calls_before = server.stats()["upstream"]["calls"].as_u64().unwrap();
+    b.click("#crowd-go");
+    let summary = b.wait_for("document.querySelector('#crowd-result')?.textContent.match(/follower/) && document.querySelector('#crowd-result').textContent");
+    let summary = summary.as_str().unwrap_or_default().to_owned();
+    assert!(summary.contains("1 leader"), "{summary}");
+    assert!(summary.contains("11 followers"), "{summary}");
+    let stats = server.stats();
+    assert_eq!(
+        stats["upstream"]["calls"].as_u64().unwrap(),
+        calls_before + 1
+    );
+    b.screenshot("crowd");
+}
