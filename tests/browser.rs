@@ -206,6 +206,9 @@ fn a_dropped_connection_resumes_the_answer_without_gaps() {
 fn the_crowd_control_shows_singleflight_at_work() {
     let server = Server::start(SLOW);
     let mut b = open(&server, 1440, 900);
+    // A conversation on screen, for the screenshot the README shows.
+    send(&mut b, "Please calculate (2+3)*4");
+    b.wait_for(&format!("({LAST_STATE}) === 'done'"));
     b.click("#toggle-pipeline");
     b.wait_for("!document.querySelector('#pipeline').hidden");
     b.eval("document.querySelector('#crowd-n').value = '12'");
@@ -222,4 +225,123 @@ fn the_crowd_control_shows_singleflight_at_work() {
         calls_before + 1
     );
     b.screenshot("crowd");
+}
+
+#[test]
+fn tool_calls_and_errors_are_shown_readably() {
+    let server = Server::start(&format!("{SLOW}\n[server]\nmax_message_chars = 60\n"));
+    let mut b = open(&server, 1440, 900);
+    send(&mut b, "Please calculate 2+3*4");
+    b.wait_for(&format!("({LAST_STATE}) === 'done'"));
+    let tool = b.eval(
+        "document.querySelector('#messages .msg.assistant details.tool[data-tool=\"calculator\"]')?.textContent ?? ''",
+    );
+    assert!(tool.as_str().unwrap_or("").contains("14"), "{tool}");
+    assert!(b
+        .eval(LAST_ANSWER)
+        .as_str()
+        .unwrap_or("")
+        .starts_with("calculator says: 14."));
+    // A message over the limit is refused with its code and a sentence.
+    send(&mut b, &"x".repeat(80));
+    let code = b.wait_for("document.querySelector('#messages .error[data-code]')?.dataset.code");
+    assert_eq!(code, json!("too_large"));
+    let sentence = b.eval("document.querySelector('#messages .error[data-code]').textContent");
+    assert!(sentence.as_str().unwrap_or("").len() > 20, "{sentence}");
+    b.screenshot("tools-and-errors");
+}
+
+#[test]
+fn answers_render_code_as_text_and_every_error_code_has_a_sentence() {
+    let server = Server::start(SLOW);
+    let mut b = open(&server, 1440, 900);
+    let rendered = b.eval(
+        r#"import('/static/render.js').then(m => {
+            const div = document.createElement('div');
+            m.renderRich(div, "Look:\n```js\nlet a = '<b>x</b>';\n```\nand `<i>y</i>` here");
+            return {
+                pre: div.querySelector('pre code')?.textContent ?? null,
+                inline: [...div.querySelectorAll('code')].map(c => c.textContent),
+                markup: div.querySelectorAll('b, i').length,
+            };
+        })"#,
+    );
+    assert_eq!(rendered["pre"], json!("let a = '<b>x</b>';"), "{rendered}");
+    assert!(
+        rendered["inline"].to_string().contains("<i>y</i>"),
+        "{rendered}"
+    );
+    assert_eq!(rendered["markup"], json!(0));
+    let codes = [
+        "bad_request",
+        "too_large",
+        "overloaded",
+        "rate_limited",
+        "conversation_busy",
+        "queue_timeout",
+        "processing_timeout",
+        "upstream_error",
+        "cancelled",
+        "not_found",
+        "slow_consumer",
+        "shutting_down",
+        "internal",
+    ];
+    let missing = b.eval(&format!(
+        "import('/static/render.js').then(m => {}.filter(c => !m.ERROR_SENTENCES[c]))",
+        json!(codes)
+    ));
+    assert_eq!(missing, json!([]), "error codes without a sentence");
+}
+
+#[test]
+fn stats_are_polled_only_while_the_pipeline_view_is_open_and_dark_mode_works() {
+    let server = Server::start(SLOW);
+    let mut b = open(&server, 1440, 900);
+    let stats_requests = |b: &mut Browser| {
+        b.requests()
+            .iter()
+            .filter(|u| u.contains("/api/stats"))
+            .count()
+    };
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    assert_eq!(stats_requests(&mut b), 0, "polled while hidden");
+    b.click("#toggle-pipeline");
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let open_polls = stats_requests(&mut b);
+    assert!((2..=5).contains(&open_polls), "{open_polls} polls in 2.5 s");
+    b.click("#toggle-pipeline");
+    b.wait_for("document.querySelector('#pipeline').hidden");
+    let closed_at = stats_requests(&mut b);
+    std::thread::sleep(std::time::Duration::from_millis(2000));
+    assert!(
+        stats_requests(&mut b) <= closed_at + 1,
+        "kept polling after closing"
+    );
+    // The streaming answers are announced to screen readers.
+    assert_eq!(
+        b.eval("document.querySelector('#messages').getAttribute('aria-live')"),
+        json!("polite")
+    );
+    // Dark mode follows the system setting.
+    b.call(
+        "Emulation.setEmulatedMedia",
+        json!({"features": [{"name": "prefers-color-scheme", "value": "dark"}]}),
+    );
+    send(&mut b, "Good evening");
+    b.wait_for(&format!("({LAST_STATE}) === 'done'"));
+    let background = b.eval("getComputedStyle(document.body).backgroundColor");
+    let dark = background
+        .as_str()
+        .and_then(|c| c.strip_prefix("rgb("))
+        .map(|c| {
+            c.trim_end_matches(')')
+                .split(',')
+                .filter_map(|v| v.trim().parse::<u32>().ok())
+                .sum::<u32>()
+                < 200
+        })
+        .unwrap_or(false);
+    assert!(dark, "background in dark mode: {background}");
+    b.screenshot("dark");
 }
