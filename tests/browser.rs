@@ -345,3 +345,44 @@ fn stats_are_polled_only_while_the_pipeline_view_is_open_and_dark_mode_works() {
     assert!(dark, "background in dark mode: {background}");
     b.screenshot("dark");
 }
+
+#[test]
+fn the_keyboard_is_enough() {
+    let server = Server::start(SLOW);
+    let mut b = open(&server, 1440, 900);
+    // Shift+Enter is a new line, not a send.
+    b.type_text("#composer", "first line");
+    b.call(
+        "Input.dispatchKeyEvent",
+        json!({"type": "keyDown", "key": "Enter", "code": "Enter", "windowsVirtualKeyCode": 13, "modifiers": 8}),
+    );
+    b.call(
+        "Input.dispatchKeyEvent",
+        json!({"type": "keyUp", "key": "Enter", "code": "Enter", "windowsVirtualKeyCode": 13, "modifiers": 8}),
+    );
+    b.call("Input.insertText", json!({"text": "\nsecond line"}));
+    assert_eq!(
+        b.eval("document.querySelectorAll('#messages .msg').length"),
+        json!(0),
+        "Shift+Enter sent the message"
+    );
+    b.press("Enter", 13);
+    b.wait_for(&format!("({LAST_STATE}) === 'done'"));
+    assert_eq!(
+        b.eval("document.querySelector('#messages .msg.user').textContent.includes('second line')"),
+        json!(true)
+    );
+    // Tab moves from the composer to the send button (enabled once there
+    // is something to send).
+    b.type_text("#composer", "draft");
+    b.press("Tab", 9);
+    assert_eq!(b.eval("document.activeElement.id"), json!("send"));
+    // A new conversation starts empty; the old one stays in the sidebar.
+    b.click("#new-conversation");
+    b.wait_for("document.querySelectorAll('#messages .msg').length === 0");
+    assert_eq!(
+        b.eval("document.querySelectorAll('#conversations li[data-conversation]').length"),
+        json!(1)
+    );
+    b.screenshot("keyboard");
+}

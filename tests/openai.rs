@@ -387,7 +387,8 @@ fn tool_calls_round_trip_through_a_real_upstream() {
                         "function": {"name": "calculator", "arguments": "{\"expression\":\"6*7\"}"}
                     }]
                 }
-            }]
+            }],
+            "usage": {"prompt_tokens": 300, "completion_tokens": 20, "total_tokens": 320}
         }),
     });
     // ...then the streamed answer.
@@ -429,10 +430,10 @@ fn tool_calls_round_trip_through_a_real_upstream() {
 }
 
 #[test]
-fn a_failed_tool_selection_still_answers_without_tools() {
+fn a_failed_tool_selection_still_answers_without_tools_and_is_not_retried() {
     let upstream = Upstream::start();
     upstream.push(Reply::Error {
-        status: 400,
+        status: 500,
         message: "this server does not support tools".into(),
         retry_after: None,
     });

@@ -305,15 +305,7 @@ impl OpenAi {
                         error_message(&error.to_string())
                     ))));
                 }
-                if let Some(usage) = chunk.get("usage").filter(|u| u.is_object()) {
-                    let count = |k: &str| usage.get(k).and_then(Value::as_u64).unwrap_or(0);
-                    counters
-                        .prompt_tokens
-                        .fetch_add(count("prompt_tokens"), Ordering::Relaxed);
-                    counters
-                        .completion_tokens
-                        .fetch_add(count("completion_tokens"), Ordering::Relaxed);
-                }
+                count_usage(counters, &chunk);
                 let choice = &chunk["choices"][0];
                 if let Some(text) = choice["delta"]["content"].as_str() {
                     if !text.is_empty() {
@@ -369,7 +361,10 @@ impl Provider for OpenAi {
         for (endpoint, counters) in &self.endpoints {
             let model = endpoint.model.as_deref().unwrap_or(&prompt.model);
             let body = selection_body(prompt, model, tools);
-            let result = self.with_retries(endpoint, counters, abort, &|| true, &mut |agent| {
+            // No retries: selection is optional (a failure means answering
+            // without tools), and an error here is often permanent, e.g. a
+            // server that rejects the `tools` field with a 500.
+            let result = self.with_retries(endpoint, counters, abort, &|| false, &mut |agent| {
                 let url = format!(
                     "{}/chat/completions",
                     endpoint.base_url.trim_end_matches('/')
@@ -401,7 +396,10 @@ impl Provider for OpenAi {
                 })
             });
             match result {
-                Ok(Some(answer)) => return Ok(tool_calls(&answer)),
+                Ok(Some(answer)) => {
+                    count_usage(counters, &answer);
+                    return Ok(tool_calls(&answer));
+                }
                 Ok(None) => return Ok(Vec::new()),
                 Err(e) => last = e,
             }
@@ -483,6 +481,20 @@ fn selection_body(prompt: &Prompt, model: &str, tools: &[ToolSpec]) -> Value {
         .collect();
     body["tool_choice"] = json!("auto");
     body
+}
+
+/// Adds the token usage an upstream reported in `answer` (a whole
+/// completion or a stream's usage chunk) to the endpoint's counters.
+fn count_usage(counters: &Counters, answer: &Value) {
+    if let Some(usage) = answer.get("usage").filter(|u| u.is_object()) {
+        let count = |k: &str| usage.get(k).and_then(Value::as_u64).unwrap_or(0);
+        counters
+            .prompt_tokens
+            .fetch_add(count("prompt_tokens"), Ordering::Relaxed);
+        counters
+            .completion_tokens
+            .fetch_add(count("completion_tokens"), Ordering::Relaxed);
+    }
 }
 
 /// The tool calls of a chat completion (`choices[0].message.tool_calls`).
