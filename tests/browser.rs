@@ -386,3 +386,29 @@ fn the_keyboard_is_enough() {
     );
     b.screenshot("keyboard");
 }
+
+#[test]
+fn a_waiting_answer_shows_where_it_waits() {
+    // One streaming slot, held by another client's long answer.
+    let server = Server::start(&format!(
+        "{SLOW}\n[workers]\nmax_concurrent_llm_streams = 1\n"
+    ));
+    let mut other = server.client();
+    let (busy, _) = other.ask(None, "Occupy the only streaming slot");
+    other.recv_matching(|v| v["type"] == "token");
+    let mut b = open(&server, 1440, 900);
+    send(&mut b, "Is there a free slot?");
+    b.wait_for(&format!("({LAST_STATE}) === 'waiting_stream'"));
+    let status =
+        b.eval("[...document.querySelectorAll('#messages .msg.assistant')].pop().textContent");
+    assert!(
+        status
+            .as_str()
+            .unwrap_or("")
+            .contains("waiting for a stream slot"),
+        "{status}"
+    );
+    b.screenshot("waiting");
+    assert!(other.answer(&busy).is_done());
+    b.wait_for(&format!("({LAST_STATE}) === 'done'"));
+}
