@@ -93,6 +93,8 @@ impl ToolResult {
 }
 
 struct Entry {
+    /// `tool.spec().name`, kept so that finding a tool builds no spec.
+    name: &'static str,
     tool: Arc<dyn Tool>,
     direct: bool,
 }
@@ -127,6 +129,7 @@ impl Toolbox {
                     other => return Err(ToolsError::Unknown(other.to_owned())),
                 };
                 Ok(Entry {
+                    name: tool.spec().name,
                     tool,
                     direct: direct.contains(name),
                 })
@@ -141,7 +144,11 @@ impl Toolbox {
         Toolbox {
             entries: tools
                 .into_iter()
-                .map(|(tool, direct)| Entry { tool, direct })
+                .map(|(tool, direct)| Entry {
+                    name: tool.spec().name,
+                    tool,
+                    direct,
+                })
                 .collect(),
         }
     }
@@ -149,6 +156,10 @@ impl Toolbox {
     /// The specs offered to the model.
     pub fn specs(&self) -> Vec<ToolSpec> {
         self.entries.iter().map(|e| e.tool.spec()).collect()
+    }
+
+    fn entry(&self, name: &str) -> Option<&Entry> {
+        self.entries.iter().find(|e| e.name == name)
     }
 
     /// True when no tool is enabled.
@@ -197,9 +208,7 @@ impl Toolbox {
             }
         };
         let is_cpu = |call: &ToolCall| {
-            self.entries
-                .iter()
-                .find(|e| e.tool.spec().name == call.name)
+            self.entry(&call.name)
                 .is_none_or(|e| e.tool.work() == Work::Cpu)
         };
         let mut results: Vec<Option<ToolResult>> = vec![None; calls.len()];
