@@ -231,6 +231,11 @@ pub struct CacheConfig {
     pub complete_orphans: bool,
     /// Entry bound of the memory backend (at least 1).
     pub max_entries: usize,
+    /// Longest wait for a Redis connection or command, in milliseconds;
+    /// past it the lookup is a miss.
+    pub redis_timeout_ms: u64,
+    /// Connections in the Redis pool.
+    pub redis_pool_size: u32,
 }
 
 impl Default for CacheConfig {
@@ -241,6 +246,8 @@ impl Default for CacheConfig {
             ttl_s: 3600,
             complete_orphans: false,
             max_entries: 10_000,
+            redis_timeout_ms: 250,
+            redis_pool_size: 8,
         }
     }
 }
@@ -1108,6 +1115,8 @@ impl Config {
             1,
         )?;
         at_least("cache.max_entries", self.cache.max_entries, 1)?;
+        at_least("cache.redis_timeout_ms", self.cache.redis_timeout_ms, 1)?;
+        at_least("cache.redis_pool_size", self.cache.redis_pool_size, 1)?;
         if self.history.sqlite_path.is_empty() {
             return Err(invalid(
                 "history.sqlite_path",
@@ -1221,6 +1230,8 @@ mod tests {
         ("cache.ttl_s", "3600"),
         ("cache.complete_orphans", "false"),
         ("cache.max_entries", "10000"),
+        ("cache.redis_timeout_ms", "250"),
+        ("cache.redis_pool_size", "8"),
         ("history.sqlite_path", "\"data/chat.db\""),
         ("history.max_context_tokens", "2048"),
         ("history.read_pool_size", "8"),

@@ -36,6 +36,8 @@ pub struct Metrics {
     pub cache_misses: IntCounter,
     /// Cache operations that failed (and were treated as misses).
     pub cache_errors: IntCounter,
+    /// 1 while the cache backend is reachable, 0 during an outage.
+    pub cache_backend_up: IntGauge,
     /// Generations started on the provider.
     pub upstream_calls: IntCounter,
     /// Generations aborted before their end.
@@ -89,6 +91,11 @@ impl Metrics {
             "chorus_cache_errors_total",
             "Cache operations that failed and counted as misses",
         );
+        let cache_backend_up = IntGauge::new(
+            "chorus_cache_backend_up",
+            "1 while the cache backend is reachable, 0 during an outage",
+        )
+        .unwrap_or_else(|e| panic!("metric definition: {e}"));
         let upstream_calls = counter(
             "chorus_upstream_calls_total",
             "Generations started on the model provider",
@@ -130,6 +137,7 @@ impl Metrics {
             Box::new(cache_hits.clone()),
             Box::new(cache_misses.clone()),
             Box::new(cache_errors.clone()),
+            Box::new(cache_backend_up.clone()),
             Box::new(upstream_calls.clone()),
             Box::new(upstream_aborted.clone()),
             Box::new(upstream_failures.clone()),
@@ -159,6 +167,7 @@ impl Metrics {
             cache_hits,
             cache_misses,
             cache_errors,
+            cache_backend_up,
             upstream_calls,
             upstream_aborted,
             upstream_failures,

@@ -28,7 +28,7 @@ use parking_lot::Mutex;
 use rustix::event::{eventfd, poll, EventfdFlags, PollFd, PollFlags, Timespec};
 use socket2::{Domain, Socket, Type};
 
-use crate::cache::{Cache, MemoryCache};
+use crate::cache::{Cache, MemoryCache, RedisCache};
 use crate::config::{CacheBackend, Config, LlmProvider};
 use crate::history::History;
 use crate::http::{self, StaticFiles};
@@ -113,10 +113,15 @@ impl Server {
                 config.cache.max_entries,
                 Duration::from_secs(config.cache.ttl_s),
             )),
-            CacheBackend::Redis => return Err(ServerError::Unsupported(
-                "cache.backend = \"redis\" is not available in this version yet; use \"memory\""
-                    .into(),
-            )),
+            CacheBackend::Redis => Arc::new(
+                RedisCache::new(
+                    &config.cache.redis_url,
+                    Duration::from_secs(config.cache.ttl_s),
+                    Duration::from_millis(config.cache.redis_timeout_ms),
+                    config.cache.redis_pool_size,
+                )
+                .map_err(|e| ServerError::Unsupported(e.to_string()))?,
+            ),
         };
         let provider: Arc<dyn Provider> = match config.llm.provider {
             LlmProvider::Simulated => {
@@ -596,6 +601,7 @@ fn stats_json(shared: &Shared) -> serde_json::Value {
             "hits": m.cache_hits.get(),
             "misses": m.cache_misses.get(),
             "entries": shared.pipeline.cache_entries(),
+            "backend_up": shared.pipeline.cache_up(),
         },
         "upstream": {
             "calls": m.upstream_calls.get(),

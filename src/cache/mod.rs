@@ -7,10 +7,12 @@
 //! must never make a chat fail.
 
 mod memory;
+mod redis;
 
 use std::sync::Arc;
 
 pub use memory::MemoryCache;
+pub use redis::RedisCache;
 
 use crate::protocol::TokenTail;
 
@@ -25,21 +27,36 @@ pub struct CachedAnswer {
     pub tails: Vec<TokenTail>,
     /// The whole text (what goes into the asking conversation's history).
     pub text: String,
+    /// Byte offsets in `text` where each token ends: the original token
+    /// boundaries, for backends that store the text.
+    pub ends: Vec<usize>,
 }
 
 impl CachedAnswer {
     /// Builds an entry from the tokens as they were produced.
     pub fn from_pieces<'a>(pieces: impl IntoIterator<Item = &'a str>) -> CachedAnswer {
         let mut text = String::new();
+        let mut ends = Vec::new();
         let tails = pieces
             .into_iter()
             .enumerate()
             .map(|(seq, piece)| {
                 text.push_str(piece);
+                ends.push(text.len());
                 TokenTail::encode(seq as u64, piece)
             })
             .collect();
-        CachedAnswer { tails, text }
+        CachedAnswer { tails, text, ends }
+    }
+
+    /// The tokens as they were produced.
+    pub fn pieces(&self) -> impl Iterator<Item = &str> {
+        let mut start = 0;
+        self.ends.iter().map(move |&end| {
+            let piece = &self.text[start..end];
+            start = end;
+            piece
+        })
     }
 
     /// Number of tokens.
@@ -63,6 +80,11 @@ pub trait Cache: Send + Sync {
     fn get(&self, key: &Key) -> Result<Option<Arc<CachedAnswer>>, CacheError>;
     /// Stores `answer` under `key`, replacing any older one.
     fn put(&self, key: &Key, answer: Arc<CachedAnswer>) -> Result<(), CacheError>;
-    /// Entries held now (approximate for shared backends).
-    fn entries(&self) -> u64;
+    /// Entries held now; `None` when the backend cannot tell cheaply (a
+    /// shared Redis holds other nodes' entries too).
+    fn entries(&self) -> Option<u64>;
+    /// False while the backend is unreachable (every lookup is then a miss).
+    fn is_up(&self) -> bool {
+        true
+    }
 }

@@ -49,7 +49,7 @@ impl Shared {
                 let answer = Arc::new(CachedAnswer::from_pieces(produced.pieces()));
                 if let Err(e) = self.cache.put(&generation.key, answer) {
                     self.metrics.cache_errors.inc();
-                    log::warn!("cache write failed: {e}");
+                    log::debug!("cache write failed: {e}");
                 }
             }
             GenOutcome::Finished(_) => {}

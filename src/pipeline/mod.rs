@@ -470,12 +470,18 @@ impl Pipeline {
             m.pool_busy.with_label_values(&[name]).set(s.busy as i64);
             m.queue_depth.with_label_values(&[name]).set(s.queue as i64);
         }
+        m.cache_backend_up.set(i64::from(self.shared.cache.is_up()));
         stages
     }
 
-    /// Entries in the answer cache.
-    pub fn cache_entries(&self) -> u64 {
+    /// Entries in the answer cache, when the backend can tell.
+    pub fn cache_entries(&self) -> Option<u64> {
         self.shared.cache.entries()
+    }
+
+    /// False while the cache backend is unreachable.
+    pub fn cache_up(&self) -> bool {
+        self.shared.cache.is_up()
     }
 
     /// Generations in flight.

@@ -43,9 +43,10 @@ impl Shared {
                 }
                 Ok(None) => self.metrics.cache_misses.inc(),
                 Err(e) => {
+                    // The backend logs its outages (rate-limited); this is per request.
                     self.metrics.cache_errors.inc();
                     self.metrics.cache_misses.inc();
-                    log::warn!("cache lookup failed, treating as a miss: {e}");
+                    log::debug!("cache lookup failed, treating as a miss: {e}");
                 }
             }
         }

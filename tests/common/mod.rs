@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod browser;
+pub mod redis_server;
 pub mod upstream;
 
 use std::collections::VecDeque;

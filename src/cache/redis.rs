@@ -1,0 +1,262 @@
+//! The Redis cache backend: answers shared by every chorus node that points
+//! at the same Redis.
+//!
+//! Entries live under `chorus:v1:answer:<hex key>` with the cache TTL set
+//! by Redis (`SET … PX`), so nothing outlives `ttl_s` and nothing needs
+//! cleaning up. The value keeps the original token boundaries: a version
+//! byte, then each token as a little-endian `u32` length and its bytes.
+//!
+//! Redis is an optimisation here, never a dependency: connections come
+//! from an r2d2 pool (the `redis` crate's own r2d2 support) that is built
+//! without connecting, so a node starts while Redis is down; checkout,
+//! connect and every command are bounded by `redis_timeout_ms`; any failure
+//! is a miss. Outages are logged when they start and end (and reminded every
+//! [`REMIND_EVERY`] while they last), not once per request. r2d2 drops
+//! broken connections and opens new ones on demand, so the node reconnects
+//! by itself when Redis is back.
+//!
+//! Threads: cache lane workers call `get`, the thread ending a generation
+//! calls `put`; the pool is shared and internally synchronised.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use redis::{Commands, ConnectionLike};
+
+use super::{Cache, CacheError, CachedAnswer, Key};
+
+/// Version of the stored value's layout; part of every key.
+const LAYOUT: u8 = 1;
+/// How often a continuing outage is logged again.
+const REMIND_EVERY: Duration = Duration::from_secs(30);
+
+/// Sets the command timeouts on each new connection of the pool.
+#[derive(Debug)]
+struct CommandTimeouts(Duration);
+
+impl r2d2::CustomizeConnection<redis::Connection, redis::RedisError> for CommandTimeouts {
+    fn on_acquire(&self, conn: &mut redis::Connection) -> Result<(), redis::RedisError> {
+        conn.set_read_timeout(Some(self.0))?;
+        conn.set_write_timeout(Some(self.0))
+    }
+}
+
+/// A connection pool that opens connections with a bounded connect time.
+#[derive(Debug)]
+struct Connector {
+    client: redis::Client,
+    timeout: Duration,
+}
+
+impl r2d2::ManageConnection for Connector {
+    type Connection = redis::Connection;
+    type Error = redis::RedisError;
+
+    fn connect(&self) -> Result<redis::Connection, redis::RedisError> {
+        self.client.get_connection_with_timeout(self.timeout)
+    }
+
+    fn is_valid(&self, conn: &mut redis::Connection) -> Result<(), redis::RedisError> {
+        redis::cmd("PING").query::<String>(conn).map(|_| ())
+    }
+
+    fn has_broken(&self, conn: &mut redis::Connection) -> bool {
+        !conn.is_open()
+    }
+}
+
+/// The backend. See the module documentation.
+pub struct RedisCache {
+    pool: r2d2::Pool<Connector>,
+    ttl: Duration,
+    up: AtomicBool,
+    /// When the current outage was last logged.
+    last_logged: Mutex<Option<Instant>>,
+}
+
+impl RedisCache {
+    /// A cache on the Redis at `url`; does not connect yet.
+    pub fn new(
+        url: &str,
+        ttl: Duration,
+        timeout: Duration,
+        pool_size: u32,
+    ) -> Result<RedisCache, CacheError> {
+        let client = redis::Client::open(url)
+            .map_err(|e| CacheError::Unavailable(format!("bad cache.redis_url: {e}")))?;
+        let pool = r2d2::Pool::builder()
+            .max_size(pool_size.max(1))
+            .min_idle(Some(0))
+            // A failed command shows a dead connection; a PING per checkout
+            // would double every lookup's round trips.
+            .test_on_check_out(false)
+            .connection_timeout(timeout)
+            .connection_customizer(Box::new(CommandTimeouts(timeout)))
+            .build_unchecked(Connector { client, timeout });
+        Ok(RedisCache {
+            pool,
+            ttl,
+            up: AtomicBool::new(true),
+            last_logged: Mutex::new(None),
+        })
+    }
+
+    fn redis_key(key: &Key) -> String {
+        let mut name = String::with_capacity(17 + 64);
+        name.push_str("chorus:v1:answer:");
+        for b in key {
+            name.push_str(&format!("{b:02x}"));
+        }
+        name
+    }
+
+    /// Runs `f` on a pooled connection and keeps track of whether Redis is
+    /// reachable, logging the changes.
+    fn with_connection<T>(
+        &self,
+        f: impl FnOnce(&mut redis::Connection) -> redis::RedisResult<T>,
+    ) -> Result<T, CacheError> {
+        let result = match self.pool.get() {
+            Ok(mut conn) => f(&mut conn).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match result {
+            Ok(value) => {
+                if !self.up.swap(true, Ordering::AcqRel) {
+                    *self.last_logged.lock() = None;
+                    log::info!("the Redis cache is reachable again");
+                }
+                Ok(value)
+            }
+            Err(e) => {
+                let was_up = self.up.swap(false, Ordering::AcqRel);
+                let mut last = self.last_logged.lock();
+                if was_up || last.is_none_or(|at| at.elapsed() >= REMIND_EVERY) {
+                    *last = Some(Instant::now());
+                    log::warn!("the Redis cache is unavailable, every lookup is a miss: {e}");
+                }
+                Err(CacheError::Unavailable(e))
+            }
+        }
+    }
+}
+
+/// `[LAYOUT][len u32 LE][bytes]…` for each token.
+fn encode(answer: &CachedAnswer) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1 + answer.text.len() + 4 * answer.ends.len());
+    out.push(LAYOUT);
+    for piece in answer.pieces() {
+        out.extend_from_slice(&(piece.len() as u32).to_le_bytes());
+        out.extend_from_slice(piece.as_bytes());
+    }
+    out
+}
+
+fn decode(bytes: &[u8]) -> Option<CachedAnswer> {
+    let (&layout, mut rest) = bytes.split_first()?;
+    if layout != LAYOUT {
+        return None;
+    }
+    let mut pieces = Vec::new();
+    while !rest.is_empty() {
+        let (len, tail) = rest.split_first_chunk::<4>()?;
+        let len = u32::from_le_bytes(*len) as usize;
+        let piece = std::str::from_utf8(tail.get(..len)?).ok()?;
+        pieces.push(piece);
+        rest = &tail[len..];
+    }
+    Some(CachedAnswer::from_pieces(pieces))
+}
+
+impl Cache for RedisCache {
+    fn get(&self, key: &Key) -> Result<Option<Arc<CachedAnswer>>, CacheError> {
+        let name = Self::redis_key(key);
+        let value: Option<Vec<u8>> = self.with_connection(|conn| conn.get(&name))?;
+        match value.as_deref().map(decode) {
+            Some(Some(answer)) => Ok(Some(Arc::new(answer))),
+            Some(None) => {
+                log::warn!("ignoring a malformed cache entry {name}");
+                Ok(None)
+            }
+            None => Ok(None),
+        }
+    }
+
+    fn put(&self, key: &Key, answer: Arc<CachedAnswer>) -> Result<(), CacheError> {
+        let name = Self::redis_key(key);
+        let value = encode(&answer);
+        let ttl_ms = u64::try_from(self.ttl.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        self.with_connection(|conn| {
+            redis::cmd("SET")
+                .arg(&name)
+                .arg(value)
+                .arg("PX")
+                .arg(ttl_ms)
+                .query::<()>(conn)
+        })
+    }
+
+    fn entries(&self) -> Option<u64> {
+        None
+    }
+
+    fn is_up(&self) -> bool {
+        self.up.load(Ordering::Acquire)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_keep_token_boundaries_and_refuse_garbage() {
+        let answer = CachedAnswer::from_pieces(["Hel", "lo", " wörld", "", "🦀"]);
+        let back = decode(&encode(&answer)).unwrap();
+        assert_eq!(back, answer);
+        assert_eq!(
+            back.pieces().collect::<Vec<_>>(),
+            ["Hel", "lo", " wörld", "", "🦀"]
+        );
+        assert!(decode(&[]).is_none());
+        assert!(decode(&[9, 0, 0, 0, 0]).is_none(), "unknown layout");
+        assert!(decode(&[LAYOUT, 5, 0, 0, 0, b'a']).is_none(), "truncated");
+        assert!(decode(&[LAYOUT, 1, 0, 0, 0, 0xff]).is_none(), "not UTF-8");
+        assert!(decode(&[LAYOUT, 1, 0]).is_none(), "short length");
+    }
+
+    #[test]
+    fn keys_are_namespaced_and_versioned() {
+        let name = RedisCache::redis_key(&[0xab; 32]);
+        assert!(name.starts_with("chorus:v1:answer:abab"));
+        assert_eq!(name.len(), "chorus:v1:answer:".len() + 64);
+    }
+
+    #[test]
+    fn an_unreachable_redis_is_a_miss_within_the_timeout() {
+        // Nothing listens on a port that was just free.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let cache = RedisCache::new(
+            &format!("redis://127.0.0.1:{port}/"),
+            Duration::from_secs(60),
+            Duration::from_millis(200),
+            2,
+        )
+        .unwrap();
+        let started = Instant::now();
+        assert!(cache.get(&[1; 32]).is_err());
+        assert!(!cache.is_up());
+        assert!(cache
+            .put(&[1; 32], Arc::new(CachedAnswer::from_pieces(["x"])))
+            .is_err());
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+}
