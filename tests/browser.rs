@@ -412,3 +412,22 @@ fn a_waiting_answer_shows_where_it_waits() {
     assert!(other.answer(&busy).is_done());
     b.wait_for(&format!("({LAST_STATE}) === 'done'"));
 }
+
+#[test]
+fn copy_puts_the_answer_on_the_clipboard() {
+    let server = Server::start(SLOW);
+    let mut b = open(&server, 1440, 900);
+    b.call(
+        "Browser.grantPermissions",
+        json!({
+            "origin": format!("http://{}", server.addr),
+            "permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"]
+        }),
+    );
+    send(&mut b, "Something worth copying");
+    b.wait_for(&format!("({LAST_STATE}) === 'done'"));
+    let answer = b.eval(LAST_ANSWER);
+    b.click("#messages .msg.assistant .btn-copy");
+    let copied = b.wait_for("navigator.clipboard.readText()");
+    assert_eq!(copied, answer);
+}
