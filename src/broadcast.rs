@@ -150,15 +150,21 @@ pub struct Produced {
     pub ends: Vec<usize>,
 }
 
+/// The pieces of `text` that end at the byte offsets `ends`: tokens stored
+/// as one string plus their boundaries.
+pub fn split_at_ends<'a>(text: &'a str, ends: &'a [usize]) -> impl Iterator<Item = &'a str> {
+    let mut start = 0;
+    ends.iter().map(move |&end| {
+        let piece = &text[start..end];
+        start = end;
+        piece
+    })
+}
+
 impl Produced {
     /// The tokens as they were produced.
     pub fn pieces(&self) -> impl Iterator<Item = &str> {
-        let mut start = 0;
-        self.ends.iter().map(move |&end| {
-            let piece = &self.text[start..end];
-            start = end;
-            piece
-        })
+        split_at_ends(&self.text, &self.ends)
     }
 
     /// The text of the first `tokens` tokens.

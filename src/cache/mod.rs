@@ -51,12 +51,7 @@ impl CachedAnswer {
 
     /// The tokens as they were produced.
     pub fn pieces(&self) -> impl Iterator<Item = &str> {
-        let mut start = 0;
-        self.ends.iter().map(move |&end| {
-            let piece = &self.text[start..end];
-            start = end;
-            piece
-        })
+        crate::broadcast::split_at_ends(&self.text, &self.ends)
     }
 
     /// Number of tokens.
