@@ -20,6 +20,7 @@
 
 pub mod broadcast;
 pub mod cache;
+pub mod cluster;
 pub mod config;
 pub mod history;
 pub mod http;
@@ -29,6 +30,7 @@ pub mod outbox;
 pub mod pipeline;
 pub mod pool;
 pub mod protocol;
+pub mod redis_pool;
 pub mod server;
 pub mod singleflight;
 pub mod tools;

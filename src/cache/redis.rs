@@ -23,7 +23,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use redis::{Commands, ConnectionLike};
+use redis::Commands;
+
+use crate::redis_pool::RedisPool;
 
 use super::{Cache, CacheError, CachedAnswer, Key};
 
@@ -32,44 +34,9 @@ const LAYOUT: u8 = 1;
 /// How often a continuing outage is logged again.
 const REMIND_EVERY: Duration = Duration::from_secs(30);
 
-/// Sets the command timeouts on each new connection of the pool.
-#[derive(Debug)]
-struct CommandTimeouts(Duration);
-
-impl r2d2::CustomizeConnection<redis::Connection, redis::RedisError> for CommandTimeouts {
-    fn on_acquire(&self, conn: &mut redis::Connection) -> Result<(), redis::RedisError> {
-        conn.set_read_timeout(Some(self.0))?;
-        conn.set_write_timeout(Some(self.0))
-    }
-}
-
-/// A connection pool that opens connections with a bounded connect time.
-#[derive(Debug)]
-struct Connector {
-    client: redis::Client,
-    timeout: Duration,
-}
-
-impl r2d2::ManageConnection for Connector {
-    type Connection = redis::Connection;
-    type Error = redis::RedisError;
-
-    fn connect(&self) -> Result<redis::Connection, redis::RedisError> {
-        self.client.get_connection_with_timeout(self.timeout)
-    }
-
-    fn is_valid(&self, conn: &mut redis::Connection) -> Result<(), redis::RedisError> {
-        redis::cmd("PING").query::<String>(conn).map(|_| ())
-    }
-
-    fn has_broken(&self, conn: &mut redis::Connection) -> bool {
-        !conn.is_open()
-    }
-}
-
 /// The backend. See the module documentation.
 pub struct RedisCache {
-    pool: r2d2::Pool<Connector>,
+    pool: RedisPool,
     ttl: Duration,
     up: AtomicBool,
     /// When the current outage was last logged.
@@ -84,17 +51,8 @@ impl RedisCache {
         timeout: Duration,
         pool_size: u32,
     ) -> Result<RedisCache, CacheError> {
-        let client = redis::Client::open(url)
+        let pool = crate::redis_pool::pool(url, timeout, pool_size)
             .map_err(|e| CacheError::Unavailable(format!("bad cache.redis_url: {e}")))?;
-        let pool = r2d2::Pool::builder()
-            .max_size(pool_size.max(1))
-            .min_idle(Some(0))
-            // A failed command shows a dead connection; a PING per checkout
-            // would double every lookup's round trips.
-            .test_on_check_out(false)
-            .connection_timeout(timeout)
-            .connection_customizer(Box::new(CommandTimeouts(timeout)))
-            .build_unchecked(Connector { client, timeout });
         Ok(RedisCache {
             pool,
             ttl,

@@ -1,0 +1,211 @@
+//! Token streams: a generation's tokens in a Redis Stream, written by the
+//! leader's node and read by every other node that has followers of it.
+//!
+//! The stream `chorus:v1:stream:<token>` holds one entry per token (field
+//! `t`) and, last, one end marker (field `e`: `stop`, `length`,
+//! `cancelled` or `error`, with `c` the error code and `m` the message).
+//! Entry order is token order, so a reader that starts from the beginning
+//! gets every token from `seq` 0 with no gap or duplicate, and a reader
+//! that starts late replays what it missed, like the local broadcaster.
+//! The writer appends several tokens per round trip (one pipeline), caps
+//! the stream's length, and sets it to expire `keep` after the end.
+//!
+//! ```no_run
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::time::Duration;
+//! use chorus::cluster::stream::{End, StreamEvent, StreamReader, StreamWriter};
+//! let url = "redis://127.0.0.1:6379/";
+//! let pool = chorus::redis_pool::pool(url, Duration::from_millis(250), 4)?;
+//! let writer = StreamWriter::new(pool, "node-a/1");
+//! writer.append(&["Hel", "lo"])?;
+//! writer.finish(&End::Stop, Duration::from_secs(60))?;
+//! let mut reader = StreamReader::open(url, "node-a/1", Duration::from_millis(500))?;
+//! let events = reader.read()?;
+//! assert_eq!(events.last(), Some(&StreamEvent::End(End::Stop)));
+//! # Ok(()) }
+//! ```
+
+use std::time::Duration;
+
+use redis::streams::StreamReadReply;
+use redis::Value;
+
+use super::ClusterError;
+use crate::redis_pool::RedisPool;
+
+/// Entries a stream keeps at most (approximately): a bound on a runaway
+/// generation's memory in Redis.
+const MAX_ENTRIES: usize = 100_000;
+/// Entries one read returns at most.
+const READ_COUNT: usize = 512;
+
+/// How a generation ended, as its stream records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum End {
+    /// The model finished.
+    Stop,
+    /// `max_tokens` was reached.
+    Length,
+    /// Nobody wanted it any more.
+    Cancelled,
+    /// It failed with this protocol error code and message.
+    Failed {
+        /// The error code, e.g. `upstream_error`.
+        code: String,
+        /// The human-readable message.
+        message: String,
+    },
+}
+
+/// One entry of a token stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamEvent {
+    /// The next token's text.
+    Token(String),
+    /// The end; nothing follows.
+    End(End),
+}
+
+/// The Redis key of the stream of generation `token`.
+pub fn stream_name(token: &str) -> String {
+    format!("chorus:v1:stream:{token}")
+}
+
+/// Appends a generation's tokens and its end.
+pub struct StreamWriter {
+    pool: RedisPool,
+    name: String,
+}
+
+impl StreamWriter {
+    /// A writer for the stream of generation `token`.
+    pub fn new(pool: RedisPool, token: &str) -> StreamWriter {
+        StreamWriter {
+            pool,
+            name: stream_name(token),
+        }
+    }
+
+    /// Appends `tokens`, in order, in one round trip.
+    pub fn append(&self, tokens: &[&str]) -> Result<(), ClusterError> {
+        if tokens.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for token in tokens {
+            pipe.cmd("XADD")
+                .arg(&self.name)
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(MAX_ENTRIES)
+                .arg("*")
+                .arg("t")
+                .arg(*token)
+                .ignore();
+        }
+        let mut conn = self.pool.get()?;
+        pipe.query::<()>(&mut *conn)?;
+        Ok(())
+    }
+
+    /// Appends the end marker and lets the stream expire `keep` later.
+    pub fn finish(&self, end: &End, keep: Duration) -> Result<(), ClusterError> {
+        let mut add = redis::cmd("XADD");
+        add.arg(&self.name).arg("*");
+        match end {
+            End::Stop => add.arg("e").arg("stop"),
+            End::Length => add.arg("e").arg("length"),
+            End::Cancelled => add.arg("e").arg("cancelled"),
+            End::Failed { code, message } => add
+                .arg("e")
+                .arg("error")
+                .arg("c")
+                .arg(code)
+                .arg("m")
+                .arg(message),
+        };
+        let keep_ms = u64::try_from(keep.as_millis()).unwrap_or(u64::MAX).max(1);
+        let mut conn = self.pool.get()?;
+        redis::pipe()
+            .add_command(add)
+            .ignore()
+            .cmd("PEXPIRE")
+            .arg(&self.name)
+            .arg(keep_ms)
+            .ignore()
+            .query::<()>(&mut *conn)?;
+        Ok(())
+    }
+}
+
+/// Reads one generation's stream from the start, blocking for new entries.
+pub struct StreamReader {
+    conn: redis::Connection,
+    name: String,
+    last_id: String,
+    block: Duration,
+}
+
+impl StreamReader {
+    /// A reader of generation `token`'s stream on its own connection
+    /// (a blocking read holds a connection for up to `block`).
+    pub fn open(url: &str, token: &str, block: Duration) -> Result<StreamReader, ClusterError> {
+        let client = redis::Client::open(url)?;
+        let conn = client.get_connection_with_timeout(block.max(Duration::from_millis(100)))?;
+        conn.set_read_timeout(Some(block + Duration::from_secs(1)))?;
+        Ok(StreamReader {
+            conn,
+            name: stream_name(token),
+            last_id: "0".into(),
+            block,
+        })
+    }
+
+    /// The entries after the last one read, waiting up to the block time
+    /// for the first; empty when none came.
+    pub fn read(&mut self) -> Result<Vec<StreamEvent>, ClusterError> {
+        let block_ms = u64::try_from(self.block.as_millis()).unwrap_or(u64::MAX);
+        let reply: Option<StreamReadReply> = redis::cmd("XREAD")
+            .arg("COUNT")
+            .arg(READ_COUNT)
+            .arg("BLOCK")
+            .arg(block_ms)
+            .arg("STREAMS")
+            .arg(&self.name)
+            .arg(&self.last_id)
+            .query(&mut self.conn)?;
+        let mut events = Vec::new();
+        for entry in reply.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids) {
+            let text = |field: &str| -> Option<String> {
+                match entry.map.get(field)? {
+                    Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok(),
+                    Value::SimpleString(s) => Some(s.clone()),
+                    _ => None,
+                }
+            };
+            let event = if let Some(token) = text("t") {
+                StreamEvent::Token(token)
+            } else {
+                let end = match text("e").as_deref() {
+                    Some("stop") => End::Stop,
+                    Some("length") => End::Length,
+                    Some("cancelled") => End::Cancelled,
+                    Some("error") => End::Failed {
+                        code: text("c").unwrap_or_else(|| "upstream_error".into()),
+                        message: text("m").unwrap_or_default(),
+                    },
+                    other => {
+                        return Err(ClusterError::Corrupt(format!(
+                            "entry {} of {} has no token and end {other:?}",
+                            entry.id, self.name
+                        )))
+                    }
+                };
+                StreamEvent::End(end)
+            };
+            self.last_id = entry.id.clone();
+            events.push(event);
+        }
+        Ok(events)
+    }
+}
