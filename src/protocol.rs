@@ -566,7 +566,7 @@ impl TokenTail {
 ///
 /// Ids are capabilities (knowing a request id lets a client resume it), so
 /// they come from the operating system's random source, fetched in blocks
-/// of [`RANDOM_BLOCK`] bytes per thread so that an id costs no system call.
+/// of `RANDOM_BLOCK` bytes per thread so that an id costs no system call.
 pub fn random_id(prefix: &str) -> String {
     let bytes = random_bytes();
     let mut id = String::with_capacity(prefix.len() + 32);

@@ -11,8 +11,7 @@
 //!   `replay_window_ms` after the end. Another node reads it with one
 //!   reader per generation and feeds its local broadcaster.
 //!
-//! Status: these primitives are implemented and tested against a real
-//! Redis; the pipeline does not use them yet (`[cluster]` is not wired in).
+//! The pipeline's use of them is in `pipeline/cluster.rs`.
 //!
 //! Threads: a [`lease::Leases`] is shared by every thread of a node; a
 //! [`stream::StreamWriter`] belongs to the streaming thread of its

@@ -43,6 +43,7 @@ impl Shared {
             )
         };
         generation.abort.abort();
+        self.cluster_finish(generation, &outcome);
         let produced = generation.broadcast.finish();
         match &outcome {
             GenOutcome::Finished(Finish::Stop) if cacheable => {

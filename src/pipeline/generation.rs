@@ -61,6 +61,8 @@ pub(crate) struct Generation {
     /// the generation wanted while they wait.
     pub pending_followers: AtomicUsize,
     pub state: Mutex<GenState>,
+    /// Set when this generation leads cluster-wide (`[cluster]`).
+    pub cluster: super::cluster::LeadSlot,
 }
 
 impl Generation {
@@ -83,6 +85,7 @@ impl Generation {
                 prepare_ms: 0.0,
                 cacheable: true,
             }),
+            cluster: Mutex::new(None),
         })
     }
 

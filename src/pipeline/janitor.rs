@@ -87,6 +87,7 @@ fn sweep(shared: &Arc<Shared>, now: Instant) {
         }
     }
     for generation in generations {
+        shared.cluster_tick(&generation);
         let (stage, since, members, orphaned_since) = {
             let st = generation.state.lock();
             if st.outcome.is_some() {

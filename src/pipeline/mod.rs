@@ -41,6 +41,7 @@
 //! around; `key` the identical-request key; `prompt` the prompt.
 
 mod client;
+mod cluster;
 mod ending;
 mod generation;
 mod janitor;
@@ -121,6 +122,8 @@ pub(crate) struct Shared {
     provider: Arc<dyn Provider>,
     /// `None` when tools are disabled (or none is enabled).
     toolbox: Option<crate::tools::Toolbox>,
+    /// `None` unless `[cluster] enabled`.
+    cluster: Option<cluster::ClusterNode>,
     metrics: Arc<Metrics>,
     flights: Flights,
     active: RwLock<Active>,
@@ -264,12 +267,24 @@ impl Pipeline {
         let toolbox = crate::tools::Toolbox::new(&config.tools.builtins, &config.tools.direct)
             .ok()
             .filter(|t| config.tools.enabled && !t.is_empty());
+        let cluster = if config.cluster.enabled {
+            let node = cluster::ClusterNode::new(&config.cluster).map_err(std::io::Error::other)?;
+            log::info!(
+                "cluster node {} on {}",
+                node.node_id,
+                config.cluster.redis_url
+            );
+            Some(node)
+        } else {
+            None
+        };
         let shared = Arc::new(Shared {
             config: config.clone(),
             history,
             cache,
             provider,
             toolbox,
+            cluster,
             metrics: metrics.clone(),
             flights: Group::new(),
             active: RwLock::new(Active {

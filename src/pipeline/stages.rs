@@ -114,6 +114,15 @@ impl Shared {
         generation: Arc<Generation>,
         leader: Option<Leader<Key, Arc<Generation>, GenOutcome>>,
     ) {
+        let remote = match self.cluster_claim(&generation) {
+            super::cluster::Role::Lead => None,
+            super::cluster::Role::Remote(token) => Some(token),
+        };
+        let role = if remote.is_some() {
+            Role::Follower
+        } else {
+            Role::Leader
+        };
         let request = ticket.release();
         let gen_ticket = GenTicket {
             shared: self.clone(),
@@ -130,13 +139,13 @@ impl Shared {
                 return;
             }
             st.phase = Phase::Running;
-            st.role = Some(Role::Leader);
+            st.role = Some(role);
             st.source = Some(Source::Generation(generation.clone()));
             generation.state.lock().members.push(request.clone());
             for a in &st.attachments {
                 let _ = a
                     .outbox
-                    .push(Frame::Json(protocol::start(&request.id, Role::Leader)));
+                    .push(Frame::Json(protocol::start(&request.id, role)));
                 generation.broadcast.subscribe(a, 0);
             }
         }
@@ -146,7 +155,31 @@ impl Shared {
             .write()
             .generations
             .insert(generation.id, generation.clone());
-        self.metrics.by_role.with_label_values(&["leader"]).inc();
+        self.metrics
+            .by_role
+            .with_label_values(&[role.as_str()])
+            .inc();
+        if let Some(token) = remote {
+            // Another node leads it: one reader thread feeds this node's
+            // broadcast; local identical requests follow it as usual.
+            generation.set_stage(Stage::Streaming, None);
+            let shared = self.clone();
+            let spawned = std::thread::Builder::new()
+                .name("chorus-remote".into())
+                .stack_size(super::WORKER_STACK)
+                .spawn(move || {
+                    shared.run_remote(gen_ticket.generation.clone(), token);
+                    drop(gen_ticket);
+                });
+            if let Err(e) = spawned {
+                let failure = Failure::new(
+                    ErrorCode::Overloaded,
+                    format!("cannot start a reader for the remote generation: {e}"),
+                );
+                self.finish_generation(&generation, GenOutcome::Failed(failure));
+            }
+            return;
+        }
         let position = self
             .channels()
             .and_then(|c| c.as_ref().map(|c| c.prepare.len()));
@@ -426,6 +459,7 @@ impl Shared {
                 if generation.broadcast.publish(piece).is_none() {
                     break;
                 }
+                self.cluster_append(&generation, piece);
                 self.metrics.tokens.inc();
             }
             self.finish_generation(&generation, GenOutcome::Finished(Finish::Stop));
@@ -441,6 +475,7 @@ impl Shared {
                     // The generation was ended from outside (timeout, cancel).
                     return Flow::Stop;
                 }
+                self.cluster_append(&generation, token);
                 self.metrics.tokens.inc();
                 Flow::Continue
             });

@@ -3,9 +3,9 @@
 //! them, and their results go into the prompt of the streaming call, or,
 //! for a `direct` tool, become the answer.
 //!
-//! Built in: [`calculator`] (arithmetic, parsed by a maintained expression
-//! crate; nothing is ever executed as code), [`clock`] (the current UTC
-//! time; an answer that used it is never cached) and [`search`]
+//! Built in: `calculator` (arithmetic, parsed by a maintained expression
+//! crate; nothing is ever executed as code), `clock` (the current UTC
+//! time; an answer that used it is never cached) and `search`
 //! (`search_history`: full-text search over the asking conversation's own
 //! messages).
 //!

@@ -1,0 +1,275 @@
+//! The pipeline's side of several nodes acting as one (`[cluster]`): a
+//! local leader claims its key cluster-wide and mirrors its tokens into a
+//! Redis Stream; a node that finds the key claimed elsewhere follows that
+//! generation through one reader thread per remote generation, which feeds
+//! the local broadcaster, so local followers join it as usual.
+//!
+//! Redis trouble never fails a chat: a claim that cannot be made leads
+//! locally (no cross-node dedup for that one), and a leader that cannot
+//! write its stream goes on for its local clients.
+//!
+//! Threads: claims run on the cache lane, the stream is appended by the
+//! streaming thread (and finished by whoever ends the generation), the
+//! janitor renews leases, and each remote generation has its reader thread.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use super::generation::{GenOutcome, Generation};
+use super::Shared;
+use crate::cluster::lease::{Claim, Leases};
+use crate::cluster::stream::{End, StreamEvent, StreamReader, StreamWriter};
+use crate::protocol::{ErrorCode, Failure, Finish};
+use crate::redis_pool::RedisPool;
+
+/// Tokens buffered before the stream is written anyway.
+const BATCH_TOKENS: usize = 16;
+/// Longest a token waits in the buffer when more keep coming.
+const BATCH_DELAY: Duration = Duration::from_millis(10);
+/// How long a remote reader waits for entries before checking the lease.
+const READ_BLOCK: Duration = Duration::from_millis(500);
+
+/// This node in the cluster.
+pub(crate) struct ClusterNode {
+    pub node_id: String,
+    pub url: String,
+    pub pool: RedisPool,
+    pub leases: Leases,
+    pub lease: Duration,
+}
+
+impl ClusterNode {
+    /// Connects lazily to the cluster's Redis.
+    pub fn new(config: &crate::config::ClusterConfig) -> Result<ClusterNode, redis::RedisError> {
+        let pool = crate::redis_pool::pool(&config.redis_url, Duration::from_millis(250), 8)?;
+        let lease = Duration::from_millis(config.lease_ms.max(100));
+        let node_id = if config.node_id.is_empty() {
+            crate::protocol::random_id("n-")[..10].to_owned()
+        } else {
+            config.node_id.clone()
+        };
+        Ok(ClusterNode {
+            leases: Leases::new(pool.clone(), lease),
+            node_id,
+            url: config.redis_url.clone(),
+            pool,
+            lease,
+        })
+    }
+}
+
+/// A local generation that leads cluster-wide.
+pub(crate) struct ClusterLead {
+    pub token: String,
+    writer: StreamWriter,
+    pending: Vec<String>,
+    last_flush: Instant,
+    pub last_renew: Instant,
+    /// Set after a failed write: the stream has a gap, so stop feeding it.
+    broken: bool,
+}
+
+impl ClusterLead {
+    fn flush(&mut self) {
+        if self.broken || self.pending.is_empty() {
+            return;
+        }
+        let tokens: Vec<&str> = self.pending.iter().map(String::as_str).collect();
+        if let Err(e) = self.writer.append(&tokens) {
+            log::warn!(
+                "stream {} cannot be written, remote followers will fail: {e}",
+                self.token
+            );
+            self.broken = true;
+        }
+        self.pending.clear();
+        self.last_flush = Instant::now();
+    }
+}
+
+/// What a claim decided for a new local generation.
+pub(crate) enum Role {
+    /// Lead it (cluster-wide when the lease is ours).
+    Lead,
+    /// Follow the remote generation with this token.
+    Remote(String),
+}
+
+impl Shared {
+    /// Claims `generation`'s key cluster-wide, when clustering is on.
+    pub(super) fn cluster_claim(&self, generation: &Generation) -> Role {
+        let Some(node) = &self.cluster else {
+            return Role::Lead;
+        };
+        if !generation.shared {
+            return Role::Lead;
+        }
+        let token = format!("{}/{}", node.node_id, generation.id);
+        match node.leases.claim(&generation.key, &token) {
+            Ok(Claim::Ours) => {
+                let now = Instant::now();
+                *generation.cluster.lock() = Some(ClusterLead {
+                    writer: StreamWriter::new(node.pool.clone(), &token),
+                    token,
+                    pending: Vec::new(),
+                    last_flush: now,
+                    last_renew: now,
+                    broken: false,
+                });
+                Role::Lead
+            }
+            Ok(Claim::Theirs(remote)) => Role::Remote(remote),
+            Err(e) => {
+                log::warn!("cluster claim failed, leading on this node only: {e}");
+                Role::Lead
+            }
+        }
+    }
+
+    /// Mirrors a published token into the generation's stream (batched).
+    pub(super) fn cluster_append(&self, generation: &Generation, token: &str) {
+        let mut lead = generation.cluster.lock();
+        let Some(lead) = lead.as_mut() else {
+            return;
+        };
+        lead.pending.push(token.to_owned());
+        // Tokens that come faster than BATCH_DELAY share a round trip; the
+        // janitor flushes what a pause would otherwise leave behind.
+        if lead.pending.len() >= BATCH_TOKENS || lead.last_flush.elapsed() >= BATCH_DELAY {
+            lead.flush();
+        }
+    }
+
+    /// Ends a cluster-wide generation: the rest of its tokens, its end
+    /// marker, and its lease given up.
+    pub(super) fn cluster_finish(&self, generation: &Generation, outcome: &GenOutcome) {
+        let Some(mut lead) = generation.cluster.lock().take() else {
+            return;
+        };
+        let Some(node) = &self.cluster else {
+            return;
+        };
+        lead.flush();
+        let end = match outcome {
+            GenOutcome::Finished(Finish::Stop) => End::Stop,
+            GenOutcome::Finished(Finish::Length) => End::Length,
+            GenOutcome::Finished(Finish::Cancelled) | GenOutcome::Cancelled => End::Cancelled,
+            GenOutcome::Failed(f) => End::Failed {
+                code: f.code.as_str().to_owned(),
+                message: f.message.clone(),
+            },
+        };
+        let end = if lead.broken {
+            End::Failed {
+                code: "upstream_error".into(),
+                message: "the leader's node lost its stream".into(),
+            }
+        } else {
+            end
+        };
+        let keep = Duration::from_millis(self.config.timeouts.replay_window_ms.max(1));
+        if let Err(e) = lead.writer.finish(&end, keep) {
+            log::warn!("stream {} cannot be ended: {e}", lead.token);
+        }
+        if let Err(e) = node.leases.release(&generation.key, &lead.token) {
+            log::warn!(
+                "lease of {} cannot be released (it expires): {e}",
+                lead.token
+            );
+        }
+    }
+
+    /// Called by the janitor on every tick: flushes tokens left in the
+    /// buffer by a pause, and renews the lease every third of its time.
+    pub(super) fn cluster_tick(&self, generation: &Generation) {
+        let Some(node) = &self.cluster else {
+            return;
+        };
+        let mut lead = generation.cluster.lock();
+        let Some(lead) = lead.as_mut() else {
+            return;
+        };
+        if lead.last_flush.elapsed() >= BATCH_DELAY {
+            lead.flush();
+        }
+        if lead.last_renew.elapsed() < node.lease / 3 {
+            return;
+        }
+        lead.last_renew = Instant::now();
+        match node.leases.renew(&generation.key, &lead.token) {
+            Ok(true) => {}
+            Ok(false) => log::warn!("lease of {} was lost", lead.token),
+            Err(e) => log::warn!("lease of {} cannot be renewed: {e}", lead.token),
+        }
+    }
+
+    /// The reader thread of a remote generation: feeds the local broadcast
+    /// from the leader's stream until its end, or fails the generation
+    /// when the leader's node is gone (its lease lapsed without an end).
+    pub(super) fn run_remote(self: &Arc<Self>, generation: Arc<Generation>, token: String) {
+        let Some(node) = &self.cluster else {
+            return;
+        };
+        let lost =
+            |message: String| GenOutcome::Failed(Failure::new(ErrorCode::UpstreamError, message));
+        let mut reader = match StreamReader::open(&node.url, &token, READ_BLOCK) {
+            Ok(reader) => reader,
+            Err(e) => {
+                let outcome = lost(format!("cannot follow the generation on another node: {e}"));
+                return self.finish_generation(&generation, outcome);
+            }
+        };
+        while !generation.is_over() {
+            let events = match reader.read() {
+                Ok(events) => events,
+                Err(e) => {
+                    let outcome = lost(format!("lost the stream of the leader's node: {e}"));
+                    return self.finish_generation(&generation, outcome);
+                }
+            };
+            if events.is_empty() {
+                // Quiet: is the leader still alive? A lapsed lease without
+                // an end marker means its node is gone.
+                let holder = node.leases.holder(&generation.key);
+                let alive = matches!(&holder, Ok(Some(t)) if *t == token);
+                // A Redis that cannot answer says nothing about the leader;
+                // the read above fails soon enough if it stays away.
+                if !alive && holder.is_ok() {
+                    let outcome = lost("the node leading this generation was lost".into());
+                    return self.finish_generation(&generation, outcome);
+                }
+                continue;
+            }
+            for event in events {
+                match event {
+                    StreamEvent::Token(text) => {
+                        if generation.broadcast.publish(&text).is_none() {
+                            return;
+                        }
+                        self.metrics.tokens.inc();
+                    }
+                    StreamEvent::End(end) => {
+                        let outcome = match end {
+                            End::Stop => GenOutcome::Finished(Finish::Stop),
+                            End::Length => GenOutcome::Finished(Finish::Length),
+                            End::Cancelled => GenOutcome::Cancelled,
+                            End::Failed { code, message } => {
+                                let code = ErrorCode::ALL
+                                    .into_iter()
+                                    .find(|c| c.as_str() == code)
+                                    .unwrap_or(ErrorCode::UpstreamError);
+                                GenOutcome::Failed(Failure::new(code, message))
+                            }
+                        };
+                        return self.finish_generation(&generation, outcome);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The per-generation slot for [`ClusterLead`].
+pub(crate) type LeadSlot = Mutex<Option<ClusterLead>>;
