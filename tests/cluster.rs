@@ -93,3 +93,80 @@ fn followers_learn_in_time_that_the_leaders_node_died() {
     assert!(again.is_done(), "{}", again.end);
     assert_eq!(again.role.as_deref(), Some("leader"));
 }
+
+#[test]
+fn a_leader_whose_clients_all_left_goes_on_for_followers_on_other_nodes() {
+    let redis = RedisServer::start();
+    let (a, b) = (node(&redis, "node-a"), node(&redis, "node-b"));
+    let (mut ca, mut cb) = (a.client(), b.client());
+    let (ra, _) = ca.ask(None, "Stay for the others");
+    std::thread::sleep(Duration::from_millis(100));
+    let (rb, _) = cb.ask(None, "Stay for the others");
+    // Tokens are flowing (the first comes after 700 ms).
+    std::thread::sleep(Duration::from_millis(900));
+    // The only client on the leader's node cancels...
+    ca.send(serde_json::json!({"type": "cancel", "request": ra}));
+    let cancelled = ca.answer(&ra);
+    assert!(cancelled.finish() == "cancelled" || cancelled.code() == "cancelled");
+    // ...and the follower on the other node still gets the whole answer.
+    let followed = cb.answer(&rb);
+    assert!(followed.is_done(), "{}", followed.end);
+    assert_eq!(followed.finish(), "stop");
+    followed.assert_contiguous();
+    assert_eq!(followed.seqs.len(), 30);
+    assert_eq!(calls(&a) + calls(&b), 1);
+}
+
+#[test]
+fn when_nobody_anywhere_wants_it_the_generation_stops() {
+    let redis = RedisServer::start();
+    let (a, b) = (node(&redis, "node-a"), node(&redis, "node-b"));
+    let (mut ca, mut cb) = (a.client(), b.client());
+    let (ra, _) = ca.ask(None, "Nobody wants this");
+    std::thread::sleep(Duration::from_millis(100));
+    let (rb, _) = cb.ask(None, "Nobody wants this");
+    cb.recv_matching(|v| v["type"] == "token");
+    cb.send(serde_json::json!({"type": "cancel", "request": rb}));
+    cb.answer(&rb);
+    ca.send(serde_json::json!({"type": "cancel", "request": ra}));
+    ca.answer(&ra);
+    common::eventually("the leader's generation to be aborted", || {
+        a.stats()["upstream"]["aborted"].as_u64() == Some(1)
+    });
+}
+
+#[test]
+fn a_leaders_graceful_shutdown_ends_its_stream_with_an_error_marker() {
+    let redis = RedisServer::start();
+    // A short drain, so the leader's node stops long before the answer ends.
+    let mut a = Server::start(&format!(
+        r#"
+[llm.simulated]
+first_token_ms = 700
+token_interval_ms = 40
+tokens = 60
+
+[timeouts]
+drain_ms = 200
+
+[cluster]
+enabled = true
+redis_url = "{url}"
+node_id = "node-a"
+lease_ms = 5000
+"#,
+        url = redis.url()
+    ));
+    let b = node(&redis, "node-b");
+    let (mut ca, mut cb) = (a.client(), b.client());
+    ca.ask(None, "Shutting down midway");
+    std::thread::sleep(Duration::from_millis(100));
+    let (rb, _) = cb.ask(None, "Shutting down midway");
+    std::thread::sleep(Duration::from_millis(900));
+    let stopped = Instant::now();
+    assert!(a.terminate().success());
+    let end = cb.answer(&rb);
+    assert_eq!(end.code(), "shutting_down", "{}", end.end);
+    // From the end marker, not from the 5 s lease running out.
+    assert!(stopped.elapsed() < Duration::from_secs(3));
+}

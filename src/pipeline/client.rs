@@ -223,7 +223,10 @@ impl Shared {
             Some((Ok(Finish::Cancelled), produced.text, tokens))
         });
         if let Some(generation) = left {
-            if generation.is_unwanted() && !self.config.cache.complete_orphans {
+            if generation.is_unwanted()
+                && !self.config.cache.complete_orphans
+                && !self.cluster_watched(&generation)
+            {
                 self.finish_generation(&generation, GenOutcome::Cancelled);
             }
         }

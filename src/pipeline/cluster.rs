@@ -110,17 +110,23 @@ impl Shared {
         match node.leases.claim(&generation.key, &token) {
             Ok(Claim::Ours) => {
                 let now = Instant::now();
-                *generation.cluster.lock() = Some(ClusterLead {
+                *generation.cluster.lock() = Some(ClusterPart::Lead(ClusterLead {
                     writer: StreamWriter::new(node.pool.clone(), &token),
                     token,
                     pending: Vec::new(),
                     last_flush: now,
                     last_renew: now,
                     broken: false,
-                });
+                }));
                 Role::Lead
             }
-            Ok(Claim::Theirs(remote)) => Role::Remote(remote),
+            Ok(Claim::Theirs(remote)) => {
+                *generation.cluster.lock() = Some(ClusterPart::Follow {
+                    token: remote.clone(),
+                    refreshed: None,
+                });
+                Role::Remote(remote)
+            }
             Err(e) => {
                 log::warn!("cluster claim failed, leading on this node only: {e}");
                 Role::Lead
@@ -130,8 +136,8 @@ impl Shared {
 
     /// Mirrors a published token into the generation's stream (batched).
     pub(super) fn cluster_append(&self, generation: &Generation, token: &str) {
-        let mut lead = generation.cluster.lock();
-        let Some(lead) = lead.as_mut() else {
+        let mut part = generation.cluster.lock();
+        let Some(ClusterPart::Lead(lead)) = part.as_mut() else {
             return;
         };
         lead.pending.push(token.to_owned());
@@ -145,11 +151,23 @@ impl Shared {
     /// Ends a cluster-wide generation: the rest of its tokens, its end
     /// marker, and its lease given up.
     pub(super) fn cluster_finish(&self, generation: &Generation, outcome: &GenOutcome) {
-        let Some(mut lead) = generation.cluster.lock().take() else {
-            return;
-        };
+        let part = generation.cluster.lock().take();
         let Some(node) = &self.cluster else {
             return;
+        };
+        let mut lead = match part {
+            Some(ClusterPart::Lead(lead)) => lead,
+            Some(ClusterPart::Follow { token, .. }) => {
+                // No longer watching: the leader need not run for us.
+                if let Ok(mut conn) = node.pool.get() {
+                    let _: redis::RedisResult<i64> = redis::cmd("ZREM")
+                        .arg(watchers_key(&token))
+                        .arg(&node.node_id)
+                        .query(&mut *conn);
+                }
+                return;
+            }
+            None => return,
         };
         lead.flush();
         let end = match outcome {
@@ -181,28 +199,83 @@ impl Shared {
         }
     }
 
-    /// Called by the janitor on every tick: flushes tokens left in the
-    /// buffer by a pause, and renews the lease every third of its time.
-    pub(super) fn cluster_tick(&self, generation: &Generation) {
+    /// Called by the janitor on every tick. A cluster-wide leader flushes
+    /// tokens a pause left in its buffer and renews its lease every third
+    /// of the lease time; a remote follower with clients attached here
+    /// says so in the leader's watcher set, as often.
+    pub(super) fn cluster_tick(&self, generation: &Generation, attached_here: bool) {
         let Some(node) = &self.cluster else {
             return;
         };
-        let mut lead = generation.cluster.lock();
-        let Some(lead) = lead.as_mut() else {
-            return;
+        let mut part = generation.cluster.lock();
+        match part.as_mut() {
+            Some(ClusterPart::Lead(lead)) => {
+                if lead.last_flush.elapsed() >= BATCH_DELAY {
+                    lead.flush();
+                }
+                if lead.last_renew.elapsed() < node.lease / 3 {
+                    return;
+                }
+                lead.last_renew = Instant::now();
+                match node.leases.renew(&generation.key, &lead.token) {
+                    Ok(true) => {}
+                    Ok(false) => log::warn!("lease of {} was lost", lead.token),
+                    Err(e) => log::warn!("lease of {} cannot be renewed: {e}", lead.token),
+                }
+            }
+            Some(ClusterPart::Follow { token, refreshed }) => {
+                if !attached_here || refreshed.is_some_and(|at| at.elapsed() < node.lease / 3) {
+                    return;
+                }
+                *refreshed = Some(Instant::now());
+                let lease_ms = u64::try_from(node.lease.as_millis()).unwrap_or(u64::MAX);
+                let key = watchers_key(token);
+                let result = node
+                    .pool
+                    .get()
+                    .map_err(|e| e.to_string())
+                    .and_then(|mut conn| {
+                        redis::pipe()
+                            .cmd("ZADD")
+                            .arg(&key)
+                            .arg(now_ms().saturating_add(lease_ms))
+                            .arg(&node.node_id)
+                            .ignore()
+                            .cmd("PEXPIRE")
+                            .arg(&key)
+                            .arg(lease_ms.saturating_mul(2))
+                            .ignore()
+                            .query::<()>(&mut *conn)
+                            .map_err(|e| e.to_string())
+                    });
+                if let Err(e) = result {
+                    log::debug!("cannot tell {token}'s node that we watch it: {e}");
+                }
+            }
+            None => {}
+        }
+    }
+
+    /// True when this generation leads cluster-wide and another node still
+    /// has clients following it: then it must go on even with nobody
+    /// attached here.
+    pub(super) fn cluster_watched(&self, generation: &Generation) -> bool {
+        let Some(node) = &self.cluster else {
+            return false;
         };
-        if lead.last_flush.elapsed() >= BATCH_DELAY {
-            lead.flush();
-        }
-        if lead.last_renew.elapsed() < node.lease / 3 {
-            return;
-        }
-        lead.last_renew = Instant::now();
-        match node.leases.renew(&generation.key, &lead.token) {
-            Ok(true) => {}
-            Ok(false) => log::warn!("lease of {} was lost", lead.token),
-            Err(e) => log::warn!("lease of {} cannot be renewed: {e}", lead.token),
-        }
+        let token = match generation.cluster.lock().as_ref() {
+            Some(ClusterPart::Lead(lead)) => lead.token.clone(),
+            _ => return false,
+        };
+        let Ok(mut conn) = node.pool.get() else {
+            return false;
+        };
+        let watching: redis::RedisResult<u64> = redis::cmd("ZCOUNT")
+            .arg(watchers_key(&token))
+            .arg(format!("({}", now_ms()))
+            .arg("+inf")
+            .query(&mut *conn);
+        watching.is_ok_and(|n| n > 0)
     }
 
     /// The reader thread of a remote generation: feeds the local broadcast
@@ -212,6 +285,9 @@ impl Shared {
         let Some(node) = &self.cluster else {
             return;
         };
+        // Tell the leader's node at once that clients here follow it, so it
+        // does not stop for lack of interest before the janitor's next tick.
+        self.cluster_tick(&generation, true);
         let lost =
             |message: String| GenOutcome::Failed(Failure::new(ErrorCode::UpstreamError, message));
         let mut reader = match StreamReader::open(&node.url, &token, READ_BLOCK) {
@@ -271,5 +347,29 @@ impl Shared {
     }
 }
 
-/// The per-generation slot for [`ClusterLead`].
-pub(crate) type LeadSlot = Mutex<Option<ClusterLead>>;
+/// A generation's part in the cluster.
+pub(crate) enum ClusterPart {
+    /// It leads cluster-wide.
+    Lead(ClusterLead),
+    /// It follows the generation `token` of another node; `refreshed` is
+    /// when this node last said it is still watching.
+    Follow {
+        token: String,
+        refreshed: Option<Instant>,
+    },
+}
+
+/// The per-generation slot for its [`ClusterPart`].
+pub(crate) type LeadSlot = Mutex<Option<ClusterPart>>;
+
+/// The sorted set of nodes still watching generation `token`, scored by
+/// when their interest expires (milliseconds since the epoch).
+fn watchers_key(token: &str) -> String {
+    format!("chorus:v1:watchers:{token}")
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}

@@ -87,7 +87,6 @@ fn sweep(shared: &Arc<Shared>, now: Instant) {
         }
     }
     for generation in generations {
-        shared.cluster_tick(&generation);
         let (stage, since, members, orphaned_since) = {
             let st = generation.state.lock();
             if st.outcome.is_some() {
@@ -127,14 +126,18 @@ fn sweep(shared: &Arc<Shared>, now: Instant) {
             shared.finish_generation(&generation, outcome);
             continue;
         }
+        let attached_here = members
+            .iter()
+            .any(|m| m.state.lock().attachments.iter().any(|a| a.is_live()));
+        shared.cluster_tick(&generation, attached_here);
         if shared.config.cache.complete_orphans {
             continue;
         }
-        // Orphaned: nobody is attached and nobody is about to be.
+        // Orphaned: nobody is attached and nobody is about to be, on this
+        // node or (for a cluster-wide leader) on any other.
         let attached = generation.pending_followers.load(Ordering::Acquire) > 0
-            || members
-                .iter()
-                .any(|m| m.state.lock().attachments.iter().any(|a| a.is_live()));
+            || attached_here
+            || shared.cluster_watched(&generation);
         if attached {
             if orphaned_since.is_some() {
                 generation.state.lock().orphaned_since = None;
