@@ -170,3 +170,71 @@ lease_ms = 5000
     // From the end marker, not from the 5 s lease running out.
     assert!(stopped.elapsed() < Duration::from_secs(3));
 }
+
+#[test]
+fn without_redis_nodes_answer_alone_and_dedup_returns_with_redis() {
+    let mut redis = RedisServer::start();
+    let (a, b) = (node(&redis, "node-a"), node(&redis, "node-b"));
+    redis.stop();
+    // Redis is away: each node answers on its own (no cross-node dedup).
+    let (mut ca, mut cb) = (a.client(), b.client());
+    let (ra, _) = ca.ask(None, "Alone without Redis");
+    let (rb, _) = cb.ask(None, "Alone without Redis");
+    assert!(ca.answer(&ra).is_done());
+    assert!(cb.answer(&rb).is_done());
+    assert_eq!(calls(&a) + calls(&b), 2);
+    // Redis is back: dedup across nodes resumes.
+    redis.restart();
+    let before = calls(&a) + calls(&b);
+    let (ra, _) = ca.ask(None, "Together again");
+    std::thread::sleep(Duration::from_millis(100));
+    let (rb, _) = cb.ask(None, "Together again");
+    let (answer_a, answer_b) = (ca.answer(&ra), cb.answer(&rb));
+    assert!(answer_a.is_done() && answer_b.is_done());
+    assert_eq!(answer_b.role.as_deref(), Some("follower"));
+    assert_eq!(calls(&a) + calls(&b), before + 1);
+}
+
+#[test]
+fn everything_a_node_writes_to_redis_expires() {
+    let redis = RedisServer::start();
+    let server = Server::start(&format!(
+        r#"
+[llm.simulated]
+first_token_ms = 50
+token_interval_ms = 5
+tokens = 10
+
+[timeouts]
+replay_window_ms = 500
+
+[cluster]
+enabled = true
+redis_url = "{url}"
+node_id = "node-a"
+lease_ms = 1000
+
+[cache]
+backend = "redis"
+redis_url = "{url}"
+ttl_s = 1
+"#,
+        url = redis.url()
+    ));
+    let mut c = server.client();
+    for i in 0..3 {
+        assert!(c
+            .ask_and_wait(None, &format!("Leave no trace {i}"))
+            .is_done());
+    }
+    let mut conn = redis.connection();
+    let keys: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut conn).unwrap();
+    assert!(!keys.is_empty(), "nothing was written");
+    for key in &keys {
+        let ttl: i64 = redis::cmd("PTTL").arg(key).query(&mut conn).unwrap();
+        assert!(ttl > 0, "{key} never expires (PTTL {ttl})");
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let left: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut conn).unwrap();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
