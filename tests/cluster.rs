@@ -207,6 +207,8 @@ tokens = 10
 
 [timeouts]
 replay_window_ms = 500
+# A request's resume record lives request_ms + replay_window_ms at most.
+request_ms = 1000
 
 [cluster]
 enabled = true
@@ -234,7 +236,46 @@ ttl_s = 1
         let ttl: i64 = redis::cmd("PTTL").arg(key).query(&mut conn).unwrap();
         assert!(ttl > 0, "{key} never expires (PTTL {ttl})");
     }
-    std::thread::sleep(Duration::from_millis(1500));
+    std::thread::sleep(Duration::from_millis(2000));
     let left: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut conn).unwrap();
     assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+#[test]
+fn a_follower_resumes_on_another_node_without_a_gap() {
+    let redis = RedisServer::start();
+    let (a, b, c) = (
+        node(&redis, "node-a"),
+        node(&redis, "node-b"),
+        node(&redis, "node-c"),
+    );
+    let mut ca = a.client();
+    let (ra, _) = ca.ask(None, "Resume me elsewhere");
+    std::thread::sleep(Duration::from_millis(100));
+    let mut cb = b.client();
+    let (rb, _) = cb.ask(None, "Resume me elsewhere");
+    // Read the first few tokens on node B, then lose that connection.
+    let mut text = String::new();
+    let mut next = 0;
+    while next < 5 {
+        let v = cb.recv_matching(|v| v["request"] == rb.as_str() && v["type"] == "token");
+        assert_eq!(v["seq"], next);
+        text.push_str(v["text"].as_str().unwrap());
+        next += 1;
+    }
+    drop(cb);
+    // Reconnect to node C, which never saw the request, and resume.
+    let mut cc = c.client();
+    cc.send(serde_json::json!({"type": "resume", "request": rb, "from": next}));
+    let rest = cc.answer(&rb);
+    assert!(rest.is_done(), "{}", rest.end);
+    assert_eq!(
+        rest.seqs,
+        (next..30).collect::<Vec<u64>>(),
+        "gap or duplicate"
+    );
+    text.push_str(&rest.text);
+    // Exactly the leader's answer.
+    let leader = ca.answer(&ra);
+    assert_eq!(text, leader.text);
 }

@@ -69,7 +69,7 @@ fn a_lease_nobody_renews_expires_and_the_key_is_free_again() {
 fn a_stream_is_read_live_and_from_the_start_with_its_end() {
     let redis = RedisServer::start();
     let pool = chorus::redis_pool::pool(&redis.url(), Duration::from_millis(500), 2).unwrap();
-    let writer = StreamWriter::new(pool, "node-a/42");
+    let writer = StreamWriter::new(pool, "node-a/42", Duration::from_secs(60));
     let url = redis.url();
     // A reader that is waiting before the first token gets it live.
     let live = std::thread::spawn({

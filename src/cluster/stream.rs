@@ -16,7 +16,7 @@
 //! use chorus::cluster::stream::{End, StreamEvent, StreamReader, StreamWriter};
 //! let url = "redis://127.0.0.1:6379/";
 //! let pool = chorus::redis_pool::pool(url, Duration::from_millis(250), 4)?;
-//! let writer = StreamWriter::new(pool, "node-a/1");
+//! let writer = StreamWriter::new(pool, "node-a/1", Duration::from_secs(60));
 //! writer.append(&["Hel", "lo"])?;
 //! writer.finish(&End::Stop, Duration::from_secs(60))?;
 //! let mut reader = StreamReader::open(url, "node-a/1", Duration::from_millis(500))?;
@@ -75,14 +75,21 @@ pub fn stream_name(token: &str) -> String {
 pub struct StreamWriter {
     pool: RedisPool,
     name: String,
+    /// How long the stream outlives its last append: if the leader's node
+    /// dies before the end, the stream still goes away by itself.
+    idle_expiry_ms: u64,
 }
 
 impl StreamWriter {
-    /// A writer for the stream of generation `token`.
-    pub fn new(pool: RedisPool, token: &str) -> StreamWriter {
+    /// A writer for the stream of generation `token`; the stream expires
+    /// `idle_expiry` after its last append until it is finished.
+    pub fn new(pool: RedisPool, token: &str, idle_expiry: Duration) -> StreamWriter {
         StreamWriter {
             pool,
             name: stream_name(token),
+            idle_expiry_ms: u64::try_from(idle_expiry.as_millis())
+                .unwrap_or(u64::MAX)
+                .max(1),
         }
     }
 
@@ -103,6 +110,10 @@ impl StreamWriter {
                 .arg(*token)
                 .ignore();
         }
+        pipe.cmd("PEXPIRE")
+            .arg(&self.name)
+            .arg(self.idle_expiry_ms)
+            .ignore();
         let mut conn = self.pool.get()?;
         pipe.query::<()>(&mut *conn)?;
         Ok(())

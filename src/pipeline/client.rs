@@ -233,8 +233,17 @@ impl Shared {
         Ok(())
     }
 
-    pub(super) fn resume(&self, outbox: &Arc<Outbox>, id: &str, from: u64) -> Result<(), Failure> {
-        let request = self.lookup(id)?;
+    pub(super) fn resume(
+        self: &Arc<Self>,
+        outbox: &Arc<Outbox>,
+        id: &str,
+        from: u64,
+    ) -> Result<(), Failure> {
+        let request = match self.lookup(id) {
+            Ok(request) => request,
+            // Maybe another node of the cluster accepted it.
+            Err(not_found) => return self.cluster_resume(outbox, id, from).map_err(|_| not_found),
+        };
         let attachment = Attachment::new(outbox.clone(), id);
         let mut st = request.state.lock();
         let start = st.role.map(|role| Frame::Json(protocol::start(id, role)));

@@ -21,7 +21,8 @@ use super::generation::{GenOutcome, Generation};
 use super::Shared;
 use crate::cluster::lease::{Claim, Leases};
 use crate::cluster::stream::{End, StreamEvent, StreamReader, StreamWriter};
-use crate::protocol::{ErrorCode, Failure, Finish};
+use crate::outbox::{Frame, Outbox};
+use crate::protocol::{ErrorCode, Failure, Finish, Role as Role2};
 use crate::redis_pool::RedisPool;
 
 /// Tokens buffered before the stream is written anyway.
@@ -111,7 +112,16 @@ impl Shared {
             Ok(Claim::Ours) => {
                 let now = Instant::now();
                 *generation.cluster.lock() = Some(ClusterPart::Lead(ClusterLead {
-                    writer: StreamWriter::new(node.pool.clone(), &token),
+                    writer: StreamWriter::new(
+                        node.pool.clone(),
+                        &token,
+                        Duration::from_millis(
+                            self.config
+                                .timeouts
+                                .replay_window_ms
+                                .saturating_add(self.config.timeouts.request_ms),
+                        ),
+                    ),
                     token,
                     pending: Vec::new(),
                     last_flush: now,
@@ -278,6 +288,188 @@ impl Shared {
         watching.is_ok_and(|n| n > 0)
     }
 
+    /// The cluster token of `generation`, when it is cluster-wide.
+    fn cluster_token(generation: &Generation) -> Option<String> {
+        match generation.cluster.lock().as_ref()? {
+            ClusterPart::Lead(lead) => Some(lead.token.clone()),
+            ClusterPart::Follow { token, .. } => Some(token.clone()),
+        }
+    }
+
+    /// Records which cluster-wide generation request `id` receives, so a
+    /// `resume` of it can be answered by any node. Expires with the request.
+    pub(super) fn cluster_register(&self, id: &str, generation: &Generation, role: Role2) {
+        let Some(node) = &self.cluster else {
+            return;
+        };
+        let Some(token) = Self::cluster_token(generation) else {
+            return;
+        };
+        let t = &self.config.timeouts;
+        let keep_ms = t.request_ms.saturating_add(t.replay_window_ms);
+        let result = node
+            .pool
+            .get()
+            .map_err(|e| e.to_string())
+            .and_then(|mut conn| {
+                redis::cmd("SET")
+                    .arg(request_key(id))
+                    .arg(format!(
+                        "{} {token} {}",
+                        role.as_str(),
+                        crate::cluster::hex(&generation.key)
+                    ))
+                    .arg("PX")
+                    .arg(keep_ms.max(1))
+                    .query::<()>(&mut *conn)
+                    .map_err(|e| e.to_string())
+            });
+        if let Err(e) = result {
+            log::debug!("request {id} cannot be registered for resume elsewhere: {e}");
+        }
+    }
+
+    /// `resume` of a request this node does not know: if another node
+    /// registered it, replays its generation's stream from `from` and then
+    /// follows it live to the end, on a thread of its own. The request
+    /// cannot be cancelled from here.
+    pub(super) fn cluster_resume(
+        self: &Arc<Self>,
+        outbox: &Arc<Outbox>,
+        id: &str,
+        from: u64,
+    ) -> Result<(), Failure> {
+        let not_found = || Failure::new(ErrorCode::NotFound, "no such request, or it expired");
+        let Some(node) = &self.cluster else {
+            return Err(not_found());
+        };
+        let record: Option<String> = node
+            .pool
+            .get()
+            .ok()
+            .and_then(|mut conn| {
+                redis::cmd("GET")
+                    .arg(request_key(id))
+                    .query(&mut *conn)
+                    .ok()
+            })
+            .flatten();
+        let fields: Vec<&str> = record.as_deref().unwrap_or("").split(' ').collect();
+        let (Some(role), Some(token), Some(key)) = (
+            fields.first(),
+            fields.get(1),
+            fields.get(2).and_then(|h| unhex(h)),
+        ) else {
+            return Err(not_found());
+        };
+        let role = match *role {
+            "leader" => Role2::Leader,
+            _ => Role2::Follower,
+        };
+        let mut reader = StreamReader::open(&node.url, token, READ_BLOCK)
+            .map_err(|e| Failure::new(ErrorCode::UpstreamError, e.to_string()))?;
+        let (shared, outbox, id, token) = (
+            self.clone(),
+            outbox.clone(),
+            id.to_owned(),
+            (*token).to_owned(),
+        );
+        std::thread::Builder::new()
+            .name("chorus-resume".into())
+            .stack_size(super::WORKER_STACK)
+            .spawn(move || {
+                shared.replay_remote(&mut reader, &outbox, &id, (&token, key), role, from)
+            })
+            .map_err(|e| Failure::new(ErrorCode::Overloaded, e.to_string()))?;
+        Ok(())
+    }
+
+    fn replay_remote(
+        &self,
+        reader: &mut StreamReader,
+        outbox: &Outbox,
+        id: &str,
+        (token, key): (&str, [u8; 32]),
+        role: Role2,
+        from: u64,
+    ) {
+        let Some(node) = &self.cluster else {
+            return;
+        };
+        let prefix = crate::protocol::token_prefix(id);
+        let _ = outbox.push(Frame::Json(crate::protocol::start(id, role)));
+        let mut seq = 0u64;
+        let end = loop {
+            if outbox.is_closed() {
+                return;
+            }
+            let events = match reader.read() {
+                Ok(events) => events,
+                Err(e) => break Err(Failure::new(ErrorCode::UpstreamError, e.to_string())),
+            };
+            if events.is_empty() {
+                // No end yet and quiet: the leader must still hold its lease.
+                let holder = node.leases.holder(&key);
+                if holder.is_ok() && !matches!(&holder, Ok(Some(t)) if t == token) {
+                    break Err(Failure::new(
+                        ErrorCode::UpstreamError,
+                        "the node leading this generation was lost",
+                    ));
+                }
+                continue;
+            }
+            let mut ended = None;
+            for event in events {
+                match event {
+                    StreamEvent::Token(text) => {
+                        if seq >= from {
+                            let frame = Frame::Token {
+                                prefix: prefix.clone(),
+                                tail: crate::protocol::TokenTail::encode(seq, &text),
+                            };
+                            if outbox.push_token(frame).is_err() {
+                                return;
+                            }
+                        }
+                        seq += 1;
+                    }
+                    StreamEvent::End(end) => ended = Some(end),
+                }
+            }
+            if let Some(end) = ended {
+                break match end {
+                    End::Stop => Ok(Finish::Stop),
+                    End::Length => Ok(Finish::Length),
+                    End::Cancelled => Ok(Finish::Cancelled),
+                    End::Failed { code, message } => {
+                        let code = ErrorCode::ALL
+                            .into_iter()
+                            .find(|c| c.as_str() == code)
+                            .unwrap_or(ErrorCode::UpstreamError);
+                        Err(Failure::new(code, message))
+                    }
+                };
+            }
+        };
+        let frame = match end {
+            // Timings belong to the node that served the request.
+            Ok(finish) => crate::protocol::done(
+                id,
+                finish,
+                seq,
+                role,
+                crate::protocol::Timings {
+                    queue_ms: 0.0,
+                    prepare_ms: 0.0,
+                    ttft_ms: None,
+                    total_ms: 0.0,
+                },
+            ),
+            Err(failure) => crate::protocol::error(Some(id), None, &failure),
+        };
+        let _ = outbox.push(Frame::Json(frame));
+    }
+
     /// The reader thread of a remote generation: feeds the local broadcast
     /// from the leader's stream until its end, or fails the generation
     /// when the leader's node is gone (its lease lapsed without an end).
@@ -366,6 +558,23 @@ pub(crate) type LeadSlot = Mutex<Option<ClusterPart>>;
 /// when their interest expires (milliseconds since the epoch).
 fn watchers_key(token: &str) -> String {
     format!("chorus:v1:watchers:{token}")
+}
+
+/// The key bytes of a 64-digit hex string.
+fn unhex(text: &str) -> Option<[u8; 32]> {
+    let mut key = [0u8; 32];
+    if text.len() != 64 {
+        return None;
+    }
+    for (i, byte) in key.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(key)
+}
+
+/// Which generation a request receives, for `resume` on any node.
+fn request_key(id: &str) -> String {
+    format!("chorus:v1:request:{id}")
 }
 
 fn now_ms() -> u64 {
