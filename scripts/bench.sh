@@ -4,7 +4,7 @@
 # Every server started here is stopped here, by its PID.
 #
 #   scripts/bench.sh            # all scenarios
-#   scripts/bench.sh ttft       # one of: cache-hit ttft fanout idle-rss
+#   scripts/bench.sh ttft       # one of: cache-hit ttft fanout idle-rss cluster
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,8 +13,10 @@ bin=target/release/chorus
 load=target/release/chorus-load
 work=$(mktemp -d)
 server_pid=""
+extra_pids=()
 cleanup() {
   if [ -n "$server_pid" ]; then kill "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true; fi
+  for pid in "${extra_pids[@]}"; do kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -68,6 +70,19 @@ tokens = 64"
     idle-rss)
       start_server idle ''
       "$load" idle-rss --addr "$addr" --pid "$server_pid" --connections 2000 ;;
+    cluster)
+      # Two nodes sharing a Redis started here on a free port; connections
+      # split over both ask one question.
+      redis_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+      redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no --dir "$work" >/dev/null &
+      extra_pids+=($!)
+      sleep 0.5
+      redis_url="redis://127.0.0.1:$redis_port/"
+      cluster_toml() { printf '[workers]\nintake_queue = 4096\nfollow_queue = 4096\n[llm.simulated]\nfirst_token_ms = 3000\ntoken_interval_ms = 20\ntokens = 64\n[cache]\nbackend = "redis"\nredis_url = "%s"\n[cluster]\nenabled = true\nredis_url = "%s"\nnode_id = "%s"\n' "$redis_url" "$redis_url" "$1"; }
+      start_server node-b "$(cluster_toml node-b)"
+      addr_b=$addr; extra_pids+=("$server_pid"); server_pid=""
+      start_server node-a "$(cluster_toml node-a)"
+      "$load" fanout --addr "$addr,$addr_b" --connections "${CONNECTIONS:-1000}" --redis "$redis_url" ;;
     *) echo "unknown scenario $scenario" >&2; exit 2 ;;
   esac
   stop_server

@@ -6,7 +6,7 @@
 //! ```text
 //! chorus-load cache-hit  --addr 127.0.0.1:8080 --pid PID [--connections 8] [--requests 2000]
 //! chorus-load ttft       --addr 127.0.0.1:8080 [--connections 200] [--rounds 5] [--first-token-ms 200]
-//! chorus-load fanout     --addr 127.0.0.1:8080 [--pid PID] [--connections 2000]
+//! chorus-load fanout     --addr 127.0.0.1:8080[,127.0.0.1:8081…] [--pid PID] [--connections 2000] [--redis URL]
 //! chorus-load idle-rss   --addr 127.0.0.1:8080 --pid PID [--connections 2000]
 //! ```
 //!
@@ -28,6 +28,11 @@ const READ_TIMEOUT: Duration = Duration::from_secs(60);
 struct Args {
     scenario: String,
     addr: SocketAddr,
+    /// Further nodes of a cluster (`--addr A,B,…`): connections are spread
+    /// over `addr` and these, round robin.
+    more_addrs: Vec<SocketAddr>,
+    /// A Redis whose command count is read before and after (cluster runs).
+    redis: Option<String>,
     pid: Option<u32>,
     connections: usize,
     requests: usize,
@@ -43,6 +48,8 @@ fn parse_args() -> Result<Args, String> {
     let mut parsed = Args {
         scenario,
         addr: "127.0.0.1:8080".parse().map_err(|e| format!("{e}"))?,
+        more_addrs: Vec::new(),
+        redis: None,
         pid: None,
         connections: 0,
         requests: 2000,
@@ -53,7 +60,15 @@ fn parse_args() -> Result<Args, String> {
         let value = args.next().ok_or(format!("{flag} needs a value"))?;
         let bad = |e: &dyn std::fmt::Display| format!("{flag} {value}: {e}");
         match flag.as_str() {
-            "--addr" => parsed.addr = value.parse().map_err(|e| bad(&e))?,
+            "--addr" => {
+                let mut addrs = value.split(',').map(|a| a.trim().parse::<SocketAddr>());
+                parsed.addr = addrs
+                    .next()
+                    .ok_or("--addr needs an address")?
+                    .map_err(|e| bad(&e))?;
+                parsed.more_addrs = addrs.collect::<Result<_, _>>().map_err(|e| bad(&e))?;
+            }
+            "--redis" => parsed.redis = Some(value),
             "--pid" => parsed.pid = Some(value.parse().map_err(|e| bad(&e))?),
             "--connections" => parsed.connections = value.parse().map_err(|e| bad(&e))?,
             "--requests" => parsed.requests = value.parse().map_err(|e| bad(&e))?,
@@ -482,6 +497,21 @@ fn cpu_by_thread(pid: u32) -> Result<std::collections::BTreeMap<String, f64>, St
     Ok(by_role)
 }
 
+/// Commands a Redis has processed so far (`INFO stats`).
+fn redis_commands(url: &str) -> Result<u64, String> {
+    let mut conn = redis::Client::open(url)
+        .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(2)))
+        .map_err(|e| format!("redis: {e}"))?;
+    let info: String = redis::cmd("INFO")
+        .arg("stats")
+        .query(&mut conn)
+        .map_err(|e| format!("redis INFO: {e}"))?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("total_commands_processed:"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| "redis INFO has no total_commands_processed".into())
+}
+
 /// Resident set size in KiB, from /proc/PID/status.
 fn rss_kib(pid: u32) -> Result<f64, String> {
     let status =
@@ -667,11 +697,15 @@ fn fanout(args: &Args) -> Result<Value, String> {
     } else {
         args.connections
     };
+    let nodes: Vec<SocketAddr> = std::iter::once(args.addr)
+        .chain(args.more_addrs.iter().copied())
+        .collect();
     let clients: Vec<Client> = (0..connections)
-        .map(|_| Client::connect(args.addr))
+        .map(|i| Client::connect(nodes[i % nodes.len()]))
         .collect::<Result<_, _>>()?;
     let mut reactor = Reactor::new(clients)?;
     let cpu_before = args.pid.map(cpu_seconds).transpose()?;
+    let redis_before = args.redis.as_deref().map(redis_commands).transpose()?;
     let mut observed = Vec::with_capacity(connections);
     for i in 0..connections {
         let id = format!("f{i}");
@@ -732,13 +766,23 @@ fn fanout(args: &Args) -> Result<Value, String> {
             *m.entry(o.role.clone()).or_insert(0usize) += 1;
             m
         });
-    let s = stats(args.addr)?;
+    let upstream_calls: u64 = nodes
+        .iter()
+        .map(|n| stats(*n).map(|s| s["upstream"]["calls"].as_u64().unwrap_or(0)))
+        .sum::<Result<u64, String>>()?;
+    let redis_delta = match (args.redis.as_deref(), redis_before) {
+        (Some(url), Some(before)) => Some(redis_commands(url)? - before),
+        _ => None,
+    };
     Ok(json!({
         "scenario": "fanout",
+        "nodes": nodes.len(),
         "connections": connections,
         "tokens": tokens,
         "roles": roles,
-        "upstream_calls": s["upstream"]["calls"],
+        "upstream_calls (all nodes)": upstream_calls,
+        "redis_commands": redis_delta,
+        "redis_commands_per_generated_token": redis_delta.map(|d| d as f64 / tokens.max(1) as f64),
         "lag_behind_first_receiver_ms, kernel receive time (every token, every connection)": summary(kernel_lags.0),
         "worst_kernel_lag_per_connection_ms": summary(kernel_lags.1),
         "lag_behind_first_receiver_ms, client read time (every token, every connection)": summary(read_lags.0),
