@@ -26,7 +26,7 @@ impl Shared {
         self: &Arc<Self>,
         outbox: &Arc<Outbox>,
         chat: Chat,
-    ) -> Result<(), Failure> {
+    ) -> Result<String, Failure> {
         if self.draining.load(Ordering::Acquire) {
             return Err(Failure::new(
                 ErrorCode::ShuttingDown,
@@ -103,6 +103,7 @@ impl Shared {
             active.requests.insert(request.id.clone(), request.clone());
             active.live.insert(request.id.clone(), request.clone());
         }
+        let id = request.id.to_string();
         let job = IntakeJob {
             ticket: RequestTicket {
                 shared: self.clone(),
@@ -125,7 +126,7 @@ impl Shared {
             self.intake_reserved.fetch_sub(1, Ordering::AcqRel);
             drop(job);
         }
-        Ok(())
+        Ok(id)
     }
 
     /// Makes `request` the one request in flight in its conversation. A

@@ -29,6 +29,10 @@ use crate::redis_pool::RedisPool;
 const BATCH_TOKENS: usize = 16;
 /// Longest a token waits in the buffer when more keep coming.
 const BATCH_DELAY: Duration = Duration::from_millis(10);
+/// How often, and how many times, a `resume` of an unknown request looks
+/// for the record of the node that had it.
+const HANDOVER_POLL: Duration = Duration::from_millis(50);
+const HANDOVER_TRIES: u32 = 20;
 /// How long a remote reader waits for entries before checking the lease.
 const READ_BLOCK: Duration = Duration::from_millis(500);
 
@@ -296,36 +300,59 @@ impl Shared {
         }
     }
 
-    /// Records which cluster-wide generation request `id` receives, so a
-    /// `resume` of it can be answered by any node. Expires with the request.
-    pub(super) fn cluster_register(&self, id: &str, generation: &Generation, role: Role2) {
+    /// Records which cluster-wide generation each of `requests` that is
+    /// still running receives, so that a `resume` of it can be answered by
+    /// any node. Called when a connection closes: only then may its client
+    /// come back elsewhere, so Redis sees writes for dropped requests, one
+    /// round trip per closed connection, not one write per chat.
+    pub(super) fn cluster_handover(&self, requests: &[String]) {
         let Some(node) = &self.cluster else {
             return;
         };
-        let Some(token) = Self::cluster_token(generation) else {
-            return;
-        };
         let t = &self.config.timeouts;
-        let keep_ms = t.request_ms.saturating_add(t.replay_window_ms);
+        let keep_ms = t.request_ms.saturating_add(t.replay_window_ms).max(1);
+        let mut pipe = redis::pipe();
+        let mut any = false;
+        for id in requests {
+            let Ok(request) = self.lookup(id) else {
+                continue;
+            };
+            let (role, generation) = {
+                let st = request.state.lock();
+                if st.end.is_some() {
+                    // Ended: its own node still replays it; no handover.
+                    continue;
+                }
+                match (&st.role, &st.source) {
+                    (Some(role), Some(super::request::Source::Generation(g))) => (*role, g.clone()),
+                    _ => continue,
+                }
+            };
+            let Some(token) = Self::cluster_token(&generation) else {
+                continue;
+            };
+            pipe.cmd("SET")
+                .arg(request_key(id))
+                .arg(format!(
+                    "{} {token} {}",
+                    role.as_str(),
+                    crate::cluster::hex(&generation.key)
+                ))
+                .arg("PX")
+                .arg(keep_ms)
+                .ignore();
+            any = true;
+        }
+        if !any {
+            return;
+        }
         let result = node
             .pool
             .get()
             .map_err(|e| e.to_string())
-            .and_then(|mut conn| {
-                redis::cmd("SET")
-                    .arg(request_key(id))
-                    .arg(format!(
-                        "{} {token} {}",
-                        role.as_str(),
-                        crate::cluster::hex(&generation.key)
-                    ))
-                    .arg("PX")
-                    .arg(keep_ms.max(1))
-                    .query::<()>(&mut *conn)
-                    .map_err(|e| e.to_string())
-            });
+            .and_then(|mut conn| pipe.query::<()>(&mut *conn).map_err(|e| e.to_string()));
         if let Err(e) = result {
-            log::debug!("request {id} cannot be registered for resume elsewhere: {e}");
+            log::debug!("requests of a closed connection cannot be handed over: {e}");
         }
     }
 
@@ -343,17 +370,27 @@ impl Shared {
         let Some(node) = &self.cluster else {
             return Err(not_found());
         };
-        let record: Option<String> = node
-            .pool
-            .get()
-            .ok()
-            .and_then(|mut conn| {
-                redis::cmd("GET")
-                    .arg(request_key(id))
-                    .query(&mut *conn)
-                    .ok()
-            })
-            .flatten();
+        // The node that had the request writes the record when it notices
+        // the old connection closed, which can be a moment after the client
+        // is back here: look a few times before answering `not_found`.
+        let mut record: Option<String> = None;
+        for attempt in 0..HANDOVER_TRIES {
+            record = node
+                .pool
+                .get()
+                .ok()
+                .and_then(|mut conn| {
+                    redis::cmd("GET")
+                        .arg(request_key(id))
+                        .query(&mut *conn)
+                        .ok()
+                })
+                .flatten();
+            if record.is_some() || attempt + 1 == HANDOVER_TRIES {
+                break;
+            }
+            std::thread::sleep(HANDOVER_POLL);
+        }
         let fields: Vec<&str> = record.as_deref().unwrap_or("").split(' ').collect();
         let (Some(role), Some(token), Some(key)) = (
             fields.first(),

@@ -354,8 +354,16 @@ impl Pipeline {
     /// Admits a chat from a connection thread. Never blocks on a queue: on
     /// success `accepted` is already in `outbox`; on failure the caller
     /// answers with the returned error (and nothing was stored).
-    pub fn submit(&self, outbox: &Arc<Outbox>, chat: Chat) -> Result<(), Failure> {
+    /// Admits a chat; returns its request id.
+    pub fn submit(&self, outbox: &Arc<Outbox>, chat: Chat) -> Result<String, Failure> {
         self.shared.submit(outbox, chat)
+    }
+
+    /// Tells the pipeline that a connection closed while `requests` (its
+    /// chats and resumes) may still run, so that, in a cluster, another
+    /// node can take a `resume` of them.
+    pub fn connection_closed(&self, requests: &[String]) {
+        self.shared.cluster_handover(requests);
     }
 
     /// Cancels `request` on behalf of a client.

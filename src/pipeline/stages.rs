@@ -159,7 +159,6 @@ impl Shared {
             .by_role
             .with_label_values(&[role.as_str()])
             .inc();
-        self.cluster_register(&request.id, &generation, role);
         if let Some(token) = remote {
             // Another node leads it: one reader thread feeds this node's
             // broadcast; local identical requests follow it as usual.
@@ -234,7 +233,6 @@ impl Shared {
             st.role = Some(Role::Follower);
             st.source = Some(Source::Generation(generation.clone()));
         }
-        self.cluster_register(&ticket.request().id, &generation, Role::Follower);
         generation.pending_followers.fetch_add(1, Ordering::AcqRel);
         let job = FollowJob {
             ticket,

@@ -54,6 +54,8 @@ const BATCH: usize = 512;
 const REPLAY_CHUNK: u64 = 256;
 /// How long a closing connection may take to flush its last bytes.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// Request ids a connection remembers for `Pipeline::connection_closed`.
+const RECENT_REQUESTS: usize = 32;
 /// Capacity the write buffer shrinks back to after a burst.
 const IDLE_BUFFER: usize = 4096;
 
@@ -213,10 +215,12 @@ pub fn serve(
         readable: true,
         chat_budget: ChatBudget::new(limits.max_chats_per_minute, Instant::now()),
         closing_since: None,
+        requests: VecDeque::new(),
     };
     if let Err(e) = conn.run(&mut ws) {
         log::debug!("connection ended: {e}");
     }
+    pipeline.connection_closed(conn.requests.make_contiguous());
 }
 
 /// Ends a connection whose close frame is written: sends FIN, then reads
@@ -268,6 +272,8 @@ struct Connection<'a> {
     chat_budget: Option<ChatBudget>,
     /// Set once a close frame is queued; the connection ends when it is written.
     closing_since: Option<Instant>,
+    /// Ids of the most recent requests this connection chatted or resumed.
+    requests: VecDeque<String>,
 }
 
 impl Connection<'_> {
@@ -474,8 +480,9 @@ impl Connection<'_> {
                         );
                     }
                 }
-                if let Err(f) = self.pipeline.submit(self.outbox, chat) {
-                    self.reply(None, Some(&id), &f);
+                match self.pipeline.submit(self.outbox, chat) {
+                    Ok(request) => self.remember(request),
+                    Err(f) => self.reply(None, Some(&id), &f),
                 }
             }
             Ok(ClientFrame::Cancel { request }) => {
@@ -484,8 +491,9 @@ impl Connection<'_> {
                 }
             }
             Ok(ClientFrame::Resume { request, from }) => {
-                if let Err(f) = self.pipeline.resume(self.outbox, &request, from) {
-                    self.reply(Some(&request), None, &f);
+                match self.pipeline.resume(self.outbox, &request, from) {
+                    Ok(()) => self.remember(request),
+                    Err(f) => self.reply(Some(&request), None, &f),
                 }
             }
             Ok(ClientFrame::History {
@@ -498,6 +506,15 @@ impl Connection<'_> {
                 Err(f) => self.reply(None, None, &f),
             },
         }
+    }
+
+    /// Keeps the ids of this connection's recent requests, for the
+    /// pipeline when the connection closes.
+    fn remember(&mut self, request: String) {
+        if self.requests.len() == RECENT_REQUESTS {
+            self.requests.pop_front();
+        }
+        self.requests.push_back(request);
     }
 
     fn reply_error(&self, request: Option<&str>, id: Option<&str>, code: ErrorCode, message: &str) {
