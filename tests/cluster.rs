@@ -279,3 +279,22 @@ fn a_follower_resumes_on_another_node_without_a_gap() {
     let leader = ca.answer(&ra);
     assert_eq!(text, leader.text);
 }
+
+#[test]
+fn remote_readers_end_with_their_generations() {
+    let redis = RedisServer::start();
+    let (a, b) = (node(&redis, "node-a"), node(&redis, "node-b"));
+    let (mut ca, mut cb) = (a.client(), b.client());
+    // Settle: every pool thread of node B exists before counting.
+    cb.ask_and_wait(None, "warm up node B");
+    let before = b.threads();
+    for i in 0..4 {
+        let question = format!("Remote generation {i}");
+        let (ra, _) = ca.ask(None, &question);
+        std::thread::sleep(Duration::from_millis(100));
+        let (rb, _) = cb.ask(None, &question);
+        assert_eq!(cb.answer(&rb).role.as_deref(), Some("follower"));
+        ca.answer(&ra);
+    }
+    common::eventually("node B's reader threads to end", || b.threads() == before);
+}

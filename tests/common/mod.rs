@@ -152,6 +152,14 @@ impl Server {
         wait_with_timeout(&mut child, WAIT).expect("chorus did not exit after SIGTERM")
     }
 
+    /// The server's threads now (from /proc).
+    pub fn threads(&self) -> usize {
+        let pid = self.child.as_ref().expect("running").id();
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
     /// Kills the process at once (SIGKILL).
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
