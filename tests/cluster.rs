@@ -183,9 +183,14 @@ fn without_redis_nodes_answer_alone_and_dedup_returns_with_redis() {
     assert!(ca.answer(&ra).is_done());
     assert!(cb.answer(&rb).is_done());
     assert_eq!(calls(&a) + calls(&b), 2);
+    for i in 0..3 {
+        assert!(ca.ask_and_wait(None, &format!("Still alone {i}")).is_done());
+    }
+    // The outage is logged, once, not per chat.
+    assert_eq!(a.log().matches("cluster claims fail").count(), 1);
+    let before = calls(&a) + calls(&b);
     // Redis is back: dedup across nodes resumes.
     redis.restart();
-    let before = calls(&a) + calls(&b);
     let (ra, _) = ca.ask(None, "Together again");
     std::thread::sleep(Duration::from_millis(100));
     let (rb, _) = cb.ask(None, "Together again");

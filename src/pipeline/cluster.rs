@@ -43,7 +43,13 @@ pub(crate) struct ClusterNode {
     pub pool: RedisPool,
     pub leases: Leases,
     pub lease: Duration,
+    /// When a failed claim was last logged: an outage is logged every
+    /// [`REMIND_EVERY`], not once per chat.
+    last_claim_warning: Mutex<Option<Instant>>,
 }
+
+/// How often a continuing Redis outage is logged again.
+const REMIND_EVERY: Duration = Duration::from_secs(30);
 
 impl ClusterNode {
     /// Connects lazily to the cluster's Redis.
@@ -61,6 +67,7 @@ impl ClusterNode {
             url: config.redis_url.clone(),
             pool,
             lease,
+            last_claim_warning: Mutex::new(None),
         })
     }
 }
@@ -142,7 +149,11 @@ impl Shared {
                 Role::Remote(remote)
             }
             Err(e) => {
-                log::warn!("cluster claim failed, leading on this node only: {e}");
+                let mut last = node.last_claim_warning.lock();
+                if last.is_none_or(|at| at.elapsed() >= REMIND_EVERY) {
+                    *last = Some(Instant::now());
+                    log::warn!("cluster claims fail, nodes lead alone until Redis is back: {e}");
+                }
                 Role::Lead
             }
         }
