@@ -303,3 +303,26 @@ fn remote_readers_end_with_their_generations() {
     }
     common::eventually("node B's reader threads to end", || b.threads() == before);
 }
+
+#[test]
+fn a_restarted_node_never_reuses_the_streams_of_its_previous_life() {
+    let redis = RedisServer::start();
+    let b = node(&redis, "node-b");
+    let first = {
+        let a = node(&redis, "node-a");
+        a.client().ask_and_wait(None, "Before the restart")
+    };
+    assert!(first.is_done());
+    // Same node id, generation ids from zero again; the old stream is still
+    // in Redis (replay window).
+    let a = node(&redis, "node-a");
+    let mut ca = a.client();
+    let (ra, _) = ca.ask(None, "After the restart");
+    std::thread::sleep(Duration::from_millis(100));
+    let mut cb = b.client();
+    let (rb, _) = cb.ask(None, "After the restart");
+    let (led, followed) = (ca.answer(&ra), cb.answer(&rb));
+    assert_eq!(followed.role.as_deref(), Some("follower"));
+    assert_eq!(followed.text, led.text, "followed an old stream");
+    assert_ne!(followed.text, first.text);
+}

@@ -39,6 +39,10 @@ const READ_BLOCK: Duration = Duration::from_millis(500);
 /// This node in the cluster.
 pub(crate) struct ClusterNode {
     pub node_id: String,
+    /// `node_id` plus a random part drawn at start: generation ids restart
+    /// at zero with the process, and a restarted node must never append to
+    /// (or be followed through) a stream of its previous life.
+    instance: String,
     pub url: String,
     pub pool: RedisPool,
     pub leases: Leases,
@@ -61,8 +65,10 @@ impl ClusterNode {
         } else {
             config.node_id.clone()
         };
+        let instance = format!("{node_id}.{}", &crate::protocol::random_id("")[..8]);
         Ok(ClusterNode {
             leases: Leases::new(pool.clone(), lease),
+            instance,
             node_id,
             url: config.redis_url.clone(),
             pool,
@@ -118,7 +124,7 @@ impl Shared {
         if !generation.shared {
             return Role::Lead;
         }
-        let token = format!("{}/{}", node.node_id, generation.id);
+        let token = format!("{}/{}", node.instance, generation.id);
         match node.leases.claim(&generation.key, &token) {
             Ok(Claim::Ours) => {
                 let now = Instant::now();
