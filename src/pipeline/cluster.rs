@@ -495,13 +495,7 @@ impl Shared {
                     End::Stop => Ok(Finish::Stop),
                     End::Length => Ok(Finish::Length),
                     End::Cancelled => Ok(Finish::Cancelled),
-                    End::Failed { code, message } => {
-                        let code = ErrorCode::ALL
-                            .into_iter()
-                            .find(|c| c.as_str() == code)
-                            .unwrap_or(ErrorCode::UpstreamError);
-                        Err(Failure::new(code, message))
-                    }
+                    End::Failed { code, message } => Err(failure_of(&code, message)),
                 };
             }
         };
@@ -578,11 +572,7 @@ impl Shared {
                             End::Length => GenOutcome::Finished(Finish::Length),
                             End::Cancelled => GenOutcome::Cancelled,
                             End::Failed { code, message } => {
-                                let code = ErrorCode::ALL
-                                    .into_iter()
-                                    .find(|c| c.as_str() == code)
-                                    .unwrap_or(ErrorCode::UpstreamError);
-                                GenOutcome::Failed(Failure::new(code, message))
+                                GenOutcome::Failed(failure_of(&code, message))
                             }
                         };
                         return self.finish_generation(&generation, outcome);
@@ -612,6 +602,16 @@ pub(crate) type LeadSlot = Mutex<Option<ClusterPart>>;
 /// when their interest expires (milliseconds since the epoch).
 fn watchers_key(token: &str) -> String {
     format!("chorus:v1:watchers:{token}")
+}
+
+/// The failure an end marker records; an unknown code (a newer node's)
+/// reads as `upstream_error`.
+fn failure_of(code: &str, message: String) -> Failure {
+    let code = ErrorCode::ALL
+        .into_iter()
+        .find(|c| c.as_str() == code)
+        .unwrap_or(ErrorCode::UpstreamError);
+    Failure::new(code, message)
 }
 
 /// The key bytes of a 64-digit hex string.
