@@ -93,7 +93,7 @@ impl Frame {
     /// Appends this frame's WebSocket encoding to `out`, or returns false
     /// for frames only the connection thread may write (a replay is
     /// expanded as the socket takes it; a close ends the connection).
-    fn encode_into(&self, out: &mut Vec<u8>) -> bool {
+    pub fn encode_into(&self, out: &mut Vec<u8>) -> bool {
         match self {
             Frame::Token { prefix, tail } => frame::encode_text(out, &[prefix, &tail.0]),
             Frame::Json(bytes) => frame::encode_text(out, &[bytes]),

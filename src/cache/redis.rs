@@ -62,12 +62,7 @@ impl RedisCache {
     }
 
     fn redis_key(key: &Key) -> String {
-        let mut name = String::with_capacity(17 + 64);
-        name.push_str("chorus:v1:answer:");
-        for b in key {
-            name.push_str(&format!("{b:02x}"));
-        }
-        name
+        format!("chorus:v1:answer:{}", crate::cluster::hex(key))
     }
 
     /// Runs `f` on a pooled connection and keeps track of whether Redis is

@@ -447,61 +447,32 @@ impl Shared {
         role: Role2,
         from: u64,
     ) {
-        let Some(node) = &self.cluster else {
-            return;
-        };
         let prefix = crate::protocol::token_prefix(id);
         let _ = outbox.push(Frame::Json(crate::protocol::start(id, role)));
         let mut seq = 0u64;
-        let end = loop {
-            if outbox.is_closed() {
-                return;
-            }
-            let events = match reader.read() {
-                Ok(events) => events,
-                Err(e) => break Err(Failure::new(ErrorCode::UpstreamError, e.to_string())),
-            };
-            if events.is_empty() {
-                // No end yet and quiet: the leader must still hold its lease.
-                let holder = node.leases.holder(&key);
-                if holder.is_ok() && !matches!(&holder, Ok(Some(t)) if t == token) {
-                    break Err(Failure::new(
-                        ErrorCode::UpstreamError,
-                        "the node leading this generation was lost",
-                    ));
-                }
-                continue;
-            }
-            let mut ended = None;
-            for event in events {
-                match event {
-                    StreamEvent::Token(text) => {
-                        if seq >= from {
-                            let frame = Frame::Token {
-                                prefix: prefix.clone(),
-                                tail: crate::protocol::TokenTail::encode(seq, &text),
-                            };
-                            if outbox.push_token(frame).is_err() {
-                                return;
-                            }
-                        }
-                        seq += 1;
+        let outcome = self.follow_stream(
+            reader,
+            &key,
+            token,
+            || !outbox.is_closed(),
+            |text| {
+                if seq >= from {
+                    let frame = Frame::Token {
+                        prefix: prefix.clone(),
+                        tail: crate::protocol::TokenTail::encode(seq, &text),
+                    };
+                    if outbox.push_token(frame).is_err() {
+                        return false;
                     }
-                    StreamEvent::End(end) => ended = Some(end),
                 }
-            }
-            if let Some(end) = ended {
-                break match end {
-                    End::Stop => Ok(Finish::Stop),
-                    End::Length => Ok(Finish::Length),
-                    End::Cancelled => Ok(Finish::Cancelled),
-                    End::Failed { code, message } => Err(failure_of(&code, message)),
-                };
-            }
-        };
-        let frame = match end {
+                seq += 1;
+                true
+            },
+        );
+        let frame = match outcome.as_ref().map(super::ending::member_result) {
+            None => return,
             // Timings belong to the node that served the request.
-            Ok(finish) => crate::protocol::done(
+            Some(Ok(finish)) => crate::protocol::done(
                 id,
                 finish,
                 seq,
@@ -513,7 +484,7 @@ impl Shared {
                     total_ms: 0.0,
                 },
             ),
-            Err(failure) => crate::protocol::error(Some(id), None, &failure),
+            Some(Err(failure)) => crate::protocol::error(Some(id), None, &failure),
         };
         let _ = outbox.push(Frame::Json(frame));
     }
@@ -528,58 +499,85 @@ impl Shared {
         // Tell the leader's node at once that clients here follow it, so it
         // does not stop for lack of interest before the janitor's next tick.
         self.cluster_tick(&generation, true);
-        let lost =
-            |message: String| GenOutcome::Failed(Failure::new(ErrorCode::UpstreamError, message));
-        let mut reader = match StreamReader::open(&node.url, &token, READ_BLOCK) {
-            Ok(reader) => reader,
-            Err(e) => {
-                let outcome = lost(format!("cannot follow the generation on another node: {e}"));
-                return self.finish_generation(&generation, outcome);
-            }
+        let outcome = match StreamReader::open(&node.url, &token, READ_BLOCK) {
+            Ok(mut reader) => self.follow_stream(
+                &mut reader,
+                &generation.key,
+                &token,
+                || !generation.is_over(),
+                |text| {
+                    let published = generation.broadcast.publish(&text).is_some();
+                    if published {
+                        self.metrics.tokens.inc();
+                    }
+                    published
+                },
+            ),
+            Err(e) => Some(GenOutcome::Failed(Failure::new(
+                ErrorCode::UpstreamError,
+                format!("cannot follow the generation on another node: {e}"),
+            ))),
         };
-        while !generation.is_over() {
+        if let Some(outcome) = outcome {
+            self.finish_generation(&generation, outcome);
+        }
+    }
+
+    /// Reads generation `token`'s stream to its end, handing each token to
+    /// `on_token`, and returns how it ended. When the stream is quiet, the
+    /// leader must still hold the lease of `key`: a lapsed lease without an
+    /// end marker means its node is gone. `None` when `wanted` or
+    /// `on_token` said to stop.
+    fn follow_stream(
+        &self,
+        reader: &mut StreamReader,
+        key: &[u8; 32],
+        token: &str,
+        wanted: impl Fn() -> bool,
+        mut on_token: impl FnMut(String) -> bool,
+    ) -> Option<GenOutcome> {
+        let node = self.cluster.as_ref()?;
+        let lost = |message: String| {
+            Some(GenOutcome::Failed(Failure::new(
+                ErrorCode::UpstreamError,
+                message,
+            )))
+        };
+        while wanted() {
             let events = match reader.read() {
                 Ok(events) => events,
-                Err(e) => {
-                    let outcome = lost(format!("lost the stream of the leader's node: {e}"));
-                    return self.finish_generation(&generation, outcome);
-                }
+                Err(e) => return lost(format!("lost the stream of the leader's node: {e}")),
             };
             if events.is_empty() {
-                // Quiet: is the leader still alive? A lapsed lease without
-                // an end marker means its node is gone.
-                let holder = node.leases.holder(&generation.key);
-                let alive = matches!(&holder, Ok(Some(t)) if *t == token);
+                let holder = node.leases.holder(key);
                 // A Redis that cannot answer says nothing about the leader;
                 // the read above fails soon enough if it stays away.
-                if !alive && holder.is_ok() {
-                    let outcome = lost("the node leading this generation was lost".into());
-                    return self.finish_generation(&generation, outcome);
+                if holder.is_ok() && !matches!(&holder, Ok(Some(t)) if t == token) {
+                    return lost("the node leading this generation was lost".into());
                 }
                 continue;
             }
             for event in events {
                 match event {
                     StreamEvent::Token(text) => {
-                        if generation.broadcast.publish(&text).is_none() {
-                            return;
+                        if !on_token(text) {
+                            return None;
                         }
-                        self.metrics.tokens.inc();
                     }
                     StreamEvent::End(end) => {
-                        let outcome = match end {
+                        return Some(match end {
                             End::Stop => GenOutcome::Finished(Finish::Stop),
                             End::Length => GenOutcome::Finished(Finish::Length),
                             End::Cancelled => GenOutcome::Cancelled,
                             End::Failed { code, message } => {
                                 GenOutcome::Failed(failure_of(&code, message))
                             }
-                        };
-                        return self.finish_generation(&generation, outcome);
+                        })
                     }
                 }
             }
         }
+        None
     }
 }
 

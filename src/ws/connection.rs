@@ -370,12 +370,12 @@ impl Connection<'_> {
                 }
             }
             while let Some(f) = self.taken.pop_front() {
+                // The same encoding a producer writing straight through uses.
+                if f.encode_into(&mut socket.pending) {
+                    continue;
+                }
                 match f {
-                    Frame::Token { prefix, tail } => {
-                        frame::encode_text(&mut socket.pending, &[&prefix, &tail.0])
-                    }
-                    Frame::Json(bytes) => frame::encode_text(&mut socket.pending, &[&bytes]),
-                    Frame::Encoded(bytes) => socket.pending.extend_from_slice(&bytes),
+                    Frame::Token { .. } | Frame::Json(_) | Frame::Encoded(_) => {}
                     Frame::Replay(replay) => {
                         self.replay = Some(replay);
                         break;
