@@ -43,22 +43,29 @@ pub struct Config {
     pub history: HistoryConfig,
     /// Upstream language model.
     pub llm: LlmConfig,
-    /// Tools the model may call during preparation.
+    /// Tools the model may call while it answers.
     pub tools: ToolsConfig,
     /// Multi-node coordination.
     pub cluster: ClusterConfig,
 }
 
-/// `[tools]`: tool selection in the preparation stage.
+/// `[tools]`: the tools each streamed upstream call offers the model.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ToolsConfig {
-    /// Ask the model which tools to call before each new generation.
+    /// Offer the tools in every streamed call (except an answer's last).
     pub enabled: bool,
     /// The built-in tools offered: `calculator`, `clock`, `search_history`.
     pub builtins: Vec<String>,
-    /// Tools whose output is the answer itself (no second model call).
+    /// Tools whose output is the answer itself (no further round).
     pub direct: Vec<String>,
+    /// Most upstream calls for one answer; the last is made without tools.
+    pub max_rounds: usize,
+    /// Most tool calls run in one round; further ones get an error result.
+    pub max_calls: usize,
+    /// Longest arguments of one tool call, in bytes; longer ones get an
+    /// error result.
+    pub max_argument_bytes: usize,
 }
 
 impl Default for ToolsConfig {
@@ -71,6 +78,9 @@ impl Default for ToolsConfig {
                 "search_history".to_owned(),
             ],
             direct: vec!["clock".to_owned()],
+            max_rounds: 4,
+            max_calls: 8,
+            max_argument_bytes: 16 * 1024,
         }
     }
 }
@@ -1088,6 +1098,9 @@ impl Config {
         if let Err(e) = crate::tools::Toolbox::new(&self.tools.builtins, &self.tools.direct) {
             return Err(invalid("tools.builtins", e.to_string()));
         }
+        at_least("tools.max_rounds", self.tools.max_rounds, 1)?;
+        at_least("tools.max_calls", self.tools.max_calls, 1)?;
+        at_least("tools.max_argument_bytes", self.tools.max_argument_bytes, 1)?;
         let w = &self.workers;
         at_least("workers.cache_workers", w.cache_workers, 1)?;
         at_least(
@@ -1255,6 +1268,9 @@ mod tests {
             "[\"calculator\", \"clock\", \"search_history\"]",
         ),
         ("tools.direct", "[\"clock\"]"),
+        ("tools.max_rounds", "4"),
+        ("tools.max_calls", "8"),
+        ("tools.max_argument_bytes", "16384"),
         ("cluster.enabled", "false"),
         ("cluster.redis_url", "\"redis://127.0.0.1:6379/\""),
         ("cluster.node_id", "\"\""),

@@ -27,12 +27,9 @@ fn stream(words: &[&str]) -> Reply {
 }
 
 /// A chorus whose providers are `upstreams`, in order, with fast retries
-/// and no tool selection (each test scripts every upstream call).
+/// and tools off (each test scripts every upstream call; tool rounds have
+/// tests of their own in `tool_rounds.rs`).
 fn chorus(upstreams: &[&Upstream], extra: &str) -> Server {
-    chorus_with_tools(upstreams, extra, false)
-}
-
-fn chorus_with_tools(upstreams: &[&Upstream], extra: &str, tools: bool) -> Server {
     let mut config = format!(
         r#"
 [llm]
@@ -45,7 +42,7 @@ retry_max_ms = 2000
 read_timeout_ms = 5000
 {extra}
 [tools]
-enabled = {tools}
+enabled = false
 "#
     );
     for (i, u) in upstreams.iter().enumerate() {
@@ -364,83 +361,4 @@ fn identical_chats_share_one_upstream_call() {
         assert_eq!(answer.text, "one for all");
     }
     assert_eq!(upstream.requests().len(), 1);
-}
-
-#[test]
-fn tool_calls_round_trip_through_a_real_upstream() {
-    let upstream = Upstream::start();
-    // First the non-streaming selection call, answered with a tool call...
-    upstream.push(Reply::Json {
-        status: 200,
-        body: json!({
-            "id": "chatcmpl-tools",
-            "object": "chat.completion",
-            "choices": [{
-                "index": 0,
-                "finish_reason": "tool_calls",
-                "message": {
-                    "role": "assistant",
-                    "content": null,
-                    "tool_calls": [{
-                        "id": "call_1",
-                        "type": "function",
-                        "function": {"name": "calculator", "arguments": "{\"expression\":\"6*7\"}"}
-                    }]
-                }
-            }],
-            "usage": {"prompt_tokens": 300, "completion_tokens": 20, "total_tokens": 320}
-        }),
-    });
-    // ...then the streamed answer.
-    upstream.push(stream(&["It", " is", " 42."]));
-    let server = chorus_with_tools(&[&upstream], "", true);
-    let mut c = server.client();
-    let (request, _) = c.ask(None, "What is six times seven?");
-    let call = c.recv_matching(|v| v["type"] == "tool" && v["phase"] == "call");
-    assert_eq!(call["name"], "calculator");
-    let result = c.recv_matching(|v| v["type"] == "tool" && v["phase"] == "result");
-    assert_eq!(result["text"], "42");
-    let answer = c.answer(&request);
-    assert!(answer.is_done(), "{}", answer.end);
-    assert_eq!(answer.text, "It is 42.");
-
-    let requests = upstream.requests();
-    assert_eq!(requests.len(), 2);
-    let selection = &requests[0].body;
-    assert_eq!(selection["stream"], false);
-    assert_eq!(selection["tool_choice"], "auto");
-    let offered: Vec<&str> = selection["tools"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t["function"]["name"].as_str().unwrap())
-        .collect();
-    assert_eq!(offered, ["calculator", "clock", "search_history"]);
-    // The streamed call carries the result, just before the question.
-    let messages = requests[1].body["messages"].as_array().unwrap();
-    let n = messages.len();
-    assert_eq!(messages[n - 1]["content"], "What is six times seven?");
-    assert_eq!(messages[n - 2]["role"], "system");
-    let results = messages[n - 2]["content"].as_str().unwrap();
-    assert!(
-        results.contains("calculator") && results.contains("42"),
-        "{results}"
-    );
-    assert_eq!(requests[1].body["stream"], true);
-}
-
-#[test]
-fn a_failed_tool_selection_still_answers_without_tools_and_is_not_retried() {
-    let upstream = Upstream::start();
-    upstream.push(Reply::Error {
-        status: 500,
-        message: "this server does not support tools".into(),
-        retry_after: None,
-    });
-    upstream.push(stream(&["plain", " answer"]));
-    let server = chorus_with_tools(&[&upstream], "", true);
-    let answer = server.client().ask_and_wait(None, "Hello there");
-    assert!(answer.is_done(), "{}", answer.end);
-    assert_eq!(answer.text, "plain answer");
-    assert_eq!(upstream.requests().len(), 2);
 }

@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use common::upstream::{Reply, Upstream};
+use common::upstream::{Reply, Script, ScriptedCall, Upstream};
 use serde_json::{json, Value};
 
 const SECOND: Duration = Duration::from_secs(1);
@@ -435,4 +435,137 @@ fn dropping_the_upstream_is_quick_and_ends_a_stalled_stream() {
     assert!(ended.elapsed() < SECOND, "the stall outlived its server");
     // Nobody accepts any more.
     assert!(TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err());
+}
+
+/// A chunk as OpenAI streams it, with one choice carrying `delta`.
+fn openai_chunk(delta: Value, finish_reason: Value) -> Value {
+    json!({"id": "chatcmpl-test", "object": "chat.completion.chunk",
+           "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]})
+}
+
+fn head_delta(index: u64, id: &str, name: &str) -> Value {
+    json!({"tool_calls": [{"index": index, "id": id, "type": "function",
+                           "function": {"name": name, "arguments": ""}}]})
+}
+
+fn piece_delta(index: u64, piece: &str) -> Value {
+    json!({"tool_calls": [{"index": index, "function": {"arguments": piece}}]})
+}
+
+#[test]
+fn scripted_events_are_sent_exactly_as_openai_chunks_in_order() {
+    let upstream = Upstream::start();
+    let usage = json!({"id": "chatcmpl-test", "object": "chat.completion.chunk",
+                       "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}});
+    let delay = Duration::from_millis(10);
+    upstream.push(
+        Script::new()
+            .content("Hi")
+            .calls(
+                &[
+                    ScriptedCall::new(0, "call_a", "calculator", r#"{"e":1}"#),
+                    ScriptedCall::new(1, "call_b", "clock", "{}"),
+                ],
+                2,
+            )
+            .content("!")
+            .call_head(5, "call_c", "teleport", "{}")
+            .arguments(5, " ")
+            .raw(usage.clone())
+            .reply_with_delay("tool_calls", delay),
+    );
+    let sent = Instant::now();
+    let (status, head, body) = response(post(
+        upstream.addr(),
+        "/v1/chat/completions",
+        &json!({"stream": true}),
+        "",
+    ));
+    assert_eq!(status, 200);
+    assert_eq!(header(&head, "content-type"), Some("text/event-stream"));
+    assert_eq!(header(&head, "connection"), Some("close"));
+    let events = events(&body);
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).expect("a JSON chunk"))
+        .collect();
+    let delta = |d: Value| openai_chunk(d, Value::Null);
+    let expected = vec![
+        delta(json!({"content": "Hi"})),
+        // Both heads, then the arguments two bytes at a time, interleaved.
+        delta(head_delta(0, "call_a", "calculator")),
+        delta(head_delta(1, "call_b", "clock")),
+        delta(piece_delta(0, "{\"")),
+        delta(piece_delta(1, "{}")),
+        delta(piece_delta(0, "e\"")),
+        delta(piece_delta(0, ":1")),
+        delta(piece_delta(0, "}")),
+        delta(json!({"content": "!"})),
+        delta(
+            json!({"tool_calls": [{"index": 5, "id": "call_c", "type": "function",
+                                     "function": {"name": "teleport", "arguments": "{}"}}]}),
+        ),
+        delta(piece_delta(5, " ")),
+        // A whole chunk goes out untouched.
+        usage,
+        openai_chunk(json!({}), json!("tool_calls")),
+    ];
+    assert_eq!(chunks, expected);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    // `delay` came before each of the 12 scripted events.
+    assert!(sent.elapsed() >= 12 * delay, "{:?}", sent.elapsed());
+
+    // Assembled by index, as a client must, the pieces give the arguments back.
+    let mut arguments = std::collections::BTreeMap::<u64, String>::new();
+    for chunk in &chunks {
+        for call in chunk["choices"][0]["delta"]["tool_calls"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            arguments
+                .entry(call["index"].as_u64().unwrap())
+                .or_default()
+                .push_str(call["function"]["arguments"].as_str().unwrap());
+        }
+    }
+    let arguments: Vec<(u64, &str)> = arguments.iter().map(|(i, a)| (*i, a.as_str())).collect();
+    assert_eq!(arguments, [(0, r#"{"e":1}"#), (1, "{}"), (5, "{} ")]);
+    assert_eq!(upstream.requests()[0].body, json!({"stream": true}));
+    assert_eq!(upstream.disconnects(), 0);
+}
+
+#[test]
+fn script_pieces_cover_the_arguments_and_never_split_a_character() {
+    let call = ScriptedCall::new(0, "id", "calculator", "{\"a\":\"é\"}");
+    let pieces = |size: usize| -> Vec<String> {
+        Script::new().call(&call, size).events()[1..]
+            .iter()
+            .map(|e| {
+                assert_eq!(e["tool_calls"][0]["index"], 0);
+                e["tool_calls"][0]["function"]["arguments"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect()
+    };
+    // 1 byte each, except the two-byte "é", which stays whole.
+    let ones = pieces(1);
+    assert_eq!(ones.len(), call.arguments.chars().count());
+    assert!(ones.contains(&"é".to_owned()), "{ones:?}");
+    assert_eq!(ones.concat(), call.arguments);
+    assert_eq!(pieces(0), ones, "a size of 0 counts as 1");
+    assert_eq!(pieces(4), ["{\"a\"", ":\"é", "\"}"]);
+    assert_eq!(pieces(100), [call.arguments.as_str()]);
+    // No arguments: the head alone.
+    let bare = ScriptedCall::new(2, "id2", "clock", "");
+    assert_eq!(
+        Script::new().call(&bare, 1).events(),
+        [head_delta(2, "id2", "clock")]
+    );
+    assert_eq!(
+        Script::new().contents(&["a", "b"]).events(),
+        [json!({"content": "a"}), json!({"content": "b"})]
+    );
 }

@@ -1,14 +1,20 @@
 //! Model providers: the seam between the pipeline and whatever produces tokens.
 //!
+//! One call to a provider is one *round*: a streamed request that offers the
+//! model some tools and ends either with an answer or with the tool calls
+//! the model made (see [`Turn`]). The pipeline runs the tools and asks again;
+//! a provider never runs tools itself.
+//!
 //! Threads: a provider is shared (`Arc<dyn Provider>`) by every streaming
 //! worker; each call to [`Provider::stream`] runs entirely on the calling
-//! streaming worker and blocks it until the generation ends. A call must
+//! streaming worker and blocks it until the round ends. A call must
 //! notice [`AbortSignal::abort`] within one token interval, which is how the
 //! janitor, cancellation and shutdown stop an upstream call that nobody needs.
 
 mod openai;
 mod simulated;
 pub mod sse;
+mod tool_calls;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +23,7 @@ use parking_lot::{Condvar, Mutex};
 
 pub use openai::{Endpoint, OpenAi, RetryPolicy};
 pub use simulated::Simulated;
+pub use tool_calls::{CallAssembler, CallLimits};
 
 /// What the model is asked: the assembled conversation and the options.
 #[derive(Debug, Clone, PartialEq)]
@@ -36,10 +43,62 @@ pub struct Prompt {
 /// One message of a prompt.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PromptMessage {
-    /// `system`, `user` or `assistant`.
+    /// `system`, `user`, `assistant` or `tool`.
     pub role: &'static str,
-    /// The text.
+    /// The text (for a `tool` message, the tool's result).
     pub content: String,
+    /// The calls an `assistant` message made; empty otherwise.
+    pub tool_calls: Vec<ToolCall>,
+    /// The call a `tool` message answers.
+    pub tool_call_id: Option<String>,
+}
+
+impl PromptMessage {
+    /// A plain message with no tool calls.
+    pub fn new(role: &'static str, content: impl Into<String>) -> PromptMessage {
+        PromptMessage {
+            role,
+            content: content.into(),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
+        }
+    }
+}
+
+/// What one round asks of a provider.
+#[derive(Debug, Clone, Copy)]
+pub struct Ask<'a> {
+    /// The conversation so far, with the tool rounds already made.
+    pub prompt: &'a Prompt,
+    /// The tools offered; empty offers none (the request then has no
+    /// `tools` field at all).
+    pub tools: &'a [ToolSpec],
+    /// Bounds on the tool calls the model may make in this round.
+    pub limits: CallLimits,
+    /// Something of this answer (a token or a tool frame) already reached a
+    /// client: a failure may then be neither retried nor handed to a
+    /// fallback endpoint, or the client would see the answer start twice.
+    pub committed: bool,
+}
+
+/// How one round ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Turn {
+    /// Why the stream ended.
+    pub end: StreamEnd,
+    /// The tool calls the model made, in the order it started them; the
+    /// pipeline runs them and asks again. Empty for a final answer.
+    pub tool_calls: Vec<ToolCall>,
+}
+
+impl Turn {
+    /// A round that ended with `end` and made no tool call.
+    pub fn answer(end: StreamEnd) -> Turn {
+        Turn {
+            end,
+            tool_calls: Vec::new(),
+        }
+    }
 }
 
 /// Why a generation ended without error.
@@ -88,13 +147,16 @@ pub struct ToolSpec {
 /// A call the model asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ToolCall {
-    /// The model's id for the call.
+    /// The model's id for the call (made up when the upstream sent none).
     pub id: String,
     /// Which tool.
     pub name: String,
     /// The arguments as JSON text, exactly as the model wrote them (they
     /// may be malformed; the tool reports that as its result).
     pub arguments: String,
+    /// Why the call must not run, when the upstream sent it malformed (see
+    /// [`CallAssembler`]); the model gets this as the call's error result.
+    pub refused: Option<String>,
 }
 
 /// Counters of one upstream endpoint, for `/api/stats`.
@@ -112,6 +174,9 @@ pub struct EndpointStats {
     pub prompt_tokens: u64,
     /// Completion tokens the endpoint reported using (`usage`).
     pub completion_tokens: u64,
+    /// The endpoint refused the `tools` field once and is called without
+    /// tools since.
+    pub tools_refused: bool,
 }
 
 /// A source of tokens.
@@ -124,28 +189,17 @@ pub trait Provider: Send + Sync {
         Vec::new()
     }
 
-    /// Asks the model, without streaming, which of `tools` to call before
-    /// it answers `prompt`. Runs on a preparation worker. An empty list
-    /// means no tool.
-    fn select_tools(
-        &self,
-        prompt: &Prompt,
-        tools: &[ToolSpec],
-        abort: &AbortSignal,
-    ) -> Result<Vec<ToolCall>, LlmError> {
-        let _ = (prompt, tools, abort);
-        Ok(Vec::new())
-    }
-
-    /// Generates an answer to `prompt`, calling `on_token` with each token as
-    /// soon as it exists. Blocks until the end. Must return within one token
-    /// interval after `abort` fires.
+    /// Runs one round: streams the answer to `ask.prompt`, calling
+    /// `on_token` with each piece of content as soon as it exists, and
+    /// returns the tool calls the model made, if any. Blocks until the
+    /// round ends. Must return within one token interval after `abort`
+    /// fires.
     fn stream(
         &self,
-        prompt: &Prompt,
+        ask: &Ask<'_>,
         abort: &AbortSignal,
         on_token: &mut dyn FnMut(&str) -> Flow,
-    ) -> Result<StreamEnd, LlmError>;
+    ) -> Result<Turn, LlmError>;
 }
 
 /// A one-way "stop now" flag that a sleeping provider wakes up for, and

@@ -13,7 +13,13 @@
 //!   that broke before its first token — only while no token has reached
 //!   anyone, so a client never sees an answer start twice;
 //! - fallback: when an endpoint fails before the first token, the next one
-//!   in `[[llm.providers]]` is tried.
+//!   in `[[llm.providers]]` is tried;
+//! - an endpoint that refuses the `tools` field (a server without tool
+//!   support) is remembered, and called without tools from then on.
+//!
+//! Tools ride in the one streamed request of a round: content deltas are
+//! passed on as they arrive, `tool_calls` deltas are assembled by
+//! [`CallAssembler`] and returned in the [`Turn`].
 //!
 //! Cancellation: every call runs on an [`Agent`] of its own, and the
 //! generation's [`AbortSignal`] shuts that agent down when it fires. A read
@@ -28,16 +34,19 @@
 //! Threads: one [`OpenAi`] is shared by every streaming worker; a call runs
 //! entirely on the calling worker; the counters are atomics.
 
+use std::borrow::Cow;
 use std::io::Read;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use serde::Deserialize;
 use serde_json::{json, Value};
 use ureq::Agent;
 
 use super::sse::SseParser;
 use super::{
-    AbortSignal, EndpointStats, Flow, LlmError, Prompt, Provider, StreamEnd, ToolCall, ToolSpec,
+    AbortSignal, Ask, CallAssembler, EndpointStats, Flow, LlmError, Prompt, PromptMessage,
+    Provider, StreamEnd, ToolSpec, Turn,
 };
 
 /// Longest event-stream line accepted from an upstream.
@@ -107,6 +116,9 @@ struct Counters {
     retries: AtomicU64,
     prompt_tokens: AtomicU64,
     completion_tokens: AtomicU64,
+    /// The endpoint refused a request for its `tools` field: it is called
+    /// without tools from then on.
+    tools_refused: AtomicBool,
 }
 
 /// The provider. See the module documentation.
@@ -124,6 +136,8 @@ struct CallError {
     retryable: bool,
     /// What the upstream asked for with `Retry-After`.
     retry_after: Option<Duration>,
+    /// The upstream refused the call because of its `tools` field.
+    rejects_tools: bool,
 }
 
 impl CallError {
@@ -132,23 +146,81 @@ impl CallError {
             error,
             retryable: false,
             retry_after: None,
+            rejects_tools: false,
         }
     }
 
     fn retryable(error: LlmError) -> CallError {
         CallError {
-            error,
             retryable: true,
-            retry_after: None,
+            ..CallError::fatal(error)
+        }
+    }
+
+    /// A broken stream is as good as a failed connect while nothing of it
+    /// reached anyone; after that it must not be tried again.
+    fn broken(error: LlmError, emitted: bool) -> CallError {
+        if emitted {
+            CallError::fatal(error)
+        } else {
+            CallError::retryable(error)
         }
     }
 }
 
-/// What a stream said about how it ended, and what it used.
-#[derive(Default)]
-struct StreamState {
-    finish: Option<String>,
-    done: bool,
+/// One chunk of a chat completion stream, borrowed from its text: only
+/// what chorus reads, so a chunk costs no map and, for content without
+/// escapes, no string copy.
+#[derive(Deserialize)]
+struct Chunk<'a> {
+    #[serde(default, borrow)]
+    choices: Vec<Choice<'a>>,
+    #[serde(default)]
+    usage: Option<Usage>,
+    #[serde(default)]
+    error: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct Choice<'a> {
+    #[serde(default, borrow)]
+    delta: Option<Delta<'a>>,
+    #[serde(default, borrow)]
+    finish_reason: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct Delta<'a> {
+    #[serde(default, borrow)]
+    content: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    tool_calls: Option<Vec<CallDelta<'a>>>,
+}
+
+#[derive(Deserialize)]
+struct CallDelta<'a> {
+    #[serde(default)]
+    index: Option<u64>,
+    #[serde(default, borrow)]
+    id: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    function: Option<FunctionDelta<'a>>,
+}
+
+#[derive(Deserialize)]
+struct FunctionDelta<'a> {
+    #[serde(default, borrow)]
+    name: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    arguments: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct Usage {
+    #[serde(default)]
+    prompt_tokens: Option<u64>,
+    #[serde(default)]
+    completion_tokens: Option<u64>,
 }
 
 impl OpenAi {
@@ -183,7 +255,6 @@ impl OpenAi {
     ) -> Result<Option<T>, LlmError> {
         let mut retry = 0;
         loop {
-            counters.calls.fetch_add(1, Ordering::Relaxed);
             let agent: Agent = Agent::config_builder()
                 .timeout_connect(Some(self.connect_timeout))
                 .timeout_per_read(Some(self.read_timeout))
@@ -205,7 +276,6 @@ impl OpenAi {
             if abort.is_aborted() {
                 return Ok(None);
             }
-            counters.failures.fetch_add(1, Ordering::Relaxed);
             let error = scrub(failure.error, endpoint);
             if !retry_allowed() || !failure.retryable || retry >= self.retry.max_retries {
                 return Err(error);
@@ -230,16 +300,68 @@ impl OpenAi {
         }
     }
 
-    /// One HTTP call to `endpoint`, streaming its answer into `on_token`.
+    /// One round against `endpoint`, offering `ask.tools` unless the
+    /// endpoint is known to refuse them. An endpoint that refuses them now
+    /// is remembered and asked again at once without them, so only the
+    /// first chat that finds out pays a second call.
+    fn round(
+        &self,
+        agent: &Agent,
+        endpoint: &Endpoint,
+        counters: &Counters,
+        ask: &Ask<'_>,
+        emitted: &mut bool,
+        on_token: &mut dyn FnMut(&str) -> Flow,
+    ) -> Result<Turn, CallError> {
+        let refused = counters.tools_refused.load(Ordering::Relaxed);
+        let tools = if refused { &[][..] } else { ask.tools };
+        match self.stream_once(agent, endpoint, counters, ask, tools, emitted, on_token) {
+            Err(failure) if failure.rejects_tools && !tools.is_empty() => {
+                if !counters.tools_refused.swap(true, Ordering::Relaxed) {
+                    log::warn!(
+                        "{} refuses tools ({}); calling it without tools from now on",
+                        endpoint.name,
+                        scrub(failure.error, endpoint)
+                    );
+                }
+                self.stream_once(agent, endpoint, counters, ask, &[], emitted, on_token)
+            }
+            other => other,
+        }
+    }
+
+    /// One HTTP call to `endpoint`, streaming its answer into `on_token`
+    /// and assembling the tool calls it makes.
+    #[allow(clippy::too_many_arguments)]
     fn stream_once(
         &self,
         agent: &Agent,
         endpoint: &Endpoint,
         counters: &Counters,
-        prompt: &Prompt,
+        ask: &Ask<'_>,
+        tools: &[ToolSpec],
         emitted: &mut bool,
         on_token: &mut dyn FnMut(&str) -> Flow,
-    ) -> Result<StreamEnd, CallError> {
+    ) -> Result<Turn, CallError> {
+        counters.calls.fetch_add(1, Ordering::Relaxed);
+        let result = self.stream_call(agent, endpoint, counters, ask, tools, emitted, on_token);
+        if result.is_err() {
+            counters.failures.fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn stream_call(
+        &self,
+        agent: &Agent,
+        endpoint: &Endpoint,
+        counters: &Counters,
+        ask: &Ask<'_>,
+        tools: &[ToolSpec],
+        emitted: &mut bool,
+        on_token: &mut dyn FnMut(&str) -> Flow,
+    ) -> Result<Turn, CallError> {
         let name = &endpoint.name;
         let url = format!(
             "{}/chat/completions",
@@ -249,7 +371,8 @@ impl OpenAi {
         if let Some(key) = &endpoint.api_key {
             request = request.header("Authorization", &format!("Bearer {key}"));
         }
-        let body = request_body(prompt, endpoint.model.as_deref().unwrap_or(&prompt.model));
+        let model = endpoint.model.as_deref().unwrap_or(&ask.prompt.model);
+        let body = request_body(ask.prompt, model, tools);
         let mut response = request
             .send_json(&body)
             .map_err(|e| connect_error(name, e))?;
@@ -260,10 +383,12 @@ impl OpenAi {
             .limit(MAX_STREAM_BYTES)
             .reader();
         let mut parser = SseParser::new(MAX_SSE_LINE);
-        let mut state = StreamState::default();
+        let mut calls = CallAssembler::new(ask.limits);
+        let mut finish: Option<String> = None;
+        let mut done = false;
         let mut events = Vec::new();
         let mut buf = vec![0u8; 16 * 1024];
-        loop {
+        while !done {
             let n = match reader.read(&mut buf) {
                 Ok(0) => break,
                 Ok(n) => n,
@@ -276,12 +401,7 @@ impl OpenAi {
                 }
                 Err(e) => {
                     let error = LlmError::Upstream(format!("the stream from {name} broke: {e}"));
-                    // Nothing reached anyone yet: as good as a failed connect.
-                    return Err(if *emitted {
-                        CallError::fatal(error)
-                    } else {
-                        CallError::retryable(error)
-                    });
+                    return Err(CallError::broken(error, *emitted));
                 }
             };
             parser
@@ -291,120 +411,71 @@ impl OpenAi {
                 })?;
             for event in events.drain(..) {
                 if event.data == "[DONE]" {
-                    state.done = true;
+                    done = true;
                     break;
                 }
-                let chunk: Value = serde_json::from_str(&event.data).map_err(|e| {
+                let chunk: Chunk<'_> = serde_json::from_str(&event.data).map_err(|e| {
                     CallError::fatal(LlmError::Upstream(format!(
-                        "{name} sent a chunk that is not JSON: {e}"
+                        "{name} sent a chunk that is not a chat completion chunk: {e}"
                     )))
                 })?;
-                if let Some(error) = chunk.get("error") {
+                if let Some(error) = chunk.error {
                     return Err(CallError::fatal(LlmError::Upstream(format!(
                         "{name} reported an error mid-stream: {}",
                         error_message(&error.to_string())
                     ))));
                 }
-                count_usage(counters, &chunk);
-                let choice = &chunk["choices"][0];
-                if let Some(text) = choice["delta"]["content"].as_str() {
-                    if !text.is_empty() {
+                if let Some(usage) = &chunk.usage {
+                    count_usage(counters, usage);
+                }
+                let Some(choice) = chunk.choices.into_iter().next() else {
+                    continue;
+                };
+                if let Some(delta) = choice.delta {
+                    for call in delta.tool_calls.into_iter().flatten() {
+                        let function = call.function.as_ref();
+                        calls.push(
+                            call.index,
+                            call.id.as_deref(),
+                            function.and_then(|f| f.name.as_deref()),
+                            function.and_then(|f| f.arguments.as_deref()),
+                        );
+                    }
+                    if let Some(text) = delta.content.filter(|t| !t.is_empty()) {
                         *emitted = true;
-                        if on_token(text) == Flow::Stop {
+                        if on_token(&text) == Flow::Stop {
                             // Dropping the reader closes the connection.
-                            return Ok(StreamEnd::Aborted);
+                            return Ok(Turn::answer(StreamEnd::Aborted));
                         }
                     }
                 }
-                if let Some(finish) = choice["finish_reason"].as_str() {
-                    state.finish = Some(finish.to_owned());
+                if let Some(reason) = choice.finish_reason {
+                    finish = Some(reason.into_owned());
                 }
             }
-            if state.done {
-                break;
-            }
         }
-        match state.finish.as_deref() {
-            Some("length") => Ok(StreamEnd::Length),
-            Some(_) => Ok(StreamEnd::Stop),
+        let end = match finish.as_deref() {
+            Some("length") => StreamEnd::Length,
+            Some(_) => StreamEnd::Stop,
             // `[DONE]` without a finish reason: some servers skip it.
-            None if state.done => Ok(StreamEnd::Stop),
+            None if done => StreamEnd::Stop,
             None => {
                 let error = LlmError::Upstream(format!(
                     "the stream from {name} ended before the answer was complete"
                 ));
-                Err(if *emitted {
-                    CallError::fatal(error)
-                } else {
-                    CallError::retryable(error)
-                })
+                return Err(CallError::broken(error, *emitted));
             }
-        }
+        };
+        Ok(Turn {
+            end,
+            tool_calls: calls.finish(),
+        })
     }
 }
 
 impl Provider for OpenAi {
     fn name(&self) -> &str {
         "openai"
-    }
-
-    fn select_tools(
-        &self,
-        prompt: &Prompt,
-        tools: &[ToolSpec],
-        abort: &AbortSignal,
-    ) -> Result<Vec<ToolCall>, LlmError> {
-        if tools.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut last = LlmError::Upstream("no upstream endpoint is configured".into());
-        for (endpoint, counters) in &self.endpoints {
-            let model = endpoint.model.as_deref().unwrap_or(&prompt.model);
-            let body = selection_body(prompt, model, tools);
-            // No retries: selection is optional (a failure means answering
-            // without tools), and an error here is often permanent, e.g. a
-            // server that rejects the `tools` field with a 500.
-            let result = self.with_retries(endpoint, counters, abort, &|| false, &mut |agent| {
-                let url = format!(
-                    "{}/chat/completions",
-                    endpoint.base_url.trim_end_matches('/')
-                );
-                let mut request = agent.post(&url);
-                if let Some(key) = &endpoint.api_key {
-                    request = request.header("Authorization", &format!("Bearer {key}"));
-                }
-                let mut response = request
-                    .send_json(&body)
-                    .map_err(|e| connect_error(&endpoint.name, e))?;
-                check_status(&endpoint.name, &mut response)?;
-                let text = response
-                    .body_mut()
-                    .with_config()
-                    .limit(MAX_ERROR_BODY * 16)
-                    .read_to_string()
-                    .map_err(|e| {
-                        CallError::retryable(LlmError::Upstream(format!(
-                            "reading the answer of {} failed: {e}",
-                            endpoint.name
-                        )))
-                    })?;
-                serde_json::from_str::<Value>(&text).map_err(|e| {
-                    CallError::fatal(LlmError::Upstream(format!(
-                        "{} answered with something that is not JSON: {e}",
-                        endpoint.name
-                    )))
-                })
-            });
-            match result {
-                Ok(Some(answer)) => {
-                    count_usage(counters, &answer);
-                    return Ok(tool_calls(&answer));
-                }
-                Ok(None) => return Ok(Vec::new()),
-                Err(e) => last = e,
-            }
-        }
-        Err(last)
     }
 
     fn endpoint_stats(&self) -> Vec<EndpointStats> {
@@ -417,17 +488,18 @@ impl Provider for OpenAi {
                 retries: c.retries.load(Ordering::Relaxed),
                 prompt_tokens: c.prompt_tokens.load(Ordering::Relaxed),
                 completion_tokens: c.completion_tokens.load(Ordering::Relaxed),
+                tools_refused: c.tools_refused.load(Ordering::Relaxed),
             })
             .collect()
     }
 
     fn stream(
         &self,
-        prompt: &Prompt,
+        ask: &Ask<'_>,
         abort: &AbortSignal,
         on_token: &mut dyn FnMut(&str) -> Flow,
-    ) -> Result<StreamEnd, LlmError> {
-        let emitted = std::cell::Cell::new(false);
+    ) -> Result<Turn, LlmError> {
+        let emitted = std::cell::Cell::new(ask.committed);
         let mut last = LlmError::Upstream("no upstream endpoint is configured".into());
         for (i, (endpoint, counters)) in self.endpoints.iter().enumerate() {
             let result = self.with_retries(
@@ -437,15 +509,14 @@ impl Provider for OpenAi {
                 &|| !emitted.get(),
                 &mut |agent| {
                     let mut sent = emitted.get();
-                    let result =
-                        self.stream_once(agent, endpoint, counters, prompt, &mut sent, on_token);
+                    let result = self.round(agent, endpoint, counters, ask, &mut sent, on_token);
                     emitted.set(sent);
                     result
                 },
             );
             match result {
-                Ok(Some(end)) => return Ok(end),
-                Ok(None) => return Ok(StreamEnd::Aborted),
+                Ok(Some(turn)) => return Ok(turn),
+                Ok(None) => return Ok(Turn::answer(StreamEnd::Aborted)),
                 Err(e) if emitted.get() => return Err(e),
                 Err(e) => {
                     if let Some((next, _)) = self.endpoints.get(i + 1) {
@@ -459,75 +530,20 @@ impl Provider for OpenAi {
     }
 }
 
-/// The non-streaming request that offers `tools` for `prompt`.
-fn selection_body(prompt: &Prompt, model: &str, tools: &[ToolSpec]) -> Value {
-    let mut body = request_body(prompt, model);
-    body["stream"] = json!(false);
-    if let Some(options) = body.as_object_mut() {
-        options.remove("stream_options");
-    }
-    body["tools"] = tools
-        .iter()
-        .map(|t| {
-            json!({
-                "type": "function",
-                "function": {
-                    "name": t.name,
-                    "description": t.description,
-                    "parameters": t.parameters,
-                }
-            })
-        })
-        .collect();
-    body["tool_choice"] = json!("auto");
-    body
+/// Adds the token usage an upstream reported to the endpoint's counters.
+fn count_usage(counters: &Counters, usage: &Usage) {
+    counters
+        .prompt_tokens
+        .fetch_add(usage.prompt_tokens.unwrap_or(0), Ordering::Relaxed);
+    counters
+        .completion_tokens
+        .fetch_add(usage.completion_tokens.unwrap_or(0), Ordering::Relaxed);
 }
 
-/// Adds the token usage an upstream reported in `answer` (a whole
-/// completion or a stream's usage chunk) to the endpoint's counters.
-fn count_usage(counters: &Counters, answer: &Value) {
-    if let Some(usage) = answer.get("usage").filter(|u| u.is_object()) {
-        let count = |k: &str| usage.get(k).and_then(Value::as_u64).unwrap_or(0);
-        counters
-            .prompt_tokens
-            .fetch_add(count("prompt_tokens"), Ordering::Relaxed);
-        counters
-            .completion_tokens
-            .fetch_add(count("completion_tokens"), Ordering::Relaxed);
-    }
-}
-
-/// The tool calls of a chat completion (`choices[0].message.tool_calls`).
-fn tool_calls(answer: &Value) -> Vec<ToolCall> {
-    answer
-        .pointer("/choices/0/message/tool_calls")
-        .and_then(Value::as_array)
-        .map(|calls| {
-            calls
-                .iter()
-                .filter_map(|c| {
-                    Some(ToolCall {
-                        id: c["id"].as_str().unwrap_or_default().to_owned(),
-                        name: c.pointer("/function/name")?.as_str()?.to_owned(),
-                        arguments: c
-                            .pointer("/function/arguments")
-                            .and_then(Value::as_str)
-                            .unwrap_or("{}")
-                            .to_owned(),
-                    })
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// The chat completion request for `prompt`.
-fn request_body(prompt: &Prompt, model: &str) -> Value {
-    let messages: Vec<Value> = prompt
-        .messages
-        .iter()
-        .map(|m| json!({"role": m.role, "content": m.content}))
-        .collect();
+/// The streamed chat completion request for `prompt`, offering `tools`
+/// (no `tools` field at all when there are none).
+fn request_body(prompt: &Prompt, model: &str, tools: &[ToolSpec]) -> Value {
+    let messages: Vec<Value> = prompt.messages.iter().map(message_json).collect();
     let mut body = json!({
         "model": model,
         "messages": messages,
@@ -542,7 +558,50 @@ fn request_body(prompt: &Prompt, model: &str) -> Value {
     if let Some(p) = prompt.top_p {
         body["top_p"] = json!(p);
     }
+    if !tools.is_empty() {
+        body["tools"] = tools
+            .iter()
+            .map(|t| {
+                json!({
+                    "type": "function",
+                    "function": {
+                        "name": t.name,
+                        "description": t.description,
+                        "parameters": t.parameters,
+                    }
+                })
+            })
+            .collect();
+        body["tool_choice"] = json!("auto");
+    }
     body
+}
+
+/// One prompt message in OpenAI's shape: an assistant message that called
+/// tools carries them (and `null` content when it said nothing), a `tool`
+/// message names the call it answers.
+fn message_json(m: &PromptMessage) -> Value {
+    let mut message = json!({"role": m.role, "content": m.content});
+    if !m.tool_calls.is_empty() {
+        if m.content.is_empty() {
+            message["content"] = Value::Null;
+        }
+        message["tool_calls"] = m
+            .tool_calls
+            .iter()
+            .map(|c| {
+                json!({
+                    "id": c.id,
+                    "type": "function",
+                    "function": {"name": c.name, "arguments": c.arguments},
+                })
+            })
+            .collect();
+    }
+    if let Some(id) = &m.tool_call_id {
+        message["tool_call_id"] = json!(id);
+    }
+    message
 }
 
 /// Turns an HTTP error status into a [`CallError`] carrying the upstream's
@@ -567,13 +626,16 @@ fn check_status(
         .limit(MAX_ERROR_BODY)
         .read_to_string()
         .unwrap_or_default();
+    let message = error_message(&text);
+    // How servers without tool support answer a request that offers tools
+    // (llama.cpp's server without `--jinja`: "tools param requires
+    // --jinja flag"); a retry would only be refused again.
+    let rejects_tools = (400..600).contains(&status) && message.to_lowercase().contains("tool");
     Err(CallError {
-        error: LlmError::Upstream(format!(
-            "{name} answered HTTP {status}: {}",
-            error_message(&text)
-        )),
+        error: LlmError::Upstream(format!("{name} answered HTTP {status}: {message}")),
         retryable: status == 429 || status >= 500,
         retry_after,
+        rejects_tools,
     })
 }
 
@@ -694,20 +756,63 @@ mod tests {
     fn the_request_carries_the_prompt_and_asks_for_a_stream() {
         let prompt = Prompt {
             model: "m".into(),
-            messages: vec![super::super::PromptMessage {
-                role: "user",
-                content: "hi".into(),
-            }],
+            messages: vec![PromptMessage::new("user", "hi")],
             temperature: Some(0.5),
             top_p: None,
             max_tokens: 7,
         };
-        let body = request_body(&prompt, "other");
+        let body = request_body(&prompt, "other", &[]);
         assert_eq!(body["model"], "other");
         assert_eq!(body["stream"], true);
         assert_eq!(body["max_tokens"], 7);
         assert_eq!(body["temperature"], 0.5);
         assert!(body.get("top_p").is_none());
+        assert!(body.get("tools").is_none() && body.get("tool_choice").is_none());
         assert_eq!(body["messages"][0]["content"], "hi");
+    }
+
+    #[test]
+    fn tools_and_tool_rounds_take_openai_shapes() {
+        let call = crate::llm::ToolCall {
+            id: "call_1".into(),
+            name: "calculator".into(),
+            arguments: r#"{"expression":"1+1"}"#.into(),
+            refused: None,
+        };
+        let prompt = Prompt {
+            model: "m".into(),
+            messages: vec![
+                PromptMessage::new("user", "add"),
+                PromptMessage {
+                    tool_calls: vec![call],
+                    ..PromptMessage::new("assistant", "")
+                },
+                PromptMessage {
+                    tool_call_id: Some("call_1".into()),
+                    ..PromptMessage::new("tool", "2")
+                },
+            ],
+            temperature: None,
+            top_p: None,
+            max_tokens: 7,
+        };
+        let spec = ToolSpec {
+            name: "calculator",
+            description: "adds",
+            parameters: json!({"type": "object"}),
+        };
+        let body = request_body(&prompt, "m", &[spec]);
+        assert_eq!(body["tool_choice"], "auto");
+        assert_eq!(body["tools"][0]["function"]["name"], "calculator");
+        let assistant = &body["messages"][1];
+        assert!(assistant["content"].is_null());
+        assert_eq!(assistant["tool_calls"][0]["id"], "call_1");
+        assert_eq!(
+            assistant["tool_calls"][0]["function"]["arguments"],
+            r#"{"expression":"1+1"}"#
+        );
+        assert_eq!(body["messages"][2]["tool_call_id"], "call_1");
+        assert_eq!(body["messages"][2]["content"], "2");
+        assert!(body["messages"][0].get("tool_calls").is_none());
     }
 }

@@ -5,12 +5,19 @@
 //! prompts give identical answers and any change of history or options
 //! changes the answer — exactly the property the cache and the singleflight
 //! rely on, and what tests check.
+//!
+//! Tools go the same way as with a real model: offered tools that the user's
+//! message asks for by keyword (see [`choose_tools`]) make a round that ends
+//! with those calls after the first-token delay, and the next round's answer
+//! opens by quoting the tool results.
 
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
-use super::{AbortSignal, Flow, LlmError, Prompt, Provider, StreamEnd, ToolCall, ToolSpec};
+use super::{
+    AbortSignal, Ask, Flow, LlmError, Prompt, Provider, StreamEnd, ToolCall, ToolSpec, Turn,
+};
 
 /// Timing and length of simulated answers (`[llm.simulated]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,6 +94,7 @@ pub fn choose_tools(message: &str, offered: &[ToolSpec]) -> Vec<ToolCall> {
             id: format!("call_{}", calls.len()),
             name: name.to_owned(),
             arguments: arguments.to_string(),
+            refused: None,
         });
     };
     if offers("calculator") {
@@ -177,19 +185,15 @@ impl Simulated {
             state.wrapping_mul(0x2545_f491_4f6c_dd1d)
         };
         let mut tokens = Vec::with_capacity(self.tokens as usize);
-        let tool_lines = prompt
-            .messages
-            .iter()
-            .filter(|m| m.role == "system")
-            .filter_map(|m| m.content.strip_prefix(crate::tools::RESULTS_HEADER))
-            .flat_map(|results| results.lines().filter_map(|l| l.strip_prefix("- ")));
-        for line in tool_lines {
-            // "name(args): result" becomes "name says: result."
-            let (name, result) = match (line.split_once('('), line.split_once("): ")) {
-                (Some((name, _)), Some((_, result))) => (name, result),
-                _ => ("a tool", line),
-            };
-            let sentence = format!("{name} says: {}.", result.trim_end_matches('.'));
+        let calls: Vec<&ToolCall> = prompt.messages.iter().flat_map(|m| &m.tool_calls).collect();
+        let results = prompt.messages.iter().filter(|m| m.role == "tool");
+        for result in results {
+            // Each tool result becomes "name says: result."
+            let name = calls
+                .iter()
+                .find(|c| Some(&c.id) == result.tool_call_id.as_ref())
+                .map_or("a tool", |c| c.name.as_str());
+            let sentence = format!("{name} says: {}.", result.content.trim_end_matches('.'));
             for (i, word) in sentence.split(' ').enumerate() {
                 let lead = if tokens.is_empty() && i == 0 { "" } else { " " };
                 tokens.push(format!("{lead}{word}"));
@@ -228,30 +232,32 @@ impl Provider for Simulated {
         "simulated"
     }
 
-    fn select_tools(
-        &self,
-        prompt: &Prompt,
-        tools: &[ToolSpec],
-        _abort: &AbortSignal,
-    ) -> Result<Vec<ToolCall>, LlmError> {
-        let message = prompt
-            .messages
-            .last()
-            .filter(|m| m.role == "user")
-            .map_or("", |m| m.content.as_str());
-        Ok(choose_tools(message, tools))
-    }
-
     fn stream(
         &self,
-        prompt: &Prompt,
+        ask: &Ask<'_>,
         abort: &AbortSignal,
         on_token: &mut dyn FnMut(&str) -> Flow,
-    ) -> Result<StreamEnd, LlmError> {
+    ) -> Result<Turn, LlmError> {
+        let prompt = ask.prompt;
+        // Tools are chosen only for a question no tool has answered yet:
+        // after a tool round the last message is a tool result.
+        let question = prompt.messages.last().filter(|m| m.role == "user");
+        if let Some(question) = question.filter(|_| !ask.tools.is_empty()) {
+            let calls = choose_tools(&question.content, ask.tools);
+            if !calls.is_empty() {
+                if abort.sleep(self.first_token) {
+                    return Ok(Turn::answer(StreamEnd::Aborted));
+                }
+                return Ok(Turn {
+                    end: StreamEnd::Stop,
+                    tool_calls: calls,
+                });
+            }
+        }
         let tokens = self.answer(prompt);
         for (i, token) in tokens.iter().enumerate() {
             if i as u64 >= u64::from(prompt.max_tokens) {
-                return Ok(StreamEnd::Length);
+                return Ok(Turn::answer(StreamEnd::Length));
             }
             let delay = if i == 0 {
                 self.first_token
@@ -259,13 +265,13 @@ impl Provider for Simulated {
                 self.token_interval
             };
             if abort.sleep(delay) {
-                return Ok(StreamEnd::Aborted);
+                return Ok(Turn::answer(StreamEnd::Aborted));
             }
             if on_token(token) == Flow::Stop {
-                return Ok(StreamEnd::Aborted);
+                return Ok(Turn::answer(StreamEnd::Aborted));
             }
         }
-        Ok(StreamEnd::Stop)
+        Ok(Turn::answer(StreamEnd::Stop))
     }
 }
 
@@ -278,10 +284,7 @@ mod tests {
     fn prompt(text: &str, max_tokens: u32) -> Prompt {
         Prompt {
             model: "m".into(),
-            messages: vec![PromptMessage {
-                role: "user",
-                content: text.into(),
-            }],
+            messages: vec![PromptMessage::new("user", text)],
             temperature: None,
             top_p: None,
             max_tokens,
@@ -296,15 +299,24 @@ mod tests {
         }
     }
 
+    fn ask(p: &Prompt) -> Ask<'_> {
+        Ask {
+            prompt: p,
+            tools: &[],
+            limits: Default::default(),
+            committed: false,
+        }
+    }
+
     fn run(s: &Simulated, p: &Prompt) -> (Vec<String>, StreamEnd) {
         let mut got = Vec::new();
-        let end = s
-            .stream(p, &AbortSignal::new(), &mut |t| {
+        let turn = s
+            .stream(&ask(p), &AbortSignal::new(), &mut |t| {
                 got.push(t.to_owned());
                 Flow::Continue
             })
             .unwrap();
-        (got, end)
+        (got, turn.end)
     }
 
     #[test]
@@ -335,10 +347,10 @@ mod tests {
             other.abort();
         });
         let started = Instant::now();
-        let end = s
-            .stream(&prompt("x", 5000), &abort, &mut |_| Flow::Continue)
+        let turn = s
+            .stream(&ask(&prompt("x", 5000)), &abort, &mut |_| Flow::Continue)
             .unwrap();
-        assert_eq!(end, StreamEnd::Aborted);
+        assert_eq!(turn.end, StreamEnd::Aborted);
         assert!(started.elapsed() < Duration::from_secs(5));
         t.join().unwrap();
     }
@@ -346,8 +358,8 @@ mod tests {
     #[test]
     fn callback_can_stop() {
         let mut n = 0;
-        let end = sim(10, 0)
-            .stream(&prompt("x", 100), &AbortSignal::new(), &mut |_| {
+        let turn = sim(10, 0)
+            .stream(&ask(&prompt("x", 100)), &AbortSignal::new(), &mut |_| {
                 n += 1;
                 if n == 3 {
                     Flow::Stop
@@ -356,7 +368,49 @@ mod tests {
                 }
             })
             .unwrap();
-        assert_eq!((n, end), (3, StreamEnd::Aborted));
+        assert_eq!((n, turn.end), (3, StreamEnd::Aborted));
+    }
+
+    #[test]
+    fn a_tool_round_ends_with_the_calls_and_the_next_quotes_the_results() {
+        let offered = [ToolSpec {
+            name: "calculator",
+            description: "",
+            parameters: serde_json::json!({}),
+        }];
+        let s = sim(6, 0);
+        let mut p = prompt("calculate 2+3*4", 100);
+        let mut tokens = 0;
+        let first = s
+            .stream(
+                &Ask {
+                    tools: &offered,
+                    ..ask(&p)
+                },
+                &AbortSignal::new(),
+                &mut |_| {
+                    tokens += 1;
+                    Flow::Continue
+                },
+            )
+            .unwrap();
+        assert_eq!(tokens, 0);
+        assert_eq!(first.tool_calls.len(), 1);
+        let call = first.tool_calls[0].clone();
+        p.messages.push(PromptMessage {
+            tool_calls: vec![call.clone()],
+            ..PromptMessage::new("assistant", "")
+        });
+        p.messages.push(PromptMessage {
+            tool_call_id: Some(call.id),
+            ..PromptMessage::new("tool", "14")
+        });
+        let (answer, end) = run(&s, &p);
+        assert_eq!(end, StreamEnd::Stop);
+        assert!(
+            answer.concat().starts_with("calculator says: 14."),
+            "{answer:?}"
+        );
     }
 
     #[test]

@@ -116,6 +116,13 @@ impl Generation {
         });
     }
 
+    /// Restarts the clock of the current stage without telling anyone: a
+    /// tool round is progress, so the janitor's idle timeout counts from
+    /// its end.
+    pub fn mark_progress(&self) {
+        self.state.lock().since = Instant::now();
+    }
+
     /// Sends a `tool` frame (a call, a piece of output, a result) to every
     /// request attached to this generation.
     pub fn tool_frame(&self, name: &str, phase: &str, text: &str) {

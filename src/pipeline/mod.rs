@@ -165,8 +165,8 @@ struct LeaderJob {
 struct StreamJob {
     generation: GenTicket,
     prompt: Prompt,
-    /// The answer of a `direct` tool: published as is, no model call.
-    direct: Option<String>,
+    /// The conversation, for the tools that read it.
+    conversation: String,
 }
 
 struct FollowJob {

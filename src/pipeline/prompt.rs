@@ -36,19 +36,14 @@ pub(super) fn assemble_prompt(
     }
     let mut messages = Vec::with_capacity(kept.len() + 2);
     if !system.is_empty() {
-        messages.push(PromptMessage {
-            role: "system",
-            content: system.to_owned(),
-        });
+        messages.push(PromptMessage::new("system", system));
     }
-    messages.extend(kept.into_iter().rev().map(|m| PromptMessage {
-        role: m.role.as_str(),
-        content: m.content.clone(),
-    }));
-    messages.push(PromptMessage {
-        role: "user",
-        content: work.message.clone(),
-    });
+    messages.extend(
+        kept.into_iter()
+            .rev()
+            .map(|m| PromptMessage::new(m.role.as_str(), m.content.clone())),
+    );
+    messages.push(PromptMessage::new("user", work.message.clone()));
     Prompt {
         model: work.model.clone(),
         messages,

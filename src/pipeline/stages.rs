@@ -19,10 +19,11 @@ use super::request::{Phase, Request, Source};
 use super::*;
 use crate::cache::{CachedAnswer, Key};
 use crate::history;
-use crate::llm::{Flow, Prompt, PromptMessage, StreamEnd};
+use crate::llm::{Ask, CallLimits, Flow, Prompt, StreamEnd, ToolCall};
 use crate::outbox::Frame;
 use crate::protocol::{self, ErrorCode, Failure, Finish, Role, Stage};
 use crate::singleflight::{Claim, Leader};
+use crate::tools::ToolResult;
 
 impl Shared {
     // -- the cache lane ----------------------------------------------------
@@ -352,18 +353,12 @@ impl Shared {
                 return;
             }
         };
-        let mut prompt = assemble_prompt(
+        let prompt = assemble_prompt(
             &self.config.llm.system_prompt,
             &stored,
             &work,
             self.config.history.max_context_tokens,
         );
-        let direct = match &self.toolbox {
-            Some(toolbox) => {
-                self.run_tools(toolbox, &generation, &leader.conversation, &mut prompt)
-            }
-            None => None,
-        };
         if generation.is_over() {
             return;
         }
@@ -375,7 +370,7 @@ impl Shared {
         let job = StreamJob {
             generation: ticket,
             prompt,
-            direct,
+            conversation: leader.conversation.clone(),
         };
         if let Err((job, failure)) = self.send(|c| &c.stream, job, "the streaming queue is full") {
             self.finish_generation(&generation, GenOutcome::Failed(failure));
@@ -383,39 +378,131 @@ impl Shared {
         }
     }
 
-    /// Lets the model pick tools for `prompt`, runs them, shows each call,
-    /// output and result to the generation's clients, and puts the results
-    /// into the prompt. Returns the answer of a `direct` tool, if one ran.
-    /// A failed selection call is logged and the question answered without
-    /// tools: the streaming call reports upstream trouble if it persists.
+    // -- the streaming pool ------------------------------------------------
+
+    pub(super) fn run_stream(self: &Arc<Self>, job: StreamJob) {
+        let StreamJob {
+            generation: ticket,
+            mut prompt,
+            conversation,
+        } = job;
+        let generation = ticket.generation.clone();
+        if generation.is_over() {
+            return;
+        }
+        generation.set_stage(Stage::Streaming, None);
+        let outcome = self.answer(&generation, &mut prompt, &conversation);
+        self.finish_generation(&generation, outcome);
+        drop(ticket);
+    }
+
+    /// The rounds of one answer. Each round is one streamed upstream call
+    /// that offers the tools; its content goes out as tokens the moment it
+    /// arrives, and when it ends with tool calls, the tools run here and
+    /// the next round gets their results. At most `tools.max_rounds`
+    /// calls, the last one without tools, so a model that keeps calling
+    /// tools still has to answer.
+    fn answer(
+        &self,
+        generation: &Arc<Generation>,
+        prompt: &mut Prompt,
+        conversation: &str,
+    ) -> GenOutcome {
+        let config = &self.config.tools;
+        let specs = self.toolbox.as_ref().map_or(&[][..], |t| t.specs());
+        let limits = CallLimits {
+            max_calls: config.max_calls,
+            max_argument_bytes: config.max_argument_bytes,
+        };
+        let broadcast = &generation.broadcast;
+        let rounds = config.max_rounds.max(1);
+        let mut round = 1;
+        loop {
+            let last = round >= rounds;
+            let ask = Ask {
+                prompt,
+                tools: if last { &[] } else { specs },
+                limits,
+                // From the second round on, tool frames went out.
+                committed: round > 1,
+            };
+            // What the model says in a round that ends with tool calls goes
+            // back to it with those calls.
+            let mut said = String::new();
+            self.metrics.upstream_calls.inc();
+            let result = self.provider.stream(&ask, &generation.abort, &mut |token| {
+                if broadcast.publish(token).is_none() {
+                    // The generation was ended from outside (timeout, cancel).
+                    return Flow::Stop;
+                }
+                self.cluster_append(generation, token);
+                self.metrics.tokens.inc();
+                if !specs.is_empty() {
+                    said.push_str(token);
+                }
+                Flow::Continue
+            });
+            let turn = match result {
+                Ok(turn) => turn,
+                Err(e) => {
+                    log::warn!("generation {} failed: {e}", generation.id);
+                    return GenOutcome::Failed(llm_failure(&e));
+                }
+            };
+            let finished = match turn.end {
+                StreamEnd::Stop => Finish::Stop,
+                StreamEnd::Length => Finish::Length,
+                // Whoever aborted already set the outcome; this is a fallback.
+                StreamEnd::Aborted => return GenOutcome::Cancelled,
+            };
+            let toolbox = match &self.toolbox {
+                Some(toolbox) if !turn.tool_calls.is_empty() && !last => toolbox,
+                _ => {
+                    if !turn.tool_calls.is_empty() {
+                        log::info!(
+                            "generation {}: the model called tools when none were offered; ignored",
+                            generation.id
+                        );
+                    }
+                    return GenOutcome::Finished(finished);
+                }
+            };
+            let results = self.run_tools(toolbox, generation, conversation, &turn.tool_calls);
+            if let Some(direct) = results.iter().find(|r| r.direct && r.result.is_ok()) {
+                // A direct tool answered: its text is the answer, word by
+                // word, and the model is not asked again.
+                for piece in direct.text().split_inclusive(' ') {
+                    if broadcast.publish(piece).is_none() {
+                        break;
+                    }
+                    self.cluster_append(generation, piece);
+                    self.metrics.tokens.inc();
+                }
+                return GenOutcome::Finished(Finish::Stop);
+            }
+            prompt
+                .messages
+                .extend(crate::tools::round_messages(said, &results));
+            // The tools' time is not the upstream's silence.
+            generation.mark_progress();
+            round += 1;
+        }
+    }
+
+    /// Runs the tool calls of a round, showing each call, output and
+    /// result to the generation's clients.
     fn run_tools(
         &self,
         toolbox: &crate::tools::Toolbox,
         generation: &Arc<Generation>,
         conversation: &str,
-        prompt: &mut Prompt,
-    ) -> Option<String> {
-        let calls = match self
-            .provider
-            .select_tools(prompt, &toolbox.specs(), &generation.abort)
-        {
-            Ok(calls) => calls,
-            Err(e) => {
-                log::warn!(
-                    "tool selection for generation {} failed: {e}",
-                    generation.id
-                );
-                return None;
-            }
-        };
-        if calls.is_empty() || generation.is_over() {
-            return None;
-        }
+        calls: &[ToolCall],
+    ) -> Vec<ToolResult> {
         self.metrics.tool_calls.inc_by(calls.len() as u64);
-        for call in &calls {
+        for call in calls {
             generation.tool_frame(&call.name, "call", &call.arguments);
         }
-        let results = toolbox.run(&calls, conversation, &self.history, &|call, text| {
+        let results = toolbox.run(calls, conversation, &self.history, &|call, text| {
             generation.tool_frame(&call.name, "output", text)
         });
         for result in &results {
@@ -424,72 +511,6 @@ impl Shared {
         if results.iter().any(|r| !r.cacheable) {
             generation.state.lock().cacheable = false;
         }
-        if let Some(direct) = results.iter().find(|r| r.direct && r.result.is_ok()) {
-            return Some(direct.text());
-        }
-        // Just before the question, so the model reads them as its context.
-        let at = prompt.messages.len().saturating_sub(1);
-        prompt.messages.insert(
-            at,
-            PromptMessage {
-                role: "system",
-                content: crate::tools::results_message(&results),
-            },
-        );
-        None
-    }
-
-    // -- the streaming pool ------------------------------------------------
-
-    pub(super) fn run_stream(self: &Arc<Self>, job: StreamJob) {
-        let StreamJob {
-            generation: ticket,
-            prompt,
-            direct,
-        } = job;
-        let generation = ticket.generation.clone();
-        if generation.is_over() {
-            return;
-        }
-        generation.set_stage(Stage::Streaming, None);
-        if let Some(answer) = direct {
-            // A direct tool answered: its text is the answer, word by word,
-            // and the model is not called.
-            for piece in answer.split_inclusive(' ') {
-                if generation.broadcast.publish(piece).is_none() {
-                    break;
-                }
-                self.cluster_append(&generation, piece);
-                self.metrics.tokens.inc();
-            }
-            self.finish_generation(&generation, GenOutcome::Finished(Finish::Stop));
-            drop(ticket);
-            return;
-        }
-        self.metrics.upstream_calls.inc();
-        let broadcast = &generation.broadcast;
-        let result = self
-            .provider
-            .stream(&prompt, &generation.abort, &mut |token| {
-                if broadcast.publish(token).is_none() {
-                    // The generation was ended from outside (timeout, cancel).
-                    return Flow::Stop;
-                }
-                self.cluster_append(&generation, token);
-                self.metrics.tokens.inc();
-                Flow::Continue
-            });
-        let outcome = match result {
-            Ok(StreamEnd::Stop) => GenOutcome::Finished(Finish::Stop),
-            Ok(StreamEnd::Length) => GenOutcome::Finished(Finish::Length),
-            // Whoever aborted already set the outcome; this is a fallback.
-            Ok(StreamEnd::Aborted) => GenOutcome::Cancelled,
-            Err(e) => {
-                log::warn!("generation {} failed: {e}", generation.id);
-                GenOutcome::Failed(llm_failure(&e))
-            }
-        };
-        self.finish_generation(&generation, outcome);
-        drop(ticket);
+        results
     }
 }

@@ -1,7 +1,8 @@
-//! Tools a leader may run during preparation, before the main model call:
-//! the model picks them ([`crate::llm::Provider::select_tools`]), chorus runs
-//! them, and their results go into the prompt of the streaming call, or,
-//! for a `direct` tool, become the answer.
+//! Tools the model may call while it answers: the streamed call of a round
+//! offers their specs and ends with the calls the model made
+//! ([`crate::llm::Turn`]); chorus runs them on the streaming worker, and
+//! their results go back to the model in the next round (see
+//! [`round_messages`]), or, for a `direct` tool, become the answer.
 //!
 //! Built in: `calculator` (arithmetic, parsed by a maintained expression
 //! crate; nothing is ever executed as code), `clock` (the current UTC
@@ -9,7 +10,7 @@
 //! (`search_history`: full-text search over the asking conversation's own
 //! messages).
 //!
-//! Threads: [`Toolbox::run`] is called on a preparation worker and returns
+//! Threads: [`Toolbox::run`] is called on a streaming worker and returns
 //! when every call has finished. Independent calls run at the same time:
 //! CPU-bound tools on rayon's pool, tools that wait on I/O or stream their
 //! own output each on a scoped thread of their own, so rayon's threads
@@ -26,13 +27,7 @@ use rayon::prelude::*;
 use serde_json::Value;
 
 use crate::history::History;
-use crate::llm::{ToolCall, ToolSpec};
-
-/// The first line of the prompt message that carries tool results.
-pub const RESULTS_HEADER: &str = "Results of tools called for the next user message:";
-
-/// Most tool calls run for one request; the model may ask for more.
-pub const MAX_CALLS: usize = 8;
+use crate::llm::{PromptMessage, ToolCall, ToolSpec};
 
 /// What a running tool can see and do.
 pub struct ToolContext<'a> {
@@ -102,6 +97,8 @@ struct Entry {
 /// The enabled tools.
 pub struct Toolbox {
     entries: Vec<Entry>,
+    /// Their specs, built once: every round offers them.
+    specs: Vec<ToolSpec>,
 }
 
 /// Why a toolbox cannot be built from the configuration.
@@ -135,14 +132,19 @@ impl Toolbox {
                 })
             })
             .collect::<Result<_, _>>()?;
-        Ok(Toolbox { entries })
+        Ok(Toolbox::from_entries(entries))
+    }
+
+    fn from_entries(entries: Vec<Entry>) -> Toolbox {
+        let specs = entries.iter().map(|e| e.tool.spec()).collect();
+        Toolbox { entries, specs }
     }
 
     /// A toolbox of arbitrary tools (name → tool, direct or not).
     #[cfg(test)]
     fn of(tools: Vec<(Arc<dyn Tool>, bool)>) -> Toolbox {
-        Toolbox {
-            entries: tools
+        Toolbox::from_entries(
+            tools
                 .into_iter()
                 .map(|(tool, direct)| Entry {
                     name: tool.spec().name,
@@ -150,12 +152,12 @@ impl Toolbox {
                     direct,
                 })
                 .collect(),
-        }
+        )
     }
 
     /// The specs offered to the model.
-    pub fn specs(&self) -> Vec<ToolSpec> {
-        self.entries.iter().map(|e| e.tool.spec()).collect()
+    pub fn specs(&self) -> &[ToolSpec] {
+        &self.specs
     }
 
     fn entry(&self, name: &str) -> Option<&Entry> {
@@ -167,9 +169,10 @@ impl Toolbox {
         self.entries.is_empty()
     }
 
-    /// Runs `calls` (at most [`MAX_CALLS`]) at the same time and returns
-    /// their results in call order. `emit(call, text)` reports output as a
-    /// tool produces it.
+    /// Runs `calls` at the same time and returns their results in call
+    /// order; a call the upstream sent malformed ([`ToolCall::refused`])
+    /// or that names no tool gets an error result and does not run.
+    /// `emit(call, text)` reports output as a tool produces it.
     pub fn run(
         &self,
         calls: &[ToolCall],
@@ -177,19 +180,18 @@ impl Toolbox {
         history: &History,
         emit: &(dyn Fn(&ToolCall, &str) + Sync),
     ) -> Vec<ToolResult> {
-        let calls = &calls[..calls.len().min(MAX_CALLS)];
         let run_one = |call: &ToolCall| -> ToolResult {
-            let entry = self
-                .entries
-                .iter()
-                .find(|e| e.tool.spec().name == call.name);
-            let Some(entry) = entry else {
-                return ToolResult {
-                    call: call.clone(),
-                    result: Err(format!("there is no tool named {:?}", call.name)),
-                    direct: false,
-                    cacheable: true,
-                };
+            let refused = |why: String| ToolResult {
+                call: call.clone(),
+                result: Err(why),
+                direct: false,
+                cacheable: true,
+            };
+            if let Some(why) = &call.refused {
+                return refused(why.clone());
+            }
+            let Some(entry) = self.entry(&call.name) else {
+                return refused(format!("there is no tool named {:?}", call.name));
             };
             let ctx = ToolContext {
                 conversation,
@@ -208,8 +210,10 @@ impl Toolbox {
             }
         };
         let is_cpu = |call: &ToolCall| {
-            self.entry(&call.name)
-                .is_none_or(|e| e.tool.work() == Work::Cpu)
+            call.refused.is_some()
+                || self
+                    .entry(&call.name)
+                    .is_none_or(|e| e.tool.work() == Work::Cpu)
         };
         let mut results: Vec<Option<ToolResult>> = vec![None; calls.len()];
         std::thread::scope(|scope| {
@@ -253,18 +257,20 @@ fn parse_arguments(text: &str) -> Result<Value, String> {
     }
 }
 
-/// The prompt message that hands `results` to the model.
-pub fn results_message(results: &[ToolResult]) -> String {
-    let mut text = String::from(RESULTS_HEADER);
-    for r in results {
-        text.push_str(&format!(
-            "\n- {}({}): {}",
-            r.call.name,
-            r.call.arguments.trim(),
-            r.text()
-        ));
-    }
-    text
+/// The messages a tool round adds to the prompt, in OpenAI's shape: the
+/// assistant message with what the model said in that round and the calls
+/// it made, then one `tool` message per call with its result.
+pub fn round_messages(content: String, results: &[ToolResult]) -> Vec<PromptMessage> {
+    let mut messages = Vec::with_capacity(results.len() + 1);
+    messages.push(PromptMessage {
+        tool_calls: results.iter().map(|r| r.call.clone()).collect(),
+        ..PromptMessage::new("assistant", content)
+    });
+    messages.extend(results.iter().map(|r| PromptMessage {
+        tool_call_id: Some(r.call.id.clone()),
+        ..PromptMessage::new("tool", r.text())
+    }));
+    messages
 }
 
 /// A string argument, or a message for the model saying what is missing.
@@ -283,6 +289,7 @@ mod tests {
             id: format!("call-{name}"),
             name: name.into(),
             arguments: arguments.into(),
+            refused: None,
         }
     }
 
@@ -313,6 +320,10 @@ mod tests {
             call("calculator", r#"{"expression": "2+*"}"#),
             call("teleport", "{}"),
             call("search_history", r#"{"query": "anything"}"#),
+            ToolCall {
+                refused: Some("the arguments are longer than 10 bytes".into()),
+                ..call("calculator", "")
+            },
         ];
         let emitted = std::sync::Mutex::new(Vec::new());
         let results = toolbox.run(&calls, "c-none", &history, &|c, text| {
@@ -329,22 +340,42 @@ mod tests {
         assert!(results[3].result.is_err());
         assert!(results[4].text().contains("no tool named"));
         assert!(results[5].result.is_err(), "{:?}", results[5]);
+        assert_eq!(
+            results[6].text(),
+            "error: the arguments are longer than 10 bytes"
+        );
         for (r, c) in results.iter().zip(&calls) {
             assert_eq!(&r.call, c);
         }
     }
 
     #[test]
-    fn the_results_message_names_each_call() {
-        let results = [ToolResult {
-            call: call("calculator", r#"{"expression":"1+1"}"#),
-            result: Ok("2".into()),
-            direct: false,
-            cacheable: true,
-        }];
-        let text = results_message(&results);
-        assert!(text.starts_with(RESULTS_HEADER));
-        assert!(text.contains("calculator({\"expression\":\"1+1\"}): 2"));
+    fn a_round_adds_the_calls_and_one_result_per_call() {
+        let results = [
+            ToolResult {
+                call: call("calculator", r#"{"expression":"1+1"}"#),
+                result: Ok("2".into()),
+                direct: false,
+                cacheable: true,
+            },
+            ToolResult {
+                call: call("teleport", "{}"),
+                result: Err("there is no tool named \"teleport\"".into()),
+                direct: false,
+                cacheable: true,
+            },
+        ];
+        let messages = round_messages("Let me see.".into(), &results);
+        assert_eq!(messages.len(), 3);
+        assert_eq!(
+            (messages[0].role, messages[0].content.as_str()),
+            ("assistant", "Let me see.")
+        );
+        assert_eq!(messages[0].tool_calls.len(), 2);
+        assert_eq!(messages[1].tool_call_id.as_deref(), Some("call-calculator"));
+        assert_eq!(messages[1].content, "2");
+        assert_eq!(messages[2].role, "tool");
+        assert!(messages[2].content.starts_with("error: there is no tool"));
     }
 
     /// A tool that waits, like one doing I/O, and reports when it ran.

@@ -2,7 +2,8 @@
 //! on loopback that answers each request with the next scripted [`Reply`]
 //! and records what it received, so tests can drive chorus's upstream
 //! client over real sockets (slow streams, broken streams, stalls and
-//! clients that leave included) without a network or a model.
+//! clients that leave included) without a network or a model. [`Script`]
+//! scripts streams with tool calls, whole or in pieces, well formed or not.
 //!
 //! Every response carries `Connection: close`. Event streams have no
 //! `Content-Length`: their body ends when the socket closes, which any
@@ -73,6 +74,20 @@ pub enum Reply {
     /// `status` with this JSON body, not streamed (for non-streaming calls,
     /// e.g. tool selection).
     Json { status: u16, body: Value },
+    /// 200 event stream of arbitrary scripted chunks, for what a plain
+    /// [`Reply::Stream`] cannot say: tool calls, content mixed with them,
+    /// malformed calls. Each value in `events` is either a `delta` object,
+    /// sent as `{"id":"chatcmpl-test","object":"chat.completion.chunk",
+    /// "choices":[{"index":0,"delta":VALUE,"finish_reason":null}]}`, or,
+    /// when it has a `choices` key, a whole chunk sent exactly as given.
+    /// `delay` comes before each event; then a chunk with an empty delta
+    /// and `"finish_reason": finish`, then `data: [DONE]\n\n`, then close.
+    /// Build the events with [`Script`].
+    Events {
+        events: Vec<Value>,
+        delay: Duration,
+        finish: &'static str,
+    },
 }
 
 impl Reply {
@@ -89,6 +104,169 @@ impl Reply {
             finish: "stop",
             usage: Some((10, 4)),
         }
+    }
+}
+
+/// One tool call as a model streams it: [`Script::call`] and
+/// [`Script::calls`] send its head (`index`, `id`, `type`, `name` and
+/// empty `arguments`) and then its `arguments` in pieces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScriptedCall {
+    /// The position OpenAI's deltas use to say which call a piece belongs
+    /// to. A well-behaved model numbers its calls 0, 1, 2, …; tests of
+    /// hostile upstreams give gaps and repeats.
+    pub index: u64,
+    pub id: String,
+    pub name: String,
+    /// The whole arguments text; it need not be JSON.
+    pub arguments: String,
+}
+
+impl ScriptedCall {
+    pub fn new(index: u64, id: &str, name: &str, arguments: &str) -> ScriptedCall {
+        ScriptedCall {
+            index,
+            id: id.to_owned(),
+            name: name.to_owned(),
+            arguments: arguments.to_owned(),
+        }
+    }
+
+    /// The delta that starts the call: everything but the arguments.
+    fn head(&self) -> Value {
+        Script::call_head_delta(self.index, &self.id, &self.name, "")
+    }
+
+    /// The arguments in pieces of `piece_bytes` bytes (at least 1), each
+    /// cut at a character boundary, so a piece holding a multi-byte
+    /// character is that much longer. Empty arguments are no piece at all.
+    fn pieces(&self, piece_bytes: usize) -> Vec<Value> {
+        split(&self.arguments, piece_bytes)
+            .into_iter()
+            .map(|piece| Script::arguments_delta(self.index, piece))
+            .collect()
+    }
+}
+
+/// Splits `text` into pieces of at least `size` bytes (1 if 0), cut only
+/// at character boundaries.
+fn split(text: &str, size: usize) -> Vec<&str> {
+    let size = size.max(1);
+    let mut pieces = Vec::new();
+    let mut start = 0;
+    while start < text.len() {
+        let mut end = (start + size).min(text.len());
+        while !text.is_char_boundary(end) {
+            end += 1;
+        }
+        pieces.push(&text[start..end]);
+        start = end;
+    }
+    pieces
+}
+
+/// Builds the events of a [`Reply::Events`] stream in the order a model
+/// would stream them: content tokens and tool calls, in OpenAI's
+/// `choices[0].delta` format. The builder says nothing about whether the
+/// result is well formed, so tests can script broken upstreams too.
+///
+/// ```ignore
+/// let reply = Script::new()
+///     .content("Let me check. ")
+///     .call(&ScriptedCall::new(0, "call_1", "calculator", r#"{"expression":"2+3*4"}"#), 1)
+///     .reply("tool_calls");
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct Script {
+    events: Vec<Value>,
+}
+
+impl Script {
+    pub fn new() -> Script {
+        Script::default()
+    }
+
+    /// One content token: `{"content": text}`.
+    pub fn content(mut self, text: &str) -> Script {
+        self.events.push(json!({"content": text}));
+        self
+    }
+
+    /// One content token per item.
+    pub fn contents(self, texts: &[&str]) -> Script {
+        texts.iter().fold(self, |script, text| script.content(text))
+    }
+
+    /// One call: its head, then its arguments in pieces of `piece_bytes`.
+    pub fn call(self, call: &ScriptedCall, piece_bytes: usize) -> Script {
+        self.calls(std::slice::from_ref(call), piece_bytes)
+    }
+
+    /// Several calls streamed at once, as parallel calls may be: every
+    /// head first, in order, then the arguments round-robin, piece `k` of
+    /// each call before piece `k + 1` of any (so with more than one call
+    /// the pieces interleave).
+    pub fn calls(mut self, calls: &[ScriptedCall], piece_bytes: usize) -> Script {
+        self.events.extend(calls.iter().map(ScriptedCall::head));
+        let pieces: Vec<Vec<Value>> = calls.iter().map(|c| c.pieces(piece_bytes)).collect();
+        let rounds = pieces.iter().map(Vec::len).max().unwrap_or(0);
+        for k in 0..rounds {
+            self.events
+                .extend(pieces.iter().filter_map(|p| p.get(k)).cloned());
+        }
+        self
+    }
+
+    /// The head of a call on its own, with `arguments` as its first piece
+    /// (OpenAI sends `""`; some servers send everything at once).
+    pub fn call_head(mut self, index: u64, id: &str, name: &str, arguments: &str) -> Script {
+        self.events
+            .push(Script::call_head_delta(index, id, name, arguments));
+        self
+    }
+
+    /// A piece of the arguments of the call at `index`.
+    pub fn arguments(mut self, index: u64, piece: &str) -> Script {
+        self.events.push(Script::arguments_delta(index, piece));
+        self
+    }
+
+    /// Any delta object, or any whole chunk (a value with `choices`).
+    pub fn raw(mut self, event: Value) -> Script {
+        self.events.push(event);
+        self
+    }
+
+    /// The events so far.
+    pub fn events(&self) -> &[Value] {
+        &self.events
+    }
+
+    /// The stream, with no delay between events.
+    pub fn reply(self, finish: &'static str) -> Reply {
+        self.reply_with_delay(finish, Duration::ZERO)
+    }
+
+    /// The stream, `delay` before each event.
+    pub fn reply_with_delay(self, finish: &'static str, delay: Duration) -> Reply {
+        Reply::Events {
+            events: self.events,
+            delay,
+            finish,
+        }
+    }
+
+    fn call_head_delta(index: u64, id: &str, name: &str, arguments: &str) -> Value {
+        json!({"tool_calls": [{
+            "index": index,
+            "id": id,
+            "type": "function",
+            "function": {"name": name, "arguments": arguments},
+        }]})
+    }
+
+    fn arguments_delta(index: u64, piece: &str) -> Value {
+        json!({"tool_calls": [{"index": index, "function": {"arguments": piece}}]})
     }
 }
 
@@ -350,12 +528,7 @@ fn respond(stream: &mut TcpStream, reply: Reply, shared: &Shared) -> Result<(), 
         } => {
             send(stream, head(200, "text/event-stream", None, "").as_bytes())?;
             send_tokens(stream, &tokens, delay, shared)?;
-            let finished = json!({
-                "id": "chatcmpl-test",
-                "object": "chat.completion.chunk",
-                "choices": [{"index": 0, "delta": {}, "finish_reason": finish}],
-            });
-            send(stream, &event(&finished))?;
+            send(stream, &event(&chunk(json!({}), json!(finish))))?;
             if let Some((prompt, completion)) = usage {
                 let usage = json!({
                     "id": "chatcmpl-test",
@@ -400,6 +573,26 @@ fn respond(stream: &mut TcpStream, reply: Reply, shared: &Shared) -> Result<(), 
             send_tokens(stream, &tokens, Duration::ZERO, shared)?;
             stall(stream, shared)
         }
+        Reply::Events {
+            events,
+            delay,
+            finish,
+        } => {
+            send(stream, head(200, "text/event-stream", None, "").as_bytes())?;
+            for value in events {
+                pause(delay, shared)?;
+                let chunk = if value.get("choices").is_some() {
+                    value
+                } else {
+                    chunk(value, Value::Null)
+                };
+                send(stream, &event(&chunk))?;
+            }
+            send(stream, &event(&chunk(json!({}), json!(finish))))?;
+            send(stream, b"data: [DONE]\n\n")?;
+            close_gracefully(stream, shared);
+            Ok(())
+        }
         Reply::Json { status, body } => {
             let body = body.to_string();
             let head = head(status, "application/json", Some(body.len()), "");
@@ -408,6 +601,15 @@ fn respond(stream: &mut TcpStream, reply: Reply, shared: &Shared) -> Result<(), 
             Ok(())
         }
     }
+}
+
+/// A `chat.completion.chunk` whose only choice carries `delta`.
+fn chunk(delta: Value, finish_reason: Value) -> Value {
+    json!({
+        "id": "chatcmpl-test",
+        "object": "chat.completion.chunk",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+    })
 }
 
 /// One content chunk per token, each after `delay`.
@@ -419,12 +621,10 @@ fn send_tokens(
 ) -> Result<(), End> {
     for token in tokens {
         pause(delay, shared)?;
-        let chunk = json!({
-            "id": "chatcmpl-test",
-            "object": "chat.completion.chunk",
-            "choices": [{"index": 0, "delta": {"content": token}, "finish_reason": null}],
-        });
-        send(stream, &event(&chunk))?;
+        send(
+            stream,
+            &event(&chunk(json!({"content": token}), Value::Null)),
+        )?;
     }
     Ok(())
 }
