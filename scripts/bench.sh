@@ -4,13 +4,20 @@
 # Every server started here is stopped here, by its PID.
 #
 #   scripts/bench.sh            # all scenarios
-#   scripts/bench.sh ttft       # one of: cache-hit ttft fanout idle-rss cluster
+#   scripts/bench.sh ttft       # one of: cache-hit ttft fanout idle-rss cluster stream-cost
+#
+# CHORUS_BIN and LOAD_BIN name the server and load-generator binaries
+# (default: the release builds under target/), e.g. to compare two builds
+# of the server in alternating runs. The release build is skipped when both
+# are set.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-cargo build --release --locked --bins
-bin=target/release/chorus
-load=target/release/chorus-load
+if [ -z "${CHORUS_BIN:-}" ] || [ -z "${LOAD_BIN:-}" ]; then
+  cargo build --release --locked --bins
+fi
+bin=${CHORUS_BIN:-target/release/chorus}
+load=${LOAD_BIN:-target/release/chorus-load}
 work=$(mktemp -d)
 server_pid=""
 extra_pids=()
@@ -25,6 +32,7 @@ trap cleanup EXIT
 start_server() {
   local name=$1 toml=$2
   printf '%s\n[history]\nsqlite_path = "%s/%s.db"\n' "$toml" "$work" "$name" >"$work/$name.toml"
+  : >"$work/$name.out" # exists before the first look, which set -e would not survive
   RUST_LOG=warn "$bin" --config "$work/$name.toml" --bind 127.0.0.1:0 >"$work/$name.out" 2>"$work/$name.log" &
   server_pid=$!
   for _ in $(seq 1 100); do
@@ -83,6 +91,33 @@ tokens = 64"
       addr_b=$addr; extra_pids+=("$server_pid"); server_pid=""
       start_server node-a "$(cluster_toml node-a)"
       "$load" fanout --addr "$addr,$addr_b" --connections "${CONNECTIONS:-1000}" --redis "$redis_url" ;;
+    stream-cost)
+      # chorus streams from the load generator's OpenAI-compatible upstream
+      # (64 tokens, the first after 200 ms, then 20 ms apart), started here
+      # on a free port. TOOLS=false turns tool selection off;
+      # UPSTREAM_ARGS adds flags to the upstream, e.g. --no-tools-support.
+      : >"$work/upstream.out"
+      # shellcheck disable=SC2086 # UPSTREAM_ARGS is a list of flags
+      "$load" upstream --bind 127.0.0.1:0 --tokens 64 --interval-ms 20 --first-token-ms 200 ${UPSTREAM_ARGS:-} \
+        >"$work/upstream.out" 2>"$work/upstream.log" &
+      upstream_pid=$!
+      extra_pids+=("$upstream_pid")
+      upstream=""
+      for _ in $(seq 1 100); do
+        upstream=$(sed -n 's#^upstream listening on http://##p' "$work/upstream.out")
+        [ -n "$upstream" ] && break
+        sleep 0.05
+      done
+      if [ -z "$upstream" ]; then echo "upstream did not start:" >&2; cat "$work/upstream.log" >&2; exit 1; fi
+      tools=""
+      if [ "${TOOLS:-true}" = false ]; then tools=$'\n[tools]\nenabled = false'; fi
+      start_server stream-cost "[llm]
+provider = \"openai\"
+base_url = \"http://$upstream/v1\"
+[workers]
+max_concurrent_llm_streams = ${STREAMS:-256}$tools"
+      "$load" stream-cost --addr "$addr" --pid "$server_pid" --upstream "$upstream" --upstream-pid "$upstream_pid" \
+        --connections "${CONNECTIONS:-200}" --rounds "${ROUNDS:-4}" --first-token-ms 200 ;;
     *) echo "unknown scenario $scenario" >&2; exit 2 ;;
   esac
   stop_server

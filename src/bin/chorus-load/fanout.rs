@@ -1,0 +1,141 @@
+//! One generation fanned out to many connections.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use serde_json::{json, Value};
+
+use crate::client::{Client, Next, Observed, Reactor};
+use crate::measure::{cpu_seconds, redis_commands, stats, summary};
+use crate::Args;
+
+/// receiver of each token the others are.
+pub fn fanout(args: &Args) -> Result<Value, String> {
+    let connections = if args.connections == 0 {
+        2000
+    } else {
+        args.connections
+    };
+    let nodes: Vec<SocketAddr> = std::iter::once(args.addr)
+        .chain(args.more_addrs.iter().copied())
+        .collect();
+    let clients: Vec<Client> = (0..connections)
+        .map(|i| Client::connect(nodes[i % nodes.len()]))
+        .collect::<Result<_, _>>()?;
+    let mut reactor = Reactor::new(clients)?;
+    let cpu_before = args.pid.map(cpu_seconds).transpose()?;
+    let redis_before = args.redis.as_deref().map(redis_commands).transpose()?;
+    let mut observed = Vec::with_capacity(connections);
+    for i in 0..connections {
+        let id = format!("f{i}");
+        reactor.send(
+            i,
+            &json!({"type": "chat", "id": id, "message": "One question for everyone"}),
+        )?;
+        observed.push(Observed {
+            sent: Instant::now(),
+            first_token: None,
+            token_times: Vec::with_capacity(64),
+            kernel_times: Vec::with_capacity(64),
+            end: Value::Null,
+            role: String::new(),
+        });
+    }
+    reactor.run(|i, arrival, frame| {
+        let o = &mut observed[i];
+        let Some(v) = frame else {
+            o.first_token.get_or_insert(arrival.read);
+            o.token_times.push(arrival.read);
+            o.kernel_times.push(arrival.kernel);
+            return Ok(Next::Read);
+        };
+        match v["type"].as_str() {
+            Some("start") => o.role = v["role"].as_str().unwrap_or("").to_owned(),
+            Some("done") => {
+                o.end = v;
+                return Ok(Next::Finished);
+            }
+            Some("error") => return Err(format!("chat failed: {v}")),
+            _ => {}
+        }
+        Ok(Next::Read)
+    })?;
+    let server_cpu = match (args.pid, cpu_before) {
+        (Some(pid), Some(before)) => Some(cpu_seconds(pid)? - before),
+        _ => None,
+    };
+    let tokens = observed
+        .iter()
+        .map(|o| o.token_times.len())
+        .min()
+        .unwrap_or(0);
+    // Lag of every token at every connection behind its earliest arrival
+    // anywhere, measured on the kernel's receive clock and on the reactor's
+    // read clock.
+    let kernel_lags = lags(&observed, tokens, |o, seq| o.kernel_times[seq]);
+    let origin = Instant::now();
+    let read_lags = lags(&observed, tokens, |o, seq| {
+        -(origin
+            .saturating_duration_since(o.token_times[seq])
+            .as_secs_f64())
+    });
+    let roles = observed
+        .iter()
+        .fold(std::collections::BTreeMap::new(), |mut m, o| {
+            *m.entry(o.role.clone()).or_insert(0usize) += 1;
+            m
+        });
+    let upstream_calls: u64 = nodes
+        .iter()
+        .map(|n| stats(*n).map(|s| s["upstream"]["calls"].as_u64().unwrap_or(0)))
+        .sum::<Result<u64, String>>()?;
+    let redis_delta = match (args.redis.as_deref(), redis_before) {
+        (Some(url), Some(before)) => Some(redis_commands(url)? - before),
+        _ => None,
+    };
+    Ok(json!({
+        "scenario": "fanout",
+        "nodes": nodes.len(),
+        "connections": connections,
+        "tokens": tokens,
+        "roles": roles,
+        "upstream_calls (all nodes)": upstream_calls,
+        "redis_commands": redis_delta,
+        "redis_commands_per_generated_token": redis_delta.map(|d| d as f64 / tokens.max(1) as f64),
+        "lag_behind_first_receiver_ms, kernel receive time (every token, every connection)": summary(kernel_lags.0),
+        "worst_kernel_lag_per_connection_ms": summary(kernel_lags.1),
+        "lag_behind_first_receiver_ms, client read time (every token, every connection)": summary(read_lags.0),
+        "worst_read_lag_per_connection_ms": summary(read_lags.1),
+        "server_cpu_us_per_delivered_token": server_cpu
+            .map(|cpu| cpu * 1e6 / (connections * tokens.max(1)) as f64),
+    }))
+}
+
+/// Every lag (ms) of a token behind its earliest arrival at any connection,
+/// and each connection's worst, with arrival times in seconds from `time`.
+fn lags(
+    observed: &[Observed],
+    tokens: usize,
+    time: impl Fn(&Observed, usize) -> f64,
+) -> (Vec<f64>, Vec<f64>) {
+    let first: Vec<f64> = (0..tokens)
+        .map(|seq| {
+            observed
+                .iter()
+                .map(|o| time(o, seq))
+                .fold(f64::INFINITY, f64::min)
+        })
+        .collect();
+    let mut all = Vec::with_capacity(observed.len() * tokens);
+    let mut worst = Vec::with_capacity(observed.len());
+    for o in observed {
+        let mut w = 0.0f64;
+        for (seq, earliest) in first.iter().enumerate() {
+            let lag = (time(o, seq) - earliest) * 1000.0;
+            w = w.max(lag);
+            all.push(lag);
+        }
+        worst.push(w);
+    }
+    (all, worst)
+}

@@ -1,0 +1,179 @@
+//! `chorus-load`: the project's own load generator. It drives a running
+//! chorus over real WebSocket connections on loopback and prints what it
+//! measured. Every scenario is bounded in connections and time and stops by
+//! itself.
+//!
+//! ```text
+//! chorus-load cache-hit   --addr 127.0.0.1:8080 --pid PID [--connections 8] [--requests 2000]
+//! chorus-load ttft        --addr 127.0.0.1:8080 [--connections 200] [--rounds 5] [--first-token-ms 200]
+//! chorus-load fanout      --addr 127.0.0.1:8080[,127.0.0.1:8081…] [--pid PID] [--connections 2000] [--redis URL]
+//! chorus-load idle-rss    --addr 127.0.0.1:8080 --pid PID [--connections 2000]
+//! chorus-load stream-cost --addr 127.0.0.1:8080 --pid PID --upstream 127.0.0.1:PORT [--upstream-pid PID]
+//!                         [--connections 200] [--rounds 5] [--first-token-ms 200]
+//! chorus-load upstream    [--bind 127.0.0.1:0] [--tokens 64] [--interval-ms 20] [--first-token-ms 200]
+//!                         [--completion-ms MS] [--no-tools-support] [--seconds 3600]
+//! ```
+//!
+//! `--pid` is the server's process id, for CPU time and RSS from `/proc`
+//! (Linux only). `upstream` is not a scenario but the other end of one: an
+//! OpenAI-compatible model server on loopback for `stream-cost` (see its
+//! module). `scripts/bench.sh` starts a server with the configuration each
+//! scenario needs and runs them.
+
+mod cache_hit;
+mod client;
+mod fanout;
+mod idle_rss;
+mod measure;
+mod stream_cost;
+mod ttft;
+mod upstream;
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+const CLIENT_STACK: usize = 128 * 1024;
+
+struct Args {
+    scenario: String,
+    addr: SocketAddr,
+    /// Further nodes of a cluster (`--addr A,B,…`): connections are spread
+    /// over `addr` and these, round robin.
+    more_addrs: Vec<SocketAddr>,
+    /// A Redis whose command count is read before and after (cluster runs).
+    redis: Option<String>,
+    pid: Option<u32>,
+    connections: usize,
+    requests: usize,
+    rounds: usize,
+    first_token_ms: f64,
+    /// `stream-cost`: the `upstream` chorus streams from, for its `/stats`.
+    upstream: Option<SocketAddr>,
+    /// `stream-cost`: the upstream's process id, for its CPU time.
+    upstream_pid: Option<u32>,
+    /// `upstream`: where to listen.
+    bind: SocketAddr,
+    /// `upstream`: content tokens per answer.
+    tokens: usize,
+    /// `upstream`: time between content tokens.
+    interval_ms: f64,
+    /// `upstream`: time until a non-streamed answer; `None` is the time a
+    /// stream takes to its last token.
+    completion_ms: Option<f64>,
+    /// `upstream`: whether a request with `tools` is served or refused.
+    tools_support: bool,
+    /// `upstream`: how long it runs.
+    seconds: f64,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = std::env::args().skip(1);
+    let scenario = args
+        .next()
+        .ok_or("missing scenario: cache-hit | ttft | fanout | idle-rss | stream-cost | upstream")?;
+    let mut parsed = Args {
+        scenario,
+        addr: "127.0.0.1:8080".parse().map_err(|e| format!("{e}"))?,
+        more_addrs: Vec::new(),
+        redis: None,
+        pid: None,
+        connections: 0,
+        requests: 2000,
+        rounds: 5,
+        first_token_ms: 200.0,
+        upstream: None,
+        upstream_pid: None,
+        bind: "127.0.0.1:0".parse().map_err(|e| format!("{e}"))?,
+        tokens: 64,
+        interval_ms: 20.0,
+        completion_ms: None,
+        tools_support: true,
+        seconds: 3600.0,
+    };
+    while let Some(flag) = args.next() {
+        if flag == "--no-tools-support" {
+            parsed.tools_support = false;
+            continue;
+        }
+        let value = args.next().ok_or(format!("{flag} needs a value"))?;
+        let bad = |e: &dyn std::fmt::Display| format!("{flag} {value}: {e}");
+        match flag.as_str() {
+            "--addr" => {
+                let mut addrs = value.split(',').map(|a| a.trim().parse::<SocketAddr>());
+                parsed.addr = addrs
+                    .next()
+                    .ok_or("--addr needs an address")?
+                    .map_err(|e| bad(&e))?;
+                parsed.more_addrs = addrs.collect::<Result<_, _>>().map_err(|e| bad(&e))?;
+            }
+            "--redis" => parsed.redis = Some(value),
+            "--pid" => parsed.pid = Some(value.parse().map_err(|e| bad(&e))?),
+            "--connections" => parsed.connections = value.parse().map_err(|e| bad(&e))?,
+            "--requests" => parsed.requests = value.parse().map_err(|e| bad(&e))?,
+            "--rounds" => parsed.rounds = value.parse().map_err(|e| bad(&e))?,
+            "--first-token-ms" => parsed.first_token_ms = value.parse().map_err(|e| bad(&e))?,
+            "--upstream" => parsed.upstream = Some(value.parse().map_err(|e| bad(&e))?),
+            "--upstream-pid" => parsed.upstream_pid = Some(value.parse().map_err(|e| bad(&e))?),
+            "--bind" => parsed.bind = value.parse().map_err(|e| bad(&e))?,
+            "--tokens" => parsed.tokens = value.parse().map_err(|e| bad(&e))?,
+            "--interval-ms" => parsed.interval_ms = value.parse().map_err(|e| bad(&e))?,
+            "--completion-ms" => parsed.completion_ms = Some(value.parse().map_err(|e| bad(&e))?),
+            "--seconds" => parsed.seconds = value.parse().map_err(|e| bad(&e))?,
+            _ => return Err(format!("unknown flag {flag}")),
+        }
+    }
+    let times = [
+        parsed.first_token_ms,
+        parsed.interval_ms,
+        parsed.completion_ms.unwrap_or(0.0),
+        parsed.seconds,
+    ];
+    if times.iter().any(|t| !t.is_finite() || *t < 0.0) {
+        return Err("times must be finite and not negative".into());
+    }
+    Ok(parsed)
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("chorus-load: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = match args.scenario.as_str() {
+        "cache-hit" => cache_hit::cache_hit(&args),
+        "ttft" => ttft::ttft(&args),
+        "fanout" => fanout::fanout(&args),
+        "idle-rss" => idle_rss::idle_rss(&args),
+        "stream-cost" => stream_cost::stream_cost(&args),
+        "upstream" => upstream::upstream(&args),
+        other => Err(format!("unknown scenario {other}")),
+    };
+    match result {
+        Ok(summary) => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&summary).unwrap_or_default()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("chorus-load: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn spawn<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
+    std::thread::Builder::new()
+        .stack_size(CLIENT_STACK)
+        .spawn(f)
+        .unwrap_or_else(|e| panic!("cannot start a client thread: {e}"))
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
