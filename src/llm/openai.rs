@@ -121,8 +121,22 @@ struct Counters {
     tools_refused: AtomicBool,
 }
 
+thread_local! {
+    /// The agents of this thread, by provider id and endpoint name; see
+    /// [`OpenAi::agent`].
+    static AGENTS: std::cell::RefCell<Vec<((u64, String), Agent)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Tells providers apart in [`AGENTS`].
+static NEXT_PROVIDER_ID: AtomicU64 = AtomicU64::new(0);
+
+/// Size of the buffers of one upstream connection, each way.
+const BUFFER_SIZE: usize = 16 * 1024;
+
 /// The provider. See the module documentation.
 pub struct OpenAi {
+    id: u64,
     endpoints: Vec<(Endpoint, Counters)>,
     retry: RetryPolicy,
     connect_timeout: Duration,
@@ -232,6 +246,7 @@ impl OpenAi {
         read_timeout: Duration,
     ) -> OpenAi {
         OpenAi {
+            id: NEXT_PROVIDER_ID.fetch_add(1, Ordering::Relaxed),
             endpoints: endpoints
                 .into_iter()
                 .map(|e| (e, Counters::default()))
@@ -240,6 +255,44 @@ impl OpenAi {
             connect_timeout,
             read_timeout,
         }
+    }
+
+    /// This thread's agent for `endpoint`. Each streaming worker keeps one
+    /// per endpoint, so its connection to the upstream stays open from one
+    /// call to the next (HTTP keep-alive) instead of a connect and a close
+    /// per answer, and an abort can shut it down without touching any other
+    /// worker's call.
+    fn agent(&self, endpoint: &Endpoint) -> Agent {
+        let key = (self.id, endpoint.name.clone());
+        AGENTS.with(|agents| {
+            let mut agents = agents.borrow_mut();
+            if let Some((_, agent)) = agents.iter().find(|(k, _)| *k == key) {
+                return agent.clone();
+            }
+            let agent: Agent = Agent::config_builder()
+                .timeout_connect(Some(self.connect_timeout))
+                .timeout_per_read(Some(self.read_timeout))
+                .http_status_as_error(false)
+                // The default 128 KiB each way is allocated per connection;
+                // a request head and a stream's chunks need far less.
+                .input_buffer_size(BUFFER_SIZE)
+                .output_buffer_size(BUFFER_SIZE)
+                .max_idle_connections_per_host(1)
+                .build()
+                .into();
+            agents.push((key, agent.clone()));
+            agent
+        })
+    }
+
+    /// Forgets this thread's agent for `endpoint` (shut down by an abort,
+    /// or holding a connection that failed).
+    fn drop_agent(&self, endpoint: &Endpoint) {
+        AGENTS.with(|agents| {
+            agents
+                .borrow_mut()
+                .retain(|((id, name), _)| !(*id == self.id && *name == endpoint.name))
+        });
     }
 
     /// Runs `call` against `endpoint`, retrying as the policy allows while
@@ -255,20 +308,20 @@ impl OpenAi {
     ) -> Result<Option<T>, LlmError> {
         let mut retry = 0;
         loop {
-            let agent: Agent = Agent::config_builder()
-                .timeout_connect(Some(self.connect_timeout))
-                .timeout_per_read(Some(self.read_timeout))
-                .http_status_as_error(false)
-                .build()
-                .into();
+            let agent = self.agent(endpoint);
             // Shutting the agent down fails a blocked read at once and closes
-            // the socket: that is how an abort reaches the upstream.
+            // the socket: that is how an abort reaches the upstream. The
+            // agent is this thread's alone, so no other call is hit.
             let hook = abort.on_abort({
                 let agent = agent.clone();
                 move || agent.shutdown()
             });
             let result = call(&agent);
             abort.forget(hook);
+            // A hook that fired, even after the call, left the agent shut down.
+            if abort.is_aborted() || result.is_err() {
+                self.drop_agent(endpoint);
+            }
             let failure = match result {
                 Ok(value) => return Ok(Some(value)),
                 Err(failure) => failure,
@@ -387,7 +440,7 @@ impl OpenAi {
         let mut finish: Option<String> = None;
         let mut done = false;
         let mut events = Vec::new();
-        let mut buf = vec![0u8; 16 * 1024];
+        let mut buf = vec![0u8; 8 * 1024];
         while !done {
             let n = match reader.read(&mut buf) {
                 Ok(0) => break,
@@ -451,6 +504,15 @@ impl OpenAi {
                 }
                 if let Some(reason) = choice.finish_reason {
                     finish = Some(reason.into_owned());
+                }
+            }
+        }
+        if done {
+            // The rest of the body (the chunked encoding's last chunk) is read
+            // so that the connection goes back to the agent's pool.
+            while let Ok(n) = reader.read(&mut buf) {
+                if n == 0 {
+                    break;
                 }
             }
         }

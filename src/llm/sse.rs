@@ -31,6 +31,9 @@ pub enum SseError {
     /// A line longer than the parser's limit: refuse to buffer without bound.
     #[error("an event-stream line is longer than {0} bytes")]
     LineTooLong(usize),
+    /// An event whose `data:` lines together exceed the parser's limit.
+    #[error("an event-stream event is longer than {0} bytes")]
+    EventTooLarge(usize),
     /// A line that is not UTF-8.
     #[error("the event stream is not UTF-8")]
     NotUtf8,
@@ -60,7 +63,7 @@ pub struct SseParser {
 }
 
 impl SseParser {
-    /// A parser refusing lines longer than `max_line` bytes.
+    /// A parser refusing lines, and events, longer than `max_line` bytes.
     pub fn new(max_line: usize) -> SseParser {
         SseParser {
             max_line,
@@ -74,29 +77,50 @@ impl SseParser {
 
     /// Parses `bytes`, calling `on_event` for every event they complete.
     pub fn feed(&mut self, bytes: &[u8], on_event: &mut dyn FnMut(Event)) -> Result<(), SseError> {
-        for &b in bytes {
-            let after_cr = std::mem::replace(&mut self.after_cr, b == b'\r');
-            match b {
-                b'\n' if after_cr => {}
-                b'\n' | b'\r' => self.end_line(on_event)?,
-                _ => {
-                    if self.line.len() >= self.max_line {
-                        return Err(SseError::LineTooLong(self.max_line));
+        let mut rest = bytes;
+        while let Some(&first) = rest.first() {
+            if std::mem::take(&mut self.after_cr) && first == b'\n' {
+                // The `\n` of a `\r\n` split between two pieces.
+                rest = &rest[1..];
+                continue;
+            }
+            match rest.iter().position(|&b| b == b'\n' || b == b'\r') {
+                Some(end) => {
+                    self.extend_line(&rest[..end])?;
+                    self.after_cr = rest[end] == b'\r';
+                    if self.after_cr && rest.get(end + 1) == Some(&b'\n') {
+                        rest = &rest[end + 2..];
+                        self.after_cr = false;
+                    } else {
+                        rest = &rest[end + 1..];
                     }
-                    self.line.push(b);
+                    self.end_line(on_event)?;
+                }
+                None => {
+                    self.extend_line(rest)?;
+                    rest = &[];
                 }
             }
         }
         Ok(())
     }
 
+    fn extend_line(&mut self, piece: &[u8]) -> Result<(), SseError> {
+        if self.line.len() + piece.len() > self.max_line {
+            return Err(SseError::LineTooLong(self.max_line));
+        }
+        self.line.extend_from_slice(piece);
+        Ok(())
+    }
+
     fn end_line(&mut self, on_event: &mut dyn FnMut(Event)) -> Result<(), SseError> {
-        let line = std::mem::take(&mut self.line);
-        if line.is_empty() {
+        if self.line.is_empty() {
             if self.has_data {
+                // The next event's data will be about this size.
+                let next = String::with_capacity(self.data.len());
                 on_event(Event {
                     event: self.event.take(),
-                    data: std::mem::take(&mut self.data),
+                    data: std::mem::replace(&mut self.data, next),
                 });
             }
             self.event = None;
@@ -104,25 +128,29 @@ impl SseParser {
             self.has_data = false;
             return Ok(());
         }
-        let line = String::from_utf8(line).map_err(|_| SseError::NotUtf8)?;
-        if line.starts_with(':') {
-            return Ok(());
-        }
-        let (field, value) = match line.split_once(':') {
-            Some((field, value)) => (field, value.strip_prefix(' ').unwrap_or(value)),
-            None => (line.as_str(), ""),
-        };
-        match field {
-            "data" => {
-                if self.has_data {
-                    self.data.push('\n');
+        let line = std::str::from_utf8(&self.line).map_err(|_| SseError::NotUtf8)?;
+        if !line.starts_with(':') {
+            let (field, value) = match line.split_once(':') {
+                Some((field, value)) => (field, value.strip_prefix(' ').unwrap_or(value)),
+                None => (line, ""),
+            };
+            match field {
+                "data" => {
+                    // Several `data:` lines make one event: bound the whole.
+                    if self.data.len() + value.len() + 1 > self.max_line {
+                        return Err(SseError::EventTooLarge(self.max_line));
+                    }
+                    if self.has_data {
+                        self.data.push('\n');
+                    }
+                    self.data.push_str(value);
+                    self.has_data = true;
                 }
-                self.data.push_str(value);
-                self.has_data = true;
+                "event" => self.event = Some(value.to_owned()),
+                _ => {}
             }
-            "event" => self.event = Some(value.to_owned()),
-            _ => {}
         }
+        self.line.clear();
         Ok(())
     }
 }
@@ -188,6 +216,20 @@ mod tests {
             parser.feed(b"data: \xff\xfe\n", &mut |_| {}),
             Err(SseError::NotUtf8)
         );
+        // Many short `data:` lines of one event may not add up past the
+        // limit either: nothing is dispatched and memory stays bounded.
+        let mut parser = SseParser::new(64);
+        let mut events = 0;
+        let mut result = Ok(());
+        for _ in 0..100 {
+            result = parser.feed(b"data: 0123456789\n", &mut |_| events += 1);
+            if result.is_err() {
+                break;
+            }
+        }
+        assert_eq!(result, Err(SseError::EventTooLarge(64)));
+        assert_eq!(events, 0);
+        assert!(parser.data.len() <= 64);
     }
 
     /// A small deterministic generator, so the property test needs no crate
