@@ -46,7 +46,7 @@ pub struct Metrics {
     pub upstream_failures: IntCounter,
     /// Tokens published by generations.
     pub tokens: IntCounter,
-    /// Tool calls run during preparation.
+    /// Tool calls the model made (each run, or refused with an error result).
     pub tool_calls: IntCounter,
     /// Workers per stage.
     pub pool_workers: IntGaugeVec,
@@ -107,10 +107,7 @@ impl Metrics {
         let upstream_failures =
             counter("chorus_upstream_failures_total", "Generations that failed");
         let tokens = counter("chorus_tokens_total", "Tokens produced by generations");
-        let tool_calls = counter(
-            "chorus_tool_calls_total",
-            "Tool calls run during preparation",
-        );
+        let tool_calls = counter("chorus_tool_calls_total", "Tool calls the model made");
         let gauge_vec = |name: &str, help: &str| {
             IntGaugeVec::new(Opts::new(name, help), &["stage"])
                 .unwrap_or_else(|e| panic!("metric definition: {e}"))

@@ -79,6 +79,10 @@ pub struct Ask<'a> {
     /// client: a failure may then be neither retried nor handed to a
     /// fallback endpoint, or the client would see the answer start twice.
     pub committed: bool,
+    /// The endpoint that served the previous round ([`Turn::endpoint`]):
+    /// a later round goes to the same one, which knows the tool calls it
+    /// made, rather than to one that failed before.
+    pub endpoint: Option<usize>,
 }
 
 /// How one round ended.
@@ -89,6 +93,9 @@ pub struct Turn {
     /// The tool calls the model made, in the order it started them; the
     /// pipeline runs them and asks again. Empty for a final answer.
     pub tool_calls: Vec<ToolCall>,
+    /// Which of the provider's endpoints served the round (0 for a
+    /// provider with one).
+    pub endpoint: usize,
 }
 
 impl Turn {
@@ -97,6 +104,7 @@ impl Turn {
         Turn {
             end,
             tool_calls: Vec::new(),
+            endpoint: 0,
         }
     }
 }

@@ -152,6 +152,9 @@ struct CallError {
     retry_after: Option<Duration>,
     /// The upstream refused the call because of its `tools` field.
     rejects_tools: bool,
+    /// The connection failed before any answer came back: on a kept
+    /// connection, the upstream had closed it.
+    unanswered: bool,
 }
 
 impl CallError {
@@ -161,6 +164,7 @@ impl CallError {
             retryable: false,
             retry_after: None,
             rejects_tools: false,
+            unanswered: false,
         }
     }
 
@@ -262,12 +266,14 @@ impl OpenAi {
     /// call to the next (HTTP keep-alive) instead of a connect and a close
     /// per answer, and an abort can shut it down without touching any other
     /// worker's call.
-    fn agent(&self, endpoint: &Endpoint) -> Agent {
+    /// True with the agent when it was used before, so its connection may
+    /// have been closed by the upstream meanwhile.
+    fn agent(&self, endpoint: &Endpoint) -> (Agent, bool) {
         let key = (self.id, endpoint.name.clone());
         AGENTS.with(|agents| {
             let mut agents = agents.borrow_mut();
             if let Some((_, agent)) = agents.iter().find(|(k, _)| *k == key) {
-                return agent.clone();
+                return (agent.clone(), true);
             }
             let agent: Agent = Agent::config_builder()
                 .timeout_connect(Some(self.connect_timeout))
@@ -281,7 +287,7 @@ impl OpenAi {
                 .build()
                 .into();
             agents.push((key, agent.clone()));
-            agent
+            (agent, false)
         })
     }
 
@@ -308,7 +314,7 @@ impl OpenAi {
     ) -> Result<Option<T>, LlmError> {
         let mut retry = 0;
         loop {
-            let agent = self.agent(endpoint);
+            let (agent, reused) = self.agent(endpoint);
             // Shutting the agent down fails a blocked read at once and closes
             // the socket: that is how an abort reaches the upstream. The
             // agent is this thread's alone, so no other call is hit.
@@ -329,6 +335,20 @@ impl OpenAi {
             if abort.is_aborted() {
                 return Ok(None);
             }
+            if reused && failure.unanswered {
+                // The kept connection was closed by the upstream while it
+                // lay idle (servers close kept connections when they
+                // please, some right after a streamed answer): the request
+                // never reached it. Not a failure of the upstream, so it is
+                // sent again at once on a new connection, whatever reached
+                // the clients, and counts as no retry.
+                log::debug!(
+                    "{}: a kept connection was closed; reconnecting",
+                    endpoint.name
+                );
+                continue;
+            }
+            counters.failures.fetch_add(1, Ordering::Relaxed);
             let error = scrub(failure.error, endpoint);
             if !retry_allowed() || !failure.retryable || retry >= self.retry.max_retries {
                 return Err(error);
@@ -370,10 +390,10 @@ impl OpenAi {
         let tools = if refused { &[][..] } else { ask.tools };
         match self.stream_once(agent, endpoint, counters, ask, tools, emitted, on_token) {
             Err(failure) if failure.rejects_tools && !tools.is_empty() => {
+                counters.failures.fetch_add(1, Ordering::Relaxed);
                 if !counters.tools_refused.swap(true, Ordering::Relaxed) {
                     log::warn!(
-                        "{} refuses tools ({}); calling it without tools from now on",
-                        endpoint.name,
+                        "{}; calling it without tools from now on",
                         scrub(failure.error, endpoint)
                     );
                 }
@@ -397,24 +417,6 @@ impl OpenAi {
         on_token: &mut dyn FnMut(&str) -> Flow,
     ) -> Result<Turn, CallError> {
         counters.calls.fetch_add(1, Ordering::Relaxed);
-        let result = self.stream_call(agent, endpoint, counters, ask, tools, emitted, on_token);
-        if result.is_err() {
-            counters.failures.fetch_add(1, Ordering::Relaxed);
-        }
-        result
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn stream_call(
-        &self,
-        agent: &Agent,
-        endpoint: &Endpoint,
-        counters: &Counters,
-        ask: &Ask<'_>,
-        tools: &[ToolSpec],
-        emitted: &mut bool,
-        on_token: &mut dyn FnMut(&str) -> Flow,
-    ) -> Result<Turn, CallError> {
         let name = &endpoint.name;
         let url = format!(
             "{}/chat/completions",
@@ -531,6 +533,7 @@ impl OpenAi {
         Ok(Turn {
             end,
             tool_calls: calls.finish(),
+            endpoint: 0,
         })
     }
 }
@@ -563,7 +566,8 @@ impl Provider for OpenAi {
     ) -> Result<Turn, LlmError> {
         let emitted = std::cell::Cell::new(ask.committed);
         let mut last = LlmError::Upstream("no upstream endpoint is configured".into());
-        for (i, (endpoint, counters)) in self.endpoints.iter().enumerate() {
+        let first = ask.endpoint.unwrap_or(0);
+        for (i, (endpoint, counters)) in self.endpoints.iter().enumerate().skip(first) {
             let result = self.with_retries(
                 endpoint,
                 counters,
@@ -577,7 +581,12 @@ impl Provider for OpenAi {
                 },
             );
             match result {
-                Ok(Some(turn)) => return Ok(turn),
+                Ok(Some(turn)) => {
+                    return Ok(Turn {
+                        endpoint: i,
+                        ..turn
+                    })
+                }
                 Ok(None) => return Ok(Turn::answer(StreamEnd::Aborted)),
                 Err(e) if emitted.get() => return Err(e),
                 Err(e) => {
@@ -698,6 +707,7 @@ fn check_status(
         retryable: status == 429 || status >= 500,
         retry_after,
         rejects_tools,
+        unanswered: false,
     })
 }
 
@@ -709,7 +719,10 @@ fn connect_error(name: &str, e: ureq::Error) -> CallError {
             "{name} did not answer in time: {e}"
         ))),
         ureq::Error::Io(_) | ureq::Error::ConnectionFailed | ureq::Error::HostNotFound => {
-            CallError::retryable(LlmError::Upstream(format!("cannot reach {name}: {e}")))
+            CallError {
+                unanswered: true,
+                ..CallError::retryable(LlmError::Upstream(format!("cannot reach {name}: {e}")))
+            }
         }
         other => CallError::fatal(LlmError::Upstream(format!(
             "calling {name} failed: {other}"

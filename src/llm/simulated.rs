@@ -249,8 +249,8 @@ impl Provider for Simulated {
                     return Ok(Turn::answer(StreamEnd::Aborted));
                 }
                 return Ok(Turn {
-                    end: StreamEnd::Stop,
                     tool_calls: calls,
+                    ..Turn::answer(StreamEnd::Stop)
                 });
             }
         }
@@ -305,6 +305,7 @@ mod tests {
             tools: &[],
             limits: Default::default(),
             committed: false,
+            endpoint: None,
         }
     }
 

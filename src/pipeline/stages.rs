@@ -1,6 +1,7 @@
 //! The work of each pool: the cache lane (lookup, then lead or follow), the
 //! follower pool (join a generation), the preparation pool (history and
-//! prompt) and the streaming pool (the provider call).
+//! prompt) and the streaming pool (the rounds of provider calls, with the
+//! tools the model calls run between them).
 //!
 //! Threads: each `run_*` function runs on a worker of its pool, one job at a
 //! time; a job is handed to the next stage with a `try_send`, so no worker
@@ -414,9 +415,9 @@ impl Shared {
             max_calls: config.max_calls,
             max_argument_bytes: config.max_argument_bytes,
         };
-        let broadcast = &generation.broadcast;
         let rounds = config.max_rounds.max(1);
         let mut round = 1;
+        let mut endpoint = None;
         loop {
             let last = round >= rounds;
             let ask = Ask {
@@ -425,18 +426,17 @@ impl Shared {
                 limits,
                 // From the second round on, tool frames went out.
                 committed: round > 1,
+                endpoint,
             };
             // What the model says in a round that ends with tool calls goes
             // back to it with those calls.
             let mut said = String::new();
             self.metrics.upstream_calls.inc();
             let result = self.provider.stream(&ask, &generation.abort, &mut |token| {
-                if broadcast.publish(token).is_none() {
+                if !self.publish(generation, token) {
                     // The generation was ended from outside (timeout, cancel).
                     return Flow::Stop;
                 }
-                self.cluster_append(generation, token);
-                self.metrics.tokens.inc();
                 if !specs.is_empty() {
                     said.push_str(token);
                 }
@@ -449,6 +449,7 @@ impl Shared {
                     return GenOutcome::Failed(llm_failure(&e));
                 }
             };
+            endpoint = Some(turn.endpoint);
             let finished = match turn.end {
                 StreamEnd::Stop => Finish::Stop,
                 StreamEnd::Length => Finish::Length,
@@ -472,11 +473,9 @@ impl Shared {
                 // A direct tool answered: its text is the answer, word by
                 // word, and the model is not asked again.
                 for piece in direct.text().split_inclusive(' ') {
-                    if broadcast.publish(piece).is_none() {
+                    if !self.publish(generation, piece) {
                         break;
                     }
-                    self.cluster_append(generation, piece);
-                    self.metrics.tokens.inc();
                 }
                 return GenOutcome::Finished(Finish::Stop);
             }
@@ -487,6 +486,17 @@ impl Shared {
             generation.mark_progress();
             round += 1;
         }
+    }
+
+    /// Hands one token to the generation's clients (and, in a cluster, to
+    /// its stream in Redis); false when the generation already ended.
+    fn publish(&self, generation: &Generation, token: &str) -> bool {
+        if generation.broadcast.publish(token).is_none() {
+            return false;
+        }
+        self.cluster_append(generation, token);
+        self.metrics.tokens.inc();
+        true
     }
 
     /// Runs the tool calls of a round, showing each call, output and

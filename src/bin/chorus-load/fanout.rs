@@ -30,7 +30,7 @@ pub fn fanout(args: &Args) -> Result<Value, String> {
         let id = format!("f{i}");
         reactor.send(
             i,
-            &json!({"type": "chat", "id": id, "message": "One question for everyone"}),
+            &json!({"type": "chat", "id": id, "message": args.message}),
         )?;
         observed.push(Observed {
             sent: Instant::now(),

@@ -6,7 +6,7 @@
 //! ```text
 //! chorus-load cache-hit   --addr 127.0.0.1:8080 --pid PID [--connections 8] [--requests 2000]
 //! chorus-load ttft        --addr 127.0.0.1:8080 [--connections 200] [--rounds 5] [--first-token-ms 200]
-//! chorus-load fanout      --addr 127.0.0.1:8080[,127.0.0.1:8081…] [--pid PID] [--connections 2000] [--redis URL]
+//! chorus-load fanout      --addr 127.0.0.1:8080[,127.0.0.1:8081…] [--pid PID] [--connections 2000] [--redis URL] [--message TEXT]
 //! chorus-load idle-rss    --addr 127.0.0.1:8080 --pid PID [--connections 2000]
 //! chorus-load stream-cost --addr 127.0.0.1:8080 --pid PID --upstream 127.0.0.1:PORT [--upstream-pid PID]
 //!                         [--connections 200] [--rounds 5] [--first-token-ms 200]
@@ -65,6 +65,8 @@ struct Args {
     tools_support: bool,
     /// `upstream`: how long it runs.
     seconds: f64,
+    /// `fanout`: the question every connection asks.
+    message: String,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -90,6 +92,7 @@ fn parse_args() -> Result<Args, String> {
         completion_ms: None,
         tools_support: true,
         seconds: 3600.0,
+        message: "One question for everyone".to_owned(),
     };
     while let Some(flag) = args.next() {
         if flag == "--no-tools-support" {
@@ -120,6 +123,7 @@ fn parse_args() -> Result<Args, String> {
             "--interval-ms" => parsed.interval_ms = value.parse().map_err(|e| bad(&e))?,
             "--completion-ms" => parsed.completion_ms = Some(value.parse().map_err(|e| bad(&e))?),
             "--seconds" => parsed.seconds = value.parse().map_err(|e| bad(&e))?,
+            "--message" => parsed.message = value,
             _ => return Err(format!("unknown flag {flag}")),
         }
     }
