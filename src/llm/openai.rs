@@ -346,6 +346,8 @@ impl OpenAi {
                     "{}: a kept connection was closed; reconnecting",
                     endpoint.name
                 );
+                // Nothing reached the upstream: no call to count.
+                counters.calls.fetch_sub(1, Ordering::Relaxed);
                 continue;
             }
             counters.failures.fetch_add(1, Ordering::Relaxed);
