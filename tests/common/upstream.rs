@@ -5,12 +5,20 @@
 //! clients that leave included) without a network or a model. [`Script`]
 //! scripts streams with tool calls, whole or in pieces, well formed or not.
 //!
-//! Every response carries `Connection: close`. Event streams have no
-//! `Content-Length`: their body ends when the socket closes, which any
-//! HTTP/1.1 client can read incrementally, and each event goes out in a
-//! write of its own on a `TCP_NODELAY` socket, so the client sees a token
-//! the moment it is "produced". One thread accepts, one thread serves each
-//! connection; nothing here is async.
+//! How the server treats its connections is chosen when it starts
+//! ([`Connections`]). By default every response carries `Connection:
+//! close`, and event streams have no `Content-Length`: their body ends when
+//! the socket closes, which any HTTP/1.1 client can read incrementally. The
+//! other modes send event streams with `Transfer-Encoding: chunked`, one
+//! event per chunk, and no `Connection: close`, so the client may keep the
+//! connection: the server then really keeps it and serves the next request
+//! on it ([`Connections::KeepAlive`]), or closes it once the response is
+//! complete, as llama.cpp's `llama-server` does
+//! ([`Connections::CloseAfterResponse`], [`Connections::CloseOnNextRequest`]).
+//!
+//! Each event goes out in a write of its own on a `TCP_NODELAY` socket, so
+//! the client sees a token the moment it is "produced". One thread accepts,
+//! one thread serves each connection; nothing here is async.
 
 use std::collections::VecDeque;
 use std::io::{self, ErrorKind, Read, Write};
@@ -36,6 +44,49 @@ const STALL_LIMIT: Duration = Duration::from_secs(60);
 const POLL: Duration = Duration::from_millis(20);
 /// How long a finished connection waits for the client to close first.
 const LINGER: Duration = Duration::from_secs(2);
+/// How long a kept connection waits for the client's next request:
+/// [`Connections::KeepAlive`] then closes it as idle,
+/// [`Connections::CloseOnNextRequest`] closes it anyway.
+pub const KEPT_WAIT: Duration = Duration::from_secs(30);
+
+/// What the server does with a connection once a response is complete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Connections {
+    /// Every response carries `Connection: close`; an event stream is the
+    /// body up to the close (no length, no chunks). After the response the
+    /// server shuts down its side and waits (bounded) for the client to
+    /// close. One request per connection.
+    #[default]
+    Close,
+    /// HTTP/1.1 keep-alive: no `Connection: close`, event streams chunked,
+    /// and the next request on the connection is served like the first, for
+    /// as long as the client keeps it (a request carrying `Connection:
+    /// close` is the last). A stream cut short ([`Reply::ResetAfter`],
+    /// [`Reply::StallAfter`]) still ends the connection.
+    KeepAlive,
+    /// As llama.cpp's `llama-server` answers a stream: chunked, no
+    /// `Connection: close`, so the client keeps the connection, and the
+    /// socket closed right after the last chunk. No second request is read.
+    /// The close races with the client's next request: a client that checks
+    /// a kept connection before it reuses it usually sees it closed.
+    CloseAfterResponse,
+    /// Like [`Connections::CloseAfterResponse`], but the close loses that
+    /// race on purpose: the server waits until the client's next request
+    /// starts arriving on the kept connection (or [`KEPT_WAIT`] passes, or
+    /// the client closes), then closes the socket without reading or
+    /// answering it. The client has already sent its request on a
+    /// connection that looked alive, and gets an end of stream or a reset
+    /// instead of an answer; only a new connection gets one.
+    CloseOnNextRequest,
+}
+
+impl Connections {
+    /// Whether responses say `Connection: close` and streams run to the
+    /// close rather than being chunked.
+    fn closes(self) -> bool {
+        self == Connections::Close
+    }
+}
 
 /// One scripted answer, used for the next request in FIFO order. When none
 /// is queued, a request gets [`Reply::default_stream`].
@@ -46,7 +97,8 @@ pub enum Reply {
     /// before each chunk, then a chunk with an empty delta and
     /// `"finish_reason": finish`, then, if `usage` is
     /// `Some((prompt_tokens, completion_tokens))`, a chunk with
-    /// `"choices":[]` and the usage, then `data: [DONE]\n\n`, then close.
+    /// `"choices":[]` and the usage, then `data: [DONE]\n\n`, then the end
+    /// of the response (the close, or the last chunk; see [`Connections`]).
     Stream {
         tokens: Vec<String>,
         delay: Duration,
@@ -62,7 +114,8 @@ pub enum Reply {
         retry_after: Option<u64>,
     },
     /// 200 event stream: the tokens as in [`Reply::Stream`] (with `delay`),
-    /// then the socket is dropped: no finish chunk, no `[DONE]`.
+    /// then the socket is dropped: no finish chunk, no `[DONE]` (and, when
+    /// chunked, no last chunk).
     ResetAfter {
         tokens: Vec<String>,
         delay: Duration,
@@ -81,7 +134,8 @@ pub enum Reply {
     /// "choices":[{"index":0,"delta":VALUE,"finish_reason":null}]}`, or,
     /// when it has a `choices` key, a whole chunk sent exactly as given.
     /// `delay` comes before each event; then a chunk with an empty delta
-    /// and `"finish_reason": finish`, then `data: [DONE]\n\n`, then close.
+    /// and `"finish_reason": finish`, then `data: [DONE]\n\n`, then the end
+    /// of the response as for [`Reply::Stream`].
     /// Build the events with [`Script`].
     Events {
         events: Vec<Value>,
@@ -302,14 +356,21 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// Listens on 127.0.0.1:0; one thread accepts, one thread per connection.
+    /// Listens on 127.0.0.1:0; one thread accepts, one thread per
+    /// connection; one request per connection ([`Connections::Close`]).
     pub fn start() -> Upstream {
+        Upstream::start_with(Connections::Close)
+    }
+
+    /// Like [`Upstream::start`], treating connections as `connections` says.
+    pub fn start_with(connections: Connections) -> Upstream {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind the upstream");
         let addr = listener.local_addr().expect("upstream address");
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
             changed: Condvar::new(),
             stopped: AtomicBool::new(false),
+            connections,
         });
         let acceptor = {
             let shared = Arc::clone(&shared);
@@ -364,6 +425,12 @@ impl Upstream {
     pub fn wait_requests(&self, n: usize, timeout: Duration) -> bool {
         self.shared.wait_until(timeout, |s| s.requests.len() >= n)
     }
+
+    /// How many TCP connections the server has accepted so far, whether or
+    /// not a request came on them.
+    pub fn connections(&self) -> usize {
+        self.shared.lock().connections
+    }
 }
 
 impl Drop for Upstream {
@@ -387,6 +454,8 @@ struct Shared {
     /// Notified whenever a request is recorded or a disconnect counted.
     changed: Condvar,
     stopped: AtomicBool,
+    /// Fixed when the server starts.
+    connections: Connections,
 }
 
 #[derive(Default)]
@@ -394,6 +463,8 @@ struct State {
     replies: VecDeque<Reply>,
     requests: Vec<Recorded>,
     disconnects: usize,
+    /// TCP connections accepted.
+    connections: usize,
 }
 
 impl Shared {
@@ -428,6 +499,11 @@ impl Shared {
         self.changed.notify_all();
     }
 
+    fn count_connection(&self) {
+        self.lock().connections += 1;
+        self.changed.notify_all();
+    }
+
     fn wait_until(&self, timeout: Duration, done: impl Fn(&State) -> bool) -> bool {
         let deadline = Instant::now() + timeout;
         let mut state = self.lock();
@@ -455,6 +531,7 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         }
         match accepted {
             Ok((stream, _)) => {
+                shared.count_connection();
                 let shared = Arc::clone(&shared);
                 // When no thread can be spawned the closure, and with it the
                 // socket, is dropped: the client sees the connection close.
@@ -490,7 +567,8 @@ impl From<io::Error> for BadRequest {
     }
 }
 
-/// One connection: exactly one request, one response, then close.
+/// One connection: a request, its response, then whatever
+/// [`Connections`] says (close, or the next request on it).
 fn serve(stream: TcpStream, shared: &Shared) {
     let _ = stream.set_nodelay(true);
     let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
@@ -499,26 +577,197 @@ fn serve(stream: TcpStream, shared: &Shared) {
         stream,
         buf: Vec::new(),
     };
-    let request = match read_request(&mut conn) {
-        Ok(request) => request,
-        Err(BadRequest::Gone) => return,
-        Err(BadRequest::Malformed(why)) => {
-            let body = json!({"error": {"message": why, "type": "bad_request"}}).to_string();
-            let head = head(400, "application/json", Some(body.len()), "");
-            if send(&mut conn.stream, format!("{head}{body}").as_bytes()).is_ok() {
-                close_gracefully(&mut conn.stream, shared);
+    loop {
+        let request = match read_request(&mut conn) {
+            Ok(request) => request,
+            Err(BadRequest::Gone) => return,
+            Err(BadRequest::Malformed(why)) => {
+                // Whatever the mode: after bytes that are not HTTP there is
+                // no telling where a next request would start.
+                let body = json!({"error": {"message": why, "type": "bad_request"}}).to_string();
+                let head = head(
+                    400,
+                    "application/json",
+                    Framing::Length(body.len()),
+                    "",
+                    true,
+                );
+                if send(&mut conn.stream, format!("{head}{body}").as_bytes()).is_ok() {
+                    close_gracefully(&mut conn.stream, shared);
+                }
+                return;
             }
-            return;
+        };
+        let last = request
+            .header("connection")
+            .is_some_and(|v| v.eq_ignore_ascii_case("close"));
+        let reply = shared.record(request);
+        let mut out = Out {
+            stream: &mut conn.stream,
+            shared,
+        };
+        match respond(&mut out, reply) {
+            Ok(Sent::Whole) => {}
+            // The reply itself ends the connection: drop the socket.
+            Ok(Sent::Cut) | Err(End::Stopped) => return,
+            Err(End::Abandoned) => {
+                shared.count_disconnect();
+                return;
+            }
         }
-    };
-    let reply = shared.record(request);
-    match respond(&mut conn.stream, reply, shared) {
-        Ok(()) | Err(End::Stopped) => {}
-        Err(End::Abandoned) => shared.count_disconnect(),
+        match shared.connections {
+            Connections::Close => {
+                close_gracefully(&mut conn.stream, shared);
+                return;
+            }
+            Connections::KeepAlive if last => {
+                close_gracefully(&mut conn.stream, shared);
+                return;
+            }
+            Connections::KeepAlive => {
+                if !next_request_arrives(&mut conn, shared) {
+                    return;
+                }
+            }
+            // Returning drops (closes) the socket; the client has sent
+            // nothing since its request, so the close is a plain FIN.
+            Connections::CloseAfterResponse => return,
+            Connections::CloseOnNextRequest => {
+                // Whether a request came, the client closed or the wait
+                // ran out, the socket is closed unread: with a request in
+                // it, the close is a reset.
+                let _ = next_request_arrives(&mut conn, shared);
+                return;
+            }
+        }
     }
 }
 
-fn respond(stream: &mut TcpStream, reply: Reply, shared: &Shared) -> Result<(), End> {
+/// Waits on a kept connection until the client's next request starts
+/// arriving (true), or the client closes, the server stops or
+/// [`KEPT_WAIT`] passes (false). Reads nothing: the request stays for
+/// [`read_request`].
+fn next_request_arrives(conn: &mut Conn, shared: &Shared) -> bool {
+    if !conn.buf.is_empty() {
+        return true;
+    }
+    if conn.stream.set_read_timeout(Some(POLL)).is_err() {
+        return false;
+    }
+    let deadline = Instant::now() + KEPT_WAIT;
+    let mut probe = [0u8; 1];
+    let arrived = loop {
+        if shared.is_stopped() || Instant::now() >= deadline {
+            break false;
+        }
+        match conn.stream.peek(&mut probe) {
+            Ok(0) => break false,
+            Ok(_) => break true,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                ) => {}
+            Err(_) => break false,
+        }
+    };
+    arrived && conn.stream.set_read_timeout(Some(IO_TIMEOUT)).is_ok()
+}
+
+/// How a response went out.
+enum Sent {
+    /// Complete: the connection may carry another request.
+    Whole,
+    /// Cut short on purpose (a reset or a stall): the connection ends.
+    Cut,
+}
+
+/// Writes one response in the framing the server's [`Connections`] mode
+/// calls for.
+struct Out<'a> {
+    stream: &'a mut TcpStream,
+    shared: &'a Shared,
+}
+
+impl Out<'_> {
+    /// Whether event streams are chunked (and responses keep the
+    /// connection) rather than read to the close.
+    fn chunked(&self) -> bool {
+        !self.shared.connections.closes()
+    }
+
+    /// The head of a 200 event stream.
+    fn open_stream(&mut self) -> Result<(), End> {
+        let framing = if self.chunked() {
+            Framing::Chunked
+        } else {
+            Framing::ToClose
+        };
+        let close = !self.chunked();
+        send(
+            self.stream,
+            head(200, "text/event-stream", framing, "", close).as_bytes(),
+        )
+    }
+
+    /// One server-sent event carrying `value`; in a chunked stream, in a
+    /// chunk of its own.
+    fn event(&mut self, value: &Value) -> Result<(), End> {
+        self.data(format!("data: {value}\n\n").as_bytes())
+    }
+
+    /// Stream bytes, as one chunk when chunked.
+    fn data(&mut self, bytes: &[u8]) -> Result<(), End> {
+        if self.chunked() {
+            let mut framed = format!("{:x}\r\n", bytes.len()).into_bytes();
+            framed.extend_from_slice(bytes);
+            framed.extend_from_slice(b"\r\n");
+            send(self.stream, &framed)
+        } else {
+            send(self.stream, bytes)
+        }
+    }
+
+    /// The end of a complete stream: the last chunk when chunked (a stream
+    /// read to the close ends with the close).
+    fn close_stream(&mut self) -> Result<(), End> {
+        if self.chunked() {
+            send(self.stream, b"0\r\n\r\n")
+        } else {
+            Ok(())
+        }
+    }
+
+    /// A whole response with a `Content-Length`.
+    fn whole(
+        &mut self,
+        status: u16,
+        content_type: &str,
+        body: &str,
+        extra: &str,
+    ) -> Result<(), End> {
+        let close = !self.chunked();
+        let head = head(
+            status,
+            content_type,
+            Framing::Length(body.len()),
+            extra,
+            close,
+        );
+        send(self.stream, format!("{head}{body}").as_bytes())
+    }
+
+    /// One content chunk per token, each after `delay`.
+    fn tokens(&mut self, tokens: &[String], delay: Duration) -> Result<(), End> {
+        for token in tokens {
+            pause(delay, self.shared)?;
+            self.event(&chunk(json!({"content": token}), Value::Null))?;
+        }
+        Ok(())
+    }
+}
+
+fn respond(out: &mut Out<'_>, reply: Reply) -> Result<Sent, End> {
     match reply {
         Reply::Stream {
             tokens,
@@ -526,9 +775,9 @@ fn respond(stream: &mut TcpStream, reply: Reply, shared: &Shared) -> Result<(), 
             finish,
             usage,
         } => {
-            send(stream, head(200, "text/event-stream", None, "").as_bytes())?;
-            send_tokens(stream, &tokens, delay, shared)?;
-            send(stream, &event(&chunk(json!({}), json!(finish))))?;
+            out.open_stream()?;
+            out.tokens(&tokens, delay)?;
+            out.event(&chunk(json!({}), json!(finish)))?;
             if let Some((prompt, completion)) = usage {
                 let usage = json!({
                     "id": "chatcmpl-test",
@@ -540,11 +789,11 @@ fn respond(stream: &mut TcpStream, reply: Reply, shared: &Shared) -> Result<(), 
                         "total_tokens": prompt + completion,
                     },
                 });
-                send(stream, &event(&usage))?;
+                out.event(&usage)?;
             }
-            send(stream, b"data: [DONE]\n\n")?;
-            close_gracefully(stream, shared);
-            Ok(())
+            out.data(b"data: [DONE]\n\n")?;
+            out.close_stream()?;
+            Ok(Sent::Whole)
         }
         Reply::Error {
             status,
@@ -555,50 +804,47 @@ fn respond(stream: &mut TcpStream, reply: Reply, shared: &Shared) -> Result<(), 
             let extra = retry_after
                 .map(|seconds| format!("Retry-After: {seconds}\r\n"))
                 .unwrap_or_default();
-            let head = head(status, "application/json", Some(body.len()), &extra);
-            send(stream, format!("{head}{body}").as_bytes())?;
-            close_gracefully(stream, shared);
-            Ok(())
+            out.whole(status, "application/json", &body, &extra)?;
+            Ok(Sent::Whole)
         }
         Reply::ResetAfter { tokens, delay } => {
-            send(stream, head(200, "text/event-stream", None, "").as_bytes())?;
-            send_tokens(stream, &tokens, delay, shared)?;
-            // Returning drops the socket mid-stream. A plain close (FIN)
-            // rather than SO_LINGER 0 (std cannot set it): the client still
-            // gets every token it was sent, then an end without `[DONE]`.
-            Ok(())
+            out.open_stream()?;
+            out.tokens(&tokens, delay)?;
+            // The connection is dropped mid-stream (no last chunk when
+            // chunked). A plain close (FIN) rather than SO_LINGER 0 (std
+            // cannot set it): the client still gets every token it was
+            // sent, then an end without `[DONE]`.
+            Ok(Sent::Cut)
         }
         Reply::StallAfter { tokens } => {
-            send(stream, head(200, "text/event-stream", None, "").as_bytes())?;
-            send_tokens(stream, &tokens, Duration::ZERO, shared)?;
-            stall(stream, shared)
+            out.open_stream()?;
+            out.tokens(&tokens, Duration::ZERO)?;
+            stall(out.stream, out.shared)?;
+            Ok(Sent::Cut)
         }
         Reply::Events {
             events,
             delay,
             finish,
         } => {
-            send(stream, head(200, "text/event-stream", None, "").as_bytes())?;
+            out.open_stream()?;
             for value in events {
-                pause(delay, shared)?;
+                pause(delay, out.shared)?;
                 let chunk = if value.get("choices").is_some() {
                     value
                 } else {
                     chunk(value, Value::Null)
                 };
-                send(stream, &event(&chunk))?;
+                out.event(&chunk)?;
             }
-            send(stream, &event(&chunk(json!({}), json!(finish))))?;
-            send(stream, b"data: [DONE]\n\n")?;
-            close_gracefully(stream, shared);
-            Ok(())
+            out.event(&chunk(json!({}), json!(finish)))?;
+            out.data(b"data: [DONE]\n\n")?;
+            out.close_stream()?;
+            Ok(Sent::Whole)
         }
         Reply::Json { status, body } => {
-            let body = body.to_string();
-            let head = head(status, "application/json", Some(body.len()), "");
-            send(stream, format!("{head}{body}").as_bytes())?;
-            close_gracefully(stream, shared);
-            Ok(())
+            out.whole(status, "application/json", &body.to_string(), "")?;
+            Ok(Sent::Whole)
         }
     }
 }
@@ -610,23 +856,6 @@ fn chunk(delta: Value, finish_reason: Value) -> Value {
         "object": "chat.completion.chunk",
         "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
     })
-}
-
-/// One content chunk per token, each after `delay`.
-fn send_tokens(
-    stream: &mut TcpStream,
-    tokens: &[String],
-    delay: Duration,
-    shared: &Shared,
-) -> Result<(), End> {
-    for token in tokens {
-        pause(delay, shared)?;
-        send(
-            stream,
-            &event(&chunk(json!({"content": token}), Value::Null)),
-        )?;
-    }
-    Ok(())
 }
 
 /// Keeps the socket open and silent until the client leaves, the server
@@ -709,23 +938,34 @@ fn close_gracefully(stream: &mut TcpStream, shared: &Shared) {
     }
 }
 
-/// One server-sent event carrying `value`.
-fn event(value: &Value) -> Vec<u8> {
-    format!("data: {value}\n\n").into_bytes()
+/// How the end of a response body is found.
+enum Framing {
+    /// `Content-Length: N`.
+    Length(usize),
+    /// `Transfer-Encoding: chunked`, ended by the last (empty) chunk.
+    Chunked,
+    /// Neither: the body runs until the socket closes.
+    ToClose,
 }
 
-/// A response head; without `length` the body runs until the socket closes.
-fn head(status: u16, content_type: &str, length: Option<usize>, extra: &str) -> String {
+/// A response head, with `Connection: close` when `close`.
+fn head(status: u16, content_type: &str, framing: Framing, extra: &str, close: bool) -> String {
     let mut head = format!(
         "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\n",
         reason(status)
     );
-    match length {
-        Some(n) => head.push_str(&format!("Content-Length: {n}\r\n")),
-        None => head.push_str("Cache-Control: no-cache\r\n"),
+    match framing {
+        Framing::Length(n) => head.push_str(&format!("Content-Length: {n}\r\n")),
+        Framing::Chunked => {
+            head.push_str("Cache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n")
+        }
+        Framing::ToClose => head.push_str("Cache-Control: no-cache\r\n"),
     }
     head.push_str(extra);
-    head.push_str("Connection: close\r\n\r\n");
+    if close {
+        head.push_str("Connection: close\r\n");
+    }
+    head.push_str("\r\n");
     head
 }
 
