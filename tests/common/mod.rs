@@ -5,7 +5,9 @@
 
 pub mod browser;
 pub mod redis_server;
+pub mod tool_rounds;
 pub mod upstream;
+pub mod upstream_probe;
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
