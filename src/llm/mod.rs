@@ -14,6 +14,7 @@
 mod openai;
 mod simulated;
 pub mod sse;
+mod stream;
 mod tool_calls;
 
 use std::sync::Arc;
@@ -96,6 +97,9 @@ pub struct Turn {
     /// Which of the provider's endpoints served the round (0 for a
     /// provider with one).
     pub endpoint: usize,
+    /// What the model said in a round that offered tools (it goes back to
+    /// the model with the round's tool calls); empty otherwise.
+    pub said: String,
 }
 
 impl Turn {
@@ -105,6 +109,7 @@ impl Turn {
             end,
             tool_calls: Vec::new(),
             endpoint: 0,
+            said: String::new(),
         }
     }
 }
@@ -119,6 +124,11 @@ pub enum StreamEnd {
     /// [`AbortSignal::abort`] or the token callback stopped it.
     Aborted,
 }
+
+/// Where a round's content goes, token by token: the generation's
+/// broadcast. Owned and `Sync`, because a provider may call it from a
+/// thread of its own (the upstream reader) rather than the calling worker.
+pub type TokenSink = Arc<dyn Fn(&str) -> Flow + Send + Sync>;
 
 /// Whether the provider should go on after a token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -197,16 +207,16 @@ pub trait Provider: Send + Sync {
         Vec::new()
     }
 
-    /// Runs one round: streams the answer to `ask.prompt`, calling
-    /// `on_token` with each piece of content as soon as it exists, and
-    /// returns the tool calls the model made, if any. Blocks until the
-    /// round ends. Must return within one token interval after `abort`
+    /// Runs one round: streams the answer to `ask.prompt`, handing each
+    /// piece of content to `sink` as soon as it exists, and returns the
+    /// tool calls the model made, if any. Blocks the calling worker until
+    /// the round ends. Must return within one token interval after `abort`
     /// fires.
     fn stream(
         &self,
         ask: &Ask<'_>,
         abort: &AbortSignal,
-        on_token: &mut dyn FnMut(&str) -> Flow,
+        sink: &TokenSink,
     ) -> Result<Turn, LlmError>;
 }
 

@@ -34,27 +34,21 @@
 //! Threads: one [`OpenAi`] is shared by every streaming worker; a call runs
 //! entirely on the calling worker; the counters are atomics.
 
-use std::borrow::Cow;
 use std::io::Read;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use serde::Deserialize;
 use serde_json::{json, Value};
 use ureq::Agent;
 
-use super::sse::SseParser;
+use super::stream::{error_message, CallError, Fed, StreamState};
 use super::{
-    AbortSignal, Ask, CallAssembler, EndpointStats, Flow, LlmError, Prompt, PromptMessage,
-    Provider, StreamEnd, ToolSpec, Turn,
+    AbortSignal, Ask, EndpointStats, LlmError, Prompt, PromptMessage, Provider, StreamEnd,
+    TokenSink, ToolSpec, Turn,
 };
 
-/// Longest event-stream line accepted from an upstream.
-const MAX_SSE_LINE: usize = 1 << 20;
 /// Most bytes of an error body read to find its message.
 const MAX_ERROR_BODY: u64 = 64 * 1024;
-/// Most bytes of an upstream message passed on to clients.
-const MAX_MESSAGE_CHARS: usize = 500;
 /// Largest streamed response read at all.
 const MAX_STREAM_BYTES: u64 = 256 << 20;
 
@@ -141,104 +135,6 @@ pub struct OpenAi {
     retry: RetryPolicy,
     connect_timeout: Duration,
     read_timeout: Duration,
-}
-
-/// How one failed call may go on.
-struct CallError {
-    error: LlmError,
-    /// Worth another try on the same endpoint.
-    retryable: bool,
-    /// What the upstream asked for with `Retry-After`.
-    retry_after: Option<Duration>,
-    /// The upstream refused the call because of its `tools` field.
-    rejects_tools: bool,
-    /// The connection failed before any answer came back: on a kept
-    /// connection, the upstream had closed it.
-    unanswered: bool,
-}
-
-impl CallError {
-    fn fatal(error: LlmError) -> CallError {
-        CallError {
-            error,
-            retryable: false,
-            retry_after: None,
-            rejects_tools: false,
-            unanswered: false,
-        }
-    }
-
-    fn retryable(error: LlmError) -> CallError {
-        CallError {
-            retryable: true,
-            ..CallError::fatal(error)
-        }
-    }
-
-    /// A broken stream is as good as a failed connect while nothing of it
-    /// reached anyone; after that it must not be tried again.
-    fn broken(error: LlmError, emitted: bool) -> CallError {
-        if emitted {
-            CallError::fatal(error)
-        } else {
-            CallError::retryable(error)
-        }
-    }
-}
-
-/// One chunk of a chat completion stream, borrowed from its text: only
-/// what chorus reads, so a chunk costs no map and, for content without
-/// escapes, no string copy.
-#[derive(Deserialize)]
-struct Chunk<'a> {
-    #[serde(default, borrow)]
-    choices: Vec<Choice<'a>>,
-    #[serde(default)]
-    usage: Option<Usage>,
-    #[serde(default)]
-    error: Option<Value>,
-}
-
-#[derive(Deserialize)]
-struct Choice<'a> {
-    #[serde(default, borrow)]
-    delta: Option<Delta<'a>>,
-    #[serde(default, borrow)]
-    finish_reason: Option<Cow<'a, str>>,
-}
-
-#[derive(Deserialize)]
-struct Delta<'a> {
-    #[serde(default, borrow)]
-    content: Option<Cow<'a, str>>,
-    #[serde(default, borrow)]
-    tool_calls: Option<Vec<CallDelta<'a>>>,
-}
-
-#[derive(Deserialize)]
-struct CallDelta<'a> {
-    #[serde(default)]
-    index: Option<u64>,
-    #[serde(default, borrow)]
-    id: Option<Cow<'a, str>>,
-    #[serde(default, borrow)]
-    function: Option<FunctionDelta<'a>>,
-}
-
-#[derive(Deserialize)]
-struct FunctionDelta<'a> {
-    #[serde(default, borrow)]
-    name: Option<Cow<'a, str>>,
-    #[serde(default, borrow)]
-    arguments: Option<Cow<'a, str>>,
-}
-
-#[derive(Deserialize)]
-struct Usage {
-    #[serde(default)]
-    prompt_tokens: Option<u64>,
-    #[serde(default)]
-    completion_tokens: Option<u64>,
 }
 
 impl OpenAi {
@@ -386,11 +282,11 @@ impl OpenAi {
         counters: &Counters,
         ask: &Ask<'_>,
         emitted: &mut bool,
-        on_token: &mut dyn FnMut(&str) -> Flow,
+        sink: &TokenSink,
     ) -> Result<Turn, CallError> {
         let refused = counters.tools_refused.load(Ordering::Relaxed);
         let tools = if refused { &[][..] } else { ask.tools };
-        match self.stream_once(agent, endpoint, counters, ask, tools, emitted, on_token) {
+        match self.stream_once(agent, endpoint, counters, ask, tools, emitted, sink) {
             Err(failure) if failure.rejects_tools && !tools.is_empty() => {
                 counters.failures.fetch_add(1, Ordering::Relaxed);
                 if !counters.tools_refused.swap(true, Ordering::Relaxed) {
@@ -399,14 +295,14 @@ impl OpenAi {
                         scrub(failure.error, endpoint)
                     );
                 }
-                self.stream_once(agent, endpoint, counters, ask, &[], emitted, on_token)
+                self.stream_once(agent, endpoint, counters, ask, &[], emitted, sink)
             }
             other => other,
         }
     }
 
-    /// One HTTP call to `endpoint`, streaming its answer into `on_token`
-    /// and assembling the tool calls it makes.
+    /// One HTTP call to `endpoint`, streaming its answer into `sink` and
+    /// assembling the tool calls it makes.
     #[allow(clippy::too_many_arguments)]
     fn stream_once(
         &self,
@@ -416,7 +312,7 @@ impl OpenAi {
         ask: &Ask<'_>,
         tools: &[ToolSpec],
         emitted: &mut bool,
-        on_token: &mut dyn FnMut(&str) -> Flow,
+        sink: &TokenSink,
     ) -> Result<Turn, CallError> {
         counters.calls.fetch_add(1, Ordering::Relaxed);
         let name = &endpoint.name;
@@ -439,104 +335,38 @@ impl OpenAi {
             .into_with_config()
             .limit(MAX_STREAM_BYTES)
             .reader();
-        let mut parser = SseParser::new(MAX_SSE_LINE);
-        let mut calls = CallAssembler::new(ask.limits);
-        let mut finish: Option<String> = None;
-        let mut done = false;
-        let mut events = Vec::new();
+        let mut state =
+            StreamState::new(name, ask.limits, sink.clone(), *emitted, !tools.is_empty());
         let mut buf = vec![0u8; 8 * 1024];
-        while !done {
+        let outcome = loop {
             let n = match reader.read(&mut buf) {
-                Ok(0) => break,
+                Ok(0) => break Ok(()),
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) if is_timeout(&e) => {
-                    return Err(CallError::fatal(LlmError::Timeout(format!(
-                        "{name} sent nothing for {} ms",
-                        self.read_timeout.as_millis()
-                    ))))
-                }
-                Err(e) => {
-                    let error = LlmError::Upstream(format!("the stream from {name} broke: {e}"));
-                    return Err(CallError::broken(error, *emitted));
-                }
+                Err(e) if is_timeout(&e) => break Err(state.timed_out(self.read_timeout)),
+                Err(e) => break Err(state.broke(&e)),
             };
-            parser
-                .feed(&buf[..n], &mut |event| events.push(event))
-                .map_err(|e| {
-                    CallError::fatal(LlmError::Upstream(format!("{name} sent a bad stream: {e}")))
-                })?;
-            for event in events.drain(..) {
-                if event.data == "[DONE]" {
-                    done = true;
-                    break;
-                }
-                let chunk: Chunk<'_> = serde_json::from_str(&event.data).map_err(|e| {
-                    CallError::fatal(LlmError::Upstream(format!(
-                        "{name} sent a chunk that is not a chat completion chunk: {e}"
-                    )))
-                })?;
-                if let Some(error) = chunk.error {
-                    return Err(CallError::fatal(LlmError::Upstream(format!(
-                        "{name} reported an error mid-stream: {}",
-                        error_message(&error.to_string())
-                    ))));
-                }
-                if let Some(usage) = &chunk.usage {
-                    count_usage(counters, usage);
-                }
-                let Some(choice) = chunk.choices.into_iter().next() else {
-                    continue;
-                };
-                if let Some(delta) = choice.delta {
-                    for call in delta.tool_calls.into_iter().flatten() {
-                        let function = call.function.as_ref();
-                        calls.push(
-                            call.index,
-                            call.id.as_deref(),
-                            function.and_then(|f| f.name.as_deref()),
-                            function.and_then(|f| f.arguments.as_deref()),
-                        );
-                    }
-                    if let Some(text) = delta.content.filter(|t| !t.is_empty()) {
-                        *emitted = true;
-                        if on_token(&text) == Flow::Stop {
-                            // Dropping the reader closes the connection.
-                            return Ok(Turn::answer(StreamEnd::Aborted));
+            match state.feed(&buf[..n]) {
+                Ok(Fed::More) => {}
+                Ok(Fed::Done) => {
+                    // The rest of the body (the chunked encoding's last
+                    // chunk) is read so that the connection can be kept.
+                    while let Ok(n) = reader.read(&mut buf) {
+                        if n == 0 {
+                            break;
                         }
                     }
+                    break Ok(());
                 }
-                if let Some(reason) = choice.finish_reason {
-                    finish = Some(reason.into_owned());
-                }
-            }
-        }
-        if done {
-            // The rest of the body (the chunked encoding's last chunk) is read
-            // so that the connection goes back to the agent's pool.
-            while let Ok(n) = reader.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-            }
-        }
-        let end = match finish.as_deref() {
-            Some("length") => StreamEnd::Length,
-            Some(_) => StreamEnd::Stop,
-            // `[DONE]` without a finish reason: some servers skip it.
-            None if done => StreamEnd::Stop,
-            None => {
-                let error = LlmError::Upstream(format!(
-                    "the stream from {name} ended before the answer was complete"
-                ));
-                return Err(CallError::broken(error, *emitted));
+                // Dropping the reader closes the connection.
+                Ok(Fed::Stopped) => break Ok(()),
+                Err(failure) => break Err(failure),
             }
         };
-        Ok(Turn {
-            end,
-            tool_calls: calls.finish(),
-            endpoint: 0,
-        })
+        *emitted = state.emitted();
+        count_usage(counters, state.usage);
+        outcome?;
+        state.end()
     }
 }
 
@@ -564,7 +394,7 @@ impl Provider for OpenAi {
         &self,
         ask: &Ask<'_>,
         abort: &AbortSignal,
-        on_token: &mut dyn FnMut(&str) -> Flow,
+        sink: &TokenSink,
     ) -> Result<Turn, LlmError> {
         let emitted = std::cell::Cell::new(ask.committed);
         let mut last = LlmError::Upstream("no upstream endpoint is configured".into());
@@ -577,7 +407,7 @@ impl Provider for OpenAi {
                 &|| !emitted.get(),
                 &mut |agent| {
                     let mut sent = emitted.get();
-                    let result = self.round(agent, endpoint, counters, ask, &mut sent, on_token);
+                    let result = self.round(agent, endpoint, counters, ask, &mut sent, sink);
                     emitted.set(sent);
                     result
                 },
@@ -603,14 +433,13 @@ impl Provider for OpenAi {
     }
 }
 
-/// Adds the token usage an upstream reported to the endpoint's counters.
-fn count_usage(counters: &Counters, usage: &Usage) {
-    counters
-        .prompt_tokens
-        .fetch_add(usage.prompt_tokens.unwrap_or(0), Ordering::Relaxed);
+/// Adds the token usage an upstream reported (prompt, completion) to the
+/// endpoint's counters.
+fn count_usage(counters: &Counters, (prompt, completion): (u64, u64)) {
+    counters.prompt_tokens.fetch_add(prompt, Ordering::Relaxed);
     counters
         .completion_tokens
-        .fetch_add(usage.completion_tokens.unwrap_or(0), Ordering::Relaxed);
+        .fetch_add(completion, Ordering::Relaxed);
 }
 
 /// The streamed chat completion request for `prompt`, offering `tools`
@@ -739,33 +568,6 @@ fn is_timeout(e: &std::io::Error) -> bool {
             .is_some_and(|u| matches!(u, ureq::Error::Timeout(_)))
 }
 
-/// The human part of an upstream error body: OpenAI's `error.message`, a
-/// bare `error` string, or the text itself, shortened.
-fn error_message(text: &str) -> String {
-    let parsed: Option<Value> = serde_json::from_str(text).ok();
-    let message = parsed
-        .as_ref()
-        .and_then(|v| {
-            v.pointer("/error/message")
-                .or_else(|| v.get("message"))
-                .or_else(|| v.get("error"))
-                .or_else(|| v.get("detail"))
-        })
-        .and_then(Value::as_str)
-        .map(str::to_owned)
-        .unwrap_or_else(|| text.trim().to_owned());
-    let message = if message.is_empty() {
-        "(no message)".to_owned()
-    } else {
-        message
-    };
-    let mut short: String = message.chars().take(MAX_MESSAGE_CHARS).collect();
-    if short.len() < message.len() {
-        short.push('…');
-    }
-    short
-}
-
 /// Removes the endpoint's API key from an error message: upstreams echo
 /// headers back surprisingly often.
 fn scrub(error: LlmError, endpoint: &Endpoint) -> LlmError {
@@ -798,19 +600,6 @@ mod tests {
             let late = policy.delay(30);
             assert!(late >= Duration::from_millis(500) && late <= Duration::from_millis(1000));
         }
-    }
-
-    #[test]
-    fn error_messages_are_found_and_shortened() {
-        assert_eq!(
-            error_message(r#"{"error":{"message":"model not found","type":"x"}}"#),
-            "model not found"
-        );
-        assert_eq!(error_message(r#"{"error":"overloaded"}"#), "overloaded");
-        assert_eq!(error_message("  Bad Gateway  "), "Bad Gateway");
-        assert_eq!(error_message(""), "(no message)");
-        let long = "x".repeat(2000);
-        assert_eq!(error_message(&long).chars().count(), MAX_MESSAGE_CHARS + 1);
     }
 
     #[test]

@@ -16,7 +16,8 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 
 use super::{
-    AbortSignal, Ask, Flow, LlmError, Prompt, Provider, StreamEnd, ToolCall, ToolSpec, Turn,
+    AbortSignal, Ask, Flow, LlmError, Prompt, Provider, StreamEnd, TokenSink, ToolCall, ToolSpec,
+    Turn,
 };
 
 /// Timing and length of simulated answers (`[llm.simulated]`).
@@ -236,7 +237,7 @@ impl Provider for Simulated {
         &self,
         ask: &Ask<'_>,
         abort: &AbortSignal,
-        on_token: &mut dyn FnMut(&str) -> Flow,
+        sink: &TokenSink,
     ) -> Result<Turn, LlmError> {
         let prompt = ask.prompt;
         // Tools are chosen only for a question no tool has answered yet:
@@ -267,10 +268,12 @@ impl Provider for Simulated {
             if abort.sleep(delay) {
                 return Ok(Turn::answer(StreamEnd::Aborted));
             }
-            if on_token(token) == Flow::Stop {
+            if sink(token) == Flow::Stop {
                 return Ok(Turn::answer(StreamEnd::Aborted));
             }
         }
+        // Tools offered and none called: what it said is its answer; the
+        // pipeline needs it back only with tool calls, so none is kept.
         Ok(Turn::answer(StreamEnd::Stop))
     }
 }
@@ -279,6 +282,9 @@ impl Provider for Simulated {
 mod tests {
     use super::*;
     use crate::llm::PromptMessage;
+    use parking_lot::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
     use std::time::Instant;
 
     fn prompt(text: &str, max_tokens: u32) -> Prompt {
@@ -309,14 +315,21 @@ mod tests {
         }
     }
 
+    /// A sink that keeps what it gets, and a handle to read it.
+    fn collector() -> (TokenSink, Arc<Mutex<Vec<String>>>) {
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let kept = got.clone();
+        let sink: TokenSink = Arc::new(move |t: &str| {
+            kept.lock().push(t.to_owned());
+            Flow::Continue
+        });
+        (sink, got)
+    }
+
     fn run(s: &Simulated, p: &Prompt) -> (Vec<String>, StreamEnd) {
-        let mut got = Vec::new();
-        let turn = s
-            .stream(&ask(p), &AbortSignal::new(), &mut |t| {
-                got.push(t.to_owned());
-                Flow::Continue
-            })
-            .unwrap();
+        let (sink, got) = collector();
+        let turn = s.stream(&ask(p), &AbortSignal::new(), &sink).unwrap();
+        let got = got.lock().clone();
         (got, turn.end)
     }
 
@@ -348,9 +361,8 @@ mod tests {
             other.abort();
         });
         let started = Instant::now();
-        let turn = s
-            .stream(&ask(&prompt("x", 5000)), &abort, &mut |_| Flow::Continue)
-            .unwrap();
+        let sink: TokenSink = Arc::new(|_: &str| Flow::Continue);
+        let turn = s.stream(&ask(&prompt("x", 5000)), &abort, &sink).unwrap();
         assert_eq!(turn.end, StreamEnd::Aborted);
         assert!(started.elapsed() < Duration::from_secs(5));
         t.join().unwrap();
@@ -358,18 +370,22 @@ mod tests {
 
     #[test]
     fn callback_can_stop() {
-        let mut n = 0;
+        let n = Arc::new(AtomicUsize::new(0));
+        let counted = n.clone();
+        let sink: TokenSink = Arc::new(move |_: &str| {
+            if counted.fetch_add(1, Ordering::SeqCst) + 1 == 3 {
+                Flow::Stop
+            } else {
+                Flow::Continue
+            }
+        });
         let turn = sim(10, 0)
-            .stream(&ask(&prompt("x", 100)), &AbortSignal::new(), &mut |_| {
-                n += 1;
-                if n == 3 {
-                    Flow::Stop
-                } else {
-                    Flow::Continue
-                }
-            })
+            .stream(&ask(&prompt("x", 100)), &AbortSignal::new(), &sink)
             .unwrap();
-        assert_eq!((n, turn.end), (3, StreamEnd::Aborted));
+        assert_eq!(
+            (n.load(Ordering::SeqCst), turn.end),
+            (3, StreamEnd::Aborted)
+        );
     }
 
     #[test]
@@ -381,7 +397,7 @@ mod tests {
         }];
         let s = sim(6, 0);
         let mut p = prompt("calculate 2+3*4", 100);
-        let mut tokens = 0;
+        let (sink, tokens) = collector();
         let first = s
             .stream(
                 &Ask {
@@ -389,13 +405,10 @@ mod tests {
                     ..ask(&p)
                 },
                 &AbortSignal::new(),
-                &mut |_| {
-                    tokens += 1;
-                    Flow::Continue
-                },
+                &sink,
             )
             .unwrap();
-        assert_eq!(tokens, 0);
+        assert!(tokens.lock().is_empty());
         assert_eq!(first.tool_calls.len(), 1);
         let call = first.tool_calls[0].clone();
         p.messages.push(PromptMessage {

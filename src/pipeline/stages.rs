@@ -20,7 +20,7 @@ use super::request::{Phase, Request, Source};
 use super::*;
 use crate::cache::{CachedAnswer, Key};
 use crate::history;
-use crate::llm::{Ask, CallLimits, Flow, Prompt, StreamEnd, ToolCall};
+use crate::llm::{Ask, CallLimits, Flow, Prompt, StreamEnd, TokenSink, ToolCall};
 use crate::outbox::Frame;
 use crate::protocol::{self, ErrorCode, Failure, Finish, Role, Stage};
 use crate::singleflight::{Claim, Leader};
@@ -404,7 +404,7 @@ impl Shared {
     /// calls, the last one without tools, so a model that keeps calling
     /// tools still has to answer.
     fn answer(
-        &self,
+        self: &Arc<Self>,
         generation: &Arc<Generation>,
         prompt: &mut Prompt,
         conversation: &str,
@@ -416,6 +416,18 @@ impl Shared {
             max_argument_bytes: config.max_argument_bytes,
         };
         let rounds = config.max_rounds.max(1);
+        let sink: TokenSink = {
+            let shared = self.clone();
+            let generation = generation.clone();
+            Arc::new(move |token: &str| {
+                if shared.publish(&generation, token) {
+                    Flow::Continue
+                } else {
+                    // The generation was ended from outside (timeout, cancel).
+                    Flow::Stop
+                }
+            })
+        };
         let mut round = 1;
         let mut endpoint = None;
         loop {
@@ -428,20 +440,8 @@ impl Shared {
                 committed: round > 1,
                 endpoint,
             };
-            // What the model says in a round that ends with tool calls goes
-            // back to it with those calls.
-            let mut said = String::new();
             self.metrics.upstream_calls.inc();
-            let result = self.provider.stream(&ask, &generation.abort, &mut |token| {
-                if !self.publish(generation, token) {
-                    // The generation was ended from outside (timeout, cancel).
-                    return Flow::Stop;
-                }
-                if !specs.is_empty() {
-                    said.push_str(token);
-                }
-                Flow::Continue
-            });
+            let result = self.provider.stream(&ask, &generation.abort, &sink);
             let turn = match result {
                 Ok(turn) => turn,
                 Err(e) => {
@@ -481,7 +481,7 @@ impl Shared {
             }
             prompt
                 .messages
-                .extend(crate::tools::round_messages(said, &results));
+                .extend(crate::tools::round_messages(turn.said, &results));
             // The tools' time is not the upstream's silence.
             generation.mark_progress();
             round += 1;
