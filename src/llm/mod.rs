@@ -11,7 +11,10 @@
 //! notice [`AbortSignal::abort`] within one token interval, which is how the
 //! janitor, cancellation and shutdown stop an upstream call that nobody needs.
 
+mod direct;
+pub(crate) mod http1;
 mod openai;
+mod reader;
 mod simulated;
 pub mod sse;
 mod stream;

@@ -41,7 +41,8 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use ureq::Agent;
 
-use super::stream::{error_message, CallError, Fed, StreamState};
+use super::direct::Direct;
+use super::stream::{status_failure, CallError, Fed, StreamState};
 use super::{
     AbortSignal, Ask, EndpointStats, LlmError, Prompt, PromptMessage, Provider, StreamEnd,
     TokenSink, ToolSpec, Turn,
@@ -125,12 +126,31 @@ thread_local! {
 /// Tells providers apart in [`AGENTS`].
 static NEXT_PROVIDER_ID: AtomicU64 = AtomicU64::new(0);
 
+/// What one call needs to know.
+#[derive(Clone, Copy)]
+struct Call<'a> {
+    /// This worker's agent for the endpoint (for `https://`).
+    agent: &'a Agent,
+    /// The agent was used before: its connection may have been closed.
+    kept: bool,
+    /// The endpoint's position in `[[llm.providers]]`.
+    index: usize,
+    endpoint: &'a Endpoint,
+    counters: &'a Counters,
+    ask: &'a Ask<'a>,
+    sink: &'a TokenSink,
+    abort: &'a AbortSignal,
+}
+
 /// Size of the buffers of one upstream connection, each way.
 const BUFFER_SIZE: usize = 16 * 1024;
 
 /// The provider. See the module documentation.
 pub struct OpenAi {
     id: u64,
+    /// The upstream reader and kept connections for plain `http://`
+    /// endpoints; `None` when there are none (or the reader could not start).
+    direct: Option<Direct>,
     endpoints: Vec<(Endpoint, Counters)>,
     retry: RetryPolicy,
     connect_timeout: Duration,
@@ -144,9 +164,11 @@ impl OpenAi {
         retry: RetryPolicy,
         connect_timeout: Duration,
         read_timeout: Duration,
+        read_batch: Duration,
     ) -> OpenAi {
         OpenAi {
             id: NEXT_PROVIDER_ID.fetch_add(1, Ordering::Relaxed),
+            direct: Direct::start(endpoints.iter().map(|e| e.base_url.as_str()), read_batch),
             endpoints: endpoints
                 .into_iter()
                 .map(|e| (e, Counters::default()))
@@ -206,7 +228,7 @@ impl OpenAi {
         counters: &Counters,
         abort: &AbortSignal,
         retry_allowed: &dyn Fn() -> bool,
-        call: &mut dyn FnMut(&Agent) -> Result<T, CallError>,
+        call: &mut dyn FnMut(&Agent, bool) -> Result<T, CallError>,
     ) -> Result<Option<T>, LlmError> {
         let mut retry = 0;
         loop {
@@ -218,7 +240,7 @@ impl OpenAi {
                 let agent = agent.clone();
                 move || agent.shutdown()
             });
-            let result = call(&agent);
+            let result = call(&agent, reused);
             abort.forget(hook);
             // A hook that fired, even after the call, left the agent shut down.
             if abort.is_aborted() || result.is_err() {
@@ -231,7 +253,7 @@ impl OpenAi {
             if abort.is_aborted() {
                 return Ok(None);
             }
-            if reused && failure.unanswered {
+            if failure.unanswered {
                 // The kept connection was closed by the upstream while it
                 // lay idle (servers close kept connections when they
                 // please, some right after a streamed answer): the request
@@ -275,68 +297,92 @@ impl OpenAi {
     /// endpoint is known to refuse them. An endpoint that refuses them now
     /// is remembered and asked again at once without them, so only the
     /// first chat that finds out pays a second call.
-    fn round(
-        &self,
-        agent: &Agent,
-        endpoint: &Endpoint,
-        counters: &Counters,
-        ask: &Ask<'_>,
-        emitted: &mut bool,
-        sink: &TokenSink,
-    ) -> Result<Turn, CallError> {
+    fn round(&self, call: &Call<'_>, emitted: &mut bool) -> Result<Turn, CallError> {
+        let counters = call.counters;
         let refused = counters.tools_refused.load(Ordering::Relaxed);
-        let tools = if refused { &[][..] } else { ask.tools };
-        match self.stream_once(agent, endpoint, counters, ask, tools, emitted, sink) {
+        let tools = if refused { &[][..] } else { call.ask.tools };
+        match self.stream_once(call, tools, emitted) {
             Err(failure) if failure.rejects_tools && !tools.is_empty() => {
                 counters.failures.fetch_add(1, Ordering::Relaxed);
                 if !counters.tools_refused.swap(true, Ordering::Relaxed) {
                     log::warn!(
                         "{}; calling it without tools from now on",
-                        scrub(failure.error, endpoint)
+                        scrub(failure.error, call.endpoint)
                     );
                 }
-                self.stream_once(agent, endpoint, counters, ask, &[], emitted, sink)
+                self.stream_once(call, &[], emitted)
             }
             other => other,
         }
     }
 
-    /// One HTTP call to `endpoint`, streaming its answer into `sink` and
-    /// assembling the tool calls it makes.
-    #[allow(clippy::too_many_arguments)]
+    /// One HTTP call to the endpoint, streaming its answer into the sink
+    /// and assembling the tool calls it makes: over a kept connection read
+    /// by the upstream reader for a plain `http://` endpoint, with ureq
+    /// otherwise.
     fn stream_once(
         &self,
-        agent: &Agent,
-        endpoint: &Endpoint,
-        counters: &Counters,
-        ask: &Ask<'_>,
+        call: &Call<'_>,
         tools: &[ToolSpec],
         emitted: &mut bool,
-        sink: &TokenSink,
     ) -> Result<Turn, CallError> {
+        let Call {
+            endpoint,
+            counters,
+            ask,
+            ..
+        } = *call;
         counters.calls.fetch_add(1, Ordering::Relaxed);
         let name = &endpoint.name;
+        let model = endpoint.model.as_deref().unwrap_or(&ask.prompt.model);
+        let body = request_body(ask.prompt, model, tools);
+        let state = StreamState::new(
+            name,
+            ask.limits,
+            call.sink.clone(),
+            *emitted,
+            !tools.is_empty(),
+        );
+        let direct = self.direct.as_ref();
+        if let Some((direct, pool)) = direct.and_then(|d| d.pool(call.index).map(|p| (d, p))) {
+            let auth = endpoint.api_key.as_ref().map(|key| format!("Bearer {key}"));
+            let headers: Vec<(&str, &str)> = auth
+                .iter()
+                .map(|value| ("Authorization", value.as_str()))
+                .collect();
+            let body = serde_json::to_vec(&body).unwrap_or_default();
+            let called = direct.call(
+                pool,
+                name,
+                &headers,
+                &body,
+                self.connect_timeout,
+                self.read_timeout,
+                state,
+                call.abort,
+            );
+            *emitted = called.emitted;
+            count_usage(counters, called.usage);
+            return called.result;
+        }
         let url = format!(
             "{}/chat/completions",
             endpoint.base_url.trim_end_matches('/')
         );
-        let mut request = agent.post(&url).header("Accept", "text/event-stream");
+        let mut request = call.agent.post(&url).header("Accept", "text/event-stream");
         if let Some(key) = &endpoint.api_key {
             request = request.header("Authorization", &format!("Bearer {key}"));
         }
-        let model = endpoint.model.as_deref().unwrap_or(&ask.prompt.model);
-        let body = request_body(ask.prompt, model, tools);
         let mut response = request
             .send_json(&body)
-            .map_err(|e| connect_error(name, e))?;
+            .map_err(|e| connect_error(name, e, call.kept))?;
         check_status(name, &mut response)?;
+        let mut state = state;
         let mut reader = response
             .into_body()
             .into_with_config()
             .limit(MAX_STREAM_BYTES)
             .reader();
-        let mut state =
-            StreamState::new(name, ask.limits, sink.clone(), *emitted, !tools.is_empty());
         let mut buf = vec![0u8; 8 * 1024];
         let outcome = loop {
             let n = match reader.read(&mut buf) {
@@ -405,9 +451,19 @@ impl Provider for OpenAi {
                 counters,
                 abort,
                 &|| !emitted.get(),
-                &mut |agent| {
+                &mut |agent, kept| {
+                    let call = Call {
+                        agent,
+                        kept,
+                        index: i,
+                        endpoint,
+                        counters,
+                        ask,
+                        sink,
+                        abort,
+                    };
                     let mut sent = emitted.get();
-                    let result = self.round(agent, endpoint, counters, ask, &mut sent, sink);
+                    let result = self.round(&call, &mut sent);
                     emitted.set(sent);
                     result
                 },
@@ -528,30 +584,19 @@ fn check_status(
         .limit(MAX_ERROR_BODY)
         .read_to_string()
         .unwrap_or_default();
-    let message = error_message(&text);
-    // How servers without tool support answer a request that offers tools
-    // (llama.cpp's server without `--jinja`: "tools param requires
-    // --jinja flag"); a retry would only be refused again.
-    let rejects_tools = (400..600).contains(&status) && message.to_lowercase().contains("tool");
-    Err(CallError {
-        error: LlmError::Upstream(format!("{name} answered HTTP {status}: {message}")),
-        retryable: status == 429 || status >= 500,
-        retry_after,
-        rejects_tools,
-        unanswered: false,
-    })
+    Err(status_failure(name, status, retry_after, &text))
 }
 
 /// A failed request before any response: connect errors and timeouts are
 /// worth a retry, a malformed URL or a TLS misconfiguration is not.
-fn connect_error(name: &str, e: ureq::Error) -> CallError {
+fn connect_error(name: &str, e: ureq::Error, kept: bool) -> CallError {
     match e {
         ureq::Error::Timeout(_) => CallError::retryable(LlmError::Timeout(format!(
             "{name} did not answer in time: {e}"
         ))),
         ureq::Error::Io(_) | ureq::Error::ConnectionFailed | ureq::Error::HostNotFound => {
             CallError {
-                unanswered: true,
+                unanswered: kept,
                 ..CallError::retryable(LlmError::Upstream(format!("cannot reach {name}: {e}")))
             }
         }

@@ -35,8 +35,8 @@ pub(crate) struct CallError {
     pub retry_after: Option<Duration>,
     /// The upstream refused the call because of its `tools` field.
     pub rejects_tools: bool,
-    /// The connection failed before any answer came back: on a kept
-    /// connection, the upstream had closed it.
+    /// A kept connection failed before any answer came back: the upstream
+    /// had closed it while it lay idle, and the request never reached it.
     pub unanswered: bool,
 }
 
@@ -297,6 +297,28 @@ impl StreamState {
             self.name,
             timeout.as_millis()
         )))
+    }
+}
+
+/// An HTTP error status as a call failure, with the upstream's message;
+/// 429 and 5xx are worth a retry.
+pub(crate) fn status_failure(
+    name: &str,
+    status: u16,
+    retry_after: Option<Duration>,
+    text: &str,
+) -> CallError {
+    let message = error_message(text);
+    // How servers without tool support answer a request that offers tools
+    // (llama.cpp's server without `--jinja`: "tools param requires
+    // --jinja flag"); a retry would only be refused again.
+    let rejects_tools = (400..600).contains(&status) && message.to_lowercase().contains("tool");
+    CallError {
+        error: LlmError::Upstream(format!("{name} answered HTTP {status}: {message}")),
+        retryable: status == 429 || status >= 500,
+        retry_after,
+        rejects_tools,
+        unanswered: false,
     }
 }
 

@@ -17,10 +17,6 @@
 //! thread it is handed to, which feeds the [`BodyDecoder`] and gives the
 //! connection back to the pool from there.
 
-// Not called yet: the provider switches its `http://` endpoints over to
-// this client in a later change.
-#![allow(dead_code)]
-
 use std::io::{self, Read, Write};
 use std::mem::MaybeUninit;
 use std::net::{Ipv6Addr, TcpStream, ToSocketAddrs};
@@ -69,7 +65,14 @@ impl Target {
         let (host, port) = if let Some(bracketed) = authority.strip_prefix('[') {
             let (host, after) = bracketed.split_once(']')?;
             host.parse::<Ipv6Addr>().ok()?;
-            (host, after.strip_prefix(':').or(Some(after).filter(|a| a.is_empty()))?)
+            (
+                host,
+                if after.is_empty() {
+                    ""
+                } else {
+                    after.strip_prefix(':')?
+                },
+            )
         } else {
             let (host, port) = authority.split_once(':').unwrap_or((authority, ""));
             let fine = |b: u8| b.is_ascii_alphanumeric() || b"-._".contains(&b);
@@ -84,7 +87,7 @@ impl Target {
             _ => return None,
         };
         let prefix = path.trim_end_matches('/');
-        let plain = |b: u8| b.is_ascii_graphic() && !b"?#%\"<>\\^`{|}".contains(&b);
+        let plain = |b: u8| b.is_ascii_graphic() && !b"?#\"<>\\^`{|}".contains(&b);
         if port == 0 || !prefix.bytes().all(plain) {
             return None;
         }
@@ -137,7 +140,8 @@ impl Pool {
         }
     }
 
-    /// Where the pool's connections go.
+    /// Where the pool's connections go (for the tests).
+    #[cfg(test)]
     pub fn target(&self) -> &Target {
         &self.target
     }
@@ -150,6 +154,10 @@ impl Pool {
     /// `Host`, `Content-Type: application/json`, `Content-Length`, `Accept: text/event-stream`,
     /// the extra headers; no `Connection: close`.
     ///
+    /// `watch` is called with the connection once it is chosen, before
+    /// anything is written: the caller can arrange to shut it down (an
+    /// abort) while this blocks on it.
+    ///
     /// A header name or value, or a path, that would break the request head
     /// (a line break, a space in the path) fails as [`Http1Error::Connect`]
     /// with [`io::ErrorKind::InvalidInput`], before anything is sent.
@@ -160,6 +168,7 @@ impl Pool {
         body: &[u8],
         connect_timeout: Duration,
         read_timeout: Duration,
+        watch: &dyn Fn(&TcpStream),
     ) -> Result<Response, Http1Error> {
         let address = self.target.address();
         let request = self.request(path, headers, body).map_err(|why| {
@@ -170,18 +179,20 @@ impl Pool {
         let read_timeout = read_timeout.max(Duration::from_millis(1));
         let (mut conn, reused) = match self.take_idle() {
             Some(conn) => (conn, true),
-            None => (self.connect(connect_timeout.max(Duration::from_millis(1)))?, false),
+            None => (
+                self.connect(connect_timeout.max(Duration::from_millis(1)))?,
+                false,
+            ),
         };
         let unanswered = |error: io::Error| Http1Error::Unanswered {
             reused,
             error: context(&address, error),
         };
-        let timed_out = || {
-            Http1Error::Timeout(format!(
-                "{address} sent no response head within {} ms",
-                read_timeout.as_millis()
-            ))
+        let timed_out = |what: &str| {
+            let ms = read_timeout.as_millis();
+            Http1Error::Timeout(format!("{address} {what} within {ms} ms"))
         };
+        watch(&conn);
         // The write gets the same bound: an upstream that stops reading
         // must not hold a worker forever either.
         conn.set_read_timeout(Some(read_timeout))
@@ -189,42 +200,42 @@ impl Pool {
             .map_err(unanswered)?;
         match conn.write_all(&request) {
             Ok(()) => {}
-            Err(e) if is_timeout(&e) => return Err(timed_out()),
+            Err(e) if is_timeout(&e) => return Err(timed_out("took no request")),
             Err(e) => return Err(unanswered(e)),
         }
         let mut buf = Vec::with_capacity(4096);
         let mut chunk = [0u8; READ_SIZE];
+        // All bytes read, interim `1xx` heads included: the head's bound
+        // holds for them together, and any at all means the request arrived.
+        let mut received = 0;
         loop {
-            // Never more than the head's bound in all, leftover included.
-            let room = (MAX_HEAD - buf.len()).min(READ_SIZE);
+            let room = (MAX_HEAD - received).min(READ_SIZE);
             if room == 0 {
                 return Err(Http1Error::BadResponse(format!(
                     "{address} sent a response head over {} KiB",
                     MAX_HEAD / 1024
                 )));
             }
-            let n = match conn.read(&mut chunk[..room]) {
-                Ok(n) => n,
+            let read = match conn.read(&mut chunk[..room]) {
+                Ok(0) => Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "connection closed",
+                )),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) if is_timeout(&e) => return Err(timed_out()),
+                Err(e) if is_timeout(&e) => return Err(timed_out("sent no response head")),
+                other => other,
+            };
+            let n = match read {
+                Ok(n) => n,
                 // Only a connection that sent nothing back is unanswered: a
                 // partial head means the request did reach the upstream.
-                Err(e) if buf.is_empty() => return Err(unanswered(e)),
+                Err(e) if received == 0 => return Err(unanswered(e)),
                 Err(e) => {
-                    return Err(Http1Error::BadResponse(format!(
-                        "{address} broke the connection in the middle of a response head: {e}"
-                    )))
+                    let why = format!("{address} broke off a response head: {e}");
+                    return Err(Http1Error::BadResponse(why));
                 }
             };
-            if n == 0 && buf.is_empty() {
-                let eof = io::Error::new(io::ErrorKind::UnexpectedEof, "closed without answering");
-                return Err(unanswered(eof));
-            }
-            if n == 0 {
-                return Err(Http1Error::BadResponse(format!(
-                    "{address} closed the connection in the middle of a response head"
-                )));
-            }
+            received += n;
             buf.extend_from_slice(&chunk[..n]);
             if let Some(head) = parse_head(&address, &mut buf)? {
                 return Ok(Response {
@@ -249,16 +260,17 @@ impl Pool {
             return;
         }
         let now = Instant::now();
-        let stale = {
-            let mut idle = self.idle.lock();
-            let stale = self.drain_stale(&mut idle, now);
-            if idle.len() < self.max_idle {
-                idle.push((conn, now));
-            }
-            stale
+        let mut idle = self.idle.lock();
+        let stale = self.drain_stale(&mut idle, now);
+        let unkept = if idle.len() < self.max_idle {
+            idle.push((conn, now));
+            None
+        } else {
+            Some(conn)
         };
         // Closed outside the lock.
-        drop(stale);
+        drop(idle);
+        drop((stale, unkept));
     }
 
     /// The most recently kept connection that is still open, closing the
@@ -320,7 +332,12 @@ impl Pool {
 
     /// The request head and body in one buffer, so they go out in one write
     /// (one segment for a small request).
-    fn request(&self, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Result<Vec<u8>, String> {
+    fn request(
+        &self,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Result<Vec<u8>, String> {
         if !path.starts_with('/') || !path.bytes().all(|b| b.is_ascii_graphic()) {
             return Err(format!("the path {path:?} cannot go into a request line"));
         }
@@ -360,9 +377,13 @@ fn still_open(conn: &TcpStream) -> bool {
     matches!(peeked, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
 }
 
-/// A read or write timeout: `WouldBlock` on Unix, `TimedOut` elsewhere.
+/// A timeout: reads and writes report `WouldBlock` on Unix, connects and
+/// other systems `TimedOut`.
 fn is_timeout(e: &io::Error) -> bool {
-    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
 }
 
 /// `e` with the address in its message, so it reads well on its own.
@@ -390,10 +411,16 @@ impl std::fmt::Display for Http1Error {
         // The io errors carry the address already (see `context`).
         match self {
             Http1Error::Connect(e) => write!(f, "cannot reach {e}"),
-            Http1Error::Unanswered { reused: true, error } => {
+            Http1Error::Unanswered {
+                reused: true,
+                error,
+            } => {
                 write!(f, "no answer on a kept connection to {error}")
             }
-            Http1Error::Unanswered { reused: false, error } => write!(f, "no answer from {error}"),
+            Http1Error::Unanswered {
+                reused: false,
+                error,
+            } => write!(f, "no answer from {error}"),
             Http1Error::Timeout(s) | Http1Error::BadResponse(s) => f.write_str(s),
         }
     }
@@ -409,14 +436,16 @@ pub(crate) struct Response {
     pub retry_after: Option<Duration>,
     /// The connection, blocking, with the read timeout set.
     pub conn: TcpStream,
-    /// It came from the pool.
+    /// It came from the pool (the tests check reuse with it).
+    #[cfg_attr(not(test), allow(dead_code))]
     pub reused: bool,
     /// How the body is framed.
     pub body: BodyDecoder,
     /// Bytes read after the head: the start of the body.
     pub leftover: Vec<u8>,
     /// False when the response said `Connection: close` (or is HTTP/1.0 without keep-alive):
-    /// then the connection must not be given back.
+    /// then the connection must not be given back. False too for a body
+    /// that runs until close.
     pub keep_alive: bool,
 }
 
@@ -530,3 +559,188 @@ fn parse_head(address: &str, buf: &mut Vec<u8>) -> Result<Option<Head>, Http1Err
         }));
     }
 }
+
+/// Incremental decoder of a response body's framing.
+#[derive(Debug)]
+pub(crate) struct BodyDecoder {
+    framing: Framing,
+}
+
+#[derive(Debug)]
+enum Framing {
+    /// Payload bytes still to come.
+    Length(u64),
+    Chunked(Chunked),
+    UntilClose,
+}
+
+/// Where a chunked body is, and the part of a line read so far.
+#[derive(Debug, Default)]
+struct Chunked {
+    state: ChunkState,
+    /// The chunk-size or trailer line being read, without its CR LF.
+    line: Vec<u8>,
+    trailer_bytes: usize,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum ChunkState {
+    /// Reading a chunk-size line.
+    #[default]
+    Size,
+    /// Payload bytes of the chunk still to come.
+    Data(u64),
+    /// Reading the line break after a chunk's payload.
+    DataEnd,
+    /// Reading trailer lines after the last chunk, until an empty one.
+    Trailer,
+    Done,
+}
+
+impl BodyDecoder {
+    /// Appends the payload bytes of `input` to `out`; returns true once the body is complete
+    /// (last chunk and trailers read, or the length reached). Bytes after the end are an error
+    /// (a server must not send them before the next request). Chunk-size lines and trailers
+    /// are bounded (4 KiB a line); chunk extensions ignored; errors as `String`.
+    ///
+    /// The payload before an error has been appended already. Appends at
+    /// most `input.len()` bytes, so `out` grows only as fast as reads.
+    pub fn decode(&mut self, input: &[u8], out: &mut Vec<u8>) -> Result<bool, String> {
+        match &mut self.framing {
+            Framing::UntilClose => {
+                out.extend_from_slice(input);
+                Ok(false)
+            }
+            Framing::Length(remaining) => {
+                let take = input
+                    .len()
+                    .min(usize::try_from(*remaining).unwrap_or(usize::MAX));
+                out.extend_from_slice(&input[..take]);
+                *remaining -= take as u64;
+                if take < input.len() {
+                    return Err(format!(
+                        "{} bytes came after the end of the body",
+                        input.len() - take
+                    ));
+                }
+                Ok(*remaining == 0)
+            }
+            Framing::Chunked(chunked) => chunked.decode(input, out),
+        }
+    }
+
+    /// True when the body ends only at EOF (then EOF is its normal end).
+    pub fn until_close(&self) -> bool {
+        matches!(self.framing, Framing::UntilClose)
+    }
+
+    /// True once complete.
+    pub fn is_complete(&self) -> bool {
+        match &self.framing {
+            Framing::Length(remaining) => *remaining == 0,
+            Framing::Chunked(chunked) => chunked.state == ChunkState::Done,
+            Framing::UntilClose => false,
+        }
+    }
+}
+
+impl Chunked {
+    fn decode(&mut self, input: &[u8], out: &mut Vec<u8>) -> Result<bool, String> {
+        let mut at = 0;
+        while at < input.len() {
+            match self.state {
+                ChunkState::Data(remaining) => {
+                    let rest = &input[at..];
+                    let take = rest
+                        .len()
+                        .min(usize::try_from(remaining).unwrap_or(usize::MAX));
+                    out.extend_from_slice(&rest[..take]);
+                    at += take;
+                    let left = remaining - take as u64;
+                    self.state = if left == 0 {
+                        ChunkState::DataEnd
+                    } else {
+                        ChunkState::Data(left)
+                    };
+                }
+                ChunkState::Done => {
+                    return Err(format!(
+                        "{} bytes came after the end of the body",
+                        input.len() - at
+                    ))
+                }
+                ChunkState::Size | ChunkState::DataEnd | ChunkState::Trailer => {
+                    if !self.take_line(input, &mut at)? {
+                        break;
+                    }
+                    self.end_line()?;
+                    self.line.clear();
+                }
+            }
+        }
+        Ok(self.state == ChunkState::Done)
+    }
+
+    /// Adds `input[at..]` up to the next LF to the line; true when the LF
+    /// was found (and `at` moved past it).
+    fn take_line(&mut self, input: &[u8], at: &mut usize) -> Result<bool, String> {
+        let rest = &input[*at..];
+        let (piece, found) = match rest.iter().position(|&b| b == b'\n') {
+            Some(lf) => (&rest[..lf], true),
+            None => (rest, false),
+        };
+        if self.line.len() + piece.len() > MAX_LINE {
+            return Err(format!(
+                "a chunk-size or trailer line is over {} KiB",
+                MAX_LINE / 1024
+            ));
+        }
+        self.line.extend_from_slice(piece);
+        *at += piece.len() + usize::from(found);
+        Ok(found)
+    }
+
+    /// Acts on the complete line in `self.line`. A bare LF is accepted as a
+    /// line end, as most clients do.
+    fn end_line(&mut self) -> Result<(), String> {
+        let line = self.line.strip_suffix(b"\r").unwrap_or(&self.line);
+        self.state = match self.state {
+            ChunkState::Size => match chunk_size(line)? {
+                0 => ChunkState::Trailer,
+                size => ChunkState::Data(size),
+            },
+            ChunkState::DataEnd if line.is_empty() => ChunkState::Size,
+            ChunkState::DataEnd => return Err("a chunk is longer than its size".into()),
+            ChunkState::Trailer if line.is_empty() => ChunkState::Done,
+            ChunkState::Trailer => {
+                self.trailer_bytes += line.len();
+                if self.trailer_bytes > MAX_TRAILERS {
+                    return Err(format!("trailers over {} KiB", MAX_TRAILERS / 1024));
+                }
+                ChunkState::Trailer
+            }
+            other => other,
+        };
+        Ok(())
+    }
+}
+
+/// The size on a chunk-size line: hex digits, then optional whitespace
+/// and `;extensions`, which are ignored.
+fn chunk_size(line: &[u8]) -> Result<u64, String> {
+    let digits = line.split(|&b| b == b';').next().unwrap_or(line);
+    let digits = digits.trim_ascii_end();
+    let bad = || format!("bad chunk size line: {:?}", String::from_utf8_lossy(line));
+    if digits.is_empty() {
+        return Err(bad());
+    }
+    digits.iter().try_fold(0u64, |size, &b| {
+        let digit = char::from(b).to_digit(16).ok_or_else(bad)?;
+        size.checked_mul(16)
+            .and_then(|s| s.checked_add(u64::from(digit)))
+            .ok_or_else(bad)
+    })
+}
+
+#[cfg(test)]
+mod tests;
