@@ -16,10 +16,34 @@
 //! timeout, an abort from another thread, the end of the stream) happens
 //! here too; what the body *says* is the [`Stream`]'s business.
 //!
+//! Use: one [`Reader`] ([`Reader::start`], with the batch window) serves
+//! every stream. For each streamed response, a streaming worker
+//!
+//! 1. sends the request and reads the response head itself, blocking
+//!    ([`super::http1::Pool::post`]);
+//! 2. hands the response's connection, [`BodyDecoder`], leftover bytes (the
+//!    body's start, read with the head), keep-alive flag and read timeout
+//!    to [`Reader::add`], with a [`Stream`] of its own: the reader thread
+//!    gives it the body's payload, framing removed ([`Stream::on_body`],
+//!    which answers with a [`Step`]), then its [`End`] ([`Stream::on_end`],
+//!    once);
+//! 3. sleeps until the stream's `on_end` tells it the end (a channel), and
+//!    gives the connection of an [`End::Finished`] back to its pool;
+//! 4. meanwhile, anything that must end the stream early (a cancel, the
+//!    janitor, shutdown) calls [`Aborter::abort`] with the [`StreamId`]
+//!    that `add` returned: the socket is closed and the stream ends as
+//!    [`End::Aborted`].
+//!
+//! The tests open with that round trip as a runnable example
+//! (`example_one_stream_end_to_end`); [`super::direct`] makes it for every
+//! call to a plain `http://` upstream.
+//!
 //! Threads: the `chorus-upstream` thread owns every registered socket;
 //! [`Reader::add`] and [`Aborter::abort`] are called from streaming workers
 //! and from abort hooks (any thread) and only queue a command and write an
-//! eventfd.
+//! eventfd. Streams end on the reader thread. Should it die (a panic in a
+//! stream), its streams, and any handed over later, are dropped without an
+//! end, which their waiters see as a closed channel.
 
 use std::collections::HashMap;
 use std::io::{ErrorKind, Read};
@@ -56,7 +80,7 @@ pub(crate) enum End {
     Failed(std::io::Error),
     /// Nothing came for the read timeout.
     TimedOut,
-    /// [`Reader::abort`] ended it; the socket is closed.
+    /// [`Aborter::abort`] ended it; the socket is closed.
     Aborted,
 }
 
@@ -64,11 +88,13 @@ pub(crate) enum End {
 pub(crate) trait Stream: Send {
     /// Body bytes, framing removed, as they arrive.
     fn on_body(&mut self, payload: &[u8]) -> Step;
-    /// The end; called exactly once.
+    /// The end; called exactly once. (Only if the reader thread dies of a
+    /// panic is a stream dropped without it: whoever waits for the end
+    /// should notice the drop, e.g. a channel that closes.)
     fn on_end(self: Box<Self>, end: End);
 }
 
-/// Identifies a registered stream, for [`Reader::abort`].
+/// Identifies a registered stream, for [`Aborter::abort`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct StreamId(u64);
 
@@ -84,6 +110,8 @@ struct Entry {
     keep_alive: bool,
     timeout: Duration,
     last_read: Instant,
+    /// Bytes read from the socket so far (bounded by [`MAX_BODY`]).
+    received: u64,
     stream: Box<dyn Stream>,
     /// Body bytes not yet handed to the stream (the response's first bytes).
     pending: Vec<u8>,
@@ -94,15 +122,57 @@ struct Entry {
 }
 
 struct Shared {
-    commands: Mutex<(Vec<Command>, u64)>,
+    commands: Mutex<Commands>,
     waker: OwnedFd,
+}
+
+/// What the other threads hand the reader thread.
+#[derive(Default)]
+struct Commands {
+    queue: Vec<Command>,
+    /// The last [`StreamId`] given out.
+    last_id: u64,
+    /// The thread has stopped (shut down, or died of a panic): nothing
+    /// queued from now on would ever run.
+    closed: bool,
 }
 
 impl Shared {
     fn send(&self, command: Command) {
-        self.commands.lock().0.push(command);
-        // EAGAIN: already signalled, which is all that is needed.
-        let _ = rustix::io::write(&self.waker, &1u64.to_ne_bytes());
+        let refused = {
+            let mut commands = self.commands.lock();
+            if commands.closed {
+                Some(command)
+            } else {
+                commands.queue.push(command);
+                None
+            }
+        };
+        match refused {
+            // Dropped outside the lock. A stream handed over now is dropped
+            // without an end, as the registered ones were when the thread
+            // died, rather than queued for a thread that is gone.
+            Some(command) => drop(command),
+            // EAGAIN: already signalled, which is all that is needed.
+            None => {
+                let _ = rustix::io::write(&self.waker, &1u64.to_ne_bytes());
+            }
+        }
+    }
+}
+
+/// Closes the command queue when the reader thread stops, however it
+/// stops (a panic too), and drops what was still queued.
+struct CloseOnExit(Arc<Shared>);
+
+impl Drop for CloseOnExit {
+    fn drop(&mut self) {
+        let queued = {
+            let mut commands = self.0.commands.lock();
+            commands.closed = true;
+            std::mem::take(&mut commands.queue)
+        };
+        drop(queued);
     }
 }
 
@@ -115,6 +185,9 @@ pub(crate) struct Reader {
 
 /// Largest read from one socket at a time.
 const READ_BUFFER: usize = 16 * 1024;
+/// Most bytes one response may send: an upstream that sends more fails
+/// its stream instead of growing the server without end.
+const MAX_BODY: u64 = 256 << 20;
 /// How often read timeouts are checked while the reader is busy.
 const TIMEOUT_CHECK: Duration = Duration::from_millis(100);
 /// How long the end of a body's framing is awaited after its stream has
@@ -134,7 +207,7 @@ impl Reader {
             epoll::EventFlags::IN,
         )?;
         let shared = Arc::new(Shared {
-            commands: Mutex::new((Vec::new(), 0)),
+            commands: Mutex::new(Commands::default()),
             waker,
         });
         let thread = std::thread::Builder::new()
@@ -142,7 +215,11 @@ impl Reader {
             .stack_size(256 * 1024)
             .spawn({
                 let shared = shared.clone();
-                move || Loop::new(shared, epoll, window).run()
+                move || {
+                    // Dropped last, after the streams, even in a panic.
+                    let _closed = CloseOnExit(shared.clone());
+                    Loop::new(shared, epoll, window).run();
+                }
             })?;
         Ok(Reader {
             shared,
@@ -165,8 +242,8 @@ impl Reader {
     ) -> StreamId {
         let id = {
             let mut commands = self.shared.commands.lock();
-            commands.1 += 1;
-            StreamId(commands.1)
+            commands.last_id += 1;
+            StreamId(commands.last_id)
         };
         let entry = Entry {
             conn,
@@ -177,6 +254,7 @@ impl Reader {
             stream,
             pending: leftover,
             draining: None,
+            received: 0,
         };
         self.shared.send(Command::Add(id, entry));
         id
@@ -219,7 +297,10 @@ struct Loop {
     streams: HashMap<u64, Entry>,
     buf: Vec<u8>,
     payload: Vec<u8>,
+    /// When `epoll::wait` last returned.
     last_wake: Option<Instant>,
+    /// That wake-up came within two windows of the one before.
+    busy: bool,
     last_timeout_check: Instant,
 }
 
@@ -233,6 +314,7 @@ impl Loop {
             buf: vec![0; READ_BUFFER],
             payload: Vec::with_capacity(READ_BUFFER),
             last_wake: None,
+            busy: false,
             last_timeout_check: Instant::now(),
         }
     }
@@ -240,13 +322,11 @@ impl Loop {
     fn run(mut self) {
         let mut events = Vec::with_capacity(256);
         loop {
-            // Busy: the last wake-up was recent. Let the tokens of other
-            // streams gather for one window before reading, so that one
-            // wake-up serves many of them.
-            let busy = self
-                .last_wake
-                .is_some_and(|last| last.elapsed() < self.window * 2);
-            if busy && !self.window.is_zero() {
+            // Busy: woken again within two windows. Let the tokens of
+            // other streams gather for one window before reading, so that
+            // one wake-up serves many of them. Not after every wake-up: a
+            // quiet stream's token would cost a second sleep for nothing.
+            if self.busy && !self.window.is_zero() {
                 std::thread::sleep(self.window);
             }
             // Then sleep until something is readable; with streams open,
@@ -266,7 +346,11 @@ impl Loop {
                     std::thread::sleep(Duration::from_millis(10));
                 }
             }
-            self.last_wake = Some(Instant::now());
+            let woken = Instant::now();
+            self.busy = self
+                .last_wake
+                .is_some_and(|last| woken.duration_since(last) < self.window * 2);
+            self.last_wake = Some(woken);
             for event in &events {
                 let id = event.data.u64();
                 if id == u64::MAX {
@@ -290,7 +374,7 @@ impl Loop {
         let mut buf = [0u8; 8];
         // Reading a non-blocking eventfd resets it.
         let _ = rustix::io::read(&self.shared.waker, &mut buf);
-        let commands = std::mem::take(&mut self.shared.commands.lock().0);
+        let commands = std::mem::take(&mut self.shared.commands.lock().queue);
         for command in commands {
             match command {
                 Command::Add(id, entry) => self.register(id, entry),
@@ -393,6 +477,15 @@ impl Loop {
         let Some(entry) = self.streams.get_mut(&id) else {
             return false;
         };
+        entry.received += bytes.len() as u64;
+        if entry.received > MAX_BODY {
+            if let Some(entry) = self.remove(id) {
+                let why = format!("the response is longer than {} MiB", MAX_BODY >> 20);
+                let error = std::io::Error::new(ErrorKind::InvalidData, why);
+                entry.stream.on_end(End::Failed(error));
+            }
+            return false;
+        }
         self.payload.clear();
         let complete = match entry.decoder.decode(bytes, &mut self.payload) {
             Ok(complete) => complete,
@@ -458,3 +551,6 @@ impl Loop {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
