@@ -19,7 +19,7 @@
 //!
 //! Tools ride in the one streamed request of a round: content deltas are
 //! passed on as they arrive, `tool_calls` deltas are assembled by
-//! [`CallAssembler`] and returned in the [`Turn`].
+//! [`crate::llm::CallAssembler`] and returned in the [`Turn`].
 //!
 //! Cancellation: every call runs on an [`Agent`] of its own, and the
 //! generation's [`AbortSignal`] shuts that agent down when it fires. A read
