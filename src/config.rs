@@ -325,10 +325,6 @@ pub struct LlmConfig {
     /// Longest retry delay, and the longest `Retry-After` honoured (a
     /// longer one moves on to the next provider instead).
     pub retry_max_ms: u64,
-    /// While busy, how long the upstream reader lets tokens of many
-    /// streams gather before it reads them, in microseconds (plain
-    /// `http://` upstreams; 0: read each at once).
-    pub read_batch_us: u64,
     /// Pacing of the simulated provider.
     pub simulated: SimulatedConfig,
     /// `[[llm.providers]]`: upstream endpoints tried in order, each after
@@ -366,7 +362,6 @@ impl Default for LlmConfig {
             max_retries: 2,
             retry_base_ms: 250,
             retry_max_ms: 8000,
-            read_batch_us: 500,
             simulated: SimulatedConfig::default(),
             providers: Vec::new(),
         }
@@ -1264,7 +1259,6 @@ mod tests {
         ("llm.max_retries", "2"),
         ("llm.retry_base_ms", "250"),
         ("llm.retry_max_ms", "8000"),
-        ("llm.read_batch_us", "500"),
         ("llm.simulated.first_token_ms", "200"),
         ("llm.simulated.token_interval_ms", "20"),
         ("llm.simulated.tokens", "64"),

@@ -288,7 +288,6 @@ fn openai_provider(llm: &crate::config::LlmConfig) -> OpenAi {
         },
         Duration::from_millis(llm.connect_timeout_ms),
         Duration::from_millis(llm.read_timeout_ms),
-        Duration::from_micros(llm.read_batch_us),
     )
 }
 

@@ -54,14 +54,14 @@ pub(super) struct Called {
 
 impl Direct {
     /// Starts the reader when some of `base_urls` are plain `http://`.
-    pub fn start<'a>(base_urls: impl Iterator<Item = &'a str>, window: Duration) -> Option<Direct> {
+    pub fn start<'a>(base_urls: impl Iterator<Item = &'a str>) -> Option<Direct> {
         let pools: Vec<Option<Pool>> = base_urls
             .map(|url| Target::parse(url).map(|t| Pool::new(t, MAX_IDLE, IDLE_AGE)))
             .collect();
         if pools.iter().all(Option::is_none) {
             return None;
         }
-        match Reader::start(window) {
+        match Reader::start() {
             Ok(reader) => Some(Direct { reader, pools }),
             Err(e) => {
                 log::warn!("cannot start the upstream reader ({e}); reading upstreams blocking");

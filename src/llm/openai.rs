@@ -164,11 +164,10 @@ impl OpenAi {
         retry: RetryPolicy,
         connect_timeout: Duration,
         read_timeout: Duration,
-        read_batch: Duration,
     ) -> OpenAi {
         OpenAi {
             id: NEXT_PROVIDER_ID.fetch_add(1, Ordering::Relaxed),
-            direct: Direct::start(endpoints.iter().map(|e| e.base_url.as_str()), read_batch),
+            direct: Direct::start(endpoints.iter().map(|e| e.base_url.as_str())),
             endpoints: endpoints
                 .into_iter()
                 .map(|e| (e, Counters::default()))

@@ -16,8 +16,6 @@ use std::thread::{self, JoinHandle};
 use crate::llm::http1::{Pool, Response, Target};
 
 const SECOND: Duration = Duration::from_secs(1);
-/// The batch window of most tests: the default one.
-const WINDOW: Duration = Duration::from_micros(500);
 /// A read timeout that no test reaches unless it means to.
 const LONG: Duration = Duration::from_secs(10);
 
@@ -328,7 +326,7 @@ fn example_one_stream_end_to_end() {
     }
 
     // One reader for the whole process.
-    let reader = Reader::start(WINDOW).expect("the reader thread");
+    let reader = Reader::start().expect("the reader thread");
     // On the worker: the request and the head...
     let response = pool
         .post("/chat/completions", &[], b"{}", SECOND, 5 * SECOND, &|_| {})
@@ -384,7 +382,7 @@ fn a_chunked_stream_arrives_whole_and_hands_its_connection_back_blocking() {
             .expect("write");
         closed_within(&mut conn, 5 * SECOND).0
     });
-    let reader = Reader::start(WINDOW).expect("reader");
+    let reader = Reader::start().expect("reader");
     let (stream, watch) = recorder(done_at_done);
     add(&reader, post(&pool, "{}"), LONG, stream);
     watch.wait_for(DONE.as_bytes(), 5 * SECOND);
@@ -428,7 +426,7 @@ fn a_terminator_that_never_comes_costs_the_connection_not_the_read_timeout() {
         // Open and silent.
         closed_within(&mut conn, 5 * SECOND).0
     });
-    let reader = Reader::start(WINDOW).expect("reader");
+    let reader = Reader::start().expect("reader");
     let (stream, watch) = recorder(done_at_done);
     add(&reader, post(&pool, "{}"), LONG, stream);
     let end = watch.end(5 * SECOND);
@@ -451,7 +449,7 @@ fn a_done_stream_without_keep_alive_ends_at_once() {
             .expect("write");
         closed_within(&mut conn, 5 * SECOND).0
     });
-    let reader = Reader::start(WINDOW).expect("reader");
+    let reader = Reader::start().expect("reader");
     let response = post(&pool, "{}");
     assert!(!response.keep_alive);
     let (stream, watch) = recorder(done_at_done);
@@ -473,7 +471,7 @@ fn a_stream_that_stops_closes_its_connection() {
         conn.write_all(&chunk("data: stop\n\n")).expect("write");
         closed_within(&mut conn, SECOND)
     });
-    let reader = Reader::start(WINDOW).expect("reader");
+    let reader = Reader::start().expect("reader");
     let (stream, watch) = recorder(stop_at_stop);
     add(&reader, post(&pool, "{}"), LONG, stream);
     let end = watch.end(5 * SECOND);
@@ -496,7 +494,7 @@ fn an_abort_from_another_thread_ends_a_silent_stream_at_once() {
         conn.write_all(&reply).expect("write");
         (first, closed_within(&mut conn, 5 * SECOND).0)
     });
-    let reader = Reader::start(WINDOW).expect("reader");
+    let reader = Reader::start().expect("reader");
     let (stream, watch) = recorder(more);
     let id = add(&reader, post(&pool, "{}"), LONG, stream);
     watch.wait_for(b"data: a\n\n", 5 * SECOND);
@@ -529,7 +527,7 @@ fn a_silent_upstream_times_out_after_the_read_timeout() {
         conn.write_all(HEAD).expect("head");
         closed_within(&mut conn, 5 * SECOND).0
     });
-    let reader = Reader::start(WINDOW).expect("reader");
+    let reader = Reader::start().expect("reader");
     let (stream, watch) = recorder(more);
     let start = Instant::now();
     add(&reader, post(&pool, "{}"), ms(300), stream);
@@ -553,7 +551,7 @@ fn a_stream_that_keeps_talking_does_not_time_out() {
         conn.write_all(LAST_CHUNK).expect("last chunk");
         closed_within(&mut conn, 5 * SECOND).0
     });
-    let reader = Reader::start(WINDOW).expect("reader");
+    let reader = Reader::start().expect("reader");
     let (stream, watch) = recorder(more);
     // Twice the gap between chunks, a third of the whole body's time.
     add(&reader, post(&pool, "{}"), ms(300), stream);
@@ -574,7 +572,7 @@ fn a_close_before_the_end_of_the_framing_fails_the_stream() {
         conn.write_all(&reply).expect("write");
         thread::sleep(ms(20));
     });
-    let reader = Reader::start(WINDOW).expect("reader");
+    let reader = Reader::start().expect("reader");
     let (stream, watch) = recorder(more);
     add(&reader, post(&pool, "{}"), LONG, stream);
     match watch.end(5 * SECOND) {
@@ -595,7 +593,7 @@ fn a_body_without_framing_ends_at_the_close() {
             conn.write_all(event.as_bytes()).expect("write");
         }
     });
-    let reader = Reader::start(WINDOW).expect("reader");
+    let reader = Reader::start().expect("reader");
     let response = post(&pool, "{}");
     assert!(response.body.until_close() && !response.keep_alive);
     let (stream, watch) = recorder(more);
@@ -615,7 +613,7 @@ fn broken_framing_fails_the_stream() {
         conn.write_all(b"zz\r\n").expect("write");
         closed_within(&mut conn, 5 * SECOND).0
     });
-    let reader = Reader::start(WINDOW).expect("reader");
+    let reader = Reader::start().expect("reader");
     let (stream, watch) = recorder(more);
     add(&reader, post(&pool, "{}"), LONG, stream);
     match watch.end(5 * SECOND) {
@@ -640,7 +638,7 @@ fn bytes_read_with_the_head_come_first_and_in_order() {
             .expect("write");
         closed_within(&mut conn, 5 * SECOND).0
     });
-    let reader = Reader::start(WINDOW).expect("reader");
+    let reader = Reader::start().expect("reader");
     let response = post(&pool, "{}");
     assert_eq!(
         response.leftover,
@@ -669,7 +667,7 @@ fn a_body_read_whole_with_the_head_ends_without_another_read() {
             .expect("write");
         closed_within(&mut conn, 5 * SECOND).0
     });
-    let reader = Reader::start(WINDOW).expect("reader");
+    let reader = Reader::start().expect("reader");
     for (decide, expected) in [
         (
             done_at_done as fn(&[u8]) -> Step,
@@ -707,7 +705,7 @@ fn dropping_the_reader_aborts_every_stream_and_ends_the_thread() {
             .map(|conn| closed_within(conn, 5 * SECOND).0)
             .collect::<Vec<_>>()
     });
-    let reader = Reader::start(WINDOW).expect("reader");
+    let reader = Reader::start().expect("reader");
     let watches: Vec<Watch> = (0..STREAMS)
         .map(|_| {
             let (stream, watch) = recorder(more);

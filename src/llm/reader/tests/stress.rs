@@ -159,7 +159,7 @@ fn many_streams_added_from_many_threads_end_once_each_and_whole() {
         })
         .collect();
 
-    let reader = Reader::start(WINDOW).expect("reader");
+    let reader = Reader::start().expect("reader");
     let (ended, ends) = mpsc::channel();
     let records: Vec<Arc<Mutex<Record>>> = (0..STREAMS).map(|_| Arc::default()).collect();
     let ids: Mutex<Vec<Option<StreamId>>> = Mutex::new(vec![None; STREAMS]);
@@ -312,7 +312,7 @@ fn no_stream_waits_forever_on_a_reader_thread_that_died() {
             .map(|conn| closed_within(conn, 5 * SECOND).0)
             .collect::<Vec<_>>()
     });
-    let reader = Reader::start(WINDOW).expect("reader");
+    let reader = Reader::start().expect("reader");
     let (stream, before) = recorder(more);
     add(&reader, post(&pool, "{}"), LONG, stream);
     before.wait_for(b"data: a\n\n", 5 * SECOND);
@@ -364,14 +364,9 @@ impl Stream for Sleeps {
 }
 
 /// Events every `gap` on `streams` connections, interleaved (`per_stream`
-/// each), read by a reader with batch window `window`: the events read and
-/// the times the reader thread slept between the first and the last read.
-fn sleeps_per_event(
-    streams: usize,
-    per_stream: usize,
-    gap: Duration,
-    window: Duration,
-) -> (usize, u64) {
+/// each): the events read and the times the reader thread slept between
+/// the first and the last read.
+fn sleeps_per_event(streams: usize, per_stream: usize, gap: Duration) -> (usize, u64) {
     let (pool, server) = serve(move |listener| {
         let mut conns: Vec<TcpStream> = (0..streams)
             .map(|_| {
@@ -391,7 +386,7 @@ fn sleeps_per_event(
             conn.write_all(LAST_CHUNK).expect("last chunk");
         }
     });
-    let reader = Reader::start(window).expect("reader");
+    let reader = Reader::start().expect("reader");
     let at = Arc::new(Mutex::new(Vec::new()));
     for _ in 0..streams {
         let stream = Sleeps { at: at.clone() };
@@ -413,17 +408,8 @@ fn sleeps_per_event(
 
 #[test]
 fn a_quiet_reader_sleeps_once_per_event() {
-    // Events 20 ms apart: far more than two windows.
-    let (events, sleeps) = sleeps_per_event(1, 20, ms(20), ms(2));
+    let (events, sleeps) = sleeps_per_event(1, 20, ms(20));
     assert_eq!(events, 20);
-    // One sleep per event (in `epoll_wait`), not two (and a window sleep).
+    // One sleep per event (in `epoll_wait`), not more.
     assert!(sleeps <= 19 * 3 / 2, "{sleeps} sleeps for 19 events");
-}
-
-#[test]
-fn a_busy_reader_reads_many_events_per_wake_up() {
-    // An event every 1 ms on one of 4 streams, a window of 10 ms.
-    let (events, sleeps) = sleeps_per_event(4, 25, ms(1), ms(10));
-    assert_eq!(events, 100);
-    assert!(sleeps < 100 / 3, "{sleeps} sleeps for 100 events");
 }
