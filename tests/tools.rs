@@ -4,21 +4,9 @@
 
 mod common;
 
-use common::{Client, Server, FAST};
+use common::tool_rounds::frames_of;
+use common::{Server, FAST};
 use serde_json::Value;
-
-/// Every frame of `request` up to its end, in order.
-fn frames_of(c: &mut Client, request: &str) -> Vec<Value> {
-    let mut frames = Vec::new();
-    loop {
-        let v = c.recv_matching(|v| v["request"] == request);
-        let end = v["type"] == "done" || v["type"] == "error";
-        frames.push(v);
-        if end {
-            return frames;
-        }
-    }
-}
 
 fn tool_frames<'a>(frames: &'a [Value], phase: &str) -> Vec<&'a Value> {
     frames
