@@ -55,8 +55,22 @@ pub(super) struct Called {
 impl Direct {
     /// Starts the reader when some of `base_urls` are plain `http://`.
     pub fn start<'a>(base_urls: impl Iterator<Item = &'a str>) -> Option<Direct> {
+        // An endpoint reached through a proxy from the environment
+        // (`HTTP_PROXY`, `ALL_PROXY`, minus `NO_PROXY`) stays on ureq,
+        // which honours it; this client speaks to the upstream directly.
+        let proxy = ureq::Proxy::try_from_env();
+        let proxied = |url: &str| {
+            proxy.as_ref().is_some_and(|proxy| {
+                url.parse::<ureq::http::Uri>()
+                    .map_or(true, |uri| !proxy.is_no_proxy(&uri))
+            })
+        };
         let pools: Vec<Option<Pool>> = base_urls
-            .map(|url| Target::parse(url).map(|t| Pool::new(t, MAX_IDLE, IDLE_AGE)))
+            .map(|url| {
+                Target::parse(url)
+                    .filter(|_| !proxied(url))
+                    .map(|t| Pool::new(t, MAX_IDLE, IDLE_AGE))
+            })
             .collect();
         if pools.iter().all(Option::is_none) {
             return None;
