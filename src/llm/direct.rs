@@ -11,6 +11,7 @@
 
 use std::cell::Cell;
 use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use crossbeam_channel::Sender;
@@ -32,6 +33,9 @@ const MAX_ERROR_BODY: usize = 64 * 1024;
 pub(super) struct Direct {
     reader: Reader,
     pools: Vec<Option<Pool>>,
+    /// The reader thread is gone (it can only have panicked): calls go
+    /// through ureq from then on rather than fail.
+    lost: AtomicBool,
 }
 
 /// How one round ended, as the reader thread hands it back.
@@ -76,7 +80,11 @@ impl Direct {
             return None;
         }
         match Reader::start() {
-            Ok(reader) => Some(Direct { reader, pools }),
+            Ok(reader) => Some(Direct {
+                reader,
+                pools,
+                lost: AtomicBool::new(false),
+            }),
             Err(e) => {
                 log::warn!("cannot start the upstream reader ({e}); reading upstreams blocking");
                 None
@@ -86,6 +94,9 @@ impl Direct {
 
     /// The pool of endpoint `i`, when it is a plain `http://` one.
     pub fn pool(&self, i: usize) -> Option<&Pool> {
+        if self.lost.load(Ordering::Relaxed) {
+            return None;
+        }
         self.pools.get(i).and_then(Option::as_ref)
     }
 
@@ -170,13 +181,20 @@ impl Direct {
                     emitted: ended.emitted,
                 }
             }
-            Err(_) => Called {
-                result: Err(CallError::fatal(LlmError::Upstream(format!(
-                    "the stream from {name} was lost by the upstream reader"
-                )))),
-                usage: (0, 0),
-                emitted: true,
-            },
+            Err(_) => {
+                if !self.lost.swap(true, Ordering::Relaxed) {
+                    log::error!(
+                        "the upstream reader is gone; reading upstreams blocking from now on"
+                    );
+                }
+                Called {
+                    result: Err(CallError::fatal(LlmError::Upstream(format!(
+                        "the stream from {name} was lost by the upstream reader"
+                    )))),
+                    usage: (0, 0),
+                    emitted: true,
+                }
+            }
         }
     }
 }
