@@ -1,6 +1,9 @@
 //! The OpenAI-compatible provider: `POST {base_url}/chat/completions` with
-//! `stream: true` over ureq (synchronous HTTP), the event stream parsed as
-//! it arrives, with retries and fallback to further endpoints.
+//! `stream: true`, the event stream parsed as it arrives, with retries and
+//! fallback to further endpoints. A plain `http://` endpoint is called
+//! through chorus's own client and read by the upstream reader thread
+//! ([`super::direct`]); an `https://` one (or one behind a proxy) through
+//! ureq, read by the calling worker.
 //!
 //! Works with OpenAI and with any server that speaks its chat completions
 //! API: llama.cpp's server, vLLM, Ollama's `/v1`, LM Studio.
@@ -21,18 +24,19 @@
 //! passed on as they arrive, `tool_calls` deltas are assembled by
 //! [`crate::llm::CallAssembler`] and returned in the [`Turn`].
 //!
-//! Cancellation: every call runs on an [`Agent`] of its own, and the
-//! generation's [`AbortSignal`] shuts that agent down when it fires. A read
-//! blocked on the upstream then fails at once and the socket is closed, so
-//! the upstream sees the client leave within one chunk interval and can
-//! stop generating.
+//! Cancellation: the generation's [`AbortSignal`] closes the call's socket
+//! when it fires (through the upstream reader, or by shutting down the
+//! worker's own ureq [`Agent`]), so a blocked read fails at once and the
+//! upstream sees the client leave within one chunk interval and can stop
+//! generating.
 //!
 //! The API key is read once from the environment variable the config names
 //! and never leaves this module: it is not logged, and every message that
 //! comes back from an upstream has it replaced before anyone sees it.
 //!
-//! Threads: one [`OpenAi`] is shared by every streaming worker; a call runs
-//! entirely on the calling worker; the counters are atomics.
+//! Threads: one [`OpenAi`] is shared by every streaming worker; a call is
+//! made by the calling worker, which waits until its round ends; the
+//! counters are atomics.
 
 use std::io::Read;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -129,10 +133,6 @@ static NEXT_PROVIDER_ID: AtomicU64 = AtomicU64::new(0);
 /// What one call needs to know.
 #[derive(Clone, Copy)]
 struct Call<'a> {
-    /// This worker's agent for the endpoint (for `https://`).
-    agent: &'a Agent,
-    /// The agent was used before: its connection may have been closed.
-    kept: bool,
     /// The endpoint's position in `[[llm.providers]]`.
     index: usize,
     endpoint: &'a Endpoint,
@@ -178,13 +178,12 @@ impl OpenAi {
         }
     }
 
-    /// This thread's agent for `endpoint`. Each streaming worker keeps one
-    /// per endpoint, so its connection to the upstream stays open from one
-    /// call to the next (HTTP keep-alive) instead of a connect and a close
-    /// per answer, and an abort can shut it down without touching any other
-    /// worker's call.
-    /// True with the agent when it was used before, so its connection may
-    /// have been closed by the upstream meanwhile.
+    /// This thread's ureq agent for `endpoint`, and whether it was used
+    /// before (then its kept connection may have been closed by the
+    /// upstream meanwhile). Each streaming worker keeps one per endpoint,
+    /// so its connection stays open from one call to the next instead of a
+    /// connect and a close per answer, and an abort can shut it down
+    /// without touching any other worker's call.
     fn agent(&self, endpoint: &Endpoint) -> (Agent, bool) {
         let key = (self.id, endpoint.name.clone());
         AGENTS.with(|agents| {
@@ -227,24 +226,11 @@ impl OpenAi {
         counters: &Counters,
         abort: &AbortSignal,
         retry_allowed: &dyn Fn() -> bool,
-        call: &mut dyn FnMut(&Agent, bool) -> Result<T, CallError>,
+        call: &mut dyn FnMut() -> Result<T, CallError>,
     ) -> Result<Option<T>, LlmError> {
         let mut retry = 0;
         loop {
-            let (agent, reused) = self.agent(endpoint);
-            // Shutting the agent down fails a blocked read at once and closes
-            // the socket: that is how an abort reaches the upstream. The
-            // agent is this thread's alone, so no other call is hit.
-            let hook = abort.on_abort({
-                let agent = agent.clone();
-                move || agent.shutdown()
-            });
-            let result = call(&agent, reused);
-            abort.forget(hook);
-            // A hook that fired, even after the call, left the agent shut down.
-            if abort.is_aborted() || result.is_err() {
-                self.drop_agent(endpoint);
-            }
+            let result = call();
             let failure = match result {
                 Ok(value) => return Ok(Some(value)),
                 Err(failure) => failure,
@@ -364,53 +350,79 @@ impl OpenAi {
             count_usage(counters, called.usage);
             return called.result;
         }
-        let url = format!(
-            "{}/chat/completions",
-            endpoint.base_url.trim_end_matches('/')
-        );
-        let mut request = call.agent.post(&url).header("Accept", "text/event-stream");
-        if let Some(key) = &endpoint.api_key {
-            request = request.header("Authorization", &format!("Bearer {key}"));
-        }
-        let mut response = request
-            .send_json(&body)
-            .map_err(|e| connect_error(name, e, call.kept))?;
-        check_status(name, &mut response)?;
-        let mut state = state;
-        let mut reader = response
-            .into_body()
-            .into_with_config()
-            .limit(MAX_STREAM_BYTES)
-            .reader();
-        let mut buf = vec![0u8; 8 * 1024];
-        let outcome = loop {
-            let n = match reader.read(&mut buf) {
-                Ok(0) => break Ok(()),
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) if is_timeout(&e) => break Err(state.timed_out(self.read_timeout)),
-                Err(e) => break Err(state.broke(&e)),
-            };
-            match state.feed(&buf[..n]) {
-                Ok(Fed::More) => {}
-                Ok(Fed::Done) => {
-                    // The rest of the body (the chunked encoding's last
-                    // chunk) is read so that the connection can be kept.
-                    while let Ok(n) = reader.read(&mut buf) {
-                        if n == 0 {
-                            break;
-                        }
-                    }
-                    break Ok(());
-                }
-                // Dropping the reader closes the connection.
-                Ok(Fed::Stopped) => break Ok(()),
-                Err(failure) => break Err(failure),
+        self.stream_ureq(call, &body, state, emitted)
+    }
+
+    /// [`Self::stream_once`] over this worker's ureq agent, read here.
+    fn stream_ureq(
+        &self,
+        call: &Call<'_>,
+        body: &Value,
+        mut state: StreamState,
+        emitted: &mut bool,
+    ) -> Result<Turn, CallError> {
+        let (endpoint, abort) = (call.endpoint, call.abort);
+        let name = &endpoint.name;
+        let (agent, kept) = self.agent(endpoint);
+        // Shutting the agent down fails a blocked read at once and closes
+        // the socket: that is how an abort reaches the upstream.
+        let hook = abort.on_abort({
+            let agent = agent.clone();
+            move || agent.shutdown()
+        });
+        let result = (|| {
+            let url = format!(
+                "{}/chat/completions",
+                endpoint.base_url.trim_end_matches('/')
+            );
+            let mut request = agent.post(&url).header("Accept", "text/event-stream");
+            if let Some(key) = &endpoint.api_key {
+                request = request.header("Authorization", &format!("Bearer {key}"));
             }
-        };
+            let mut response = request
+                .send_json(body)
+                .map_err(|e| connect_error(name, e, kept))?;
+            check_status(name, &mut response)?;
+            let mut reader = response
+                .into_body()
+                .into_with_config()
+                .limit(MAX_STREAM_BYTES)
+                .reader();
+            let mut buf = vec![0u8; 8 * 1024];
+            loop {
+                let n = match reader.read(&mut buf) {
+                    Ok(0) => return Ok(()),
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) if is_timeout(&e) => return Err(state.timed_out(self.read_timeout)),
+                    Err(e) => return Err(state.broke(&e)),
+                };
+                match state.feed(&buf[..n])? {
+                    Fed::More => {}
+                    Fed::Done => {
+                        // The rest of the body (the chunked encoding's last
+                        // chunk) is read so that the connection can be kept.
+                        while let Ok(n) = reader.read(&mut buf) {
+                            if n == 0 {
+                                break;
+                            }
+                        }
+                        return Ok(());
+                    }
+                    // Dropping the reader closes the connection.
+                    Fed::Stopped => return Ok(()),
+                }
+            }
+        })();
+        abort.forget(hook);
+        // A hook that fired, even after the call, left the agent shut down;
+        // a failed one may hold a broken connection.
+        if abort.is_aborted() || result.is_err() {
+            self.drop_agent(endpoint);
+        }
         *emitted = state.emitted();
-        count_usage(counters, state.usage);
-        outcome?;
+        count_usage(call.counters, state.usage);
+        result?;
         state.end()
     }
 }
@@ -445,15 +457,9 @@ impl Provider for OpenAi {
         let mut last = LlmError::Upstream("no upstream endpoint is configured".into());
         let first = ask.endpoint.unwrap_or(0);
         for (i, (endpoint, counters)) in self.endpoints.iter().enumerate().skip(first) {
-            let result = self.with_retries(
-                endpoint,
-                counters,
-                abort,
-                &|| !emitted.get(),
-                &mut |agent, kept| {
+            let result =
+                self.with_retries(endpoint, counters, abort, &|| !emitted.get(), &mut || {
                     let call = Call {
-                        agent,
-                        kept,
                         index: i,
                         endpoint,
                         counters,
@@ -465,8 +471,7 @@ impl Provider for OpenAi {
                     let result = self.round(&call, &mut sent);
                     emitted.set(sent);
                     result
-                },
-            );
+                });
             match result {
                 Ok(Some(turn)) => {
                     return Ok(Turn {
@@ -626,103 +631,4 @@ fn scrub(error: LlmError, endpoint: &Endpoint) -> LlmError {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_doubles_within_jitter_and_stops_at_the_cap() {
-        let policy = RetryPolicy {
-            max_retries: 5,
-            base: Duration::from_millis(100),
-            max: Duration::from_millis(1000),
-        };
-        for _ in 0..50 {
-            let first = policy.delay(0);
-            assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(100));
-            let third = policy.delay(2);
-            assert!(third >= Duration::from_millis(200) && third <= Duration::from_millis(400));
-            let late = policy.delay(30);
-            assert!(late >= Duration::from_millis(500) && late <= Duration::from_millis(1000));
-        }
-    }
-
-    #[test]
-    fn the_key_never_survives_in_an_error_or_a_debug_print() {
-        let endpoint = Endpoint {
-            name: "e".into(),
-            base_url: "http://x".into(),
-            model: None,
-            api_key: Some("sk-secret-123".into()),
-        };
-        let e = scrub(
-            LlmError::Upstream("bad header: Bearer sk-secret-123".into()),
-            &endpoint,
-        );
-        assert!(!e.to_string().contains("sk-secret-123"), "{e}");
-        assert!(!format!("{endpoint:?}").contains("sk-secret-123"));
-    }
-
-    #[test]
-    fn the_request_carries_the_prompt_and_asks_for_a_stream() {
-        let prompt = Prompt {
-            model: "m".into(),
-            messages: vec![PromptMessage::new("user", "hi")],
-            temperature: Some(0.5),
-            top_p: None,
-            max_tokens: 7,
-        };
-        let body = request_body(&prompt, "other", &[]);
-        assert_eq!(body["model"], "other");
-        assert_eq!(body["stream"], true);
-        assert_eq!(body["max_tokens"], 7);
-        assert_eq!(body["temperature"], 0.5);
-        assert!(body.get("top_p").is_none());
-        assert!(body.get("tools").is_none() && body.get("tool_choice").is_none());
-        assert_eq!(body["messages"][0]["content"], "hi");
-    }
-
-    #[test]
-    fn tools_and_tool_rounds_take_openai_shapes() {
-        let call = crate::llm::ToolCall {
-            id: "call_1".into(),
-            name: "calculator".into(),
-            arguments: r#"{"expression":"1+1"}"#.into(),
-            refused: None,
-        };
-        let prompt = Prompt {
-            model: "m".into(),
-            messages: vec![
-                PromptMessage::new("user", "add"),
-                PromptMessage {
-                    tool_calls: vec![call],
-                    ..PromptMessage::new("assistant", "")
-                },
-                PromptMessage {
-                    tool_call_id: Some("call_1".into()),
-                    ..PromptMessage::new("tool", "2")
-                },
-            ],
-            temperature: None,
-            top_p: None,
-            max_tokens: 7,
-        };
-        let spec = ToolSpec {
-            name: "calculator",
-            description: "adds",
-            parameters: json!({"type": "object"}),
-        };
-        let body = request_body(&prompt, "m", &[spec]);
-        assert_eq!(body["tool_choice"], "auto");
-        assert_eq!(body["tools"][0]["function"]["name"], "calculator");
-        let assistant = &body["messages"][1];
-        assert!(assistant["content"].is_null());
-        assert_eq!(assistant["tool_calls"][0]["id"], "call_1");
-        assert_eq!(
-            assistant["tool_calls"][0]["function"]["arguments"],
-            r#"{"expression":"1+1"}"#
-        );
-        assert_eq!(body["messages"][2]["tool_call_id"], "call_1");
-        assert_eq!(body["messages"][2]["content"], "2");
-        assert!(body["messages"][0].get("tool_calls").is_none());
-    }
-}
+mod tests;
