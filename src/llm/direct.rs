@@ -188,9 +188,10 @@ impl Direct {
                     );
                 }
                 Called {
-                    result: Err(CallError::fatal(LlmError::Upstream(format!(
-                        "the stream from {name} was lost by the upstream reader"
-                    )))),
+                    result: Err(CallError::fatal(LlmError::upstream(
+                        name,
+                        format!("the stream from {name} was lost by the upstream reader"),
+                    ))),
                     usage: (0, 0),
                     emitted: true,
                 }
@@ -255,22 +256,26 @@ impl Stream for Feeding {
 /// A request that got no answer, as a call failure.
 fn http1_failure(name: &str, e: Http1Error) -> CallError {
     match e {
-        Http1Error::Connect(e) => {
-            CallError::retryable(LlmError::Upstream(format!("cannot reach {name}: {e}")))
-        }
+        Http1Error::Connect(e) => CallError::retryable(LlmError::upstream(
+            name,
+            format!("cannot reach {name}: {e}"),
+        )),
         Http1Error::Unanswered { reused, error } => CallError {
             // On a kept connection: the upstream closed it while idle, and
             // the request never reached it.
             unanswered: reused,
-            ..CallError::retryable(LlmError::Upstream(format!(
-                "{name} closed the connection: {error}"
-            )))
+            ..CallError::retryable(LlmError::upstream(
+                name,
+                format!("{name} closed the connection: {error}"),
+            ))
         },
-        Http1Error::Timeout(why) => CallError::retryable(LlmError::Timeout(format!(
-            "{name} did not answer in time: {why}"
-        ))),
-        Http1Error::BadResponse(why) => CallError::fatal(LlmError::Upstream(format!(
-            "{name} sent a bad response: {why}"
-        ))),
+        Http1Error::Timeout(why) => CallError::retryable(LlmError::timeout(
+            name,
+            format!("{name} did not answer in time: {why}"),
+        )),
+        Http1Error::BadResponse(why) => CallError::fatal(LlmError::upstream(
+            name,
+            format!("{name} sent a bad response: {why}"),
+        )),
     }
 }

@@ -146,12 +146,55 @@ pub enum Flow {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum LlmError {
-    /// The upstream answered with an error or broke the stream.
-    #[error("upstream failed: {0}")]
-    Upstream(String),
+    /// The upstream answered with an error, could not be reached, or broke
+    /// the stream.
+    #[error("upstream failed: {detail}")]
+    Upstream {
+        /// The configured name of the endpoint that failed.
+        endpoint: String,
+        /// What happened, with the upstream's own words: for the log only.
+        detail: String,
+    },
     /// The upstream did not answer in time.
-    #[error("upstream timed out: {0}")]
-    Timeout(String),
+    #[error("upstream timed out: {detail}")]
+    Timeout {
+        /// The configured name of the endpoint that failed.
+        endpoint: String,
+        /// What happened: for the log only.
+        detail: String,
+    },
+}
+
+impl LlmError {
+    /// A failure of the endpoint named `endpoint`; `detail` goes to the log.
+    pub fn upstream(endpoint: &str, detail: impl Into<String>) -> Self {
+        LlmError::Upstream {
+            endpoint: endpoint.to_owned(),
+            detail: detail.into(),
+        }
+    }
+
+    /// A timeout of the endpoint named `endpoint`; `detail` goes to the log.
+    pub fn timeout(endpoint: &str, detail: impl Into<String>) -> Self {
+        LlmError::Timeout {
+            endpoint: endpoint.to_owned(),
+            detail: detail.into(),
+        }
+    }
+
+    /// What clients are told: a generic sentence naming the endpoint's
+    /// configured name. Upstream error bodies can carry anything (hosts,
+    /// user names, echoed headers), so they stay in the server's log.
+    pub fn client_message(&self) -> String {
+        match self {
+            LlmError::Upstream { endpoint, .. } => {
+                format!("the upstream model \"{endpoint}\" failed; the server log has the details")
+            }
+            LlmError::Timeout { endpoint, .. } => {
+                format!("the upstream model \"{endpoint}\" did not answer in time")
+            }
+        }
+    }
 }
 
 /// A tool the model may call, in the shape of OpenAI's function calling.

@@ -194,7 +194,10 @@ impl StreamState {
         self.parser
             .feed(bytes, &mut |event| events.push(event))
             .map_err(|e| {
-                CallError::fatal(LlmError::Upstream(format!("{name} sent a bad stream: {e}")))
+                CallError::fatal(LlmError::upstream(
+                    name,
+                    format!("{name} sent a bad stream: {e}"),
+                ))
             })?;
         let mut events = std::mem::take(&mut self.events);
         let result = self.handle(&mut events);
@@ -210,17 +213,23 @@ impl StreamState {
                 return Ok(Fed::Done);
             }
             let chunk: Chunk<'_> = serde_json::from_str(&event.data).map_err(|e| {
-                CallError::fatal(LlmError::Upstream(format!(
-                    "{} sent a chunk that is not a chat completion chunk: {e}",
-                    self.name
-                )))
+                CallError::fatal(LlmError::upstream(
+                    &self.name,
+                    format!(
+                        "{} sent a chunk that is not a chat completion chunk: {e}",
+                        self.name
+                    ),
+                ))
             })?;
             if let Some(error) = chunk.error {
-                return Err(CallError::fatal(LlmError::Upstream(format!(
-                    "{} reported an error mid-stream: {}",
-                    self.name,
-                    error_message(&error.to_string())
-                ))));
+                return Err(CallError::fatal(LlmError::upstream(
+                    &self.name,
+                    format!(
+                        "{} reported an error mid-stream: {}",
+                        self.name,
+                        error_message(&error.to_string())
+                    ),
+                )));
             }
             if let Some(usage) = &chunk.usage {
                 self.usage.0 += usage.prompt_tokens.unwrap_or(0);
@@ -269,10 +278,13 @@ impl StreamState {
             // `[DONE]` without a finish reason: some servers skip it.
             None if self.done => StreamEnd::Stop,
             None => {
-                let error = LlmError::Upstream(format!(
-                    "the stream from {} ended before the answer was complete",
-                    self.name
-                ));
+                let error = LlmError::upstream(
+                    &self.name,
+                    format!(
+                        "the stream from {} ended before the answer was complete",
+                        self.name
+                    ),
+                );
                 return Err(CallError::broken(error, self.emitted));
             }
         };
@@ -286,17 +298,19 @@ impl StreamState {
 
     /// The failure of a stream whose connection broke.
     pub fn broke(&self, e: &std::io::Error) -> CallError {
-        let error = LlmError::Upstream(format!("the stream from {} broke: {e}", self.name));
+        let error = LlmError::upstream(
+            &self.name,
+            format!("the stream from {} broke: {e}", self.name),
+        );
         CallError::broken(error, self.emitted)
     }
 
     /// The failure of a stream that went silent for `timeout`.
     pub fn timed_out(&self, timeout: Duration) -> CallError {
-        CallError::fatal(LlmError::Timeout(format!(
-            "{} sent nothing for {} ms",
-            self.name,
-            timeout.as_millis()
-        )))
+        CallError::fatal(LlmError::timeout(
+            &self.name,
+            format!("{} sent nothing for {} ms", self.name, timeout.as_millis()),
+        ))
     }
 }
 
@@ -314,7 +328,7 @@ pub(crate) fn status_failure(
     // --jinja flag"); a retry would only be refused again.
     let rejects_tools = (400..600).contains(&status) && message.to_lowercase().contains("tool");
     CallError {
-        error: LlmError::Upstream(format!("{name} answered HTTP {status}: {message}")),
+        error: LlmError::upstream(name, format!("{name} answered HTTP {status}: {message}")),
         retryable: status == 429 || status >= 500,
         retry_after,
         rejects_tools,

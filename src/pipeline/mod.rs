@@ -517,13 +517,14 @@ impl Pipeline {
 // (Cache errors never do: a failing cache is a miss.)
 
 /// A provider failure as the clients of its generation see it.
+/// The detail (the upstream's own words) goes to the log only, where the
+/// caller writes it.
 fn llm_failure(e: &crate::llm::LlmError) -> Failure {
-    match e {
-        crate::llm::LlmError::Timeout(_) => {
-            Failure::new(ErrorCode::ProcessingTimeout, e.to_string())
-        }
-        _ => Failure::new(ErrorCode::UpstreamError, e.to_string()),
-    }
+    let code = match e {
+        crate::llm::LlmError::Timeout { .. } => ErrorCode::ProcessingTimeout,
+        _ => ErrorCode::UpstreamError,
+    };
+    Failure::new(code, e.client_message())
 }
 
 /// A history failure as the client sees it: a read pool that stays busy

@@ -454,7 +454,7 @@ impl Provider for OpenAi {
         sink: &TokenSink,
     ) -> Result<Turn, LlmError> {
         let emitted = std::cell::Cell::new(ask.committed);
-        let mut last = LlmError::Upstream("no upstream endpoint is configured".into());
+        let mut last = LlmError::upstream("(none)", "no upstream endpoint is configured");
         let first = ask.endpoint.unwrap_or(0);
         for (i, (endpoint, counters)) in self.endpoints.iter().enumerate().skip(first) {
             let result =
@@ -595,18 +595,23 @@ fn check_status(
 /// worth a retry, a malformed URL or a TLS misconfiguration is not.
 fn connect_error(name: &str, e: ureq::Error, kept: bool) -> CallError {
     match e {
-        ureq::Error::Timeout(_) => CallError::retryable(LlmError::Timeout(format!(
-            "{name} did not answer in time: {e}"
-        ))),
+        ureq::Error::Timeout(_) => CallError::retryable(LlmError::timeout(
+            name,
+            format!("{name} did not answer in time: {e}"),
+        )),
         ureq::Error::Io(_) | ureq::Error::ConnectionFailed | ureq::Error::HostNotFound => {
             CallError {
                 unanswered: kept,
-                ..CallError::retryable(LlmError::Upstream(format!("cannot reach {name}: {e}")))
+                ..CallError::retryable(LlmError::upstream(
+                    name,
+                    format!("cannot reach {name}: {e}"),
+                ))
             }
         }
-        other => CallError::fatal(LlmError::Upstream(format!(
-            "calling {name} failed: {other}"
-        ))),
+        other => CallError::fatal(LlmError::upstream(
+            name,
+            format!("calling {name} failed: {other}"),
+        )),
     }
 }
 
@@ -625,8 +630,14 @@ fn scrub(error: LlmError, endpoint: &Endpoint) -> LlmError {
     };
     let clean = |s: String| s.replace(key, "[redacted]");
     match error {
-        LlmError::Upstream(s) => LlmError::Upstream(clean(s)),
-        LlmError::Timeout(s) => LlmError::Timeout(clean(s)),
+        LlmError::Upstream { endpoint, detail } => LlmError::Upstream {
+            endpoint,
+            detail: clean(detail),
+        },
+        LlmError::Timeout { endpoint, detail } => LlmError::Timeout {
+            endpoint,
+            detail: clean(detail),
+        },
     }
 }
 

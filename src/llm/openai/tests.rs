@@ -199,7 +199,7 @@ fn the_key_never_survives_in_an_error_or_a_debug_print() {
         api_key: Some("sk-secret-123".into()),
     };
     let e = scrub(
-        LlmError::Upstream("bad header: Bearer sk-secret-123".into()),
+        LlmError::upstream("e", "bad header: Bearer sk-secret-123"),
         &endpoint,
     );
     assert!(!e.to_string().contains("sk-secret-123"), "{e}");
