@@ -325,6 +325,11 @@ pub struct LlmConfig {
     /// Longest retry delay, and the longest `Retry-After` honoured (a
     /// longer one moves on to the next provider instead).
     pub retry_max_ms: u64,
+    /// Models a client may name in `options.model`, besides the configured
+    /// ones (`model` and each provider's); `["*"]` allows any. The
+    /// operator's key pays for whatever a client names, so the default
+    /// (empty) allows the configured models only.
+    pub allowed_models: Vec<String>,
     /// Pacing of the simulated provider.
     pub simulated: SimulatedConfig,
     /// `[[llm.providers]]`: upstream endpoints tried in order, each after
@@ -348,6 +353,16 @@ pub struct ProviderConfig {
     pub api_key_env: String,
 }
 
+impl LlmConfig {
+    /// Whether a client may ask for `model`: a configured model, one of
+    /// `allowed_models`, or anything when that list holds `"*"`.
+    pub fn model_allowed(&self, model: &str) -> bool {
+        model == self.model
+            || self.providers.iter().any(|p| p.model == model)
+            || self.allowed_models.iter().any(|m| m == "*" || m == model)
+    }
+}
+
 impl Default for LlmConfig {
     fn default() -> Self {
         Self {
@@ -362,6 +377,7 @@ impl Default for LlmConfig {
             max_retries: 2,
             retry_base_ms: 250,
             retry_max_ms: 8000,
+            allowed_models: Vec::new(),
             simulated: SimulatedConfig::default(),
             providers: Vec::new(),
         }
@@ -1259,6 +1275,7 @@ mod tests {
         ("llm.max_retries", "2"),
         ("llm.retry_base_ms", "250"),
         ("llm.retry_max_ms", "8000"),
+        ("llm.allowed_models", "[]"),
         ("llm.simulated.first_token_ms", "200"),
         ("llm.simulated.token_interval_ms", "20"),
         ("llm.simulated.tokens", "64"),

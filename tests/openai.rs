@@ -148,7 +148,10 @@ fn an_error_body_goes_to_the_log_not_to_clients_and_is_not_retried() {
     // what the upstream said.
     assert!(message.contains("\"up0\""), "{message}");
     for leak in ["db password", "10.1.2.3", "admin", "400", KEY] {
-        assert!(!message.contains(leak), "{leak} reached the client: {message}");
+        assert!(
+            !message.contains(leak),
+            "{leak} reached the client: {message}"
+        );
     }
     assert_eq!(upstream.requests().len(), 1, "a 400 is not worth a retry");
     // The operator finds the detail in the log, without the key.
@@ -368,4 +371,55 @@ fn identical_chats_share_one_upstream_call() {
         assert_eq!(answer.text, "one for all");
     }
     assert_eq!(upstream.requests().len(), 1);
+}
+
+#[test]
+fn a_model_the_operator_did_not_offer_is_refused_before_any_upstream_call() {
+    let upstream = Upstream::start();
+    let server = chorus(&[&upstream], "");
+    let mut c = server.client();
+    let e = c.expect_error(json!({"type": "chat", "id": "m1", "message": "Hi",
+        "options": {"model": "gpt-very-expensive"}}));
+    assert_eq!(e["code"], "bad_request", "{e}");
+    assert_eq!(e["id"], "m1", "{e}");
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .contains("gpt-very-expensive"),
+        "{e}"
+    );
+    assert!(upstream.requests().is_empty(), "the operator paid for it");
+    // The configured model may be named, and the connection still works.
+    upstream.push(stream(&["ok"]));
+    let answer = ask_with(&mut c, json!({"model": "test-model"}));
+    assert!(answer.is_done(), "{}", answer.end);
+    assert_eq!(upstream.requests().len(), 1);
+}
+
+#[test]
+fn allowed_models_opens_more_models_or_all_of_them() {
+    let upstream = Upstream::start();
+    let server = chorus(&[&upstream], "allowed_models = [\"small\"]");
+    let mut c = server.client();
+    upstream.push(stream(&["ok"]));
+    let answer = ask_with(&mut c, json!({"model": "small"}));
+    assert!(answer.is_done(), "{}", answer.end);
+    assert_eq!(upstream.requests()[0].body["model"], "small");
+    let e = c.expect_error(json!({"type": "chat", "id": "m2", "message": "Hi",
+        "options": {"model": "large"}}));
+    assert_eq!(e["code"], "bad_request", "{e}");
+
+    let any = chorus(&[&upstream], "allowed_models = [\"*\"]");
+    upstream.push(stream(&["ok"]));
+    let answer = ask_with(&mut any.client(), json!({"model": "large"}));
+    assert!(answer.is_done(), "{}", answer.end);
+    assert_eq!(upstream.requests()[1].body["model"], "large");
+}
+
+/// Asks "Hi" with `options` and waits for the whole answer.
+fn ask_with(c: &mut Client, options: Value) -> common::Answer {
+    let accepted = c.chat(None, "Hi", options);
+    assert_eq!(accepted["type"], "accepted", "{accepted}");
+    c.answer(accepted["request"].as_str().unwrap())
 }

@@ -33,6 +33,14 @@ impl Shared {
                 "the server is shutting down",
             ));
         }
+        if let Some(model) = chat.options.model.as_deref() {
+            if !self.config.llm.model_allowed(model) {
+                return Err(Failure::new(
+                    ErrorCode::BadRequest,
+                    format!("`options.model` \"{model}\" is not offered by this server"),
+                ));
+            }
+        }
         // A conversation id made here is new by construction: it has no
         // stored history to read.
         let is_new = chat.conversation.is_none();
