@@ -22,6 +22,9 @@ pub mod broadcast;
 pub mod cache;
 pub mod cluster;
 pub mod config;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod history;
 pub mod http;
 pub mod llm;

@@ -27,6 +27,10 @@ use parking_lot::{Condvar, Mutex};
 
 pub use openai::{Endpoint, OpenAi, RetryPolicy};
 pub use simulated::Simulated;
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) use stream::{Fed, StreamState};
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) use tool_calls::MAX_NAME_BYTES;
 pub use tool_calls::{CallAssembler, CallLimits};
 
 /// What the model is asked: the assembled conversation and the options.

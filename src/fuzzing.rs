@@ -1,0 +1,173 @@
+//! Entry points of the fuzz targets in `fuzz/`: the parsers that read bytes
+//! a client or an upstream controls, each behind one function taking raw
+//! bytes.
+//!
+//! The same functions replay every committed corpus file on the stable
+//! toolchain (the test at the bottom, part of the test command), so a crash
+//! the fuzzer once found stays fixed. Each entry checks more than "does not
+//! panic" where the parser has a property to keep: a stream split anywhere
+//! parses as the whole one, bounds hold whatever the input.
+//!
+//! Built only for tests and with the `fuzzing` feature (which `fuzz/`
+//! turns on), so it is not part of the library's API.
+//!
+//! Threads: none of its own; each call runs on the caller's thread.
+
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use crate::llm::sse::{Event, SseParser};
+use crate::llm::{CallAssembler, CallLimits, Flow, StreamState, TokenSink};
+use crate::protocol::{self, FrameLimits};
+
+/// `data` as a WebSocket text frame from a client. Whatever it is, the
+/// answer is a frame or an error with a code clients know, never a panic.
+pub fn client_frame(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let limits = FrameLimits {
+        max_message_chars: 16_000,
+    };
+    if let Err(e) = protocol::parse_client_frame(text, limits) {
+        assert!(!e.message.is_empty());
+        assert!(protocol::ErrorCode::ALL.contains(&e.code));
+    }
+}
+
+/// `data` as an upstream's streamed response body: the first byte picks a
+/// place to cut it, and the body read in two pieces must give the same
+/// events, tokens and ending as read whole.
+pub fn upstream_stream(data: &[u8]) {
+    let Some((&cut, body)) = data.split_first() else {
+        return;
+    };
+    let cut = usize::from(cut) * body.len() / 255;
+    let (head, tail) = body.split_at(cut.min(body.len()));
+
+    assert_eq!(sse_events(&[body]), sse_events(&[head, tail]));
+    assert_eq!(stream_outcome(&[body]), stream_outcome(&[head, tail]));
+}
+
+/// The events of a stream fed in `pieces`, up to the first error.
+fn sse_events(pieces: &[&[u8]]) -> (Vec<Event>, Option<String>) {
+    // Small enough that the fuzzer reaches the bound.
+    let mut parser = SseParser::new(4096);
+    let mut events = Vec::new();
+    for piece in pieces {
+        if let Err(e) = parser.feed(piece, &mut |e| events.push(e)) {
+            return (events, Some(e.to_string()));
+        }
+    }
+    (events, None)
+}
+
+/// What a round's stream reading makes of `pieces`: the tokens sent, and
+/// how it ended (a failure, or the end with its tool calls).
+fn stream_outcome(pieces: &[&[u8]]) -> (Vec<String>, String) {
+    let tokens = Arc::new(Mutex::new(Vec::new()));
+    let sink: TokenSink = {
+        let tokens = tokens.clone();
+        Arc::new(move |t: &str| {
+            tokens.lock().push(t.to_owned());
+            Flow::Continue
+        })
+    };
+    let mut state = StreamState::new("fuzz", CallLimits::default(), sink, false, true);
+    let mut failed = None;
+    for piece in pieces {
+        match state.feed(piece) {
+            Ok(crate::llm::Fed::More) => {}
+            Ok(_) => break,
+            Err(e) => {
+                failed = Some(e.error.to_string());
+                break;
+            }
+        }
+    }
+    let ending = match failed {
+        Some(e) => e,
+        None => match state.end() {
+            Ok(turn) => {
+                for call in &turn.tool_calls {
+                    assert!(call.arguments.len() <= CallLimits::default().max_argument_bytes);
+                }
+                format!("{:?} {:?} {:?}", turn.end, turn.tool_calls, turn.said)
+            }
+            Err(e) => e.error.to_string(),
+        },
+    };
+    let tokens = tokens.lock().clone();
+    (tokens, ending)
+}
+
+/// `data` as a sequence of tool-call deltas (each: a flag byte, an index
+/// byte and three length-prefixed strings). Whatever the model sends, the
+/// assembler keeps its bounds.
+pub fn tool_calls(data: &[u8]) {
+    let limits = CallLimits {
+        max_calls: 3,
+        max_argument_bytes: 64,
+    };
+    let mut calls = CallAssembler::new(limits);
+    let mut rest = data;
+    while let [flags, index, tail @ ..] = rest {
+        rest = tail;
+        let mut field = |present: bool| -> Option<String> {
+            let (&len, tail) = rest.split_first()?;
+            let len = usize::from(len % 32).min(tail.len());
+            let (text, tail) = tail.split_at(len);
+            rest = tail;
+            present.then(|| String::from_utf8_lossy(text).into_owned())
+        };
+        let id = field(flags & 2 != 0);
+        let name = field(flags & 4 != 0);
+        let arguments = field(flags & 8 != 0);
+        calls.push(
+            (flags & 1 != 0).then_some(u64::from(*index)),
+            id.as_deref(),
+            name.as_deref(),
+            arguments.as_deref(),
+        );
+    }
+    let calls = calls.finish();
+    assert!(calls.len() <= 2 * limits.max_calls, "{}", calls.len());
+    for (i, call) in calls.iter().enumerate() {
+        assert!(call.arguments.len() <= limits.max_argument_bytes);
+        assert!(call.name.len() <= crate::llm::MAX_NAME_BYTES);
+        assert!(!call.id.is_empty());
+        assert!(calls[..i].iter().all(|c| c.id != call.id), "ids are unique");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    /// Runs every committed corpus file of `target` through `entry`.
+    fn replay(target: &str, entry: fn(&[u8])) -> usize {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fuzz/corpus")
+            .join(target);
+        let mut files = 0;
+        for file in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{dir:?}: {e}")) {
+            let path = file.expect("corpus entry").path();
+            let data = std::fs::read(&path).expect("corpus file");
+            entry(&data);
+            files += 1;
+        }
+        files
+    }
+
+    #[test]
+    fn every_committed_corpus_file_replays_cleanly() {
+        for (target, entry) in [
+            ("client_frame", super::client_frame as fn(&[u8])),
+            ("upstream_stream", super::upstream_stream),
+            ("tool_calls", super::tool_calls),
+        ] {
+            assert!(replay(target, entry) > 0, "the {target} corpus is empty");
+        }
+    }
+}
