@@ -108,7 +108,22 @@ impl Spare {
 }
 
 /// The rate-limited warning about refusing connections for lack of
-/// descriptors; see the module docs.
+/// descriptors; see the module docs. Any thread may call it; a refusal
+/// takes a short lock, an accept while nothing is refused only an atomic
+/// load.
+///
+/// ```
+/// use chorus::descriptors::Exhaustion;
+///
+/// let exhaustion = Exhaustion::default();
+/// let emfile = std::io::Error::from_raw_os_error(24);
+/// for _ in 0..1000 {
+///     exhaustion.refused(&emfile); // one warning, not a thousand
+/// }
+/// assert!(exhaustion.is_active());
+/// exhaustion.accepted(); // one line: available again
+/// assert!(!exhaustion.is_active());
+/// ```
 #[derive(Debug, Default)]
 pub struct Exhaustion {
     /// Set while refusing; read without the lock on every accept.
