@@ -341,6 +341,48 @@ fn a_peer_that_never_answers_pings_is_closed_and_its_requests_detached() {
     assert_eq!(v["type"], "accepted", "{v}");
 }
 
+#[test]
+fn a_slow_reader_that_never_answers_pings_is_not_taken_for_dead() {
+    let server = Server::start(
+        "[server]\nping_interval_ms = 100\npong_timeout_ms = 300\nsend_buffer_bytes = 4096\n\
+         [llm.simulated]\nfirst_token_ms = 1\ntoken_interval_ms = 1\ntokens = 100000\n",
+    );
+    // A small receive buffer, so the server's writes block while this
+    // client reads slowly: its TCP acknowledges, its WebSocket never pongs.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&server.addr.into()).unwrap();
+    let mut tcp: TcpStream = socket.into();
+    tcp.set_read_timeout(Some(WAIT)).unwrap();
+    let request = format!(
+        "GET /ws HTTP/1.1\r\nHost: {}\r\n{KEY_HEADERS}\r\n",
+        server.addr
+    );
+    tcp.write_all(request.as_bytes()).unwrap();
+    assert_eq!(read_status(&mut tcp), 101);
+    let chat = json!({"type": "chat", "id": "c1", "message": "stream to a slow reader"});
+    tcp.write_all(&client_text_frame(chat.to_string().as_bytes()))
+        .unwrap();
+    // About 25 KB/s against a model that makes more: for six pong
+    // timeouts the server has more to send than this client takes.
+    let mut received = 0;
+    let mut chunk = [0u8; 512];
+    let until = std::time::Instant::now() + Duration::from_millis(1800);
+    while std::time::Instant::now() < until {
+        let n = tcp
+            .read(&mut chunk)
+            .expect("the server closed a slow reader");
+        assert!(
+            n > 0,
+            "the server closed a slow reader after {received} bytes"
+        );
+        received += n;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(server.stats()["connections"], 1);
+    assert!(received > 10_000, "only {received} bytes arrived");
+}
+
 /// One masked client text frame (RFC 6455 §5.2, §5.3), short payloads only.
 fn client_text_frame(payload: &[u8]) -> Vec<u8> {
     assert!(payload.len() < 126);
