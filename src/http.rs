@@ -1,11 +1,14 @@
 //! The HTTP side of the single port: reading a request head with httparse,
-//! routing, the small JSON and file endpoints, and the checks that decide
-//! whether a WebSocket upgrade is allowed.
+//! writing answers (also head-only ones for `HEAD`), static files, and the
+//! token check of a WebSocket upgrade. Which `Host` and `Origin` may reach
+//! the server is [`crate::authority`]'s job.
 //!
 //! Threads: runs on the connection thread that accepted the socket, before
 //! the connection becomes a WebSocket (or instead of it). Every answer
 //! closes the connection (`Connection: close`): the endpoints are cheap, and
-//! one request per connection keeps the thread's life simple.
+//! one request per connection keeps the thread's life simple. The close
+//! lingers ([`linger_close`]) so that unread input cannot turn it into a
+//! reset.
 
 use std::borrow::Cow;
 use std::io::{self, Read, Write};
