@@ -195,7 +195,7 @@ const LINGER_BYTES: usize = 1 << 20;
 /// Ends a connection whose answer is written: sends FIN, then reads and
 /// discards what the client still sends (a body never read, pipelined
 /// requests, the rest of an oversized head) until it closes, up to
-/// [`LINGER_BYTES`] and [`LINGER`]. Closing a socket with unread input makes
+/// 1 MiB and 2 s. Closing a socket with unread input makes
 /// the kernel send a reset, which can destroy the answer before the client
 /// reads it.
 pub fn linger_close(tcp: &TcpStream) {
