@@ -99,6 +99,10 @@ pub struct ServerConfig {
     pub max_message_chars: usize,
     /// Accepted `Origin` header values; empty means Origin must match Host.
     pub allowed_origins: Vec<String>,
+    /// `Host` header values answered (`host` or `host:port`, `"*"` for
+    /// any); empty means the loopback names and the bound address. Other
+    /// hosts get `421` on every path (DNS rebinding defence).
+    pub allowed_hosts: Vec<String>,
     /// Accepted bearer tokens; empty disables authentication.
     pub auth_tokens: Vec<String>,
     /// Stack size of each connection thread, in KiB (at least 32).
@@ -112,6 +116,11 @@ pub struct ServerConfig {
     /// Chats one connection may send per minute (a token bucket that holds
     /// a minute's worth); more get `rate_limited`. 0 means no limit.
     pub max_chats_per_minute: u32,
+    /// Period of the server's pings on every WebSocket, in ms; 0 sends none.
+    pub ping_interval_ms: u64,
+    /// How long a pinged connection may stay silent (no pong, no frame)
+    /// before it is closed as dead, in ms (at least 1).
+    pub pong_timeout_ms: u64,
     /// Backlog passed to `listen(2)`.
     pub listen_backlog: i32,
     /// Directory to serve static files from; empty serves the embedded files.
@@ -126,11 +135,14 @@ impl Default for ServerConfig {
             ws_max_message_bytes: 65_536,
             max_message_chars: 16_000,
             allowed_origins: Vec::new(),
+            allowed_hosts: Vec::new(),
             auth_tokens: Vec::new(),
             connection_stack_kib: 128,
             outbox_frames: 4096,
             send_buffer_bytes: 0,
             max_chats_per_minute: 0,
+            ping_interval_ms: 30_000,
+            pong_timeout_ms: 10_000,
             listen_backlog: 1024,
             static_dir: String::new(),
         }
@@ -1086,6 +1098,15 @@ impl Config {
             32,
         )?;
         at_least("server.outbox_frames", self.server.outbox_frames, 16)?;
+        at_least("server.pong_timeout_ms", self.server.pong_timeout_ms, 1)?;
+        for host in &self.server.allowed_hosts {
+            if host != "*" && crate::authority::Authority::parse(host).is_none() {
+                return Err(invalid(
+                    "server.allowed_hosts",
+                    format!("{host:?} is not a host or host:port (or \"*\")"),
+                ));
+            }
+        }
         let l = &self.llm;
         at_least("llm.connect_timeout_ms", l.connect_timeout_ms, 1)?;
         at_least("llm.read_timeout_ms", l.read_timeout_ms, 1)?;
@@ -1230,11 +1251,14 @@ mod tests {
         ("server.ws_max_message_bytes", "65536"),
         ("server.max_message_chars", "16000"),
         ("server.allowed_origins", "[]"),
+        ("server.allowed_hosts", "[]"),
         ("server.auth_tokens", "[]"),
         ("server.connection_stack_kib", "128"),
         ("server.outbox_frames", "4096"),
         ("server.send_buffer_bytes", "0"),
         ("server.max_chats_per_minute", "0"),
+        ("server.ping_interval_ms", "30000"),
+        ("server.pong_timeout_ms", "10000"),
         ("server.listen_backlog", "1024"),
         ("server.static_dir", "\"\""),
         ("workers.cache_workers", "4"),

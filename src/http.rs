@@ -1,11 +1,14 @@
 //! The HTTP side of the single port: reading a request head with httparse,
-//! routing, the small JSON and file endpoints, and the checks that decide
-//! whether a WebSocket upgrade is allowed.
+//! writing answers (also head-only ones for `HEAD`), static files, and the
+//! token check of a WebSocket upgrade. Which `Host` and `Origin` may reach
+//! the server is [`crate::authority`]'s job.
 //!
 //! Threads: runs on the connection thread that accepted the socket, before
 //! the connection becomes a WebSocket (or instead of it). Every answer
 //! closes the connection (`Connection: close`): the endpoints are cheap, and
-//! one request per connection keeps the thread's life simple.
+//! one request per connection keeps the thread's life simple. The close
+//! lingers ([`linger_close`]) so that unread input cannot turn it into a
+//! reset.
 
 use std::borrow::Cow;
 use std::io::{self, Read, Write};
@@ -176,10 +179,42 @@ fn reason(status: u16) -> &'static str {
         404 => "Not Found",
         405 => "Method Not Allowed",
         413 => "Payload Too Large",
+        421 => "Misdirected Request",
         426 => "Upgrade Required",
         500 => "Internal Server Error",
         503 => "Service Unavailable",
         _ => "Unknown",
+    }
+}
+
+/// How long a closing HTTP connection waits for the client to stop sending.
+const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
+/// Most bytes read and discarded while lingering.
+const LINGER_BYTES: usize = 1 << 20;
+
+/// Ends a connection whose answer is written: sends FIN, then reads and
+/// discards what the client still sends (a body never read, pipelined
+/// requests, the rest of an oversized head) until it closes, up to
+/// 1 MiB and 2 s. Closing a socket with unread input makes
+/// the kernel send a reset, which can destroy the answer before the client
+/// reads it.
+pub fn linger_close(tcp: &TcpStream) {
+    let _ = tcp.shutdown(std::net::Shutdown::Write);
+    let deadline = std::time::Instant::now() + LINGER;
+    let mut scratch = [0u8; 4096];
+    let mut left = LINGER_BYTES;
+    let mut reader = tcp;
+    while left > 0 {
+        let wait = deadline.saturating_duration_since(std::time::Instant::now());
+        if wait.is_zero() || tcp.set_read_timeout(Some(wait)).is_err() {
+            return;
+        }
+        match reader.read(&mut scratch) {
+            Ok(0) => return,
+            Ok(n) => left = left.saturating_sub(n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return,
+        }
     }
 }
 
@@ -328,40 +363,18 @@ pub fn content_type(path: &str) -> &'static str {
     }
 }
 
-/// Whether a browser `Origin` may open a WebSocket.
-///
-/// With no allow-list, the origin's host (and port) must equal the `Host`
-/// header: pages served by chorus itself are allowed, other sites are not.
-/// Requests without `Origin` (non-browser clients) are always allowed.
-pub fn origin_allowed(origin: Option<&str>, host: Option<&str>, allowed: &[String]) -> bool {
-    let Some(origin) = origin else {
-        return true;
-    };
-    if !allowed.is_empty() {
-        return allowed
-            .iter()
-            .any(|a| a == "*" || a.eq_ignore_ascii_case(origin));
-    }
-    let origin_host = origin
-        .split_once("://")
-        .map_or(origin, |(_, rest)| rest)
-        .trim_end_matches('/');
-    host.is_some_and(|h| h.eq_ignore_ascii_case(origin_host))
-}
-
 /// Whether the request carries one of `tokens` (empty: no auth configured),
 /// as `Authorization: Bearer <t>` or `?token=<t>`.
 pub fn authorized(req: &Request, tokens: &[String]) -> bool {
     if tokens.is_empty() {
         return true;
     }
+    // The scheme name is case-insensitive (RFC 9110 §11.1).
     let bearer = req
         .header("authorization")
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(|t| t.trim().to_owned());
+        .and_then(|v| v.trim().split_once([' ', '\t']))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, t)| t.trim().to_owned());
     let query = req.query_param("token");
     [bearer, query].into_iter().flatten().any(|given| {
         tokens
@@ -426,20 +439,6 @@ mod tests {
     }
 
     #[test]
-    fn origin_rules() {
-        assert!(origin_allowed(None, Some("h:1"), &[]));
-        assert!(origin_allowed(Some("http://h:1"), Some("h:1"), &[]));
-        assert!(!origin_allowed(Some("http://evil:1"), Some("h:1"), &[]));
-        let list = vec!["https://app.example".to_owned()];
-        assert!(origin_allowed(
-            Some("https://app.example"),
-            Some("h:1"),
-            &list
-        ));
-        assert!(!origin_allowed(Some("http://h:1"), Some("h:1"), &list));
-    }
-
-    #[test]
     fn auth_by_header_or_query() {
         let req = |headers: Vec<(String, String)>, query: Option<&str>| Request {
             method: "GET".into(),
@@ -455,6 +454,19 @@ mod tests {
             &req(vec![("authorization".into(), "Bearer s3cret".into())], None),
             &tokens
         ));
+        for scheme in ["bearer", "BEARER", "bEaReR"] {
+            let header = format!("{scheme}  s3cret");
+            assert!(authorized(
+                &req(vec![("authorization".into(), header)], None),
+                &tokens
+            ));
+        }
+        for wrong in ["Basic s3cret", "Bearers3cret", "s3cret"] {
+            assert!(!authorized(
+                &req(vec![("authorization".into(), wrong.into())], None),
+                &tokens
+            ));
+        }
         assert!(authorized(&req(vec![], Some("a=1&token=s3cret")), &tokens));
         assert!(!authorized(&req(vec![], Some("token=s3cre")), &tokens));
     }

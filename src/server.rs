@@ -2,7 +2,7 @@
 //! connection, and the orderly shutdown.
 //!
 //! Threads:
-//! - the accept thread only accepts and spawns: each accepted socket gets
+//! - the accept thread (`accept`) only accepts and spawns: each accepted socket gets
 //!   its own thread (stack `connection_stack_kib`) that reads the HTTP head,
 //!   answers plain HTTP, or upgrades and runs the WebSocket loop;
 //! - the thread that calls [`Server::shutdown`] (main, on the stop signal)
@@ -13,11 +13,18 @@
 //!
 //! The accept thread sleeps in `poll(2)` on the listener and an eventfd, so
 //! stopping it is an explicit wake-up, not a connection to ourselves.
+//!
+//! Every request's `Host` is checked against `server.allowed_hosts` before
+//! anything else ([`crate::authority`]), and every plain HTTP answer ends
+//! with a lingering close ([`http::linger_close`]). Everything a
+//! connection thread counts or registers is held by a drop guard
+//! (`ThreadSlot`, `ConnectionSlot`, `Registration`), so a thread that
+//! panics gives it all back.
 
 use std::collections::HashMap;
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -25,11 +32,17 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use rustix::event::{eventfd, poll, EventfdFlags, PollFd, PollFlags, Timespec};
+use rustix::event::{eventfd, EventfdFlags};
 use socket2::{Domain, Socket, Type};
 
+mod accept;
+#[cfg(test)]
+mod tests;
+
+use crate::authority::{self, HostPolicy};
 use crate::cache::{Cache, MemoryCache, RedisCache};
 use crate::config::{CacheBackend, Config, LlmProvider};
+use crate::descriptors::{self, Exhaustion};
 use crate::history::History;
 use crate::http::{self, StaticFiles};
 use crate::llm::{Endpoint, OpenAi, Provider, RetryPolicy, Simulated};
@@ -41,11 +54,6 @@ use crate::ws::{self, Limits};
 
 /// How long a client may take to send its whole HTTP request head.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
-/// Connection threads allowed beyond `max_connections`, for plain HTTP
-/// requests and handshakes in progress.
-const PRE_UPGRADE_SLACK: usize = 256;
-/// What the accept thread answers when no connection thread may start.
-const BUSY_RESPONSE: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: 32\r\nConnection: close\r\n\r\n{\"error\":\"too many connections\"}";
 
 /// Failures that stop the server from starting.
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +85,10 @@ pub(crate) struct Shared {
     history: History,
     metrics: Arc<Metrics>,
     static_files: StaticFiles,
+    /// The `Host` values answered.
+    hosts: HostPolicy,
+    /// The warning about refusing connections for lack of descriptors.
+    exhaustion: Exhaustion,
     /// Open WebSocket connections by id, so shutdown can close them.
     connections: Mutex<HashMap<u64, Arc<Outbox>>>,
     ws_connections: AtomicUsize,
@@ -100,7 +112,7 @@ impl Server {
     /// Opens the history, starts the pipeline and listens. Returns once the
     /// port is bound (so `local_addr` is final, also with port 0).
     pub fn start(config: Config) -> Result<Server, ServerError> {
-        raise_descriptor_limit(config.server.max_connections);
+        descriptors::raise_limit(config.server.max_connections);
         start_fanout_pool(config.workers.fanout_threads);
         let config = Arc::new(config);
         let metrics = Arc::new(Metrics::new());
@@ -148,12 +160,15 @@ impl Server {
         };
         let listener = bind(&config.server.bind, config.server.listen_backlog)?;
         let local_addr = listener.local_addr()?;
+        let hosts = HostPolicy::new(&config.server.allowed_hosts, local_addr);
         let shared = Arc::new(Shared {
             config,
             pipeline,
             history,
             metrics,
             static_files,
+            hosts,
+            exhaustion: Exhaustion::default(),
             connections: Mutex::new(HashMap::new()),
             ws_connections: AtomicUsize::new(0),
             connection_threads: AtomicUsize::new(0),
@@ -169,7 +184,7 @@ impl Server {
             let (shared, waker) = (shared.clone(), accept_waker.clone());
             std::thread::Builder::new()
                 .name("chorus-accept".into())
-                .spawn(move || accept_loop(&listener, &shared, &waker))?
+                .spawn(move || accept::accept_loop(&listener, &shared, &waker))?
         };
         Ok(Server {
             shared,
@@ -224,10 +239,6 @@ impl Server {
     }
 }
 
-/// Each WebSocket holds two descriptors (its socket and its eventfd), and
-/// the usual soft limit of 1024 would stop a default server at a few hundred
-/// connections. Raise the soft limit to the hard one, as far as it goes,
-/// and say so when even that is too low for `max_connections`.
 /// The OpenAI-compatible provider over the configured endpoints: the
 /// `[[llm.providers]]` list, or the one endpoint of `[llm]`. Keys are read
 /// from the environment here, once.
@@ -304,31 +315,6 @@ fn start_fanout_pool(threads: usize) {
     }
 }
 
-fn raise_descriptor_limit(max_connections: usize) {
-    use rustix::process::{getrlimit, setrlimit, Resource};
-    let limit = getrlimit(Resource::Nofile);
-    if limit.current != limit.maximum {
-        let raised = rustix::process::Rlimit {
-            current: limit.maximum,
-            maximum: limit.maximum,
-        };
-        if let Err(e) = setrlimit(Resource::Nofile, raised) {
-            log::warn!("cannot raise the open-file limit: {e}");
-        }
-    }
-    let needed = (max_connections as u64)
-        .saturating_mul(2)
-        .saturating_add(64);
-    if let Some(current) = getrlimit(Resource::Nofile).current {
-        if current < needed {
-            log::warn!(
-                "the open-file limit ({current}) allows fewer than server.max_connections = \
-                 {max_connections} WebSockets (each needs 2 descriptors); raise `ulimit -n`"
-            );
-        }
-    }
-}
-
 fn bind(addr: &str, backlog: i32) -> Result<TcpListener, ServerError> {
     let err = |source: io::Error| ServerError::Bind {
         addr: addr.to_owned(),
@@ -346,135 +332,69 @@ fn bind(addr: &str, backlog: i32) -> Result<TcpListener, ServerError> {
     Ok(socket.into())
 }
 
-/// Sockets refused with a 503 by the accept thread, kept open briefly while
-/// their request is read and dropped: closing a socket with unread input
-/// makes the kernel send a reset that can destroy the answer in flight.
-struct Refused {
-    sockets: std::collections::VecDeque<(TcpStream, Instant)>,
-}
-
-impl Refused {
-    const MAX: usize = 64;
-    const LINGER: Duration = Duration::from_secs(1);
-
-    fn add(&mut self, mut tcp: TcpStream) {
-        // Best effort on a fresh socket; the accept thread never waits.
-        let _ = std::io::Write::write(&mut tcp, BUSY_RESPONSE);
-        let _ = tcp.shutdown(std::net::Shutdown::Write);
-        if self.sockets.len() == Self::MAX {
-            self.sockets.pop_front();
-        }
-        self.sockets.push_back((tcp, Instant::now() + Self::LINGER));
-    }
-
-    /// Drains what the refused clients sent; closes those that are done or out of time.
-    fn sweep(&mut self) {
-        let now = Instant::now();
-        let mut scratch = [0u8; 1024];
-        self.sockets.retain_mut(|(tcp, deadline)| loop {
-            match std::io::Read::read(tcp, &mut scratch) {
-                Ok(0) => return false,
-                Ok(_) => continue,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return now < *deadline,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => return false,
-            }
-        });
-    }
-}
-
-fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>, waker: &OwnedFd) {
-    let stack = shared.config.server.connection_stack_kib * 1024;
-    let listener_fd = listener.as_fd();
-    let mut refused = Refused {
-        sockets: std::collections::VecDeque::new(),
-    };
-    loop {
-        refused.sweep();
-        let mut fds = [
-            PollFd::new(&listener_fd, PollFlags::IN),
-            PollFd::new(waker, PollFlags::IN),
-        ];
-        // Wake up now and then only while refused sockets linger.
-        let tick = Timespec {
-            tv_sec: 0,
-            tv_nsec: 50_000_000,
-        };
-        let timeout = (!refused.sockets.is_empty()).then_some(&tick);
-        if let Err(e) = poll(&mut fds, timeout) {
-            if e != rustix::io::Errno::INTR {
-                log::error!("accept poll failed: {e}");
-                return;
-            }
-        }
-        if shared.stopping.load(Ordering::Acquire) {
-            return;
-        }
-        loop {
-            match listener.accept() {
-                Ok((tcp, _)) => {
-                    // WebSockets are capped by `max_connections` at the
-                    // handshake; this caps the threads still reading an HTTP
-                    // head, so a flood of idle sockets cannot exhaust threads.
-                    let threads = shared.connection_threads.fetch_add(1, Ordering::AcqRel);
-                    if threads >= shared.config.server.max_connections + PRE_UPGRADE_SLACK {
-                        shared.connection_threads.fetch_sub(1, Ordering::AcqRel);
-                        if tcp.set_nonblocking(true).is_ok() {
-                            refused.add(tcp);
-                        }
-                        continue;
-                    }
-                    let shared2 = shared.clone();
-                    let spawned = std::thread::Builder::new()
-                        .name("chorus-conn".into())
-                        .stack_size(stack)
-                        .spawn(move || {
-                            handle_connection(tcp, &shared2);
-                            shared2.connection_threads.fetch_sub(1, Ordering::AcqRel);
-                        });
-                    if let Err(e) = spawned {
-                        shared.connection_threads.fetch_sub(1, Ordering::AcqRel);
-                        log::warn!("cannot start a connection thread: {e}");
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    // Out of descriptors and similar: back off briefly instead of spinning.
-                    log::warn!("accept failed: {e}");
-                    std::thread::sleep(Duration::from_millis(10));
-                    break;
-                }
-            }
-        }
-    }
-}
-
 fn handle_connection(mut tcp: TcpStream, shared: &Arc<Shared>) {
     // The listener is non-blocking and accepted sockets inherit nothing on
     // Linux, but be explicit: the head is read with blocking reads and a timeout.
     if tcp.set_nonblocking(false).is_err() {
         return;
     }
-    let request = match http::read_request(&mut tcp, HEAD_TIMEOUT) {
-        Ok(r) => r,
+    let answered = match http::read_request(&mut tcp, HEAD_TIMEOUT) {
+        Ok(request) => match route(tcp, request, shared) {
+            Some(tcp) => tcp,
+            None => return,
+        },
         Err(http::HttpError::Closed) => return,
         Err(http::HttpError::TooLarge) => {
             let _ = http::respond_error(&mut tcp, 413, "request head too large");
-            return;
+            tcp
         }
         Err(e) => {
             let _ = http::respond_error(&mut tcp, 400, &e.to_string());
-            return;
+            tcp
         }
     };
-    if let Err(e) = route(tcp, request, shared) {
-        log::debug!("HTTP answer failed: {e}");
-    }
+    http::linger_close(&answered);
 }
 
-fn route(mut tcp: TcpStream, req: http::Request, shared: &Arc<Shared>) -> io::Result<()> {
+/// Answers `req`. Gives the socket back when it got a plain HTTP answer
+/// (to be closed with a linger), `None` once it was a WebSocket.
+fn route(mut tcp: TcpStream, req: http::Request, shared: &Arc<Shared>) -> Option<TcpStream> {
+    let host_allowed = shared.hosts.allows(req.header("host"));
+    if req.path == "/ws" && req.method == "GET" && host_allowed {
+        return upgrade(tcp, req, shared);
+    }
+    let written = if req.method == "HEAD" {
+        plain(
+            &mut http::HeadOnly::new(&mut tcp),
+            &req,
+            host_allowed,
+            shared,
+        )
+    } else {
+        plain(&mut tcp, &req, host_allowed, shared)
+    };
+    if let Err(e) = written {
+        log::debug!("HTTP answer failed: {e}");
+    }
+    Some(tcp)
+}
+
+/// Every answer that is not a WebSocket, written to `out` (the socket, or
+/// its head-only view for `HEAD`).
+fn plain(
+    out: &mut impl std::io::Write,
+    req: &http::Request,
+    host_allowed: bool,
+    shared: &Shared,
+) -> io::Result<()> {
+    if !host_allowed {
+        return http::respond_error(out, 421, "host not allowed (see server.allowed_hosts)");
+    }
     let path = req.path.as_str();
+    #[cfg(test)]
+    if path == tests::PANIC_PATH {
+        panic!("a connection thread panics on purpose (test)");
+    }
     let known = path == "/"
         || path == "/ws"
         || path == "/healthz"
@@ -482,26 +402,19 @@ fn route(mut tcp: TcpStream, req: http::Request, shared: &Arc<Shared>) -> io::Re
         || path == "/api/stats"
         || path.starts_with("/static/");
     if !known {
-        return http::respond_error(&mut tcp, 404, "not found");
+        return http::respond_error(out, 404, "not found");
     }
     let allowed = req.method == "GET" || (req.method == "HEAD" && path != "/ws");
     if !allowed {
         return http::respond(
-            &mut tcp,
+            out,
             405,
             "application/json",
             &[("Allow", if path == "/ws" { "GET" } else { "GET, HEAD" })],
             br#"{"error":"method not allowed"}"#,
         );
     }
-    if path == "/ws" {
-        return upgrade(tcp, req, shared);
-    }
-    if req.method == "HEAD" {
-        answer(&mut http::HeadOnly::new(&mut tcp), path, shared)
-    } else {
-        answer(&mut tcp, path, shared)
-    }
+    answer(out, path, shared)
 }
 
 /// The plain HTTP endpoints, written to `out` (the socket, or its
@@ -619,80 +532,147 @@ fn stats_json(shared: &Shared) -> serde_json::Value {
     })
 }
 
-fn upgrade(mut tcp: TcpStream, req: http::Request, shared: &Arc<Shared>) -> io::Result<()> {
+/// Logs a failed refusal and gives the socket back for its lingering close.
+fn refusal_written(tcp: TcpStream, written: io::Result<()>) -> Option<TcpStream> {
+    if let Err(e) = written {
+        log::debug!("HTTP answer failed: {e}");
+    }
+    Some(tcp)
+}
+
+/// The WebSocket handshake and, once it succeeds, the connection's whole
+/// life. Gives the socket back when it refused the handshake.
+fn upgrade(mut tcp: TcpStream, req: http::Request, shared: &Arc<Shared>) -> Option<TcpStream> {
     let server = &shared.config.server;
     let key = req.header("sec-websocket-key").map(str::to_owned);
     let is_upgrade = req.header_has_token("upgrade", "websocket")
         && req.header_has_token("connection", "upgrade")
         && req.header("sec-websocket-version") == Some("13");
     let Some(key) = key.filter(|_| is_upgrade) else {
-        return http::respond(
+        let written = http::respond(
             &mut tcp,
             426,
             "application/json",
             &[("Sec-WebSocket-Version", "13")],
             br#"{"error":"this endpoint speaks WebSocket (version 13)"}"#,
         );
+        return refusal_written(tcp, written);
     };
     if !http::authorized(&req, &server.auth_tokens) {
-        return http::respond(
+        let written = http::respond(
             &mut tcp,
             401,
             "application/json",
             &[("WWW-Authenticate", "Bearer")],
             br#"{"error":"a valid token is required"}"#,
         );
+        return refusal_written(tcp, written);
     }
-    if !http::origin_allowed(
+    if !authority::origin_allowed(
         req.header("origin"),
         req.header("host"),
         &server.allowed_origins,
     ) {
-        return http::respond_error(&mut tcp, 403, "origin not allowed");
+        let written = http::respond_error(&mut tcp, 403, "origin not allowed");
+        return refusal_written(tcp, written);
     }
     if shared.draining.load(Ordering::Acquire) {
-        return http::respond_error(&mut tcp, 503, "the server is shutting down");
+        let written = http::respond_error(&mut tcp, 503, "the server is shutting down");
+        return refusal_written(tcp, written);
     }
-    // Count first, then check: two racing handshakes cannot both take the last slot.
-    if shared.ws_connections.fetch_add(1, Ordering::AcqRel) >= server.max_connections {
-        shared.ws_connections.fetch_sub(1, Ordering::AcqRel);
-        return http::respond_error(&mut tcp, 503, "too many connections");
+    let Some(slot) = ConnectionSlot::take(shared) else {
+        let written = http::respond_error(&mut tcp, 503, "too many connections");
+        return refusal_written(tcp, written);
+    };
+    let outbox = match Outbox::new(server.outbox_frames) {
+        Ok(outbox) => Arc::new(outbox),
+        Err(e) => {
+            if descriptors::is_exhaustion(&e) {
+                shared.exhaustion.refused(&e);
+            } else {
+                log::warn!("cannot create a connection's outbox: {e}");
+            }
+            drop(slot);
+            let written = http::respond_error(&mut tcp, 503, "the server is out of resources");
+            return refusal_written(tcp, written);
+        }
+    };
+    let ready = tcp.set_read_timeout(None).and_then(|()| {
+        if server.send_buffer_bytes > 0 {
+            socket2::SockRef::from(&tcp).set_send_buffer_size(server.send_buffer_bytes)?;
+        }
+        std::io::Write::write_all(&mut tcp, http::upgrade_response(&key).as_bytes())
+    });
+    if let Err(e) = ready {
+        log::debug!("the handshake failed: {e}");
+        return None;
     }
-    let guard = ConnectionSlot { shared };
-    let outbox = Arc::new(Outbox::new(server.outbox_frames)?);
     let id = shared.next_connection.fetch_add(1, Ordering::Relaxed);
-    tcp.set_read_timeout(None)?;
-    if server.send_buffer_bytes > 0 {
-        socket2::SockRef::from(&tcp).set_send_buffer_size(server.send_buffer_bytes)?;
-    }
-    std::io::Write::write_all(&mut tcp, http::upgrade_response(&key).as_bytes())?;
-    shared.connections.lock().insert(id, outbox.clone());
+    let registration = Registration::new(shared, id, outbox.clone());
     if shared.stopping.load(Ordering::Acquire) {
         // Upgraded after shutdown closed the others: close this one too.
         let _ = outbox.push(Frame::Close(1001, "server shutting down"));
     }
-    shared.metrics.connections.inc();
     let limits = Limits {
         max_message_bytes: server.ws_max_message_bytes,
         max_message_chars: server.max_message_chars,
         outbox_frames: server.outbox_frames,
         max_chats_per_minute: server.max_chats_per_minute,
+        ping_interval: (server.ping_interval_ms > 0)
+            .then(|| Duration::from_millis(server.ping_interval_ms)),
+        pong_timeout: Duration::from_millis(server.pong_timeout_ms),
     };
     ws::serve(tcp, req.leftover, &outbox, &shared.pipeline, limits);
-    outbox.close();
-    shared.connections.lock().remove(&id);
-    shared.metrics.connections.dec();
-    drop(guard);
-    Ok(())
+    drop(registration);
+    drop(slot);
+    None
 }
 
-/// Gives a WebSocket slot back however the connection ends.
+/// A WebSocket slot of `max_connections`, given back however the
+/// connection ends.
 struct ConnectionSlot<'a> {
     shared: &'a Shared,
+}
+
+impl<'a> ConnectionSlot<'a> {
+    fn take(shared: &'a Shared) -> Option<ConnectionSlot<'a>> {
+        let max = shared.config.server.max_connections;
+        if shared.ws_connections.fetch_add(1, Ordering::AcqRel) >= max {
+            shared.ws_connections.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(ConnectionSlot { shared })
+    }
 }
 
 impl Drop for ConnectionSlot<'_> {
     fn drop(&mut self) {
         self.shared.ws_connections.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// An open WebSocket as the server knows it: its entry in the connection
+/// map (so shutdown can close it) and the connections gauge. Dropping it,
+/// also while unwinding from a panic, closes the outbox (producers stop
+/// queueing for it) and removes both.
+struct Registration<'a> {
+    shared: &'a Shared,
+    id: u64,
+    outbox: Arc<Outbox>,
+}
+
+impl<'a> Registration<'a> {
+    fn new(shared: &'a Shared, id: u64, outbox: Arc<Outbox>) -> Registration<'a> {
+        shared.connections.lock().insert(id, outbox.clone());
+        shared.metrics.connections.inc();
+        Registration { shared, id, outbox }
+    }
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        self.outbox.close();
+        self.shared.connections.lock().remove(&self.id);
+        self.shared.metrics.connections.dec();
     }
 }

@@ -162,7 +162,10 @@ tokens = 30
     }
     let refused = refused.expect("a chat was refused during the drain");
     assert_eq!(refused["code"], "shutting_down");
-    let (status, _, body) = common::raw_http(addr, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+    let (status, _, body) = common::raw_http(
+        addr,
+        &format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\n\r\n"),
+    );
     assert_eq!(status, 503);
     assert!(body.contains("draining"));
     // The running stream finishes within the drain deadline.

@@ -49,6 +49,8 @@ mod key;
 mod prompt;
 mod request;
 mod stages;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};

@@ -22,6 +22,11 @@
 //! [`Outbox`]: "writing straight through"); the thread takes the socket back
 //! with [`Outbox::unpark`] whenever its poll returns.
 //!
+//! The same loop pings a silent peer and closes one that stays silent
+//! ([`super::keepalive`]), so a vanished client does not hold its thread
+//! for ever. Whatever way the loop ends, also by a panic, dropping the
+//! `Connection` detaches its requests (`Pipeline::connection_closed`).
+//!
 //! Threads: only this connection's thread touches the tungstenite state
 //! and the write buffer, and it reads the socket alone. Other threads reach
 //! the connection only through its outbox, which writes to the socket only
@@ -39,6 +44,7 @@ use tungstenite::protocol::{Role, WebSocketConfig};
 use tungstenite::{Error as WsError, Message, WebSocket};
 
 use super::frame;
+use super::keepalive::{Due, Keepalive};
 use crate::outbox::{Frame, Outbox, Replay};
 use crate::pipeline::Pipeline;
 use crate::protocol::TokenTail;
@@ -70,7 +76,17 @@ pub struct Limits {
     pub outbox_frames: usize,
     /// Chats per minute this connection may send; 0 means no limit.
     pub max_chats_per_minute: u32,
+    /// Silence after which the server pings; `None`: never.
+    pub ping_interval: Option<Duration>,
+    /// How long a pinged peer may stay silent before it is closed.
+    pub pong_timeout: Duration,
 }
+
+/// A text frame that makes the connection thread panic, in unit tests only:
+/// how the tests prove that a panicking connection gives back everything
+/// it holds. Not compiled into the server.
+#[cfg(test)]
+pub(crate) const PANIC_FRAME: &str = "test:panic";
 
 /// A token bucket of chats: it holds at most a minute's worth and refills
 /// continuously, so a client may burst up to the limit and then gets one
@@ -120,6 +136,9 @@ struct Socket {
     tcp: Arc<TcpStream>,
     pending: Vec<u8>,
     written: usize,
+    /// Bytes the kernel took so far, ours and tungstenite's: progress
+    /// after a blocked write means the peer acknowledged.
+    sent: u64,
     /// Set when a read returned less than asked: the kernel had nothing
     /// more, so the next read can answer `WouldBlock` without a system
     /// call. Cleared when poll reports input.
@@ -132,7 +151,10 @@ impl Socket {
         while self.written < self.pending.len() {
             match (&*self.tcp).write(&self.pending[self.written..]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => self.written += n,
+                Ok(n) => {
+                    self.written += n;
+                    self.sent += n as u64;
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
@@ -166,7 +188,9 @@ impl Write for Socket {
         if !self.drain()? {
             return Err(io::ErrorKind::WouldBlock.into());
         }
-        (&*self.tcp).write(buf)
+        let n = (&*self.tcp).write(buf)?;
+        self.sent += n as u64;
+        Ok(n)
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -202,6 +226,7 @@ pub fn serve(
         tcp,
         pending: Vec::new(),
         written: 0,
+        sent: 0,
         input_drained: false,
     };
     let mut ws = WebSocket::from_partially_read(socket, leftover, Role::Server, Some(config));
@@ -216,11 +241,12 @@ pub fn serve(
         chat_budget: ChatBudget::new(limits.max_chats_per_minute, Instant::now()),
         closing_since: None,
         requests: VecDeque::new(),
+        keepalive: Keepalive::new(limits.ping_interval, limits.pong_timeout, Instant::now()),
+        blocked_at: None,
     };
     if let Err(e) = conn.run(&mut ws) {
         log::debug!("connection ended: {e}");
     }
-    pipeline.connection_closed(conn.requests.make_contiguous());
 }
 
 /// Ends a connection whose close frame is written: sends FIN, then reads
@@ -274,6 +300,19 @@ struct Connection<'a> {
     closing_since: Option<Instant>,
     /// Ids of the most recent requests this connection chatted or resumed.
     requests: VecDeque<String>,
+    keepalive: Keepalive,
+    /// `Socket::sent` when the last write blocked.
+    blocked_at: Option<u64>,
+}
+
+impl Drop for Connection<'_> {
+    /// Detaches this connection's requests however the loop ended, a panic
+    /// included: a generation nobody follows any more must be aborted
+    /// after its grace, not streamed for ever.
+    fn drop(&mut self) {
+        self.pipeline
+            .connection_closed(self.requests.make_contiguous());
+    }
 }
 
 impl Connection<'_> {
@@ -281,7 +320,22 @@ impl Connection<'_> {
     /// what arrived, then sleep until either side has more.
     fn run(&mut self, ws: &mut WebSocket<Socket>) -> io::Result<()> {
         loop {
+            match self.keepalive.due(Instant::now()) {
+                Due::Nothing => {}
+                // Nothing may follow a close frame.
+                Due::Ping if self.closing_since.is_some() => {}
+                Due::Ping => frame::encode_ping(&mut ws.get_mut().pending),
+                Due::Dead => {
+                    self.close_dead(ws);
+                    return Ok(());
+                }
+            }
             let write_blocked = self.write_out(ws)?;
+            let sent = ws.get_ref().sent;
+            if self.blocked_at.is_some_and(|at| sent > at) {
+                self.keepalive.heard(Instant::now());
+            }
+            self.blocked_at = write_blocked.then_some(sent);
             if let Some(since) = self.closing_since {
                 if !write_blocked {
                     linger_close(&ws.get_ref().tcp, since + CLOSE_GRACE);
@@ -314,9 +368,18 @@ impl Connection<'_> {
                 PollFd::new(&tcp, socket_events),
                 PollFd::from_borrowed_fd(self.outbox.waker_fd(), PollFlags::IN),
             ];
-            let timeout = self.closing_since.map(|_| Timespec {
-                tv_sec: 0,
-                tv_nsec: 100_000_000,
+            let closing = self.closing_since.map(|_| Duration::from_millis(100));
+            let keepalive = self
+                .keepalive
+                .next_wakeup()
+                .map(|at| at.saturating_duration_since(Instant::now()));
+            let timeout = match (closing, keepalive) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            }
+            .map(|d| Timespec {
+                tv_sec: d.as_secs() as i64,
+                tv_nsec: i64::from(d.subsec_nanos()),
             });
             match poll(&mut fds, timeout.as_ref()) {
                 Ok(_) | Err(rustix::io::Errno::INTR) => {}
@@ -332,6 +395,20 @@ impl Connection<'_> {
                 return Ok(());
             }
         }
+    }
+
+    /// Gives up a peer that answered no ping: a close frame if the socket
+    /// takes it, then both directions shut at once (a dead peer would only
+    /// make a lingering close wait).
+    fn close_dead(&mut self, ws: &mut WebSocket<Socket>) {
+        log::debug!(
+            "closing a WebSocket that stayed silent {:?} after a ping",
+            self.limits.pong_timeout
+        );
+        let socket = ws.get_mut();
+        frame::encode_close(&mut socket.pending, 1001, "ping timeout");
+        let _ = socket.drain();
+        let _ = socket.tcp.shutdown(std::net::Shutdown::Both);
     }
 
     /// Encodes queued frames and writes them. Returns true when the socket
@@ -408,7 +485,10 @@ impl Connection<'_> {
                 return Ok(true);
             }
             match ws.read() {
-                Ok(message) => self.handle(message),
+                Ok(message) => {
+                    self.keepalive.heard(Instant::now());
+                    self.handle(message);
+                }
                 Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.readable = false;
                     return Ok(true);
@@ -420,6 +500,12 @@ impl Connection<'_> {
                     return Ok(true);
                 }
                 Err(WsError::ConnectionClosed | WsError::AlreadyClosed) => return Ok(false),
+                Err(WsError::Utf8(e)) => {
+                    // RFC 6455 §7.4.1: 1007 for data inconsistent with its type.
+                    log::debug!("closing a connection that sent invalid UTF-8: {e}");
+                    let _ = self.outbox.push(Frame::Close(1007, "invalid UTF-8"));
+                    return Ok(true);
+                }
                 Err(WsError::Io(e)) => return Err(e),
                 Err(e) => {
                     log::debug!("WebSocket protocol error: {e}");
@@ -452,6 +538,10 @@ impl Connection<'_> {
             // tungstenite answers pings and close frames itself.
             Message::Ping(_) | Message::Pong(_) | Message::Close(_) | Message::Frame(_) => return,
         };
+        #[cfg(test)]
+        if text.as_str() == PANIC_FRAME {
+            panic!("a connection thread panics on purpose (test)");
+        }
         if text.len() > self.limits.max_message_bytes {
             let message = format!(
                 "the frame has {} bytes, the limit is {}",

@@ -28,6 +28,11 @@ pub fn encode_close(out: &mut Vec<u8>, code: u16, reason: &str) {
     out.extend_from_slice(reason);
 }
 
+/// Appends a ping with an empty payload.
+pub fn encode_ping(out: &mut Vec<u8>) {
+    header(out, 0x9, 0);
+}
+
 fn header(out: &mut Vec<u8>, opcode: u8, len: usize) {
     out.push(0x80 | opcode);
     if len < 126 {
@@ -82,6 +87,13 @@ mod tests {
             }
             other => panic!("expected close, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn ping_decodes() {
+        let mut out = Vec::new();
+        encode_ping(&mut out);
+        assert_eq!(decode(out), vec![Message::Ping(Vec::new().into())]);
     }
 
     #[test]

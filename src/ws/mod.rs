@@ -6,5 +6,8 @@
 
 mod connection;
 pub(crate) mod frame;
+mod keepalive;
 
+#[cfg(test)]
+pub(crate) use connection::PANIC_FRAME;
 pub use connection::{serve, Limits};

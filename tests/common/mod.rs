@@ -62,8 +62,24 @@ impl Server {
         Server::start_with_env(dir, config, &[])
     }
 
+    /// Like [`Server::start`], in a process whose open-file limit (soft
+    /// and hard) is `nofile`: the server raises its soft limit to the hard
+    /// one at start, so only a low hard limit makes it run out of
+    /// descriptors.
+    pub fn start_nofile(config: &str, nofile: u64) -> Server {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let dir = temp.path().to_path_buf();
+        let mut server = Server::spawn(&dir, config, &[], Some(nofile));
+        server._temp = Some(temp);
+        server
+    }
+
     /// Like [`Server::start_in`], with extra environment variables.
     pub fn start_with_env(dir: &Path, config: &str, env: &[(&str, &str)]) -> Server {
+        Server::spawn(dir, config, env, None)
+    }
+
+    fn spawn(dir: &Path, config: &str, env: &[(&str, &str)], nofile: Option<u64>) -> Server {
         let db = dir.join("chat.db");
         let config_path = dir.join("chorus.toml");
         let full = format!(
@@ -95,6 +111,21 @@ impl Server {
             .stderr(Stdio::from(log));
         for (k, v) in env {
             cmd.env(k, v);
+        }
+        if let Some(limit) = nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is a single system call, safe between fork
+            // and exec; nothing is allocated or locked here.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let limit = rustix::process::Rlimit {
+                        current: Some(limit),
+                        maximum: Some(limit),
+                    };
+                    rustix::process::setrlimit(rustix::process::Resource::Nofile, limit)
+                        .map_err(std::io::Error::from)
+                });
+            }
         }
         let mut child = cmd.spawn().expect("spawn chorus");
         let stdout = child.stdout.take().expect("stdout");
