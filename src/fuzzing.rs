@@ -17,9 +17,54 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
+use crate::authority::HostPolicy;
+use crate::http;
 use crate::llm::sse::{Event, SseParser};
 use crate::llm::{CallAssembler, CallLimits, Flow, StreamState, TokenSink};
 use crate::protocol::{self, FrameLimits};
+
+/// `data` as the bytes a client sends before its request head is complete:
+/// the first byte picks where the first read ends. A head complete in the
+/// first read is the head of the whole, and what the server then asks of
+/// a head (its host, origin, token, static path) never panics.
+pub fn http_head(data: &[u8]) {
+    let Some((&cut, bytes)) = data.split_first() else {
+        return;
+    };
+    let cut = (usize::from(cut) * bytes.len() / 255).min(bytes.len());
+    let whole = http::parse_head(bytes);
+    if let Ok(Some(first)) = http::parse_head(&bytes[..cut]) {
+        let Ok(Some(whole)) = &whole else {
+            panic!("a complete prefix, but the whole is {whole:?}");
+        };
+        assert_eq!(
+            (&first.method, &first.path, &first.query, &first.headers),
+            (&whole.method, &whole.path, &whole.query, &whole.headers)
+        );
+    }
+    match whole {
+        Ok(Some(request)) => {
+            assert!(request.leftover.len() < bytes.len());
+            let bound = std::net::SocketAddr::from(([127, 0, 0, 1], 8080));
+            HostPolicy::new(&[], bound).allows(request.header("host"));
+            crate::authority::origin_allowed(request.header("origin"), request.header("host"), &[]);
+            http::authorized(&request, &["token".to_owned()]);
+            request.header_has_token("connection", "upgrade");
+            request.query_param("token");
+            if let Some(file) = request.path.strip_prefix("/static/") {
+                if let Some(safe) = http::safe_relative_path(file) {
+                    assert!(
+                        safe.split('/').all(|s| !s.is_empty() && s != ".."),
+                        "{safe}"
+                    );
+                }
+            }
+        }
+        // Incomplete: only while within the head's bound.
+        Ok(None) => assert!(bytes.len() < 16 * 1024),
+        Err(_) => {}
+    }
+}
 
 /// `data` as a WebSocket text frame from a client. Whatever it is, the
 /// answer is a frame or an error with a code clients know, never a panic.
@@ -163,7 +208,8 @@ mod tests {
     #[test]
     fn every_committed_corpus_file_replays_cleanly() {
         for (target, entry) in [
-            ("client_frame", super::client_frame as fn(&[u8])),
+            ("http_head", super::http_head as fn(&[u8])),
+            ("client_frame", super::client_frame),
             ("upstream_stream", super::upstream_stream),
             ("tool_calls", super::tool_calls),
         ] {

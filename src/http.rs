@@ -103,37 +103,46 @@ pub fn read_request(
             return Err(HttpError::Closed);
         }
         buf.extend_from_slice(&chunk[..n]);
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut req = httparse::Request::new(&mut headers);
-        match req.parse(&buf) {
-            Ok(httparse::Status::Complete(len)) => {
-                let target = req.path.unwrap_or("/");
-                let (path, query) = match target.split_once('?') {
-                    Some((p, q)) => (p.to_owned(), Some(q.to_owned())),
-                    None => (target.to_owned(), None),
-                };
-                let headers = req
-                    .headers
-                    .iter()
-                    .map(|h| {
-                        (
-                            h.name.to_ascii_lowercase(),
-                            String::from_utf8_lossy(h.value).into_owned(),
-                        )
-                    })
-                    .collect();
-                return Ok(Request {
-                    method: req.method.unwrap_or("").to_owned(),
-                    path,
-                    query,
-                    headers,
-                    leftover: buf[len..].to_vec(),
-                });
-            }
-            Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => {}
-            Ok(httparse::Status::Partial) => return Err(HttpError::TooLarge),
-            Err(e) => return Err(HttpError::Malformed(e.to_string())),
+        if let Some(request) = parse_head(&buf)? {
+            return Ok(request);
         }
+    }
+}
+
+/// Parses a request head from the bytes read so far: `None` while it is
+/// incomplete and still within the 16 KiB bound. Bytes past the head are
+/// kept in [`Request::leftover`].
+pub fn parse_head(buf: &[u8]) -> Result<Option<Request>, HttpError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => {
+            let target = req.path.unwrap_or("/");
+            let (path, query) = match target.split_once('?') {
+                Some((p, q)) => (p.to_owned(), Some(q.to_owned())),
+                None => (target.to_owned(), None),
+            };
+            let headers = req
+                .headers
+                .iter()
+                .map(|h| {
+                    (
+                        h.name.to_ascii_lowercase(),
+                        String::from_utf8_lossy(h.value).into_owned(),
+                    )
+                })
+                .collect();
+            Ok(Some(Request {
+                method: req.method.unwrap_or("").to_owned(),
+                path,
+                query,
+                headers,
+                leftover: buf[len..].to_vec(),
+            }))
+        }
+        Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => Ok(None),
+        Ok(httparse::Status::Partial) => Err(HttpError::TooLarge),
+        Err(e) => Err(HttpError::Malformed(e.to_string())),
     }
 }
 
