@@ -189,21 +189,21 @@ impl StreamState {
 
     /// Takes a piece of the response body.
     pub fn feed(&mut self, bytes: &[u8]) -> Result<Fed, CallError> {
-        let name = &self.name;
         let events = &mut self.events;
-        self.parser
-            .feed(bytes, &mut |event| events.push(event))
-            .map_err(|e| {
-                CallError::fatal(LlmError::upstream(
-                    name,
-                    format!("{name} sent a bad stream: {e}"),
-                ))
-            })?;
+        let parsed = self.parser.feed(bytes, &mut |event| events.push(event));
+        // The events complete before a bad line count, as they would have
+        // had the line come in a later read.
         let mut events = std::mem::take(&mut self.events);
         let result = self.handle(&mut events);
         events.clear();
         self.events = events;
-        result
+        match (result, parsed) {
+            (Ok(Fed::More), Err(e)) => Err(CallError::fatal(LlmError::upstream(
+                &self.name,
+                format!("{} sent a bad stream: {e}", self.name),
+            ))),
+            (result, _) => result,
+        }
     }
 
     fn handle(&mut self, events: &mut Vec<Event>) -> Result<Fed, CallError> {

@@ -209,9 +209,19 @@ impl CallAssembler {
         }
         let mut calls: Vec<ToolCall> = self.calls.into_iter().map(|p| p.call).collect();
         for i in 0..calls.len() {
-            let taken = calls[i].id.is_empty() || calls[..i].iter().any(|c| c.id == calls[i].id);
-            if taken {
-                calls[i].id = format!("call_chorus_{i}");
+            let taken = |calls: &[ToolCall], id: &str| {
+                id.is_empty() || calls[..i].iter().any(|c| c.id == id)
+            };
+            if taken(&calls, &calls[i].id) {
+                // A made-up id may not be one the upstream sent for another
+                // call either (the results are matched to calls by id).
+                let mut n = i;
+                let mut id = format!("call_chorus_{n}");
+                while taken(&calls, &id) || calls[i + 1..].iter().any(|c| c.id == id) {
+                    n += calls.len();
+                    id = format!("call_chorus_{n}");
+                }
+                calls[i].id = id;
             }
         }
         calls
@@ -255,6 +265,23 @@ mod tests {
             a.push(*index, *id, *name, *args);
         }
         a.finish()
+    }
+
+    #[test]
+    fn made_up_ids_never_take_an_id_the_upstream_sent() {
+        let calls = assemble(&[
+            (Some(0), Some("call_chorus_1"), Some("clock"), Some("{}")),
+            (Some(1), None, Some("clock"), Some("{}")),
+            (Some(2), Some("call_chorus_1"), Some("clock"), Some("{}")),
+        ]);
+        let ids: Vec<&str> = calls.iter().map(|c| c.id.as_str()).collect();
+        assert_eq!(ids.len(), 3);
+        assert!(
+            ids.iter()
+                .all(|id| ids.iter().filter(|i| *i == id).count() == 1),
+            "{ids:?}"
+        );
+        assert_eq!(ids[0], "call_chorus_1");
     }
 
     #[test]
