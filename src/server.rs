@@ -130,6 +130,7 @@ impl Server {
                     first_token: Duration::from_millis(s.first_token_ms),
                     token_interval: Duration::from_millis(s.token_interval_ms),
                     tokens: s.tokens,
+                    token_bytes: s.token_bytes,
                 })
             }
             LlmProvider::OpenAi => Arc::new(openai_provider(&config.llm)),
@@ -659,7 +660,7 @@ fn upgrade(mut tcp: TcpStream, req: http::Request, shared: &Arc<Shared>) -> io::
         return http::respond_error(&mut tcp, 503, "too many connections");
     }
     let guard = ConnectionSlot { shared };
-    let outbox = Arc::new(Outbox::new(server.outbox_frames)?);
+    let outbox = Arc::new(Outbox::bounded(server.outbox_frames, server.outbox_bytes)?);
     let id = shared.next_connection.fetch_add(1, Ordering::Relaxed);
     tcp.set_read_timeout(None)?;
     if server.send_buffer_bytes > 0 {
