@@ -60,6 +60,10 @@
 //! # }
 //! ```
 
+mod newest;
+
+pub use newest::{Take, Walk};
+
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -364,6 +368,8 @@ struct Op {
 struct Stats {
     pending: AtomicUsize,
     batches: AtomicU64,
+    /// Rows read by [`History::newest_first`].
+    rows_read: AtomicU64,
 }
 
 /// A handle on the conversation history. Cheap to clone; all clones share the

@@ -52,3 +52,63 @@ token_bytes = 4096
     assert!(b.seqs.len() < 4000, "{} tokens", b.seqs.len());
     b.assert_contiguous();
 }
+
+/// Twelve answers of 32 KiB (384 KiB of history) read through `history`
+/// answers of at most 100,000 bytes: newest first, paged back with `before`
+/// until `more` is false, losing and repeating nothing.
+#[test]
+fn a_history_answer_is_bounded_in_bytes_and_pages_back_with_before() {
+    const BOUND: usize = 100_000;
+    let server = Server::start(&format!(
+        r#"
+[history]
+max_answer_bytes = {BOUND}
+[llm.simulated]
+first_token_ms = 1
+token_interval_ms = 0
+tokens = 8
+token_bytes = 4096
+"#
+    ));
+    let mut c = server.client();
+    let (first, conversation) = c.ask(None, "question 0");
+    let mut expected = vec!["question 0".to_owned(), c.answer(&first).text];
+    for i in 1..12 {
+        let (request, _) = c.ask(Some(&conversation), &format!("question {i}"));
+        let a = c.answer(&request);
+        assert!(a.is_done(), "{:?}", a.end);
+        expected.push(format!("question {i}"));
+        expected.push(a.text);
+    }
+    let mut pages = Vec::new();
+    let mut before: Option<u64> = None;
+    loop {
+        let mut ask =
+            serde_json::json!({"type": "history", "conversation": conversation, "limit": 1000});
+        if let Some(b) = before {
+            ask["before"] = b.into();
+        }
+        c.send(ask);
+        let page = c.recv_matching(|v| v["type"] == "history");
+        let size = page.to_string().len();
+        assert!(size <= BOUND, "a history answer of {size} bytes");
+        let messages = page["messages"].as_array().unwrap().clone();
+        assert!(!messages.is_empty(), "{page}");
+        pages.push(messages);
+        if page["more"] != true {
+            assert!(page.get("before").is_none_or(|b| b.is_null()), "{page}");
+            break;
+        }
+        before = Some(page["before"].as_u64().expect("a cursor with more"));
+        assert!(pages.len() < 50, "paging does not end");
+    }
+    assert!(pages.len() >= 4, "384 KiB in pages of at most 100 kB");
+    // Pages come newest first; each page is oldest first.
+    let all: Vec<String> = pages
+        .iter()
+        .rev()
+        .flatten()
+        .map(|m| m["content"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(all, expected);
+}

@@ -517,12 +517,18 @@ impl Connection<'_> {
             Ok(ClientFrame::History {
                 conversation,
                 limit,
-            }) => match self.pipeline.history_frame(&conversation, limit) {
-                Ok(frame) => {
-                    let _ = self.outbox.push(Frame::Json(frame));
+                before,
+            }) => {
+                match self
+                    .pipeline
+                    .history_frame(&conversation, limit, before, self.outbox.room())
+                {
+                    Ok(frame) => {
+                        let _ = self.outbox.push(Frame::Json(frame));
+                    }
+                    Err(f) => self.reply(None, None, &f),
                 }
-                Err(f) => self.reply(None, None, &f),
-            },
+            }
         }
     }
 
