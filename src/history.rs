@@ -368,7 +368,7 @@ struct Op {
 struct Stats {
     pending: AtomicUsize,
     batches: AtomicU64,
-    /// Rows read by [`History::newest_first`].
+    /// Rows read by [`History::newest_first`] and [`History::context`].
     rows_read: AtomicU64,
 }
 
@@ -463,7 +463,13 @@ impl History {
         let before = i64::try_from(before).unwrap_or(i64::MAX);
         let mut stmt = conn.prepare_cached(SELECT_BEFORE)?;
         let rows = stmt.query_map(rusqlite::params![conversation, before], message_from_row)?;
-        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        let messages = rows.collect::<Result<Vec<_>, _>>()?;
+        let read = messages.len() as u64;
+        self.inner
+            .stats
+            .rows_read
+            .fetch_add(read, Ordering::Relaxed);
+        Ok(messages)
     }
 
     /// The last `limit` messages, oldest first; `None` when the conversation

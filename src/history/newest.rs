@@ -82,8 +82,9 @@ impl History {
         }))
     }
 
-    /// Rows [`History::newest_first`] has read through this store (every
-    /// clone of the handle): lets a test prove that a read stopped early.
+    /// Rows [`History::newest_first`] and [`History::context`] have read
+    /// through this store (every clone of the handle): lets a test prove
+    /// that a read stopped early.
     pub fn rows_read(&self) -> u64 {
         self.inner.stats.rows_read.load(Ordering::Relaxed)
     }

@@ -15,7 +15,7 @@ use crossbeam_channel::{Sender, TrySendError};
 
 use super::ending::member_result;
 use super::generation::{GenOutcome, Generation};
-use super::prompt::assemble_prompt;
+use super::prompt::{assemble_prompt, read_context};
 use super::request::{Phase, Request, Source};
 use super::*;
 use crate::cache::{CachedAnswer, Key};
@@ -347,7 +347,13 @@ impl Shared {
             member.state.lock().dequeued_at.get_or_insert(started);
         }
         generation.set_stage(Stage::Preparing, None);
-        let stored = match self.history.context(&leader.conversation, work.history_len) {
+        let stored = match read_context(
+            &self.history,
+            &leader.conversation,
+            &self.config.llm.system_prompt,
+            &work,
+            self.config.history.max_context_tokens,
+        ) {
             Ok(messages) => messages,
             Err(e) => {
                 self.finish_generation(&generation, GenOutcome::Failed(internal(&e)));
