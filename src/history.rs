@@ -355,8 +355,10 @@ type Callback = Box<dyn FnOnce(Result<(), HistoryError>) + Send + 'static>;
 /// One queued write.
 struct Op {
     conversation: String,
-    /// Appended in order, in one transaction; empty for a barrier.
-    messages: Vec<(Role, String)>,
+    /// Appended in order, in one transaction; empty for a barrier. Shared
+    /// text, so one answer stored in several conversations (a leader's and
+    /// its followers') is held once while it waits.
+    messages: Vec<(Role, Arc<str>)>,
     /// Bring the conversation's full-text index up to date.
     index: bool,
     at_ms: i64,
@@ -515,15 +517,18 @@ impl History {
     /// Like [`History::write`] with several messages, appended in order and
     /// committed together (or not at all): a question and its answer cost
     /// one queue entry and at most one commit.
-    pub fn write_all(
+    pub fn write_all<S: Into<Arc<str>>>(
         &self,
         conversation: &str,
-        messages: Vec<(Role, String)>,
+        messages: Vec<(Role, S)>,
         then: impl FnOnce(Result<(), HistoryError>) + Send + 'static,
     ) {
         self.submit(Op {
             conversation: conversation.to_string(),
-            messages,
+            messages: messages
+                .into_iter()
+                .map(|(role, text)| (role, text.into()))
+                .collect(),
             index: false,
             at_ms: now_ms(),
             then: Box::new(then),
@@ -755,7 +760,7 @@ fn apply(conn: &Connection, op: &Op) -> rusqlite::Result<()> {
                 op.conversation,
                 idx,
                 role.as_str(),
-                content,
+                &**content,
                 op.at_ms
             ])?;
         head = Head {

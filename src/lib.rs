@@ -25,6 +25,7 @@ pub mod config;
 pub mod history;
 pub mod http;
 pub mod llm;
+pub mod memory;
 pub mod metrics;
 pub mod outbox;
 pub mod pipeline;

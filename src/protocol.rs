@@ -581,6 +581,27 @@ impl TokenTail {
         tail.push(b'}');
         TokenTail(tail.into())
     }
+
+    /// Appends the token's text, decoded from the tail, to `out`.
+    pub fn append_text(&self, out: &mut String) {
+        const KEY: &[u8] = b",\"text\":";
+        let bytes = &self.0;
+        let Some(at) = bytes.windows(KEY.len()).position(|w| w == KEY) else {
+            return;
+        };
+        let Some(json) = bytes.get(at + KEY.len()..bytes.len().saturating_sub(1)) else {
+            return;
+        };
+        // Text without escapes is borrowed as is; only escaped text allocates.
+        match serde_json::from_slice::<&str>(json) {
+            Ok(text) => out.push_str(text),
+            Err(_) => {
+                if let Ok(text) = serde_json::from_slice::<String>(json) {
+                    out.push_str(&text);
+                }
+            }
+        }
+    }
 }
 
 /// A fresh unguessable id: `prefix` followed by 128 random bits in hex.
@@ -748,6 +769,15 @@ mod tests {
                 .code,
             ErrorCode::BadRequest
         );
+    }
+
+    #[test]
+    fn a_tail_gives_its_text_back() {
+        for text in ["", "plain", "a \"q\"\n\\ \u{1} é 🦀", ",\"text\":\"}"] {
+            let mut out = String::from(">");
+            TokenTail::encode(12345, text).append_text(&mut out);
+            assert_eq!(out, format!(">{text}"));
+        }
     }
 
     #[test]

@@ -208,20 +208,20 @@ impl Shared {
             let Some(Source::Generation(generation)) = st.source.clone() else {
                 // Still in the intake queue (a cached answer is never cancelled:
                 // it is already ending when it gets its source).
-                return Some((Ok(Finish::Cancelled), String::new(), 0));
+                return Some((Ok(Finish::Cancelled), "".into(), 0));
             };
             if generation.leave(&request) {
                 left = Some(generation.clone());
             }
             if phase != Phase::Running {
                 // A follower still waiting for a worker: it was sent nothing.
-                return Some((Ok(Finish::Cancelled), String::new(), 0));
+                return Some((Ok(Finish::Cancelled), "".into(), 0));
             }
             // Running (even if the generation just ended and took its
             // members): detach and count what it was sent.
             let produced = generation.broadcast.detach(&st.attachments);
             let tokens = produced.ends.len() as u64;
-            Some((Ok(Finish::Cancelled), produced.text, tokens))
+            Some((Ok(Finish::Cancelled), produced.text.into(), tokens))
         });
         if let Some(generation) = left {
             if generation.is_unwanted()
@@ -311,9 +311,9 @@ impl Shared {
                 (Some(Source::Generation(g)), Phase::Running) => {
                     let produced = g.broadcast.detach(&st.attachments);
                     let tokens = produced.ends.len() as u64;
-                    Some((Err(failure.clone()), produced.text, tokens))
+                    Some((Err(failure.clone()), produced.text.into(), tokens))
                 }
-                _ => Some((Err(failure.clone()), String::new(), 0)),
+                _ => Some((Err(failure.clone()), "".into(), 0)),
             });
         }
     }

@@ -47,7 +47,13 @@ impl Shared {
         let produced = generation.broadcast.finish();
         match &outcome {
             GenOutcome::Finished(Finish::Stop) if cacheable => {
-                let answer = Arc::new(CachedAnswer::from_pieces(produced.pieces()));
+                // The broadcast's tails, shared: the cache holds no second
+                // encoding of the answer.
+                let answer = Arc::new(CachedAnswer {
+                    tails: generation.broadcast.all_tails(),
+                    text: produced.text.as_str().into(),
+                    ends: produced.ends.clone(),
+                });
                 if let Err(e) = self.cache.put(&generation.key, answer) {
                     self.metrics.cache_errors.inc();
                     log::debug!("cache write failed: {e}");
@@ -80,10 +86,10 @@ impl Shared {
         self.active.write().generations.remove(&generation.id);
         let result = member_result(&outcome);
         let tokens = produced.ends.len() as u64;
+        // One copy of the answer for every member's history write.
+        let text: Arc<str> = produced.text.into();
         for member in members {
-            self.end_request(&member, |_, _| {
-                Some((result.clone(), produced.text.clone(), tokens))
-            });
+            self.end_request(&member, |_, _| Some((result.clone(), text.clone(), tokens)));
         }
     }
 
@@ -105,7 +111,7 @@ impl Shared {
         decide: impl FnOnce(
             &mut request::RequestState,
             Phase,
-        ) -> Option<(Result<Finish, Failure>, String, u64)>,
+        ) -> Option<(Result<Finish, Failure>, Arc<str>, u64)>,
     ) -> bool {
         let mut messages = Vec::with_capacity(2);
         let (result, role, timings) = {
@@ -146,7 +152,7 @@ impl Shared {
             st.attachments.clear();
             st.end = Some(end);
             if let Some(question) = st.pending_user_message.take() {
-                messages.push((history::Role::User, question));
+                messages.push((history::Role::User, question.into()));
             }
             if !answer.is_empty() {
                 messages.push((history::Role::Assistant, answer));

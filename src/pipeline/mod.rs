@@ -204,7 +204,7 @@ impl Drop for RequestTicket {
                 "the request was lost inside the server",
             );
             self.shared
-                .end_request(&request, |_, _| Some((Err(failure), String::new(), 0)));
+                .end_request(&request, |_, _| Some((Err(failure), "".into(), 0)));
         }
     }
 }

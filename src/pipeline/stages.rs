@@ -84,7 +84,11 @@ impl Shared {
             st.role = Some(Role::Cache);
             st.source = Some(Source::Cached(answer.clone()));
             st.dequeued_at = Some(Instant::now());
-            Some((Ok(Finish::Stop), answer.text.clone(), answer.tokens()))
+            Some((
+                Ok(Finish::Stop),
+                answer.text.as_str().into(),
+                answer.tokens(),
+            ))
         });
         if served {
             self.metrics.by_role.with_label_values(&["cache"]).inc();
@@ -245,7 +249,7 @@ impl Shared {
             generation.pending_followers.fetch_sub(1, Ordering::AcqRel);
             let request = job.ticket.release();
             self.end_request(&request, |_, phase| {
-                matches!(phase, Phase::Queued { .. }).then(|| (Err(failure), String::new(), 0))
+                matches!(phase, Phase::Queued { .. }).then(|| (Err(failure), "".into(), 0))
             });
         }
     }
@@ -322,7 +326,7 @@ impl Shared {
                     let produced = generation.broadcast.produced();
                     let tokens = produced.ends.len() as u64;
                     self.metrics.by_role.with_label_values(&["follower"]).inc();
-                    Some((member_result(&outcome), produced.text, tokens))
+                    Some((member_result(&outcome), produced.text.into(), tokens))
                 });
             }
         }
