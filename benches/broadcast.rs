@@ -203,7 +203,7 @@ fn consume(outbox: &Outbox, received: &AtomicUsize) {
     let mut tails: Vec<TokenTail> = Vec::new();
     loop {
         batch.clear();
-        outbox.take_some(&mut batch, TAKE);
+        outbox.take_some(&mut batch, TAKE, usize::MAX);
         if batch.is_empty() {
             if outbox.is_closed() {
                 return;
