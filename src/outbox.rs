@@ -236,7 +236,6 @@ impl Queue {
 /// The outbound queue of one connection. Share it as `Arc<Outbox>`.
 ///
 /// ```
-/// use chorus::outbox::{Frame, Outbox};
 /// use chorus::outbox::{Frame, Outbox, PushError};
 /// let outbox = Outbox::bounded(8, 100).unwrap();
 /// outbox.push(Frame::Json(b"{}".to_vec())).unwrap();
