@@ -229,7 +229,7 @@ fn consume(outbox: &Outbox, received: &AtomicUsize) {
                 }
                 Frame::Replay(replay) => {
                     tails.clear();
-                    replay.broadcast.tails(replay.from, replay.to, &mut tails);
+                    replay.source.tails(replay.from, replay.to, &mut tails);
                     black_box(&tails);
                     tokens += tails.len();
                 }

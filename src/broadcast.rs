@@ -45,7 +45,7 @@ use std::time::Instant;
 use parking_lot::Mutex;
 use rayon::prelude::*;
 
-use crate::outbox::{Frame, Outbox, PushError, Replay};
+use crate::outbox::{Frame, Outbox, PushError, Replay, Tokens};
 use crate::protocol::{self, ErrorCode, Failure, TokenTail};
 
 /// One client connection attached to one request's stream.
@@ -296,7 +296,7 @@ impl Broadcast {
         if replayed > 0 {
             // One queue slot for the whole range; the connection expands it.
             let replay = Frame::Replay(Replay {
-                broadcast: self.clone(),
+                source: Tokens::Stream(self.clone()),
                 prefix: attachment.prefix.clone(),
                 from,
                 to: produced,
@@ -475,7 +475,7 @@ mod tests {
                 }
                 Frame::Replay(r) => {
                     let mut tails = Vec::new();
-                    r.broadcast.tails(r.from, r.to, &mut tails);
+                    r.source.tails(r.from, r.to, &mut tails);
                     for (i, tail) in tails.iter().enumerate() {
                         let mut bytes = r.prefix.to_vec();
                         bytes.extend_from_slice(&tail.0);

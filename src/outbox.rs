@@ -65,6 +65,7 @@ use parking_lot::Mutex;
 use rustix::event::{eventfd, EventfdFlags};
 
 use crate::broadcast::Broadcast;
+use crate::cache::CachedAnswer;
 use crate::protocol::TokenTail;
 use crate::ws::frame;
 
@@ -78,9 +79,10 @@ pub enum Frame {
         /// `","seq":N,"text":"…"}`, one allocation per generated token.
         tail: TokenTail,
     },
-    /// Tokens `from..to` of a generation's history, expanded lazily by the
-    /// connection thread as the socket accepts them, so a late joiner's
-    /// replay of thousands of tokens costs one queue slot, not thousands.
+    /// Tokens `from..to` of a generation's history or of a cached answer,
+    /// expanded lazily by the connection thread as the socket accepts them,
+    /// so a late joiner's replay of thousands of tokens costs one queue
+    /// slot, not thousands, and a big cache hit no copy of the answer.
     Replay(Replay),
     /// Any other JSON message, already encoded.
     Json(Vec<u8>),
@@ -125,11 +127,38 @@ thread_local! {
 /// Largest scratch buffer a producer thread keeps between writes.
 const SCRATCH_KEEP: usize = 64 * 1024;
 
+/// Where a replay's tokens are kept.
+#[derive(Debug, Clone)]
+pub enum Tokens {
+    /// A generation's stream (a late joiner, a `resume`).
+    Stream(Arc<Broadcast>),
+    /// A cached answer (a big cache hit), shared by every hit instead of
+    /// copied into each connection's queue.
+    Cached(Arc<CachedAnswer>),
+}
+
+impl Tokens {
+    /// Appends the tails of tokens `from..to` (clamped to what exists) to `out`.
+    pub fn tails(&self, from: u64, to: u64, out: &mut Vec<TokenTail>) {
+        match self {
+            Tokens::Stream(broadcast) => broadcast.tails(from, to, out),
+            Tokens::Cached(answer) => {
+                let len = answer.tails.len();
+                let from = usize::try_from(from).unwrap_or(len).min(len);
+                let to = usize::try_from(to).unwrap_or(len).min(len);
+                if from < to {
+                    out.extend_from_slice(&answer.tails[from..to]);
+                }
+            }
+        }
+    }
+}
+
 /// A range of a generation's tokens for one request.
 #[derive(Debug, Clone)]
 pub struct Replay {
     /// Where the tokens are kept.
-    pub broadcast: Arc<Broadcast>,
+    pub source: Tokens,
     /// The request's token frame prefix.
     pub prefix: Arc<[u8]>,
     /// First `seq` still to write.

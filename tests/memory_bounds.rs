@@ -112,3 +112,56 @@ token_bytes = 4096
         .collect();
     assert_eq!(all, expected);
 }
+
+/// Resident memory of the server process, in bytes.
+fn rss_bytes(server: &Server) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", server.pid())).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kib * 1024
+}
+
+/// A cached answer of 4 MiB asked by eight clients that never read: a hit
+/// must not queue its own copy of the answer for each of them (32 MiB).
+#[test]
+fn cache_hits_for_clients_that_never_read_do_not_each_copy_the_answer() {
+    let server = Server::start(
+        r#"
+[llm]
+max_tokens = 10000
+[llm.simulated]
+first_token_ms = 1
+token_interval_ms = 0
+tokens = 1000
+token_bytes = 4096
+"#,
+    );
+    let mut reader = server.client();
+    let first = reader.ask_and_wait(None, "a big cached answer");
+    assert!(first.is_done(), "{:?}", first.end);
+    assert_eq!(server.stats()["cache"]["entries"], 1);
+    const IDLE: u64 = 8;
+    let mut idle: Vec<Client> = (0..IDLE).map(|_| tiny_window_client(&server)).collect();
+    let before = rss_bytes(&server);
+    for c in &mut idle {
+        c.send(serde_json::json!({"type": "chat", "id": "c", "message": "a big cached answer"}));
+    }
+    common::eventually("every hit served", || {
+        server.stats()["requests"]["cache"].as_u64() == Some(IDLE)
+    });
+    let grown = rss_bytes(&server).saturating_sub(before);
+    assert!(
+        grown < 12 << 20,
+        "{IDLE} hits of a 4 MiB answer for clients that do not read grew the server by {} MiB",
+        grown >> 20
+    );
+    // A client that reads still gets the whole answer from the cache.
+    let hit = reader.ask_and_wait(None, "a big cached answer");
+    assert!(hit.is_done(), "{:?}", hit.end);
+    assert_eq!(hit.role.as_deref(), Some("cache"));
+    hit.assert_contiguous();
+    assert_eq!(hit.text, first.text);
+}

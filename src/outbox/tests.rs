@@ -45,7 +45,7 @@ fn tokens_are_refused_past_the_byte_bound_and_everything_counts() {
     o.push_token(token(2)).unwrap();
     // A replay holds no bytes of its own until it is expanded.
     let replay = Frame::Replay(Replay {
-        broadcast: crate::broadcast::Broadcast::new(),
+        source: Tokens::Stream(crate::broadcast::Broadcast::new()),
         prefix: crate::protocol::token_prefix("r"),
         from: 0,
         to: 10,

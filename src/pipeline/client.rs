@@ -10,13 +10,13 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use super::ending::{cached_tokens, end_frame};
+use super::ending::end_frame;
 use super::generation::{GenOutcome, Generation};
 use super::request::{Phase, Request, Source};
 use super::*;
 use crate::broadcast::Attachment;
 use crate::history;
-use crate::outbox::{Frame, Outbox, Replay};
+use crate::outbox::{Frame, Outbox, Replay, Tokens};
 use crate::protocol::{self, Chat, ErrorCode, Failure, Finish, Stage};
 
 impl Shared {
@@ -252,19 +252,18 @@ impl Shared {
             // Ended (or being stored): replay exactly what it was sent, then
             // its end. Never live: the generation may go on for others.
             let mut frames: Vec<Frame> = start.into_iter().collect();
-            match &st.source {
-                Some(Source::Generation(g)) if from < end.tokens => {
-                    frames.push(Frame::Replay(Replay {
-                        broadcast: g.broadcast.clone(),
-                        prefix: attachment.prefix.clone(),
-                        from,
-                        to: end.tokens,
-                    }));
-                }
-                Some(Source::Cached(answer)) => {
-                    frames.extend(cached_tokens(&attachment, answer, from, end.tokens));
-                }
-                _ => {}
+            let source = match &st.source {
+                Some(Source::Generation(g)) => Some(Tokens::Stream(g.broadcast.clone())),
+                Some(Source::Cached(answer)) => Some(Tokens::Cached(answer.clone())),
+                None => None,
+            };
+            if let Some(source) = source.filter(|_| from < end.tokens) {
+                frames.push(Frame::Replay(Replay {
+                    source,
+                    prefix: attachment.prefix.clone(),
+                    from,
+                    to: end.tokens,
+                }));
             }
             frames.push(Frame::Json(end_frame(&request, end, st.role)));
             let _ = outbox.push_all(frames);

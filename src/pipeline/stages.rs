@@ -84,11 +84,7 @@ impl Shared {
             st.role = Some(Role::Cache);
             st.source = Some(Source::Cached(answer.clone()));
             st.dequeued_at = Some(Instant::now());
-            Some((
-                Ok(Finish::Stop),
-                answer.text.as_str().into(),
-                answer.tokens(),
-            ))
+            Some((Ok(Finish::Stop), answer.text.clone(), answer.tokens()))
         });
         if served {
             self.metrics.by_role.with_label_values(&["cache"]).inc();

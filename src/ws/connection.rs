@@ -366,7 +366,7 @@ impl Connection<'_> {
             if let Some(replay) = &mut self.replay {
                 let to = replay.to.min(replay.from + REPLAY_CHUNK);
                 self.tails.clear();
-                replay.broadcast.tails(replay.from, to, &mut self.tails);
+                replay.source.tails(replay.from, to, &mut self.tails);
                 let mut encoded = 0;
                 for tail in &self.tails {
                     frame::encode_text(&mut socket.pending, &[&replay.prefix, &tail.0]);
