@@ -203,7 +203,7 @@ fn consume(outbox: &Outbox, received: &AtomicUsize) {
     let mut tails: Vec<TokenTail> = Vec::new();
     loop {
         batch.clear();
-        outbox.take_some(&mut batch, TAKE);
+        outbox.take_some(&mut batch, TAKE, usize::MAX);
         if batch.is_empty() {
             if outbox.is_closed() {
                 return;
@@ -229,7 +229,7 @@ fn consume(outbox: &Outbox, received: &AtomicUsize) {
                 }
                 Frame::Replay(replay) => {
                     tails.clear();
-                    replay.broadcast.tails(replay.from, replay.to, &mut tails);
+                    replay.source.tails(replay.from, replay.to, &mut tails);
                     black_box(&tails);
                     tokens += tails.len();
                 }

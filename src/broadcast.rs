@@ -45,7 +45,7 @@ use std::time::Instant;
 use parking_lot::Mutex;
 use rayon::prelude::*;
 
-use crate::outbox::{Frame, Outbox, PushError, Replay};
+use crate::outbox::{Frame, Outbox, PushError, Replay, Tokens};
 use crate::protocol::{self, ErrorCode, Failure, TokenTail};
 
 /// One client connection attached to one request's stream.
@@ -178,15 +178,32 @@ impl Produced {
 }
 
 struct Inner {
-    /// Encoded tails of every token so far; index = seq.
+    /// Encoded tails of every token so far; index = seq. The only copy of
+    /// the text: [`Produced`] is decoded from them when asked for, so a
+    /// generation holds its answer once, not twice, for the whole replay
+    /// window (and a cache entry shares the same tails).
     tails: Vec<TokenTail>,
-    produced: Produced,
+    /// Bytes of text in `tails`, to size a [`Produced`] exactly.
+    text_bytes: usize,
     /// Live attachments and the first `seq` each wants (a `resume` may ask
     /// for tokens that do not exist yet).
     subscribers: Vec<(Arc<Attachment>, u64)>,
     ended: bool,
     first_token_at: Option<Instant>,
     last_token_at: Option<Instant>,
+}
+
+impl Inner {
+    /// The text and token boundaries, decoded from the tails.
+    fn produced(&self) -> Produced {
+        let mut text = String::with_capacity(self.text_bytes);
+        let mut ends = Vec::with_capacity(self.tails.len());
+        for tail in &self.tails {
+            tail.append_text(&mut text);
+            ends.push(text.len());
+        }
+        Produced { text, ends }
+    }
 }
 
 /// The token stream of one generation. Share it as `Arc<Broadcast>`.
@@ -209,7 +226,7 @@ impl Default for Broadcast {
         Broadcast {
             inner: Mutex::new(Inner {
                 tails: Vec::new(),
-                produced: Produced::default(),
+                text_bytes: 0,
                 subscribers: Vec::new(),
                 ended: false,
                 first_token_at: None,
@@ -242,9 +259,7 @@ impl Broadcast {
             let now = Instant::now();
             inner.first_token_at.get_or_insert(now);
             inner.last_token_at = Some(now);
-            inner.produced.text.push_str(text);
-            let end = inner.produced.text.len();
-            inner.produced.ends.push(end);
+            inner.text_bytes += text.len();
             let deliver = |(sub, from): &(Arc<Attachment>, u64)| sub.deliver(seq, *from, &tail);
             let outcomes: Vec<Delivery> = if inner.subscribers.len() >= PARALLEL_FANOUT {
                 inner.subscribers.par_iter().map(deliver).collect()
@@ -281,7 +296,7 @@ impl Broadcast {
         if replayed > 0 {
             // One queue slot for the whole range; the connection expands it.
             let replay = Frame::Replay(Replay {
-                broadcast: self.clone(),
+                source: Tokens::Stream(self.clone()),
                 prefix: attachment.prefix.clone(),
                 from,
                 to: produced,
@@ -344,7 +359,7 @@ impl Broadcast {
         inner
             .subscribers
             .retain(|(s, _)| !attachments.iter().any(|a| Arc::ptr_eq(s, a)));
-        inner.produced.clone()
+        inner.produced()
     }
 
     /// Subscribers that can still receive tokens.
@@ -373,7 +388,8 @@ impl Broadcast {
         inner.ended = true;
         inner.subscribers.clear();
         inner.subscribers.shrink_to_fit();
-        inner.produced.clone()
+        inner.tails.shrink_to_fit();
+        inner.produced()
     }
 
     /// True once [`Broadcast::finish`] ran.
@@ -388,7 +404,19 @@ impl Broadcast {
 
     /// A copy of what has been produced so far.
     pub fn produced(&self) -> Produced {
-        self.inner.lock().produced.clone()
+        self.inner.lock().produced()
+    }
+
+    /// The tails of every token so far, shared (not copied): a cache entry
+    /// made from them holds no second copy of the encoded answer.
+    pub fn all_tails(&self) -> Vec<TokenTail> {
+        self.inner.lock().tails.clone()
+    }
+
+    /// Bytes of token data this stream holds (the encoded tails), for tests
+    /// and measurements of what an answer costs.
+    pub fn held_bytes(&self) -> usize {
+        self.inner.lock().tails.iter().map(|t| t.0.len()).sum()
     }
 
     /// When the first token was published.
@@ -447,7 +475,7 @@ mod tests {
                 }
                 Frame::Replay(r) => {
                     let mut tails = Vec::new();
-                    r.broadcast.tails(r.from, r.to, &mut tails);
+                    r.source.tails(r.from, r.to, &mut tails);
                     for (i, tail) in tails.iter().enumerate() {
                         let mut bytes = r.prefix.to_vec();
                         bytes.extend_from_slice(&tail.0);

@@ -109,6 +109,10 @@ pub struct ServerConfig {
     pub connection_stack_kib: usize,
     /// Bound of each connection's outbound queue, in frames (at least 16).
     pub outbox_frames: usize,
+    /// Bound of each connection's outbound queue, in bytes (at least 64 KiB):
+    /// everything waiting for one connection counts; past it its token
+    /// streams are cut off with `slow_consumer`.
+    pub outbox_bytes: usize,
     /// Kernel send buffer of each WebSocket, in bytes; 0 keeps the OS
     /// default. A small value bounds what a client that stops reading can
     /// make the kernel hold before it is cut off as a slow consumer.
@@ -139,6 +143,7 @@ impl Default for ServerConfig {
             auth_tokens: Vec::new(),
             connection_stack_kib: 128,
             outbox_frames: 4096,
+            outbox_bytes: 4 << 20,
             send_buffer_bytes: 0,
             max_chats_per_minute: 0,
             ping_interval_ms: 30_000,
@@ -284,6 +289,9 @@ pub struct HistoryConfig {
     pub max_context_tokens: usize,
     /// Size of the read-connection pool (at least 1).
     pub read_pool_size: u32,
+    /// Largest `history` answer, in bytes (at least 4 KiB, at most half of
+    /// `server.outbox_bytes`); older messages are paged with `before`.
+    pub max_answer_bytes: usize,
 }
 
 impl Default for HistoryConfig {
@@ -292,6 +300,7 @@ impl Default for HistoryConfig {
             sqlite_path: "data/chat.db".to_owned(),
             max_context_tokens: 2048,
             read_pool_size: 8,
+            max_answer_bytes: 1 << 20,
         }
     }
 }
@@ -406,6 +415,9 @@ pub struct SimulatedConfig {
     pub token_interval_ms: u64,
     /// Number of tokens in each simulated answer.
     pub tokens: u32,
+    /// Pads every generated token to this many bytes (at most 1 MiB);
+    /// 0 keeps the natural words. For load and memory tests.
+    pub token_bytes: usize,
 }
 
 impl Default for SimulatedConfig {
@@ -414,6 +426,7 @@ impl Default for SimulatedConfig {
             first_token_ms: 200,
             token_interval_ms: 20,
             tokens: 64,
+            token_bytes: 0,
         }
     }
 }
@@ -1107,6 +1120,30 @@ impl Config {
                 ));
             }
         }
+        at_least("server.outbox_bytes", self.server.outbox_bytes, 64 << 10)?;
+        at_least(
+            "history.max_answer_bytes",
+            self.history.max_answer_bytes,
+            4 << 10,
+        )?;
+        if self.history.max_answer_bytes > self.server.outbox_bytes / 2 {
+            return Err(invalid(
+                "history.max_answer_bytes",
+                format!(
+                    "{} is more than half of server.outbox_bytes ({}): a history answer must fit a connection's outbox",
+                    self.history.max_answer_bytes, self.server.outbox_bytes
+                ),
+            ));
+        }
+        if self.llm.simulated.token_bytes > 1 << 20 {
+            return Err(invalid(
+                "llm.simulated.token_bytes",
+                format!(
+                    "{} is above the maximum of 1048576",
+                    self.llm.simulated.token_bytes
+                ),
+            ));
+        }
         let l = &self.llm;
         at_least("llm.connect_timeout_ms", l.connect_timeout_ms, 1)?;
         at_least("llm.read_timeout_ms", l.read_timeout_ms, 1)?;
@@ -1255,6 +1292,7 @@ mod tests {
         ("server.auth_tokens", "[]"),
         ("server.connection_stack_kib", "128"),
         ("server.outbox_frames", "4096"),
+        ("server.outbox_bytes", "4194304"),
         ("server.send_buffer_bytes", "0"),
         ("server.max_chats_per_minute", "0"),
         ("server.ping_interval_ms", "30000"),
@@ -1288,6 +1326,7 @@ mod tests {
         ("history.sqlite_path", "\"data/chat.db\""),
         ("history.max_context_tokens", "2048"),
         ("history.read_pool_size", "8"),
+        ("history.max_answer_bytes", "1048576"),
         ("llm.provider", "\"simulated\""),
         ("llm.base_url", "\"http://127.0.0.1:11434/v1\""),
         ("llm.model", "\"default\""),
@@ -1303,6 +1342,7 @@ mod tests {
         ("llm.simulated.first_token_ms", "200"),
         ("llm.simulated.token_interval_ms", "20"),
         ("llm.simulated.tokens", "64"),
+        ("llm.simulated.token_bytes", "0"),
         ("tools.enabled", "true"),
         (
             "tools.builtins",

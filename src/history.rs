@@ -60,6 +60,10 @@
 //! # }
 //! ```
 
+mod newest;
+
+pub use newest::{Take, Walk};
+
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -351,8 +355,10 @@ type Callback = Box<dyn FnOnce(Result<(), HistoryError>) + Send + 'static>;
 /// One queued write.
 struct Op {
     conversation: String,
-    /// Appended in order, in one transaction; empty for a barrier.
-    messages: Vec<(Role, String)>,
+    /// Appended in order, in one transaction; empty for a barrier. Shared
+    /// text, so one answer stored in several conversations (a leader's and
+    /// its followers') is held once while it waits.
+    messages: Vec<(Role, Arc<str>)>,
     /// Bring the conversation's full-text index up to date.
     index: bool,
     at_ms: i64,
@@ -364,6 +370,8 @@ struct Op {
 struct Stats {
     pending: AtomicUsize,
     batches: AtomicU64,
+    /// Rows read by [`History::newest_first`] and [`History::context`].
+    rows_read: AtomicU64,
 }
 
 /// A handle on the conversation history. Cheap to clone; all clones share the
@@ -457,7 +465,13 @@ impl History {
         let before = i64::try_from(before).unwrap_or(i64::MAX);
         let mut stmt = conn.prepare_cached(SELECT_BEFORE)?;
         let rows = stmt.query_map(rusqlite::params![conversation, before], message_from_row)?;
-        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        let messages = rows.collect::<Result<Vec<_>, _>>()?;
+        let read = messages.len() as u64;
+        self.inner
+            .stats
+            .rows_read
+            .fetch_add(read, Ordering::Relaxed);
+        Ok(messages)
     }
 
     /// The last `limit` messages, oldest first; `None` when the conversation
@@ -503,15 +517,18 @@ impl History {
     /// Like [`History::write`] with several messages, appended in order and
     /// committed together (or not at all): a question and its answer cost
     /// one queue entry and at most one commit.
-    pub fn write_all(
+    pub fn write_all<S: Into<Arc<str>>>(
         &self,
         conversation: &str,
-        messages: Vec<(Role, String)>,
+        messages: Vec<(Role, S)>,
         then: impl FnOnce(Result<(), HistoryError>) + Send + 'static,
     ) {
         self.submit(Op {
             conversation: conversation.to_string(),
-            messages,
+            messages: messages
+                .into_iter()
+                .map(|(role, text)| (role, text.into()))
+                .collect(),
             index: false,
             at_ms: now_ms(),
             then: Box::new(then),
@@ -743,7 +760,7 @@ fn apply(conn: &Connection, op: &Op) -> rusqlite::Result<()> {
                 op.conversation,
                 idx,
                 role.as_str(),
-                content,
+                &**content,
                 op.at_ms
             ])?;
         head = Head {

@@ -30,6 +30,7 @@ pub mod fuzzing;
 pub mod history;
 pub mod http;
 pub mod llm;
+pub mod memory;
 pub mod metrics;
 pub mod outbox;
 pub mod pipeline;

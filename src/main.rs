@@ -6,7 +6,21 @@ use std::process::ExitCode;
 use chorus::config::{parse_cli, CliAction, Config};
 use chorus::server::Server;
 
+/// Hands the allocator's free pages back to the OS (see `chorus::memory`).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn release_memory() {
+    // SAFETY: malloc_trim only walks glibc's own arenas under their locks;
+    // it takes no pointer and is safe to call from any thread at any time.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn release_memory() {}
+
 fn main() -> ExitCode {
+    chorus::memory::set_release_hook(release_memory);
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = match parse_cli(std::env::args().skip(1)) {
         Ok(CliAction::Run(cli)) => cli,

@@ -5,11 +5,22 @@
 //! streaming thread, the history writer) push; exactly one consumer, the
 //! connection's own thread, pops. The queue is a `Mutex<VecDeque>` rather
 //! than a channel because it needs two admission rules in one ordered queue:
-//! token frames are refused once `capacity` frames are waiting (that is how a
-//! slow consumer is detected), while control frames (`done`, `error`, …) are
-//! always admitted so the end of a request is never lost and always comes
-//! after that request's tokens. Control frames are bounded by the number of
-//! requests in flight, not by the token rate.
+//! token frames are refused once `capacity` frames or `max_bytes` bytes are
+//! waiting (that is how a slow consumer is detected), while control frames
+//! (`done`, `error`, …) are always admitted so the end of a request is never
+//! lost and always comes after that request's tokens. Control frames are
+//! bounded by the number of requests in flight, not by the token rate.
+//!
+//! Counting bytes. Everything waiting for the connection counts against
+//! `max_bytes`: queued token and JSON frames (history answers too), the
+//! unwritten rest of frames written straight through, and what the
+//! consumer has already taken and encoded but not yet written (it reports
+//! that with [`Outbox::set_unwritten`]). A [`Frame::Replay`] counts only
+//! once it is expanded: until then it holds no bytes of its own, since its
+//! tokens live in the generation's history whoever reads them. Token
+//! frames are what grows with a client that does not read, so they are
+//! what the bound refuses; control frames still count, so a big one makes
+//! the next token of that connection hit the bound.
 //!
 //! Waking costs a syscall, so producers only write the eventfd when the
 //! consumer said it is about to sleep (`parked`), which it does under the
@@ -47,12 +58,14 @@ use std::collections::VecDeque;
 use std::io::Write;
 use std::net::TcpStream;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
 use rustix::event::{eventfd, EventfdFlags};
 
 use crate::broadcast::Broadcast;
+use crate::cache::CachedAnswer;
 use crate::protocol::TokenTail;
 use crate::ws::frame;
 
@@ -66,9 +79,10 @@ pub enum Frame {
         /// `","seq":N,"text":"…"}`, one allocation per generated token.
         tail: TokenTail,
     },
-    /// Tokens `from..to` of a generation's history, expanded lazily by the
-    /// connection thread as the socket accepts them, so a late joiner's
-    /// replay of thousands of tokens costs one queue slot, not thousands.
+    /// Tokens `from..to` of a generation's history or of a cached answer,
+    /// expanded lazily by the connection thread as the socket accepts them,
+    /// so a late joiner's replay of thousands of tokens costs one queue
+    /// slot, not thousands, and a big cache hit no copy of the answer.
     Replay(Replay),
     /// Any other JSON message, already encoded.
     Json(Vec<u8>),
@@ -81,8 +95,9 @@ pub enum Frame {
 }
 
 impl Frame {
-    /// Bytes this frame adds to the socket's output (payload only).
-    fn encoded_len(&self) -> usize {
+    /// Bytes this frame adds to the socket's output (payload only); a
+    /// replay counts as nothing until it is expanded.
+    pub fn encoded_len(&self) -> usize {
         match self {
             Frame::Token { prefix, tail } => prefix.len() + tail.0.len(),
             Frame::Json(bytes) | Frame::Encoded(bytes) => bytes.len(),
@@ -112,11 +127,38 @@ thread_local! {
 /// Largest scratch buffer a producer thread keeps between writes.
 const SCRATCH_KEEP: usize = 64 * 1024;
 
+/// Where a replay's tokens are kept.
+#[derive(Debug, Clone)]
+pub enum Tokens {
+    /// A generation's stream (a late joiner, a `resume`).
+    Stream(Arc<Broadcast>),
+    /// A cached answer (a big cache hit), shared by every hit instead of
+    /// copied into each connection's queue.
+    Cached(Arc<CachedAnswer>),
+}
+
+impl Tokens {
+    /// Appends the tails of tokens `from..to` (clamped to what exists) to `out`.
+    pub fn tails(&self, from: u64, to: u64, out: &mut Vec<TokenTail>) {
+        match self {
+            Tokens::Stream(broadcast) => broadcast.tails(from, to, out),
+            Tokens::Cached(answer) => {
+                let len = answer.tails.len();
+                let from = usize::try_from(from).unwrap_or(len).min(len);
+                let to = usize::try_from(to).unwrap_or(len).min(len);
+                if from < to {
+                    out.extend_from_slice(&answer.tails[from..to]);
+                }
+            }
+        }
+    }
+}
+
 /// A range of a generation's tokens for one request.
 #[derive(Debug, Clone)]
 pub struct Replay {
     /// Where the tokens are kept.
-    pub broadcast: Arc<Broadcast>,
+    pub source: Tokens,
     /// The request's token frame prefix.
     pub prefix: Arc<[u8]>,
     /// First `seq` still to write.
@@ -128,7 +170,8 @@ pub struct Replay {
 /// Why a push was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PushError {
-    /// `capacity` token frames are already waiting: the consumer is slow.
+    /// `capacity` token frames or `max_bytes` bytes are already waiting:
+    /// the consumer is slow.
     Full,
     /// The connection is gone; nothing will ever read the frame.
     Closed,
@@ -222,9 +265,11 @@ impl Queue {
 /// The outbound queue of one connection. Share it as `Arc<Outbox>`.
 ///
 /// ```
-/// use chorus::outbox::{Frame, Outbox};
-/// let outbox = Outbox::new(8).unwrap();
+/// use chorus::outbox::{Frame, Outbox, PushError};
+/// let outbox = Outbox::bounded(8, 100).unwrap();
 /// outbox.push(Frame::Json(b"{}".to_vec())).unwrap();
+/// // Control frames count, and a token that would pass the byte bound is refused.
+/// assert_eq!(outbox.push_token(Frame::Json(vec![b'x'; 99])), Err(PushError::Full));
 /// let mut batch = Vec::new();
 /// outbox.take_all(&mut batch);
 /// assert_eq!(batch.len(), 1);
@@ -233,12 +278,24 @@ impl Queue {
 pub struct Outbox {
     queue: Mutex<Queue>,
     capacity: usize,
+    /// Bytes waiting for this connection past which token frames are refused.
+    max_bytes: usize,
+    /// Bytes the consumer took and has not written yet; written by the
+    /// consumer alone, read by producers deciding whether a token fits.
+    unwritten: AtomicUsize,
     waker: OwnedFd,
 }
 
 impl Outbox {
-    /// An empty outbox admitting up to `capacity` waiting token frames.
+    /// An empty outbox admitting up to `capacity` waiting token frames, with
+    /// no byte bound.
     pub fn new(capacity: usize) -> std::io::Result<Outbox> {
+        Outbox::bounded(capacity, usize::MAX)
+    }
+
+    /// An empty outbox admitting token frames while fewer than `capacity`
+    /// frames and at most `max_bytes` bytes (this frame included) wait.
+    pub fn bounded(capacity: usize, max_bytes: usize) -> std::io::Result<Outbox> {
         let waker = eventfd(0, EventfdFlags::NONBLOCK | EventfdFlags::CLOEXEC)?;
         Ok(Outbox {
             queue: Mutex::new(Queue {
@@ -252,6 +309,8 @@ impl Outbox {
                 closed: false,
             }),
             capacity,
+            max_bytes,
+            unwritten: AtomicUsize::new(0),
             waker,
         })
     }
@@ -317,7 +376,8 @@ impl Outbox {
         self.wake();
     }
 
-    /// Queues a token frame unless `capacity` frames are already waiting.
+    /// Queues a token frame unless `capacity` frames are already waiting or
+    /// it would take the bytes waiting past `max_bytes`.
     pub fn push_token(&self, frame: Frame) -> Result<(), PushError> {
         if self.queue_token(frame)? {
             self.wake();
@@ -334,7 +394,7 @@ impl Outbox {
         if q.closed {
             return Err(PushError::Closed);
         }
-        if q.frames.len() >= self.capacity {
+        if q.frames.len() >= self.capacity || !self.fits(q.bytes, frame.encoded_len()) {
             return Err(PushError::Full);
         }
         match q.direct_socket() {
@@ -352,14 +412,51 @@ impl Outbox {
         batch.extend(q.frames.drain(..));
     }
 
-    /// Moves up to `max` waiting frames into `batch` (consumer only).
-    pub fn take_some(&self, batch: &mut impl Extend<Frame>, max: usize) {
+    /// Moves up to `max` waiting frames into `batch` (consumer only),
+    /// stopping after the first frame that brings what it took to
+    /// `max_bytes`, so the consumer's own buffer stays small.
+    pub fn take_some(&self, batch: &mut impl Extend<Frame>, max: usize, max_bytes: usize) {
         let mut q = self.queue.lock();
-        let n = q.frames.len().min(max);
         // The consumer writes what it takes itself, deferred or not.
         q.deferred = 0;
-        let Queue { frames, bytes, .. } = &mut *q;
-        batch.extend(frames.drain(..n).inspect(|f| *bytes -= f.encoded_len()));
+        let mut n = 0;
+        let mut taken = 0;
+        for f in q.frames.iter().take(max) {
+            n += 1;
+            taken += f.encoded_len();
+            if taken >= max_bytes {
+                break;
+            }
+        }
+        q.bytes -= taken;
+        // Still this connection's bytes: they move to the consumer's count
+        // under the lock, so no producer sees them vanish in between.
+        self.unwritten.fetch_add(taken, Ordering::Relaxed);
+        batch.extend(q.frames.drain(..n));
+    }
+
+    /// Consumer only: how many bytes it took from this outbox and has not
+    /// written to the socket yet. They count against the byte bound;
+    /// [`Outbox::take_some`] adds what it takes until the consumer says
+    /// again.
+    pub fn set_unwritten(&self, bytes: usize) {
+        self.unwritten.store(bytes, Ordering::Relaxed);
+    }
+
+    /// True when `more` bytes fit beside `queued` and the consumer's unwritten ones.
+    fn fits(&self, queued: usize, more: usize) -> bool {
+        queued
+            .saturating_add(self.unwritten.load(Ordering::Relaxed))
+            .saturating_add(more)
+            <= self.max_bytes
+    }
+
+    /// Bytes that may still be queued before token frames are refused.
+    pub fn room(&self) -> usize {
+        let q = self.queue.lock();
+        self.max_bytes
+            .saturating_sub(q.bytes)
+            .saturating_sub(self.unwritten.load(Ordering::Relaxed))
     }
 
     /// Consumer only: if nothing is waiting, records that the consumer is
@@ -423,6 +520,7 @@ impl Outbox {
         q.deferred = 0;
         q.lingering = false;
         q.frames.shrink_to_fit();
+        self.unwritten.store(0, Ordering::Relaxed);
     }
 
     /// True once [`Outbox::close`] ran.
@@ -451,415 +549,10 @@ impl std::fmt::Debug for Outbox {
         f.debug_struct("Outbox")
             .field("len", &self.len())
             .field("capacity", &self.capacity)
+            .field("max_bytes", &self.max_bytes)
             .finish()
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use rustix::event::{poll, PollFd, PollFlags};
-    use std::time::Duration;
-
-    fn token(seq: u64) -> Frame {
-        Frame::Token {
-            prefix: crate::protocol::token_prefix("r"),
-            tail: TokenTail::encode(seq, "x"),
-        }
-    }
-
-    #[test]
-    fn tokens_are_bounded_but_control_frames_are_not() {
-        let o = Outbox::new(2).unwrap();
-        o.push_token(token(0)).unwrap();
-        o.push_token(token(1)).unwrap();
-        assert_eq!(o.push_token(token(2)), Err(PushError::Full));
-        o.push(Frame::Json(b"{}".to_vec())).unwrap();
-        assert_eq!(o.len(), 3);
-    }
-
-    #[test]
-    fn queued_bytes_follow_pushes_and_takes() {
-        let o = Outbox::new(8).unwrap();
-        o.push(Frame::Json(vec![0; 100])).unwrap();
-        o.push_token(token(0)).unwrap();
-        let token_len = {
-            let Frame::Token { prefix, tail } = token(0) else {
-                unreachable!()
-            };
-            prefix.len() + tail.0.len()
-        };
-        assert_eq!(o.queued_bytes(), 100 + token_len);
-        let mut batch = Vec::new();
-        o.take_some(&mut batch, 1);
-        assert_eq!(o.queued_bytes(), token_len);
-        o.take_all(&mut batch);
-        assert_eq!(o.queued_bytes(), 0);
-        o.push(Frame::Json(vec![0; 7])).unwrap();
-        o.close();
-        assert_eq!(o.queued_bytes(), 0);
-    }
-
-    #[test]
-    fn closed_refuses_everything() {
-        let o = Outbox::new(2).unwrap();
-        o.push(Frame::Json(vec![])).unwrap();
-        o.close();
-        assert!(o.is_empty());
-        assert_eq!(o.push(Frame::Json(vec![])), Err(PushError::Closed));
-        assert_eq!(o.push_token(token(0)), Err(PushError::Closed));
-    }
-
-    #[test]
-    fn a_push_wakes_a_parked_consumer() {
-        let o = Arc::new(Outbox::new(8).unwrap());
-        assert!(o.park_if_empty(false));
-        let producer = {
-            let o = o.clone();
-            std::thread::spawn(move || {
-                std::thread::sleep(Duration::from_millis(20));
-                o.push(Frame::Json(b"1".to_vec())).unwrap();
-            })
-        };
-        let mut fds = [PollFd::new(&o.waker, PollFlags::IN)];
-        let ready = poll(&mut fds, None).unwrap();
-        assert_eq!(ready, 1);
-        o.unpark(true);
-        let mut batch = Vec::new();
-        o.take_all(&mut batch);
-        assert_eq!(batch.len(), 1);
-        producer.join().unwrap();
-    }
-
-    #[test]
-    fn no_wake_when_the_consumer_is_not_parked() {
-        let o = Outbox::new(8).unwrap();
-        o.push(Frame::Json(vec![])).unwrap();
-        let mut fds = [PollFd::new(&o.waker, PollFlags::IN)];
-        let timeout = rustix::event::Timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        assert_eq!(poll(&mut fds, Some(&timeout)).unwrap(), 0);
-    }
-
-    #[test]
-    fn stress_many_producers_one_consumer_loses_nothing() {
-        const PRODUCERS: usize = 8;
-        const EACH: usize = 5_000;
-        let o = Arc::new(Outbox::new(usize::MAX).unwrap());
-        let handles: Vec<_> = (0..PRODUCERS)
-            .map(|_| {
-                let o = o.clone();
-                std::thread::spawn(move || {
-                    for i in 0..EACH {
-                        if i % 2 == 0 {
-                            o.push(Frame::Json(vec![])).unwrap();
-                        } else {
-                            o.push_token(token(i as u64)).unwrap();
-                        }
-                    }
-                })
-            })
-            .collect();
-        let mut got = 0;
-        let mut batch = Vec::new();
-        while got < PRODUCERS * EACH {
-            if o.park_if_empty(false) {
-                let mut fds = [PollFd::new(&o.waker, PollFlags::IN)];
-                let timeout = rustix::event::Timespec {
-                    tv_sec: 5,
-                    tv_nsec: 0,
-                };
-                assert_eq!(poll(&mut fds, Some(&timeout)).unwrap(), 1, "lost wake-up");
-                o.unpark(true);
-            }
-            batch.clear();
-            o.take_all(&mut batch);
-            got += batch.len();
-        }
-        for h in handles {
-            h.join().unwrap();
-        }
-        assert_eq!(got, PRODUCERS * EACH);
-    }
-
-    /// A connected loopback pair: the server side non-blocking (as a
-    /// connection thread sets it), the client side blocking.
-    fn socket_pair() -> (Arc<TcpStream>, TcpStream) {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (server, _) = listener.accept().unwrap();
-        server.set_nonblocking(true).unwrap();
-        (Arc::new(server), client)
-    }
-
-    /// Reads `n` text frames from `client` with tungstenite as the client.
-    fn read_texts(client: TcpStream, n: usize) -> Vec<String> {
-        use tungstenite::protocol::Role;
-        let mut ws = tungstenite::WebSocket::from_raw_socket(client, Role::Client, None);
-        (0..n)
-            .map(|_| ws.read().unwrap().into_text().unwrap().to_string())
-            .collect()
-    }
-
-    fn json(text: &str) -> Frame {
-        Frame::Json(text.as_bytes().to_vec())
-    }
-
-    #[test]
-    fn a_parked_idle_consumer_is_written_through_without_a_wake() {
-        let (server, client) = socket_pair();
-        let o = Outbox::new(8).unwrap();
-        o.attach_socket(server);
-        assert!(o.park_if_empty(true));
-        o.push(json("1")).unwrap();
-        o.push_token(token(0)).unwrap();
-        o.push_all([json("2"), json("3")]).unwrap();
-        assert!(o.is_empty(), "everything went straight to the socket");
-        let mut fds = [PollFd::new(&o.waker, PollFlags::IN)];
-        let now = rustix::event::Timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        assert_eq!(poll(&mut fds, Some(&now)).unwrap(), 0, "nobody was woken");
-        let texts = read_texts(client, 4);
-        assert_eq!(texts[0], "1");
-        assert!(texts[1].starts_with(r#"{"type":"token","request":"r","seq":0"#));
-        assert_eq!(&texts[2..], ["2", "3"]);
-    }
-
-    #[test]
-    fn no_write_through_unless_parked_with_an_idle_socket() {
-        let (server, _client) = socket_pair();
-        let o = Outbox::new(8).unwrap();
-        o.attach_socket(server);
-        o.push(json("awake")).unwrap();
-        assert_eq!(o.len(), 1, "the consumer is awake: it writes");
-        let mut batch = Vec::new();
-        o.take_all(&mut batch);
-        assert!(o.park_if_empty(false));
-        o.push(json("busy")).unwrap();
-        assert_eq!(
-            o.len(),
-            1,
-            "the consumer has bytes pending: queue behind them"
-        );
-        o.take_all(&mut batch);
-        assert!(o.park_if_empty(true));
-        o.unpark(false);
-        o.push(json("unparked")).unwrap();
-        assert_eq!(o.len(), 1, "the consumer took the socket back");
-        // Replays and closes are the consumer's to write even when it sleeps.
-        o.take_all(&mut batch);
-        assert!(o.park_if_empty(true));
-        o.push(Frame::Close(1000, "bye")).unwrap();
-        assert_eq!(o.len(), 1);
-    }
-
-    #[test]
-    fn a_full_socket_leaves_the_rest_queued_in_order_and_wakes_the_consumer() {
-        let (server, client) = socket_pair();
-        let o = Outbox::new(usize::MAX).unwrap();
-        o.attach_socket(server.clone());
-        // Big frames fill the kernel's buffers while nobody reads.
-        let big = |i: usize| json(&format!("{i:05}{}", "x".repeat(64 * 1024)));
-        let mut pushed = 0;
-        assert!(o.park_if_empty(true));
-        while o.is_empty() {
-            o.push(big(pushed)).unwrap();
-            pushed += 1;
-            assert!(pushed < 10_000, "the socket never filled");
-        }
-        let mut batch = Vec::new();
-        o.take_all(&mut batch);
-        assert!(
-            matches!(batch.first(), Some(Frame::Encoded(_))),
-            "the unwritten rest of a frame comes first"
-        );
-        let mut fds = [PollFd::new(&o.waker, PollFlags::IN)];
-        assert_eq!(poll(&mut fds, None).unwrap(), 1, "the consumer was woken");
-        let reader = std::thread::spawn(move || read_texts(client, pushed));
-        // What a connection thread does with the queued rest.
-        let mut rest = Vec::new();
-        for f in batch {
-            assert!(f.encode_into(&mut rest));
-        }
-        let mut written = 0;
-        while written < rest.len() {
-            match (&*server).write(&rest[written..]) {
-                Ok(n) => written += n,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    std::thread::sleep(Duration::from_millis(1))
-                }
-                Err(e) => panic!("{e}"),
-            }
-        }
-        let texts = reader.join().unwrap();
-        for (i, text) in texts.iter().enumerate() {
-            assert!(
-                text.starts_with(&format!("{i:05}")),
-                "frame {i} out of order"
-            );
-            assert_eq!(text.len(), 5 + 64 * 1024);
-        }
-    }
-
-    /// Producers push from many threads while a consumer parks and unparks
-    /// the way a connection thread does, deferring frames of its own; the
-    /// client must read every frame whole, and each pusher's frames in its
-    /// own order.
-    #[test]
-    fn stress_write_through_and_queue_interleave_without_loss_or_reordering() {
-        const PRODUCERS: usize = 8;
-        const EACH: usize = 2_000;
-        // The consumer's own frames are numbered as pusher PRODUCERS.
-        const OWN: usize = 500;
-        let (server, client) = socket_pair();
-        let o = Arc::new(Outbox::new(usize::MAX).unwrap());
-        o.attach_socket(server.clone());
-        let reader = std::thread::spawn(move || read_texts(client, PRODUCERS * EACH + OWN));
-        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let consumer = {
-            let (o, done) = (o.clone(), done.clone());
-            std::thread::spawn(move || {
-                let mut pending: Vec<u8> = Vec::new();
-                let mut batch = Vec::new();
-                let mut own = 0;
-                loop {
-                    batch.clear();
-                    o.take_all(&mut batch);
-                    for f in batch.drain(..) {
-                        assert!(f.encode_into(&mut pending));
-                    }
-                    while !pending.is_empty() {
-                        match (&*server).write(&pending) {
-                            Ok(n) => drop(pending.drain(..n)),
-                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                                std::thread::yield_now()
-                            }
-                            Err(e) => panic!("{e}"),
-                        }
-                    }
-                    if own < OWN {
-                        o.push_deferred([format!("{PRODUCERS}:{own}").into_bytes()]);
-                        own += 1;
-                    }
-                    let finished = done.load(std::sync::atomic::Ordering::Acquire);
-                    if o.park_if_empty(true) {
-                        if finished && own == OWN && o.is_empty() {
-                            return;
-                        }
-                        let mut fds = [PollFd::new(&o.waker, PollFlags::IN)];
-                        let short = rustix::event::Timespec {
-                            tv_sec: 0,
-                            tv_nsec: 200_000,
-                        };
-                        poll(&mut fds, Some(&short)).unwrap();
-                        let woken = fds[0].revents().contains(PollFlags::IN);
-                        o.unpark(woken);
-                    }
-                }
-            })
-        };
-        let producers: Vec<_> = (0..PRODUCERS)
-            .map(|p| {
-                let o = o.clone();
-                std::thread::spawn(move || {
-                    for i in 0..EACH {
-                        let text = format!("{p}:{i}");
-                        if i % 3 == 0 {
-                            o.push_token(Frame::Json(text.into_bytes())).unwrap();
-                        } else {
-                            o.push(json(&text)).unwrap();
-                        }
-                    }
-                })
-            })
-            .collect();
-        for p in producers {
-            p.join().unwrap();
-        }
-        done.store(true, std::sync::atomic::Ordering::Release);
-        o.wake();
-        consumer.join().unwrap();
-        let texts = reader.join().unwrap();
-        let mut next = [0usize; PRODUCERS + 1];
-        for text in texts {
-            let (p, i) = text.split_once(':').unwrap();
-            let (p, i): (usize, usize) = (p.parse().unwrap(), i.parse().unwrap());
-            assert_eq!(i, next[p], "pusher {p}'s frames out of order");
-            next[p] += 1;
-        }
-        let mut expected = [EACH; PRODUCERS + 1];
-        expected[PRODUCERS] = OWN;
-        assert_eq!(next, expected);
-    }
-
-    #[test]
-    fn deferred_frames_ride_along_with_the_next_producer_write() {
-        let (server, client) = socket_pair();
-        let o = Outbox::new(8).unwrap();
-        o.attach_socket(server);
-        o.push_deferred([b"accepted".to_vec(), b"state".to_vec()]);
-        assert!(
-            o.park_if_empty(true),
-            "only deferred frames: the consumer may sleep"
-        );
-        o.push(json("answer")).unwrap();
-        assert!(o.is_empty());
-        let mut fds = [PollFd::new(&o.waker, PollFlags::IN)];
-        let now = rustix::event::Timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        assert_eq!(poll(&mut fds, Some(&now)).unwrap(), 0, "nobody was woken");
-        assert_eq!(read_texts(client, 3), ["accepted", "state", "answer"]);
-    }
-
-    #[test]
-    fn release_deferred_wakes_a_lingering_consumer_only() {
-        let (server, _client) = socket_pair();
-        let o = Outbox::new(8).unwrap();
-        o.attach_socket(server);
-        let now = rustix::event::Timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        let woken = |o: &Outbox| {
-            let mut fds = [PollFd::new(&o.waker, PollFlags::IN)];
-            poll(&mut fds, Some(&now)).unwrap() == 1
-        };
-        assert!(o.park_if_empty(true));
-        o.release_deferred();
-        assert!(!woken(&o), "nothing was deferred");
-        o.unpark(false);
-        o.push_deferred([b"accepted".to_vec()]);
-        assert!(o.park_if_empty(true));
-        o.release_deferred();
-        assert!(woken(&o));
-        o.unpark(true);
-        assert_eq!(o.len(), 1, "the consumer writes it itself now");
-    }
-
-    #[test]
-    fn deferred_frames_do_not_linger_behind_other_frames_or_a_busy_socket() {
-        let (server, _client) = socket_pair();
-        let o = Outbox::new(8).unwrap();
-        o.attach_socket(server);
-        o.push(json("token from a worker")).unwrap();
-        o.push_deferred([b"accepted".to_vec()]);
-        assert!(!o.park_if_empty(true), "a worker's frame must not wait");
-        let mut batch = Vec::new();
-        o.take_all(&mut batch);
-        o.push_deferred([b"accepted".to_vec()]);
-        assert!(
-            !o.park_if_empty(false),
-            "the consumer's own bytes are pending"
-        );
-        // Without a socket nobody else could write them.
-        let unattached = Outbox::new(8).unwrap();
-        unattached.push_deferred([b"accepted".to_vec()]);
-        assert!(!unattached.park_if_empty(true));
-    }
-}
+mod tests;

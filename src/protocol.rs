@@ -151,6 +151,9 @@ pub enum ClientFrame {
         conversation: String,
         /// How many of the latest messages, at most.
         limit: usize,
+        /// Only messages before this index (the `before` of an earlier
+        /// answer), to page back; `None` for the newest.
+        before: Option<u64>,
     },
 }
 
@@ -210,6 +213,8 @@ enum RawFrame {
         conversation: String,
         #[serde(default)]
         limit: Option<usize>,
+        #[serde(default)]
+        before: Option<u64>,
     },
 }
 
@@ -318,6 +323,7 @@ pub fn parse_client_frame(text: &str, limits: FrameLimits) -> Result<ClientFrame
         RawFrame::History {
             conversation,
             limit,
+            before,
         } => {
             check_conversation_id(&conversation).map_err(bad)?;
             let limit = limit
@@ -326,6 +332,7 @@ pub fn parse_client_frame(text: &str, limits: FrameLimits) -> Result<ClientFrame
             Ok(ClientFrame::History {
                 conversation,
                 limit,
+                before,
             })
         }
     }
@@ -449,6 +456,9 @@ enum Out<'a> {
     History {
         conversation: &'a str,
         messages: &'a [HistoryMessage<'a>],
+        more: bool,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        before: Option<u64>,
     },
 }
 
@@ -461,6 +471,9 @@ pub struct HistoryMessage<'a> {
     pub content: &'a str,
     /// When it was stored, RFC 3339 UTC.
     pub at: String,
+    /// Set when `content` was cut to fit the answer's byte bound.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub truncated: bool,
 }
 
 fn encode(out: &Out<'_>) -> Vec<u8> {
@@ -522,11 +535,19 @@ pub fn error(request: Option<&str>, id: Option<&str>, failure: &Failure) -> Vec<
     })
 }
 
-/// `history`: a conversation's stored messages, oldest first.
-pub fn history(conversation: &str, messages: &[HistoryMessage<'_>]) -> Vec<u8> {
+/// `history`: a page of a conversation's stored messages, oldest first.
+/// `before` is the cursor for the next older page: `Some` exactly when
+/// older messages were left out (`"more": true`).
+pub fn history(
+    conversation: &str,
+    messages: &[HistoryMessage<'_>],
+    before: Option<u64>,
+) -> Vec<u8> {
     encode(&Out::History {
         conversation,
         messages,
+        more: before.is_some(),
+        before,
     })
 }
 
@@ -559,6 +580,27 @@ impl TokenTail {
         let _ = serde_json::to_writer(&mut tail, text);
         tail.push(b'}');
         TokenTail(tail.into())
+    }
+
+    /// Appends the token's text, decoded from the tail, to `out`.
+    pub fn append_text(&self, out: &mut String) {
+        const KEY: &[u8] = b",\"text\":";
+        let bytes = &self.0;
+        let Some(at) = bytes.windows(KEY.len()).position(|w| w == KEY) else {
+            return;
+        };
+        let Some(json) = bytes.get(at + KEY.len()..bytes.len().saturating_sub(1)) else {
+            return;
+        };
+        // Text without escapes is borrowed as is; only escaped text allocates.
+        match serde_json::from_slice::<&str>(json) {
+            Ok(text) => out.push_str(text),
+            Err(_) => {
+                if let Ok(text) = serde_json::from_slice::<String>(json) {
+                    out.push_str(&text);
+                }
+            }
+        }
     }
 }
 
@@ -701,16 +743,41 @@ mod tests {
             parse(r#"{"type":"history","conversation":"k"}"#).unwrap(),
             ClientFrame::History {
                 conversation: "k".into(),
-                limit: DEFAULT_HISTORY_LIMIT
+                limit: DEFAULT_HISTORY_LIMIT,
+                before: None,
             }
         );
         assert_eq!(
             parse(r#"{"type":"history","conversation":"k","limit":999999}"#).unwrap(),
             ClientFrame::History {
                 conversation: "k".into(),
-                limit: MAX_HISTORY_LIMIT
+                limit: MAX_HISTORY_LIMIT,
+                before: None,
             }
         );
+        assert_eq!(
+            parse(r#"{"type":"history","conversation":"k","before":17}"#).unwrap(),
+            ClientFrame::History {
+                conversation: "k".into(),
+                limit: DEFAULT_HISTORY_LIMIT,
+                before: Some(17),
+            }
+        );
+        assert_eq!(
+            parse(r#"{"type":"history","conversation":"k","before":-1}"#)
+                .unwrap_err()
+                .code,
+            ErrorCode::BadRequest
+        );
+    }
+
+    #[test]
+    fn a_tail_gives_its_text_back() {
+        for text in ["", "plain", "a \"q\"\n\\ \u{1} é 🦀", ",\"text\":\"}"] {
+            let mut out = String::from(">");
+            TokenTail::encode(12345, text).append_text(&mut out);
+            assert_eq!(out, format!(">{text}"));
+        }
     }
 
     #[test]

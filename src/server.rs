@@ -142,6 +142,7 @@ impl Server {
                     first_token: Duration::from_millis(s.first_token_ms),
                     token_interval: Duration::from_millis(s.token_interval_ms),
                     tokens: s.tokens,
+                    token_bytes: s.token_bytes,
                 })
             }
             LlmProvider::OpenAi => Arc::new(openai_provider(&config.llm)),
@@ -584,7 +585,7 @@ fn upgrade(mut tcp: TcpStream, req: http::Request, shared: &Arc<Shared>) -> Opti
         let written = http::respond_error(&mut tcp, 503, "too many connections");
         return refusal_written(tcp, written);
     };
-    let outbox = match Outbox::new(server.outbox_frames) {
+    let outbox = match Outbox::bounded(server.outbox_frames, server.outbox_bytes) {
         Ok(outbox) => Arc::new(outbox),
         Err(e) => {
             if descriptors::is_exhaustion(&e) {

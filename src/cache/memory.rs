@@ -67,7 +67,7 @@ mod tests {
         assert!(c.get(&[1; 32]).unwrap().is_none());
         c.put(&[1; 32], answer("a bc d")).unwrap();
         let got = c.get(&[1; 32]).unwrap().unwrap();
-        assert_eq!(got.text, "a bc d");
+        assert_eq!(&*got.text, "a bc d");
         assert_eq!(got.tokens(), 3);
     }
 

@@ -25,8 +25,9 @@ pub struct CachedAnswer {
     /// Each token's frame tail, encoded once when the answer was stored, so a
     /// hit costs no JSON encoding.
     pub tails: Vec<TokenTail>,
-    /// The whole text (what goes into the asking conversation's history).
-    pub text: String,
+    /// The whole text (what goes into the asking conversation's history),
+    /// shared with every history write of a hit.
+    pub text: Arc<str>,
     /// Byte offsets in `text` where each token ends: the original token
     /// boundaries, for backends that store the text.
     pub ends: Vec<usize>,
@@ -46,7 +47,11 @@ impl CachedAnswer {
                 TokenTail::encode(seq as u64, piece)
             })
             .collect();
-        CachedAnswer { tails, text, ends }
+        CachedAnswer {
+            tails,
+            text: text.into(),
+            ends,
+        }
     }
 
     /// The tokens as they were produced.

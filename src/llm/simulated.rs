@@ -29,6 +29,9 @@ pub struct Simulated {
     pub token_interval: Duration,
     /// Tokens in a complete answer.
     pub tokens: u32,
+    /// Each generated token is padded to this many bytes; 0 leaves it as is.
+    /// Big tokens are what memory and slow-consumer tests need.
+    pub token_bytes: usize,
 }
 
 const WORDS: [&str; 48] = [
@@ -222,10 +225,25 @@ impl Simulated {
                 token.push('.');
                 sentence_left = 0;
             }
+            pad(&mut token, word, self.token_bytes);
             tokens.push(token);
         }
         tokens
     }
+}
+
+/// Pads `token` to `bytes` bytes with repetitions of `word` (ASCII, so the
+/// cut lands on a character boundary).
+fn pad(token: &mut String, word: &str, bytes: usize) {
+    if token.len() >= bytes {
+        return;
+    }
+    token.reserve_exact(bytes - token.len());
+    while token.len() < bytes {
+        token.push(' ');
+        token.push_str(word);
+    }
+    token.truncate(bytes);
 }
 
 impl Provider for Simulated {
@@ -302,6 +320,7 @@ mod tests {
             first_token: Duration::from_millis(interval_ms),
             token_interval: Duration::from_millis(interval_ms),
             tokens,
+            token_bytes: 0,
         }
     }
 
@@ -342,6 +361,19 @@ mod tests {
         assert_eq!(a, run(&s, &prompt("hello", 100)).0);
         assert_ne!(a, run(&s, &prompt("hello!", 100)).0);
         assert!(a.concat().ends_with('.'));
+    }
+
+    #[test]
+    fn token_bytes_pads_every_token_to_that_size() {
+        let big = Simulated {
+            token_bytes: 4096,
+            ..sim(10, 0)
+        };
+        let (a, _) = run(&big, &prompt("hello", 100));
+        assert_eq!(a.len(), 10);
+        assert!(a.iter().all(|t| t.len() == 4096), "every token is padded");
+        let (natural, _) = run(&sim(10, 0), &prompt("hello", 100));
+        assert!(a[0].starts_with(natural[0].as_str()));
     }
 
     #[test]

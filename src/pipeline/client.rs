@@ -10,13 +10,13 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use super::ending::{cached_tokens, end_frame};
+use super::ending::end_frame;
 use super::generation::{GenOutcome, Generation};
 use super::request::{Phase, Request, Source};
 use super::*;
 use crate::broadcast::Attachment;
 use crate::history;
-use crate::outbox::{Frame, Outbox, Replay};
+use crate::outbox::{Frame, Outbox, Replay, Tokens};
 use crate::protocol::{self, Chat, ErrorCode, Failure, Finish, Stage};
 
 impl Shared {
@@ -216,20 +216,20 @@ impl Shared {
             let Some(Source::Generation(generation)) = st.source.clone() else {
                 // Still in the intake queue (a cached answer is never cancelled:
                 // it is already ending when it gets its source).
-                return Some((Ok(Finish::Cancelled), String::new(), 0));
+                return Some((Ok(Finish::Cancelled), "".into(), 0));
             };
             if generation.leave(&request) {
                 left = Some(generation.clone());
             }
             if phase != Phase::Running {
                 // A follower still waiting for a worker: it was sent nothing.
-                return Some((Ok(Finish::Cancelled), String::new(), 0));
+                return Some((Ok(Finish::Cancelled), "".into(), 0));
             }
             // Running (even if the generation just ended and took its
             // members): detach and count what it was sent.
             let produced = generation.broadcast.detach(&st.attachments);
             let tokens = produced.ends.len() as u64;
-            Some((Ok(Finish::Cancelled), produced.text, tokens))
+            Some((Ok(Finish::Cancelled), produced.text.into(), tokens))
         });
         if let Some(generation) = left {
             if generation.is_unwanted()
@@ -260,19 +260,18 @@ impl Shared {
             // Ended (or being stored): replay exactly what it was sent, then
             // its end. Never live: the generation may go on for others.
             let mut frames: Vec<Frame> = start.into_iter().collect();
-            match &st.source {
-                Some(Source::Generation(g)) if from < end.tokens => {
-                    frames.push(Frame::Replay(Replay {
-                        broadcast: g.broadcast.clone(),
-                        prefix: attachment.prefix.clone(),
-                        from,
-                        to: end.tokens,
-                    }));
-                }
-                Some(Source::Cached(answer)) => {
-                    frames.extend(cached_tokens(&attachment, answer, from, end.tokens));
-                }
-                _ => {}
+            let source = match &st.source {
+                Some(Source::Generation(g)) => Some(Tokens::Stream(g.broadcast.clone())),
+                Some(Source::Cached(answer)) => Some(Tokens::Cached(answer.clone())),
+                None => None,
+            };
+            if let Some(source) = source.filter(|_| from < end.tokens) {
+                frames.push(Frame::Replay(Replay {
+                    source,
+                    prefix: attachment.prefix.clone(),
+                    from,
+                    to: end.tokens,
+                }));
             }
             frames.push(Frame::Json(end_frame(&request, end, st.role)));
             let _ = outbox.push_all(frames);
@@ -319,9 +318,9 @@ impl Shared {
                 (Some(Source::Generation(g)), Phase::Running) => {
                     let produced = g.broadcast.detach(&st.attachments);
                     let tokens = produced.ends.len() as u64;
-                    Some((Err(failure.clone()), produced.text, tokens))
+                    Some((Err(failure.clone()), produced.text.into(), tokens))
                 }
-                _ => Some((Err(failure.clone()), String::new(), 0)),
+                _ => Some((Err(failure.clone()), "".into(), 0)),
             });
         }
     }

@@ -13,10 +13,14 @@ use std::time::Instant;
 use super::generation::{GenOutcome, Generation};
 use super::request::{self, End, Phase, Request, Source};
 use super::*;
-use crate::broadcast::Attachment;
 use crate::cache::CachedAnswer;
 use crate::history;
-use crate::outbox::Frame;
+use crate::outbox::{Frame, Replay, Tokens};
+
+/// A cached answer with more text than this is replayed from the cache
+/// entry as the socket takes it; a smaller one is encoded whole for each
+/// hit, which reaches the socket in one write.
+const INLINE_CACHED_BYTES: usize = 64 * 1024;
 use crate::protocol::{self, ErrorCode, Failure, Finish, Role, Stage};
 use crate::ws::frame;
 
@@ -45,9 +49,18 @@ impl Shared {
         generation.abort.abort();
         self.cluster_finish(generation, &outcome);
         let produced = generation.broadcast.finish();
+        let tokens = produced.ends.len() as u64;
+        // One copy of the answer for the cache and every member's history write.
+        let text: Arc<str> = produced.text.into();
         match &outcome {
             GenOutcome::Finished(Finish::Stop) if cacheable => {
-                let answer = Arc::new(CachedAnswer::from_pieces(produced.pieces()));
+                // The broadcast's tails, shared: the cache holds no second
+                // encoding of the answer.
+                let answer = Arc::new(CachedAnswer {
+                    tails: generation.broadcast.all_tails(),
+                    text: text.clone(),
+                    ends: produced.ends,
+                });
                 if let Err(e) = self.cache.put(&generation.key, answer) {
                     self.metrics.cache_errors.inc();
                     log::debug!("cache write failed: {e}");
@@ -79,11 +92,8 @@ impl Shared {
         }
         self.active.write().generations.remove(&generation.id);
         let result = member_result(&outcome);
-        let tokens = produced.ends.len() as u64;
         for member in members {
-            self.end_request(&member, |_, _| {
-                Some((result.clone(), produced.text.clone(), tokens))
-            });
+            self.end_request(&member, |_, _| Some((result.clone(), text.clone(), tokens)));
         }
     }
 
@@ -105,7 +115,7 @@ impl Shared {
         decide: impl FnOnce(
             &mut request::RequestState,
             Phase,
-        ) -> Option<(Result<Finish, Failure>, String, u64)>,
+        ) -> Option<(Result<Finish, Failure>, Arc<str>, u64)>,
     ) -> bool {
         let mut messages = Vec::with_capacity(2);
         let (result, role, timings) = {
@@ -130,8 +140,27 @@ impl Shared {
                 _ => None,
             };
             for a in st.attachments.iter().filter(|a| a.is_live()) {
-                // A cached answer is encoded here in one piece, so it costs
-                // one queue entry and reaches the socket in one write.
+                if let Some(answer) = cached
+                    .as_ref()
+                    .filter(|c| c.text.len() > INLINE_CACHED_BYTES)
+                {
+                    // A big answer is replayed from the cache entry itself as
+                    // the socket takes it: no copy per hit, and nothing held
+                    // for a client that does not read.
+                    let _ = a.outbox.push_all([
+                        Frame::Json(protocol::start(&a.request, Role::Cache)),
+                        Frame::Replay(Replay {
+                            source: Tokens::Cached(answer.clone()),
+                            prefix: a.prefix.clone(),
+                            from: 0,
+                            to: answer.tokens(),
+                        }),
+                        Frame::Json(end_frame.clone()),
+                    ]);
+                    continue;
+                }
+                // A small cached answer is encoded here in one piece, so it
+                // costs one queue entry and reaches the socket in one write.
                 let mut bytes = Vec::new();
                 if let Some(answer) = &cached {
                     let start = protocol::start(&a.request, Role::Cache);
@@ -146,7 +175,7 @@ impl Shared {
             st.attachments.clear();
             st.end = Some(end);
             if let Some(question) = st.pending_user_message.take() {
-                messages.push((history::Role::User, question));
+                messages.push((history::Role::User, question.into()));
             }
             if !answer.is_empty() {
                 messages.push((history::Role::Assistant, answer));
@@ -253,24 +282,4 @@ pub(super) fn member_result(outcome: &GenOutcome) -> Result<Finish, Failure> {
         GenOutcome::Cancelled => Ok(Finish::Cancelled),
         GenOutcome::Failed(f) => Err(f.clone()),
     }
-}
-
-/// Token frames `from..to` of a cached answer, for one attachment.
-pub(super) fn cached_tokens<'a>(
-    a: &'a Attachment,
-    answer: &'a CachedAnswer,
-    from: u64,
-    to: u64,
-) -> impl Iterator<Item = Frame> + 'a {
-    let skip = usize::try_from(from).unwrap_or(usize::MAX);
-    let take = usize::try_from(to.saturating_sub(from)).unwrap_or(usize::MAX);
-    answer
-        .tails
-        .iter()
-        .skip(skip)
-        .take(take)
-        .map(|tail| Frame::Token {
-            prefix: a.prefix.clone(),
-            tail: tail.clone(),
-        })
 }

@@ -9,7 +9,9 @@
 //!   `processing_timeout` and its upstream call is aborted;
 //! - a generation whose clients all disconnected is aborted once
 //!   `orphan_grace_ms` passed with nobody resuming (unless `complete_orphans`);
-//! - finished requests are forgotten after `replay_window_ms`;
+//! - finished requests are forgotten after `replay_window_ms`, and when
+//!   that leaves nothing running, free memory is handed back to the OS
+//!   ([`crate::memory`]);
 //! - `accepted` frames left for the next write to carry
 //!   ([`crate::outbox::Outbox::push_deferred`]) are released.
 //!
@@ -62,7 +64,7 @@ fn sweep(shared: &Arc<Shared>, now: Instant) {
                 );
                 // Only if it is still queued when we get its lock.
                 shared.end_request(&request, |_, phase| {
-                    matches!(phase, Phase::Queued { .. }).then(|| (Err(failure), String::new(), 0))
+                    matches!(phase, Phase::Queued { .. }).then(|| (Err(failure), "".into(), 0))
                 });
             }
         }
@@ -76,15 +78,22 @@ fn sweep(shared: &Arc<Shared>, now: Instant) {
             .is_some_and(|(at, _)| now.duration_since(*at) > window)
     };
     if expired {
-        let mut active = shared.active.write();
-        while let Some((at, _)) = active.finished.front() {
-            if now.duration_since(*at) <= window {
-                break;
+        let mut forgot = 0;
+        let running = {
+            let mut active = shared.active.write();
+            while let Some((at, _)) = active.finished.front() {
+                if now.duration_since(*at) <= window {
+                    break;
+                }
+                if let Some((_, id)) = active.finished.pop_front() {
+                    active.requests.remove(&id);
+                    forgot += 1;
+                }
             }
-            if let Some((_, id)) = active.finished.pop_front() {
-                active.requests.remove(&id);
-            }
-        }
+            active.live.len() + active.generations.len()
+        };
+        // The last answers of a burst are gone: give their memory back.
+        crate::memory::idle_after_forgetting(forgot, running);
     }
     for generation in generations {
         let (stage, since, members, orphaned_since) = {

@@ -44,6 +44,7 @@ mod client;
 mod cluster;
 mod ending;
 mod generation;
+mod history_page;
 mod janitor;
 mod key;
 mod prompt;
@@ -71,7 +72,7 @@ use crate::llm::{Prompt, Provider};
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 use crate::pool::Pool;
-use crate::protocol::{self, Chat, ErrorCode, Failure};
+use crate::protocol::{Chat, ErrorCode, Failure};
 use crate::singleflight::{Group, Leader};
 use generation::Generation;
 use request::Request;
@@ -205,7 +206,7 @@ impl Drop for RequestTicket {
                 "the request was lost inside the server",
             );
             self.shared
-                .end_request(&request, |_, _| Some((Err(failure), String::new(), 0)));
+                .end_request(&request, |_, _| Some((Err(failure), "".into(), 0)));
         }
     }
 }
@@ -378,24 +379,28 @@ impl Pipeline {
         self.shared.resume(outbox, request, from)
     }
 
-    /// The encoded `history` frame for a conversation.
-    pub fn history_frame(&self, conversation: &str, limit: usize) -> Result<Vec<u8>, Failure> {
+    /// The encoded `history` frame for a conversation: up to `limit`
+    /// messages before `before`, newest first as far as they fit in
+    /// `history.max_answer_bytes` and in `room`, the bytes the asking
+    /// connection's outbox still admits.
+    pub fn history_frame(
+        &self,
+        conversation: &str,
+        limit: usize,
+        before: Option<u64>,
+        room: usize,
+    ) -> Result<Vec<u8>, Failure> {
+        let max_bytes = self.shared.config.history.max_answer_bytes.min(room);
+        if max_bytes < history_page::MIN_ANSWER_BYTES {
+            return Err(Failure::new(
+                ErrorCode::SlowConsumer,
+                "the connection is not reading what it was already sent; read, then ask again",
+            ));
+        }
         self.shared.await_stored(conversation);
-        let messages = self
-            .shared
-            .history
-            .recent(conversation, limit)
+        history_page::history_answer(&self.shared.history, conversation, limit, before, max_bytes)
             .map_err(|e| history_failure(&e))?
-            .ok_or_else(|| Failure::new(ErrorCode::NotFound, "no such conversation"))?;
-        let out: Vec<protocol::HistoryMessage<'_>> = messages
-            .iter()
-            .map(|m| protocol::HistoryMessage {
-                role: m.role.as_str(),
-                content: &m.content,
-                at: m.at_rfc3339(),
-            })
-            .collect();
-        Ok(protocol::history(conversation, &out))
+            .ok_or_else(|| Failure::new(ErrorCode::NotFound, "no such conversation"))
     }
 
     /// Stops admitting chats (`shutting_down` from now on).

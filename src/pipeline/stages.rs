@@ -15,7 +15,7 @@ use crossbeam_channel::{Sender, TrySendError};
 
 use super::ending::member_result;
 use super::generation::{GenOutcome, Generation};
-use super::prompt::assemble_prompt;
+use super::prompt::{assemble_prompt, read_context};
 use super::request::{Phase, Request, Source};
 use super::*;
 use crate::cache::{CachedAnswer, Key};
@@ -245,7 +245,7 @@ impl Shared {
             generation.pending_followers.fetch_sub(1, Ordering::AcqRel);
             let request = job.ticket.release();
             self.end_request(&request, |_, phase| {
-                matches!(phase, Phase::Queued { .. }).then(|| (Err(failure), String::new(), 0))
+                matches!(phase, Phase::Queued { .. }).then(|| (Err(failure), "".into(), 0))
             });
         }
     }
@@ -322,7 +322,7 @@ impl Shared {
                     let produced = generation.broadcast.produced();
                     let tokens = produced.ends.len() as u64;
                     self.metrics.by_role.with_label_values(&["follower"]).inc();
-                    Some((member_result(&outcome), produced.text, tokens))
+                    Some((member_result(&outcome), produced.text.into(), tokens))
                 });
             }
         }
@@ -347,7 +347,13 @@ impl Shared {
             member.state.lock().dequeued_at.get_or_insert(started);
         }
         generation.set_stage(Stage::Preparing, None);
-        let stored = match self.history.context(&leader.conversation, work.history_len) {
+        let stored = match read_context(
+            &self.history,
+            &leader.conversation,
+            &self.config.llm.system_prompt,
+            &work,
+            self.config.history.max_context_tokens,
+        ) {
             Ok(messages) => messages,
             Err(e) => {
                 self.finish_generation(&generation, GenOutcome::Failed(internal(&e)));

@@ -56,7 +56,10 @@ use crate::protocol::{self, ClientFrame, ErrorCode, Failure, FrameLimits};
 const READ_PAUSE_BYTES: usize = 256 * 1024;
 /// Frames taken from the outbox per round; bounds the write buffer growth.
 const BATCH: usize = 512;
-/// Replayed tokens encoded per round.
+/// Bytes taken from the outbox (or expanded from a replay) per round: what
+/// the write buffer holds beyond one frame, whatever the token size.
+const CHUNK_BYTES: usize = 64 * 1024;
+/// Replayed tokens fetched per round (fewer are encoded past `CHUNK_BYTES`).
 const REPLAY_CHUNK: u64 = 256;
 /// How long a closing connection may take to flush its last bytes.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
@@ -412,8 +415,18 @@ impl Connection<'_> {
     }
 
     /// Encodes queued frames and writes them. Returns true when the socket
-    /// would block with bytes still pending.
+    /// would block with bytes still pending. What stays unwritten is
+    /// reported to the outbox: it counts against the connection's byte bound.
     fn write_out(&mut self, ws: &mut WebSocket<Socket>) -> io::Result<bool> {
+        let blocked = self.encode_and_write(ws);
+        let socket = ws.get_ref();
+        let taken: usize = self.taken.iter().map(Frame::encoded_len).sum();
+        self.outbox
+            .set_unwritten(socket.pending.len() - socket.written + taken);
+        blocked
+    }
+
+    fn encode_and_write(&mut self, ws: &mut WebSocket<Socket>) -> io::Result<bool> {
         match ws.flush() {
             Ok(()) => {}
             Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
@@ -430,18 +443,23 @@ impl Connection<'_> {
             if let Some(replay) = &mut self.replay {
                 let to = replay.to.min(replay.from + REPLAY_CHUNK);
                 self.tails.clear();
-                replay.broadcast.tails(replay.from, to, &mut self.tails);
+                replay.source.tails(replay.from, to, &mut self.tails);
+                let mut encoded = 0;
                 for tail in &self.tails {
                     frame::encode_text(&mut socket.pending, &[&replay.prefix, &tail.0]);
+                    encoded += 1;
+                    if socket.pending.len() >= CHUNK_BYTES {
+                        break;
+                    }
                 }
-                replay.from = to;
+                replay.from += encoded;
                 if replay.from >= replay.to || self.tails.is_empty() {
                     self.replay = None;
                 }
                 continue;
             }
             if self.taken.is_empty() {
-                self.outbox.take_some(&mut self.taken, BATCH);
+                self.outbox.take_some(&mut self.taken, BATCH, CHUNK_BYTES);
                 if self.taken.is_empty() {
                     return Ok(false);
                 }
@@ -589,12 +607,18 @@ impl Connection<'_> {
             Ok(ClientFrame::History {
                 conversation,
                 limit,
-            }) => match self.pipeline.history_frame(&conversation, limit) {
-                Ok(frame) => {
-                    let _ = self.outbox.push(Frame::Json(frame));
+                before,
+            }) => {
+                match self
+                    .pipeline
+                    .history_frame(&conversation, limit, before, self.outbox.room())
+                {
+                    Ok(frame) => {
+                        let _ = self.outbox.push(Frame::Json(frame));
+                    }
+                    Err(f) => self.reply(None, None, &f),
                 }
-                Err(f) => self.reply(None, None, &f),
-            },
+            }
         }
     }
 

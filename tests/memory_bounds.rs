@@ -1,0 +1,167 @@
+//! Memory a client can make the server hold: every connection's output is
+//! bounded in bytes, and `history` answers are bounded and paged.
+
+mod common;
+
+use std::net::TcpStream;
+
+use common::{Client, Server};
+use socket2::{Domain, Socket, Type};
+
+/// A client whose socket takes almost nothing unless it reads.
+fn tiny_window_client(server: &Server) -> Client {
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&server.addr.into()).unwrap();
+    let tcp: TcpStream = socket.into();
+    Client::over(tcp, server.addr)
+}
+
+/// 4,000 tokens of 4 KiB: 16 MiB of tokens, far fewer frames than
+/// `outbox_frames`, so only a byte bound can cut the reader that never reads.
+#[test]
+fn a_client_that_never_reads_big_tokens_is_cut_off_by_bytes_and_the_reader_gets_everything() {
+    let server = Server::start(
+        r#"
+[server]
+outbox_bytes = 2097152
+send_buffer_bytes = 65536
+[llm]
+max_tokens = 10000
+[llm.simulated]
+first_token_ms = 300
+token_interval_ms = 0
+tokens = 4000
+token_bytes = 4096
+"#,
+    );
+    let mut idle = tiny_window_client(&server);
+    let (idle_request, _) = idle.ask(None, "big tokens please");
+    let mut reader = server.client();
+    let (read_request, _) = reader.ask(None, "big tokens please");
+    let a = reader.answer(&read_request);
+    assert!(a.is_done(), "{:?}", a.end);
+    assert_eq!(a.role.as_deref(), Some("follower"), "same generation");
+    a.assert_contiguous();
+    assert_eq!(a.seqs.len(), 4000);
+    assert_eq!(a.text.len(), 4000 * 4096);
+    // Only now does the idle client read: what was buffered for it, then
+    // slow_consumer instead of the other 15 MiB.
+    let b = idle.answer(&idle_request);
+    assert_eq!(b.code(), "slow_consumer", "{:?}", b.end);
+    assert!(b.seqs.len() < 4000, "{} tokens", b.seqs.len());
+    b.assert_contiguous();
+}
+
+/// Twelve answers of 32 KiB (384 KiB of history) read through `history`
+/// answers of at most 100,000 bytes: newest first, paged back with `before`
+/// until `more` is false, losing and repeating nothing.
+#[test]
+fn a_history_answer_is_bounded_in_bytes_and_pages_back_with_before() {
+    const BOUND: usize = 100_000;
+    let server = Server::start(&format!(
+        r#"
+[history]
+max_answer_bytes = {BOUND}
+[llm.simulated]
+first_token_ms = 1
+token_interval_ms = 0
+tokens = 8
+token_bytes = 4096
+"#
+    ));
+    let mut c = server.client();
+    let (first, conversation) = c.ask(None, "question 0");
+    let mut expected = vec!["question 0".to_owned(), c.answer(&first).text];
+    for i in 1..12 {
+        let (request, _) = c.ask(Some(&conversation), &format!("question {i}"));
+        let a = c.answer(&request);
+        assert!(a.is_done(), "{:?}", a.end);
+        expected.push(format!("question {i}"));
+        expected.push(a.text);
+    }
+    let mut pages = Vec::new();
+    let mut before: Option<u64> = None;
+    loop {
+        let mut ask =
+            serde_json::json!({"type": "history", "conversation": conversation, "limit": 1000});
+        if let Some(b) = before {
+            ask["before"] = b.into();
+        }
+        c.send(ask);
+        let page = c.recv_matching(|v| v["type"] == "history");
+        let size = page.to_string().len();
+        assert!(size <= BOUND, "a history answer of {size} bytes");
+        let messages = page["messages"].as_array().unwrap().clone();
+        assert!(!messages.is_empty(), "{page}");
+        pages.push(messages);
+        if page["more"] != true {
+            assert!(page.get("before").is_none_or(|b| b.is_null()), "{page}");
+            break;
+        }
+        before = Some(page["before"].as_u64().expect("a cursor with more"));
+        assert!(pages.len() < 50, "paging does not end");
+    }
+    assert!(pages.len() >= 4, "384 KiB in pages of at most 100 kB");
+    // Pages come newest first; each page is oldest first.
+    let all: Vec<String> = pages
+        .iter()
+        .rev()
+        .flatten()
+        .map(|m| m["content"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(all, expected);
+}
+
+/// Resident memory of the server process, in bytes.
+fn rss_bytes(server: &Server) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", server.pid())).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kib * 1024
+}
+
+/// A cached answer of 4 MiB asked by eight clients that never read: a hit
+/// must not queue its own copy of the answer for each of them (32 MiB).
+#[test]
+fn cache_hits_for_clients_that_never_read_do_not_each_copy_the_answer() {
+    let server = Server::start(
+        r#"
+[llm]
+max_tokens = 10000
+[llm.simulated]
+first_token_ms = 1
+token_interval_ms = 0
+tokens = 1000
+token_bytes = 4096
+"#,
+    );
+    let mut reader = server.client();
+    let first = reader.ask_and_wait(None, "a big cached answer");
+    assert!(first.is_done(), "{:?}", first.end);
+    assert_eq!(server.stats()["cache"]["entries"], 1);
+    const IDLE: u64 = 8;
+    let mut idle: Vec<Client> = (0..IDLE).map(|_| tiny_window_client(&server)).collect();
+    let before = rss_bytes(&server);
+    for c in &mut idle {
+        c.send(serde_json::json!({"type": "chat", "id": "c", "message": "a big cached answer"}));
+    }
+    common::eventually("every hit served", || {
+        server.stats()["requests"]["cache"].as_u64() == Some(IDLE)
+    });
+    let grown = rss_bytes(&server).saturating_sub(before);
+    assert!(
+        grown < 12 << 20,
+        "{IDLE} hits of a 4 MiB answer for clients that do not read grew the server by {} MiB",
+        grown >> 20
+    );
+    // A client that reads still gets the whole answer from the cache.
+    let hit = reader.ask_and_wait(None, "a big cached answer");
+    assert!(hit.is_done(), "{:?}", hit.end);
+    assert_eq!(hit.role.as_deref(), Some("cache"));
+    hit.assert_contiguous();
+    assert_eq!(hit.text, first.text);
+}
