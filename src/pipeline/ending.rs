@@ -104,8 +104,8 @@ impl Shared {
     /// section the end is recorded (so a concurrent `resume` sees either the
     /// running request or its end, never something in between) and sent to
     /// every attached connection: `done` or `error`, after the whole answer
-    /// for a cache hit, all in one push. The question (if still pending) and
-    /// the answer are then queued for storage; the conversation is released
+    /// for a cache hit, all in one push. The answer is then queued for
+    /// storage (the question was stored before `accepted`); the conversation is released
     /// once they are stored (`complete_request`), and a chat or `history`
     /// for it arriving in between waits for that instead of being refused.
     /// Returns true when this call ended the request.
@@ -117,8 +117,8 @@ impl Shared {
             Phase,
         ) -> Option<(Result<Finish, Failure>, Arc<str>, u64)>,
     ) -> bool {
-        let mut messages = Vec::with_capacity(2);
-        let (result, role, timings) = {
+        let mut messages = Vec::with_capacity(1);
+        {
             let mut st = request.state.lock();
             let phase = st.phase;
             if matches!(phase, Phase::Finishing | Phase::Finished { .. }) {
@@ -134,7 +134,14 @@ impl Shared {
                 tokens,
                 timings,
             };
-            let end_frame = end_frame(request, &end, st.role);
+            // Counted before anyone is told, so a client that reads its
+            // end and then `/api/stats` finds it there.
+            self.count_end(&result, st.role, timings);
+            let end_frame = if st.announced {
+                end_frame(request, &end, st.role)
+            } else {
+                refusal_frame(request, &end)
+            };
             let cached = match (&st.source, &result) {
                 (Some(Source::Cached(answer)), Ok(_)) => Some(answer.clone()),
                 _ => None,
@@ -174,15 +181,10 @@ impl Shared {
             }
             st.attachments.clear();
             st.end = Some(end);
-            if let Some(question) = st.pending_user_message.take() {
-                messages.push((history::Role::User, question.into()));
-            }
             if !answer.is_empty() {
                 messages.push((history::Role::Assistant, answer));
             }
-            (result, st.role, timings)
-        };
-        self.count_end(&result, role, timings);
+        }
         let (shared, request2) = (self.clone(), request.clone());
         self.history
             .write_all(&request.conversation, messages, move |stored| {
@@ -257,6 +259,17 @@ impl Shared {
         request.state.lock().phase = Phase::Finished { at: Instant::now() };
         request.stored.notify_all();
     }
+}
+
+/// How a request that ended before its `accepted` went out is told: as an
+/// `error` for the chat (`request` null), like any refusal before
+/// `accepted`. A cancel cannot come that early (nobody knows the id yet).
+fn refusal_frame(request: &Request, end: &End) -> Vec<u8> {
+    let failure = match &end.result {
+        Err(f) => f.clone(),
+        Ok(_) => Failure::new(ErrorCode::Cancelled, "cancelled before it started"),
+    };
+    protocol::error(None, Some(&request.client_id), &failure)
 }
 
 /// The frame that ends a request for one client: `done`, or `error` when it

@@ -57,11 +57,10 @@ pub(crate) struct RequestState {
     /// When a follower joined its generation (its first token cannot predate this).
     pub joined_at: Option<Instant>,
     pub end: Option<End>,
-    /// The user's message until it is queued for storage: by the cache lane
-    /// when it picks the request up, or together with the answer when the
-    /// request ends first (a cache hit, a cancel or timeout in the queue), so
-    /// both go to SQLite in one commit.
-    pub pending_user_message: Option<String>,
+    /// `accepted` went out: only once the user's message is stored, because
+    /// `accepted` promises it is (see `Shared::announce`). An end before
+    /// that is told as a refusal of the chat, not of a request.
+    pub announced: bool,
 }
 
 /// One chat request. Share it as `Arc<Request>`.
@@ -76,7 +75,7 @@ pub(crate) struct Request {
 }
 
 impl Request {
-    pub fn new(client_id: String, conversation: String, message: String) -> Arc<Request> {
+    pub fn new(client_id: String, conversation: String) -> Arc<Request> {
         let now = Instant::now();
         Arc::new(Request {
             id: crate::protocol::random_id("r-").into(),
@@ -91,7 +90,7 @@ impl Request {
                 dequeued_at: None,
                 joined_at: None,
                 end: None,
-                pending_user_message: Some(message),
+                announced: false,
             }),
             stored: Condvar::new(),
         })

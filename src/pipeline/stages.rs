@@ -16,10 +16,9 @@ use crossbeam_channel::{Sender, TrySendError};
 use super::ending::member_result;
 use super::generation::{GenOutcome, Generation};
 use super::prompt::{assemble_prompt, read_context};
-use super::request::{Phase, Request, Source};
+use super::request::{Phase, Source};
 use super::*;
 use crate::cache::{CachedAnswer, Key};
-use crate::history;
 use crate::llm::{Ask, CallLimits, Flow, Prompt, StreamEnd, TokenSink, ToolCall};
 use crate::outbox::Frame;
 use crate::protocol::{self, ErrorCode, Failure, Finish, Role, Stage};
@@ -52,7 +51,6 @@ impl Shared {
                 }
             }
         }
-        self.store_user_message(ticket.request());
         self.lead_or_follow(ticket, work);
     }
 
@@ -88,23 +86,6 @@ impl Shared {
         });
         if served {
             self.metrics.by_role.with_label_values(&["cache"]).inc();
-        }
-    }
-
-    /// Queues the request's user message for storage, unless that already happened.
-    pub(super) fn store_user_message(&self, request: &Request) {
-        let pending = request.state.lock().pending_user_message.take();
-        if let Some(message) = pending {
-            let id = request.id.clone();
-            self.history.write(
-                &request.conversation,
-                Some((history::Role::User, message)),
-                move |stored| {
-                    if let Err(e) = stored {
-                        log::error!("storing the message of {id} failed: {e}");
-                    }
-                },
-            );
         }
     }
 
