@@ -393,10 +393,12 @@ fn a_waiting_answer_shows_where_it_waits() {
     let server = Server::start(&format!(
         "{SLOW}\n[workers]\nmax_concurrent_llm_streams = 1\n"
     ));
+    // The page first: a browser that starts slowly (several tests launch
+    // one at once) must not outlast the answer holding the slot.
+    let mut b = open(&server, 1440, 900);
     let mut other = server.client();
     let (busy, _) = other.ask(None, "Occupy the only streaming slot");
     other.recv_matching(|v| v["type"] == "token");
-    let mut b = open(&server, 1440, 900);
     send(&mut b, "Is there a free slot?");
     b.wait_for(&format!("({LAST_STATE}) === 'waiting_stream'"));
     let status =

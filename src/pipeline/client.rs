@@ -17,7 +17,7 @@ use super::*;
 use crate::broadcast::Attachment;
 use crate::history;
 use crate::outbox::{Frame, Outbox, Replay, Tokens};
-use crate::protocol::{self, Chat, ErrorCode, Failure, Finish, Stage};
+use crate::protocol::{self, Chat, ErrorCode, Failure, Finish};
 
 impl Shared {
     // -- admission (connection thread) -------------------------------------
@@ -97,17 +97,19 @@ impl Shared {
         self.metrics.accepted.inc();
         let attachment = Attachment::new(outbox.clone(), &request.id);
         request.state.lock().attachments.push(attachment);
-        // Visible to the janitor and shutdown only now that the request
-        // is counted and attached: whatever ends it from here on has an
-        // attachment to tell and a count to settle.
+        // `accepted` goes out later, from the cache lane, once the question
+        // is stored (see `announce`). Visible to the janitor and shutdown
+        // only now that the request is counted and attached: whatever ends
+        // it from here on has an attachment to tell and a count to settle.
         {
             let mut active = self.active.write();
             active.requests.insert(request.id.clone(), request.clone());
             active.live.insert(request.id.clone(), request.clone());
         }
         let id = request.id.to_string();
-        let question = message.clone();
         let job = IntakeJob {
+            position,
+            stored: false,
             ticket: RequestTicket {
                 shared: self.clone(),
                 request: Some(request),
@@ -123,60 +125,13 @@ impl Shared {
                 max_tokens,
             },
         };
-        let announcement = Announcement {
-            frames: [
-                protocol::accepted(&chat.id, &id, &conversation),
-                protocol::state(&id, Stage::Queued, Some(position)),
-            ],
-            outbox: outbox.clone(),
-            job,
-        };
-        // `accepted` promises the question is stored, so it goes out (and
-        // the request moves on) once the history writer has committed it.
-        let shared = self.clone();
-        self.history.write(
-            &conversation,
-            Some((history::Role::User, question)),
-            move |stored| shared.announce(stored, announcement),
-        );
-        Ok(id)
-    }
-
-    /// Runs on the history writer thread once a chat's question is stored
-    /// (or could not be): sends `accepted` and hands the request to the
-    /// cache lane. A request that ended meanwhile (shutdown, a queue
-    /// timeout) was told so as a refused chat; it goes no further.
-    fn announce(self: &Arc<Self>, stored: Result<(), history::HistoryError>, a: Announcement) {
-        let request = a.job.ticket.request().clone();
-        if let Err(e) = stored {
-            log::error!("storing the message of {} failed: {e}", request.id);
-            self.intake_reserved.fetch_sub(1, Ordering::AcqRel);
-            let failure = Failure::new(
-                ErrorCode::Internal,
-                "the message could not be stored; nothing was sent upstream",
-            );
-            self.end_request(&request, |_, _| Some((Err(failure), "".into(), 0)));
-            return;
-        }
-        {
-            let mut st = request.state.lock();
-            if matches!(st.phase, Phase::Finishing | Phase::Finished { .. }) {
-                drop(st);
-                self.intake_reserved.fetch_sub(1, Ordering::AcqRel);
-                return;
-            }
-            st.announced = true;
-            // Under the request's lock, so no ending can come between.
-            // Deferred: the request's next frames (a cached answer,
-            // usually) carry them in the same write.
-            a.outbox.push_deferred(a.frames);
-        }
-        if let Err((job, _)) = self.send(|c| &c.intake, a.job, "the intake queue is full") {
+        if let Err((job, _)) = self.send(|c| &c.intake, job, "the intake queue is full") {
             // The reservation makes a full channel impossible; a closed one
             // means shutdown. Either way the dropped ticket ends the request.
             self.intake_reserved.fetch_sub(1, Ordering::AcqRel);
             drop(job);
         }
+        Ok(id)
     }
 
     /// Makes `request` the one request in flight in its conversation. A
@@ -366,12 +321,4 @@ impl Shared {
             });
         }
     }
-}
-
-/// What [`Shared::announce`] needs once a chat's question is stored.
-struct Announcement {
-    /// `accepted` and the first `state`.
-    frames: [Vec<u8>; 2],
-    outbox: Arc<Outbox>,
-    job: IntakeJob,
 }

@@ -118,7 +118,7 @@ impl Shared {
         ) -> Option<(Result<Finish, Failure>, Arc<str>, u64)>,
     ) -> bool {
         let mut messages = Vec::with_capacity(1);
-        {
+        let announced = {
             let mut st = request.state.lock();
             let phase = st.phase;
             if matches!(phase, Phase::Finishing | Phase::Finished { .. }) {
@@ -184,6 +184,13 @@ impl Shared {
             if !answer.is_empty() {
                 messages.push((history::Role::Assistant, answer));
             }
+            st.announced
+        };
+        if messages.is_empty() && announced {
+            // Nothing to store, and the question was committed before
+            // `accepted`: no earlier write of this request is pending.
+            self.complete_request(request);
+            return true;
         }
         let (shared, request2) = (self.clone(), request.clone());
         self.history

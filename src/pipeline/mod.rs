@@ -144,6 +144,12 @@ pub(crate) struct Shared {
 struct IntakeJob {
     ticket: RequestTicket,
     work: Work,
+    /// Its place in the intake queue when it was admitted, for `accepted`'s
+    /// `state` frame.
+    position: usize,
+    /// Its question is stored and `accepted` sent: the second pass through
+    /// the cache lane (see `run_cache_lane`).
+    stored: bool,
 }
 
 /// What the leader of a generation needs to prepare it.
@@ -314,10 +320,7 @@ impl Pipeline {
             w.cache_workers,
             WORKER_STACK,
             intake_rx,
-            move |job| {
-                s.intake_reserved.fetch_sub(1, Ordering::AcqRel);
-                s.run_cache_lane(job)
-            },
+            move |job| s.run_cache_lane(job),
         )?;
         let s = shared.clone();
         let prepare_pool = Pool::spawn(

@@ -19,6 +19,7 @@ use super::prompt::{assemble_prompt, read_context};
 use super::request::{Phase, Source};
 use super::*;
 use crate::cache::{CachedAnswer, Key};
+use crate::history;
 use crate::llm::{Ask, CallLimits, Flow, Prompt, StreamEnd, TokenSink, ToolCall};
 use crate::outbox::Frame;
 use crate::protocol::{self, ErrorCode, Failure, Finish, Role, Stage};
@@ -28,30 +29,121 @@ use crate::tools::ToolResult;
 impl Shared {
     // -- the cache lane ----------------------------------------------------
 
+    /// A chat passes the cache lane twice. First its cache lookup; then its
+    /// question (and, for a hit, the cached answer) goes to the history
+    /// writer, and `announce` sends `accepted` once that is committed. A
+    /// hit is served right there; a miss comes back here (`stored`) to
+    /// lead or follow. The request keeps its intake reservation until then,
+    /// so the way back always has room.
     pub(super) fn run_cache_lane(self: &Arc<Self>, job: IntakeJob) {
-        let IntakeJob { ticket, work } = job;
-        if ticket.request().is_ending() {
-            // Cancelled or timed out while queued: already answered.
-            ticket.release();
+        let ended = job.ticket.request().is_ending();
+        if job.stored || ended {
+            self.intake_reserved.fetch_sub(1, Ordering::AcqRel);
+        }
+        if ended {
+            // Timed out or shut down meanwhile: already answered.
+            job.ticket.release();
             return;
         }
-        if !work.fresh {
-            match self.cache.get(&work.key) {
+        if job.stored {
+            return self.lead_or_follow(job.ticket, job.work);
+        }
+        let cached = if job.work.fresh {
+            None
+        } else {
+            match self.cache.get(&job.work.key) {
                 Ok(Some(answer)) => {
                     self.metrics.cache_hits.inc();
-                    // The question is stored together with the answer.
-                    return self.serve_cached(ticket, answer);
+                    Some(answer)
                 }
-                Ok(None) => self.metrics.cache_misses.inc(),
+                Ok(None) => {
+                    self.metrics.cache_misses.inc();
+                    None
+                }
                 Err(e) => {
                     // The backend logs its outages (rate-limited); this is per request.
                     self.metrics.cache_errors.inc();
                     self.metrics.cache_misses.inc();
                     log::debug!("cache lookup failed, treating as a miss: {e}");
+                    None
                 }
             }
+        };
+        let mut messages = vec![(history::Role::User, job.work.message.as_str().into())];
+        if let Some(answer) = &cached {
+            // Stored together: one commit for a hit.
+            messages.push((history::Role::Assistant, answer.text.clone()));
         }
-        self.lead_or_follow(ticket, work);
+        let conversation = job.ticket.request().conversation.clone();
+        let shared = self.clone();
+        self.history
+            .write_all(&conversation, messages, move |stored| {
+                shared.announce(stored, job, cached)
+            });
+    }
+
+    /// Runs on the history writer thread once a chat's question is
+    /// committed (or could not be): sends `accepted`, which promises the
+    /// question is stored, so a crash right after it loses nothing. Then
+    /// serves a cache hit, or sends a miss back to the cache lane. A
+    /// request that ended meanwhile (shutdown, the janitor) was told so as a
+    /// refused chat and goes no further; so does one whose question could
+    /// not be stored (`internal`).
+    fn announce(
+        self: &Arc<Self>,
+        stored: Result<(), history::HistoryError>,
+        mut job: IntakeJob,
+        cached: Option<Arc<CachedAnswer>>,
+    ) {
+        let request = job.ticket.request().clone();
+        let go_on = match stored {
+            Err(e) => {
+                log::error!("storing the message of {} failed: {e}", request.id);
+                let failure = Failure::new(
+                    ErrorCode::Internal,
+                    "the message could not be stored; nothing was sent upstream",
+                );
+                self.end_request(&request, |_, _| Some((Err(failure), "".into(), 0)));
+                false
+            }
+            Ok(()) => {
+                let mut st = request.state.lock();
+                let ended = matches!(st.phase, Phase::Finishing | Phase::Finished { .. });
+                if !ended {
+                    st.announced = true;
+                    // Under the request's lock, so no ending can come
+                    // between. Deferred: the request's next frames (a
+                    // cached answer, usually) carry them in the same write.
+                    for a in st.attachments.iter().filter(|a| a.is_live()) {
+                        a.outbox.push_deferred([
+                            protocol::accepted(
+                                &request.client_id,
+                                &request.id,
+                                &request.conversation,
+                            ),
+                            protocol::state(&request.id, Stage::Queued, Some(job.position)),
+                        ]);
+                    }
+                }
+                !ended
+            }
+        };
+        if !go_on {
+            self.intake_reserved.fetch_sub(1, Ordering::AcqRel);
+            job.ticket.release();
+            return;
+        }
+        if let Some(answer) = cached {
+            self.intake_reserved.fetch_sub(1, Ordering::AcqRel);
+            return self.serve_cached(job.ticket, answer);
+        }
+        job.stored = true;
+        if let Err((job, _)) = self.send(|c| &c.intake, job, "the intake queue is full") {
+            // The reservation keeps room: only a closed channel (shutdown)
+            // gets here, and the dropped ticket ends the request.
+            self.intake_reserved.fetch_sub(1, Ordering::AcqRel);
+            drop(job);
+        }
     }
 
     /// The singleflight: a new key makes `ticket`'s request a leader, a key
@@ -76,13 +168,13 @@ impl Shared {
 
     pub(super) fn serve_cached(self: &Arc<Self>, ticket: RequestTicket, answer: Arc<CachedAnswer>) {
         let request = ticket.release();
-        // The whole answer (start, tokens, done) is pushed in one go when the
-        // history writer has stored it; see `complete_request`.
+        // The whole answer (start, tokens, done) is pushed in one go; it is
+        // stored already, with the question.
         let served = self.end_request(&request, |st, _| {
             st.role = Some(Role::Cache);
             st.source = Some(Source::Cached(answer.clone()));
             st.dequeued_at = Some(Instant::now());
-            Some((Ok(Finish::Stop), answer.text.clone(), answer.tokens()))
+            Some((Ok(Finish::Stop), "".into(), answer.tokens()))
         });
         if served {
             self.metrics.by_role.with_label_values(&["cache"]).inc();
