@@ -99,17 +99,7 @@ impl StreamWriter {
             return Ok(());
         }
         let mut pipe = redis::pipe();
-        for token in tokens {
-            pipe.cmd("XADD")
-                .arg(&self.name)
-                .arg("MAXLEN")
-                .arg("~")
-                .arg(MAX_ENTRIES)
-                .arg("*")
-                .arg("t")
-                .arg(*token)
-                .ignore();
-        }
+        self.add_tokens(&mut pipe, tokens);
         pipe.cmd("PEXPIRE")
             .arg(&self.name)
             .arg(self.idle_expiry_ms)
@@ -121,8 +111,24 @@ impl StreamWriter {
 
     /// Appends the end marker and lets the stream expire `keep` later.
     pub fn finish(&self, end: &End, keep: Duration) -> Result<(), ClusterError> {
-        let mut add = redis::cmd("XADD");
-        add.arg(&self.name).arg("*");
+        self.finish_with(&[], end, keep, None)
+    }
+
+    /// Appends the last `tokens`, the end marker and, in the same atomic
+    /// round trip, runs `also` (the lease's release: a reader that finds
+    /// the lease gone then always finds the end marker too); the stream
+    /// expires `keep` later.
+    pub fn finish_with(
+        &self,
+        tokens: &[&str],
+        end: &End,
+        keep: Duration,
+        also: Option<redis::Cmd>,
+    ) -> Result<(), ClusterError> {
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        self.add_tokens(&mut pipe, tokens);
+        let add = pipe.cmd("XADD").arg(&self.name).arg("*");
         match end {
             End::Stop => add.arg("e").arg("stop"),
             End::Length => add.arg("e").arg("length"),
@@ -134,18 +140,30 @@ impl StreamWriter {
                 .arg(code)
                 .arg("m")
                 .arg(message),
-        };
+        }
+        .ignore();
         let keep_ms = u64::try_from(keep.as_millis()).unwrap_or(u64::MAX).max(1);
+        pipe.cmd("PEXPIRE").arg(&self.name).arg(keep_ms).ignore();
+        if let Some(cmd) = also {
+            pipe.add_command(cmd).ignore();
+        }
         let mut conn = self.pool.get()?;
-        redis::pipe()
-            .add_command(add)
-            .ignore()
-            .cmd("PEXPIRE")
-            .arg(&self.name)
-            .arg(keep_ms)
-            .ignore()
-            .query::<()>(&mut *conn)?;
+        pipe.query::<()>(&mut *conn)?;
         Ok(())
+    }
+
+    fn add_tokens(&self, pipe: &mut redis::Pipeline, tokens: &[&str]) {
+        for token in tokens {
+            pipe.cmd("XADD")
+                .arg(&self.name)
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(MAX_ENTRIES)
+                .arg("*")
+                .arg("t")
+                .arg(*token)
+                .ignore();
+        }
     }
 }
 

@@ -6,19 +6,28 @@
 //!
 //! Redis trouble never fails a chat: a claim that cannot be made leads
 //! locally (no cross-node dedup for that one), and a leader that cannot
-//! write its stream goes on for its local clients.
+//! write its stream goes on for its local clients. After one failure the
+//! node's breaker knows Redis is down: claims, watcher checks and writes
+//! skip it at once (each chat leads alone, no cluster coordination) until
+//! its probe finds Redis back. Redis is never called under a generation's
+//! lock nor between two tokens: stream writes, lease renewals and watcher
+//! marks are queued to the node's writer thread (`cluster_writer`).
 //!
-//! Threads: claims run on the cache lane, the stream is appended by the
-//! streaming thread (and finished by whoever ends the generation), the
-//! janitor renews leases, and each remote generation has its reader thread.
+//! Threads: claims run on the cache lane; the streaming thread queues the
+//! stream's token batches (and whoever ends the generation its end); the
+//! janitor queues lease renewals and watcher marks; the `chorus-cluster`
+//! thread writes them; each remote generation has its reader thread.
 
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
+use super::cluster_writer::{Write, Writes};
 use super::generation::{GenOutcome, Generation};
 use super::Shared;
+use crate::breaker::Breaker;
 use crate::cluster::lease::{Claim, Leases};
 use crate::cluster::stream::{End, StreamEvent, StreamReader, StreamWriter};
 use crate::outbox::{Frame, Outbox};
@@ -45,20 +54,20 @@ pub(crate) struct ClusterNode {
     instance: String,
     pub url: String,
     pub pool: RedisPool,
-    pub leases: Leases,
+    pub leases: Arc<Leases>,
     pub lease: Duration,
-    /// When a failed claim was last logged: an outage is logged every
-    /// [`REMIND_EVERY`], not once per chat.
-    last_claim_warning: Mutex<Option<Instant>>,
+    /// Open while the cluster's Redis is known to be down.
+    pub breaker: Arc<Breaker>,
+    /// The writer thread's queue.
+    writes: Writes,
 }
 
-/// How often a continuing Redis outage is logged again.
-const REMIND_EVERY: Duration = Duration::from_secs(30);
-
 impl ClusterNode {
-    /// Connects lazily to the cluster's Redis.
-    pub fn new(config: &crate::config::ClusterConfig) -> Result<ClusterNode, redis::RedisError> {
-        let pool = crate::redis_pool::pool(&config.redis_url, Duration::from_millis(250), 8)?;
+    /// Connects lazily to the cluster's Redis; starts the writer thread.
+    pub fn new(config: &crate::config::ClusterConfig) -> Result<ClusterNode, String> {
+        let timeout = Duration::from_millis(config.redis_timeout_ms.max(1));
+        let pool =
+            crate::redis_pool::pool(&config.redis_url, timeout, 8).map_err(|e| e.to_string())?;
         let lease = Duration::from_millis(config.lease_ms.max(100));
         let node_id = if config.node_id.is_empty() {
             crate::protocol::random_id("n-")[..10].to_owned()
@@ -66,44 +75,65 @@ impl ClusterNode {
             config.node_id.clone()
         };
         let instance = format!("{node_id}.{}", &crate::protocol::random_id("")[..8]);
+        let leases = Arc::new(Leases::new(pool.clone(), lease));
+        let breaker = Arc::new(crate::redis_pool::breaker(
+            &pool,
+            "the cluster's Redis",
+            "every node leads its generations alone until it is back",
+        ));
+        let writes = Writes::start(pool.clone(), leases.clone(), breaker.clone())
+            .map_err(|e| e.to_string())?;
         Ok(ClusterNode {
-            leases: Leases::new(pool.clone(), lease),
+            leases,
             instance,
             node_id,
             url: config.redis_url.clone(),
             pool,
             lease,
-            last_claim_warning: Mutex::new(None),
+            breaker,
+            writes,
         })
+    }
+
+    /// Runs `f` on a pooled connection unless Redis is known to be down;
+    /// a failure marks it down.
+    pub fn query<T>(
+        &self,
+        f: impl FnOnce(&mut redis::Connection) -> redis::RedisResult<T>,
+    ) -> Result<T, String> {
+        self.breaker
+            .call(|| {
+                let mut conn = self.pool.get().map_err(|e| e.to_string())?;
+                f(&mut conn).map_err(|e| e.to_string())
+            })
+            .map_err(|e| e.to_string())
     }
 }
 
 /// A local generation that leads cluster-wide.
 pub(crate) struct ClusterLead {
     pub token: String,
-    writer: StreamWriter,
+    writer: Arc<StreamWriter>,
     pending: Vec<String>,
     last_flush: Instant,
     pub last_renew: Instant,
-    /// Set after a failed write: the stream has a gap, so stop feeding it.
-    broken: bool,
+    /// Set when a batch was lost: the stream has a gap, so it is ended with
+    /// an error instead of fed further.
+    broken: Arc<AtomicBool>,
 }
 
 impl ClusterLead {
-    fn flush(&mut self) {
-        if self.broken || self.pending.is_empty() {
+    /// Queues the buffered tokens for the writer thread (never blocks).
+    fn flush(&mut self, writes: &Writes) {
+        self.last_flush = Instant::now();
+        if self.pending.is_empty() {
             return;
         }
-        let tokens: Vec<&str> = self.pending.iter().map(String::as_str).collect();
-        if let Err(e) = self.writer.append(&tokens) {
-            log::warn!(
-                "stream {} cannot be written, remote followers will fail: {e}",
-                self.token
-            );
-            self.broken = true;
-        }
-        self.pending.clear();
-        self.last_flush = Instant::now();
+        writes.send(Write::Append {
+            writer: self.writer.clone(),
+            tokens: std::mem::take(&mut self.pending),
+            broken: self.broken.clone(),
+        });
     }
 }
 
@@ -125,11 +155,14 @@ impl Shared {
             return Role::Lead;
         }
         let token = format!("{}/{}", node.instance, generation.id);
-        match node.leases.claim(&generation.key, &token) {
+        let claim = node
+            .breaker
+            .call(|| node.leases.claim(&generation.key, &token));
+        match claim {
             Ok(Claim::Ours) => {
                 let now = Instant::now();
                 *generation.cluster.lock() = Some(ClusterPart::Lead(ClusterLead {
-                    writer: StreamWriter::new(
+                    writer: Arc::new(StreamWriter::new(
                         node.pool.clone(),
                         &token,
                         Duration::from_millis(
@@ -138,12 +171,12 @@ impl Shared {
                                 .replay_window_ms
                                 .saturating_add(self.config.timeouts.request_ms),
                         ),
-                    ),
+                    )),
                     token,
                     pending: Vec::new(),
                     last_flush: now,
                     last_renew: now,
-                    broken: false,
+                    broken: Arc::new(AtomicBool::new(false)),
                 }));
                 Role::Lead
             }
@@ -154,19 +187,20 @@ impl Shared {
                 });
                 Role::Remote(remote)
             }
+            // Known down, or just found so: the breaker logs the outage.
             Err(e) => {
-                let mut last = node.last_claim_warning.lock();
-                if last.is_none_or(|at| at.elapsed() >= REMIND_EVERY) {
-                    *last = Some(Instant::now());
-                    log::warn!("cluster claims fail, nodes lead alone until Redis is back: {e}");
-                }
+                log::debug!("generation {} leads alone: {e}", generation.id);
                 Role::Lead
             }
         }
     }
 
     /// Mirrors a published token into the generation's stream (batched).
+    /// Runs between two tokens on the streaming thread: it only queues.
     pub(super) fn cluster_append(&self, generation: &Generation, token: &str) {
+        let Some(node) = &self.cluster else {
+            return;
+        };
         let mut part = generation.cluster.lock();
         let Some(ClusterPart::Lead(lead)) = part.as_mut() else {
             return;
@@ -175,7 +209,7 @@ impl Shared {
         // Tokens that come faster than BATCH_DELAY share a round trip; the
         // janitor flushes what a pause would otherwise leave behind.
         if lead.pending.len() >= BATCH_TOKENS || lead.last_flush.elapsed() >= BATCH_DELAY {
-            lead.flush();
+            lead.flush(&node.writes);
         }
     }
 
@@ -190,17 +224,19 @@ impl Shared {
             Some(ClusterPart::Lead(lead)) => lead,
             Some(ClusterPart::Follow { token, .. }) => {
                 // No longer watching: the leader need not run for us.
-                if let Ok(mut conn) = node.pool.get() {
-                    let _: redis::RedisResult<i64> = redis::cmd("ZREM")
-                        .arg(watchers_key(&token))
-                        .arg(&node.node_id)
-                        .query(&mut *conn);
-                }
+                let mut pipe = redis::pipe();
+                pipe.cmd("ZREM")
+                    .arg(watchers_key(&token))
+                    .arg(&node.node_id)
+                    .ignore();
+                node.writes.send(Write::Commands {
+                    pipe,
+                    what: "unwatch",
+                });
                 return;
             }
             None => return,
         };
-        lead.flush();
         let end = match outcome {
             GenOutcome::Finished(Finish::Stop) => End::Stop,
             GenOutcome::Finished(Finish::Length) => End::Length,
@@ -210,24 +246,16 @@ impl Shared {
                 message: f.message.clone(),
             },
         };
-        let end = if lead.broken {
-            End::Failed {
-                code: "upstream_error".into(),
-                message: "the leader's node lost its stream".into(),
-            }
-        } else {
-            end
-        };
-        let keep = Duration::from_millis(self.config.timeouts.replay_window_ms.max(1));
-        if let Err(e) = lead.writer.finish(&end, keep) {
-            log::warn!("stream {} cannot be ended: {e}", lead.token);
-        }
-        if let Err(e) = node.leases.release(&generation.key, &lead.token) {
-            log::warn!(
-                "lease of {} cannot be released (it expires): {e}",
-                lead.token
-            );
-        }
+        // Queued behind the stream's token batches, so the end marker
+        // follows them; the lease goes in the same round trip.
+        node.writes.send(Write::Finish {
+            writer: lead.writer.clone(),
+            tokens: std::mem::take(&mut lead.pending),
+            end,
+            keep: Duration::from_millis(self.config.timeouts.replay_window_ms.max(1)),
+            release: node.leases.release_command(&generation.key, &lead.token),
+            broken: lead.broken.clone(),
+        });
     }
 
     /// Called by the janitor on every tick. A cluster-wide leader flushes
@@ -238,50 +266,32 @@ impl Shared {
         let Some(node) = &self.cluster else {
             return;
         };
+        // Only queues: the generation's cluster lock is held here, and the
+        // streaming thread takes it between two tokens.
         let mut part = generation.cluster.lock();
         match part.as_mut() {
             Some(ClusterPart::Lead(lead)) => {
                 if lead.last_flush.elapsed() >= BATCH_DELAY {
-                    lead.flush();
+                    lead.flush(&node.writes);
                 }
                 if lead.last_renew.elapsed() < node.lease / 3 {
                     return;
                 }
                 lead.last_renew = Instant::now();
-                match node.leases.renew(&generation.key, &lead.token) {
-                    Ok(true) => {}
-                    Ok(false) => log::warn!("lease of {} was lost", lead.token),
-                    Err(e) => log::warn!("lease of {} cannot be renewed: {e}", lead.token),
-                }
+                node.writes.send(Write::Renew {
+                    key: generation.key,
+                    token: lead.token.clone(),
+                });
             }
             Some(ClusterPart::Follow { token, refreshed }) => {
                 if !attached_here || refreshed.is_some_and(|at| at.elapsed() < node.lease / 3) {
                     return;
                 }
                 *refreshed = Some(Instant::now());
-                let lease_ms = u64::try_from(node.lease.as_millis()).unwrap_or(u64::MAX);
-                let key = watchers_key(token);
-                let result = node
-                    .pool
-                    .get()
-                    .map_err(|e| e.to_string())
-                    .and_then(|mut conn| {
-                        redis::pipe()
-                            .cmd("ZADD")
-                            .arg(&key)
-                            .arg(now_ms().saturating_add(lease_ms))
-                            .arg(&node.node_id)
-                            .ignore()
-                            .cmd("PEXPIRE")
-                            .arg(&key)
-                            .arg(lease_ms.saturating_mul(2))
-                            .ignore()
-                            .query::<()>(&mut *conn)
-                            .map_err(|e| e.to_string())
-                    });
-                if let Err(e) = result {
-                    log::debug!("cannot tell {token}'s node that we watch it: {e}");
-                }
+                node.writes.send(Write::Commands {
+                    pipe: watch_pipe(&node.node_id, token, node.lease),
+                    what: "watch",
+                });
             }
             None => {}
         }
@@ -298,14 +308,15 @@ impl Shared {
             Some(ClusterPart::Lead(lead)) => lead.token.clone(),
             _ => return false,
         };
-        let Ok(mut conn) = node.pool.get() else {
-            return false;
-        };
-        let watching: redis::RedisResult<u64> = redis::cmd("ZCOUNT")
-            .arg(watchers_key(&token))
-            .arg(format!("({}", now_ms()))
-            .arg("+inf")
-            .query(&mut *conn);
+        // While Redis is known down there is no cluster coordination: the
+        // answer is "nobody", at once.
+        let watching = node.query(|conn| {
+            redis::cmd("ZCOUNT")
+                .arg(watchers_key(&token))
+                .arg(format!("({}", now_ms()))
+                .arg("+inf")
+                .query::<u64>(conn)
+        });
         watching.is_ok_and(|n| n > 0)
     }
 
@@ -360,16 +371,12 @@ impl Shared {
                 .ignore();
             any = true;
         }
-        if !any {
-            return;
-        }
-        let result = node
-            .pool
-            .get()
-            .map_err(|e| e.to_string())
-            .and_then(|mut conn| pipe.query::<()>(&mut *conn).map_err(|e| e.to_string()));
-        if let Err(e) = result {
-            log::debug!("requests of a closed connection cannot be handed over: {e}");
+        if any {
+            // Off the connection thread, like every cluster write.
+            node.writes.send(Write::Commands {
+                pipe,
+                what: "resume records",
+            });
         }
     }
 
@@ -393,15 +400,8 @@ impl Shared {
         let mut record: Option<String> = None;
         for attempt in 0..HANDOVER_TRIES {
             record = node
-                .pool
-                .get()
+                .query(|conn| redis::cmd("GET").arg(request_key(id)).query(conn))
                 .ok()
-                .and_then(|mut conn| {
-                    redis::cmd("GET")
-                        .arg(request_key(id))
-                        .query(&mut *conn)
-                        .ok()
-                })
                 .flatten();
             if record.is_some() || attempt + 1 == HANDOVER_TRIES {
                 break;
@@ -549,7 +549,10 @@ impl Shared {
                 Err(e) => return lost(format!("lost the stream of the leader's node: {e}")),
             };
             if events.is_empty() {
-                let holder = node.leases.holder(key);
+                let holder = node
+                    .breaker
+                    .call(|| node.leases.holder(key))
+                    .map_err(|e| e.to_string());
                 // A Redis that cannot answer says nothing about the leader;
                 // the read above fails soon enough if it stays away.
                 if holder.is_ok() && !matches!(&holder, Ok(Some(t)) if t == token) {
@@ -600,6 +603,23 @@ pub(crate) type LeadSlot = Mutex<Option<ClusterPart>>;
 /// when their interest expires (milliseconds since the epoch).
 fn watchers_key(token: &str) -> String {
     format!("chorus:v1:watchers:{token}")
+}
+
+/// Marks `node_id` as watching generation `token` for one lease time.
+fn watch_pipe(node_id: &str, token: &str, lease: Duration) -> redis::Pipeline {
+    let lease_ms = u64::try_from(lease.as_millis()).unwrap_or(u64::MAX);
+    let key = watchers_key(token);
+    let mut pipe = redis::pipe();
+    pipe.cmd("ZADD")
+        .arg(&key)
+        .arg(now_ms().saturating_add(lease_ms))
+        .arg(node_id)
+        .ignore()
+        .cmd("PEXPIRE")
+        .arg(&key)
+        .arg(lease_ms.saturating_mul(2))
+        .ignore();
+    pipe
 }
 
 /// The failure an end marker records; an unknown code (a newer node's)

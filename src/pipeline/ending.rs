@@ -46,26 +46,34 @@ impl Shared {
         self.cluster_finish(generation, &outcome);
         let produced = generation.broadcast.finish();
         match &outcome {
-            GenOutcome::Finished(Finish::Stop) if cacheable => {
-                let answer = Arc::new(CachedAnswer::from_pieces(produced.pieces()));
-                if let Err(e) = self.cache.put(&generation.key, answer) {
-                    self.metrics.cache_errors.inc();
-                    log::debug!("cache write failed: {e}");
-                }
+            GenOutcome::Cancelled | GenOutcome::Failed(_) if was_streaming => {
+                self.metrics.upstream_aborted.inc();
             }
-            GenOutcome::Finished(_) => {}
-            GenOutcome::Cancelled => {
-                if was_streaming {
-                    self.metrics.upstream_aborted.inc();
-                }
+            _ => {}
+        }
+        if let GenOutcome::Failed(f) = &outcome {
+            if f.code == ErrorCode::UpstreamError {
+                self.metrics.upstream_failures.inc();
             }
-            GenOutcome::Failed(f) => {
-                if was_streaming {
-                    self.metrics.upstream_aborted.inc();
-                }
-                if f.code == ErrorCode::UpstreamError {
-                    self.metrics.upstream_failures.inc();
-                }
+        }
+        self.active.write().generations.remove(&generation.id);
+        let result = member_result(&outcome);
+        let tokens = produced.ends.len() as u64;
+        for member in members {
+            self.end_request(&member, |_, _| {
+                Some((result.clone(), produced.text.clone(), tokens))
+            });
+        }
+        // The cache write comes after the members' ends: a cache that has
+        // just become slow (a Redis freezing, not yet known down) must not
+        // hold up their `done`. Until the key is forgotten below, an
+        // identical chat joins this finished generation and gets its whole
+        // answer replayed (see `run_follower`), so the order loses nothing.
+        if matches!(outcome, GenOutcome::Finished(Finish::Stop)) && cacheable {
+            let answer = Arc::new(CachedAnswer::from_pieces(produced.pieces()));
+            if let Err(e) = self.cache.put(&generation.key, answer) {
+                self.metrics.cache_errors.inc();
+                log::debug!("cache write failed: {e}");
             }
         }
         if generation.shared {
@@ -76,14 +84,6 @@ impl Shared {
                     self.flights.forget(&generation.key);
                 }
             }
-        }
-        self.active.write().generations.remove(&generation.id);
-        let result = member_result(&outcome);
-        let tokens = produced.ends.len() as u64;
-        for member in members {
-            self.end_request(&member, |_, _| {
-                Some((result.clone(), produced.text.clone(), tokens))
-            });
         }
     }
 

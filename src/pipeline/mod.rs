@@ -42,6 +42,7 @@
 
 mod client;
 mod cluster;
+mod cluster_writer;
 mod ending;
 mod generation;
 mod janitor;
