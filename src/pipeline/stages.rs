@@ -157,6 +157,15 @@ impl Shared {
             .write()
             .generations
             .insert(generation.id, generation.clone());
+        // Its only member may have been cancelled since its lock was let go:
+        // then `finish_generation` has already run and its removal from the
+        // list came before this insertion. Either that removal follows the
+        // insertion, or the outcome is visible here (it is set before the
+        // removal); so a generation that is over is never left listed.
+        if generation.is_over() {
+            self.active.write().generations.remove(&generation.id);
+            return;
+        }
         self.metrics
             .by_role
             .with_label_values(&[role.as_str()])
