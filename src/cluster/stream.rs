@@ -111,19 +111,19 @@ impl StreamWriter {
 
     /// Appends the end marker and lets the stream expire `keep` later.
     pub fn finish(&self, end: &End, keep: Duration) -> Result<(), ClusterError> {
-        self.finish_with(&[], end, keep, None)
+        self.finish_with(&[], end, keep, &redis::pipe())
     }
 
     /// Appends the last `tokens`, the end marker and, in the same atomic
-    /// round trip, runs `also` (the lease's release: a reader that finds
-    /// the lease gone then always finds the end marker too); the stream
-    /// expires `keep` later.
+    /// round trip, runs the commands of `also` (e.g. the lease's release: a
+    /// reader that finds the lease gone then always finds the end marker
+    /// too); the stream expires `keep` later.
     pub fn finish_with(
         &self,
         tokens: &[&str],
         end: &End,
         keep: Duration,
-        also: Option<redis::Cmd>,
+        also: &redis::Pipeline,
     ) -> Result<(), ClusterError> {
         let mut pipe = redis::pipe();
         pipe.atomic();
@@ -144,8 +144,8 @@ impl StreamWriter {
         .ignore();
         let keep_ms = u64::try_from(keep.as_millis()).unwrap_or(u64::MAX).max(1);
         pipe.cmd("PEXPIRE").arg(&self.name).arg(keep_ms).ignore();
-        if let Some(cmd) = also {
-            pipe.add_command(cmd).ignore();
+        for cmd in also.cmd_iter() {
+            pipe.add_command(cmd.clone()).ignore();
         }
         let mut conn = self.pool.get()?;
         pipe.query::<()>(&mut *conn)?;
@@ -205,36 +205,57 @@ impl StreamReader {
             .query(&mut self.conn)?;
         let mut events = Vec::new();
         for entry in reply.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids) {
-            let text = |field: &str| -> Option<String> {
-                match entry.map.get(field)? {
-                    Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok(),
-                    Value::SimpleString(s) => Some(s.clone()),
-                    _ => None,
-                }
-            };
-            let event = if let Some(token) = text("t") {
-                StreamEvent::Token(token)
-            } else {
-                let end = match text("e").as_deref() {
-                    Some("stop") => End::Stop,
-                    Some("length") => End::Length,
-                    Some("cancelled") => End::Cancelled,
-                    Some("error") => End::Failed {
-                        code: text("c").unwrap_or_else(|| "upstream_error".into()),
-                        message: text("m").unwrap_or_default(),
-                    },
-                    other => {
-                        return Err(ClusterError::Corrupt(format!(
-                            "entry {} of {} has no token and end {other:?}",
-                            entry.id, self.name
-                        )))
-                    }
-                };
-                StreamEvent::End(end)
-            };
+            events.push(decode(&self.name, &entry)?);
             self.last_id = entry.id.clone();
-            events.push(event);
         }
         Ok(events)
     }
+}
+
+/// The first `count` entries of generation `token`'s stream, as they are
+/// now (no waiting): what a node replays of a request that already ended.
+pub fn first_entries(
+    conn: &mut redis::Connection,
+    token: &str,
+    count: usize,
+) -> Result<Vec<StreamEvent>, ClusterError> {
+    let name = stream_name(token);
+    let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(&name)
+        .arg("-")
+        .arg("+")
+        .arg("COUNT")
+        .arg(count.max(1))
+        .query(conn)?;
+    reply.ids.iter().map(|entry| decode(&name, entry)).collect()
+}
+
+/// One stream entry: a token, or the end marker.
+fn decode(name: &str, entry: &redis::streams::StreamId) -> Result<StreamEvent, ClusterError> {
+    let text = |field: &str| -> Option<String> {
+        match entry.map.get(field)? {
+            Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok(),
+            Value::SimpleString(s) => Some(s.clone()),
+            _ => None,
+        }
+    };
+    if let Some(token) = text("t") {
+        return Ok(StreamEvent::Token(token));
+    }
+    let end = match text("e").as_deref() {
+        Some("stop") => End::Stop,
+        Some("length") => End::Length,
+        Some("cancelled") => End::Cancelled,
+        Some("error") => End::Failed {
+            code: text("c").unwrap_or_else(|| "upstream_error".into()),
+            message: text("m").unwrap_or_default(),
+        },
+        other => {
+            return Err(ClusterError::Corrupt(format!(
+                "entry {} of {name} has no token and end {other:?}",
+                entry.id
+            )))
+        }
+    };
+    Ok(StreamEvent::End(end))
 }

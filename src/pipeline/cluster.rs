@@ -18,30 +18,28 @@
 //! janitor queues lease renewals and watcher marks; the `chorus-cluster`
 //! thread writes them; each remote generation has its reader thread.
 
+use std::collections::HashMap;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
+use super::cluster_resume::{Record, RecordEnd};
 use super::cluster_writer::{Write, Writes};
 use super::generation::{GenOutcome, Generation};
+use super::request::{Request, Source};
 use super::Shared;
 use crate::breaker::Breaker;
 use crate::cluster::lease::{Claim, Leases};
 use crate::cluster::stream::{End, StreamEvent, StreamReader, StreamWriter};
-use crate::outbox::{Frame, Outbox};
-use crate::protocol::{ErrorCode, Failure, Finish, Role as Role2};
+use crate::protocol::{ErrorCode, Failure, Finish};
 use crate::redis_pool::RedisPool;
 
 /// Tokens buffered before the stream is written anyway.
 const BATCH_TOKENS: usize = 16;
 /// Longest a token waits in the buffer when more keep coming.
 const BATCH_DELAY: Duration = Duration::from_millis(10);
-/// How often, and how many times, a `resume` of an unknown request looks
-/// for the record of the node that had it.
-const HANDOVER_POLL: Duration = Duration::from_millis(50);
-const HANDOVER_TRIES: u32 = 20;
 /// How long a remote reader waits for entries before checking the lease.
 const READ_BLOCK: Duration = Duration::from_millis(500);
 
@@ -59,7 +57,11 @@ pub(crate) struct ClusterNode {
     /// Open while the cluster's Redis is known to be down.
     pub breaker: Arc<Breaker>,
     /// The writer thread's queue.
-    writes: Writes,
+    pub(super) writes: Writes,
+    /// Remote generations followed by a reader thread here, by token.
+    pub(super) remotes: Mutex<HashMap<String, Arc<Generation>>>,
+    /// Resumes waiting for their record (`cluster_resume`).
+    pub(super) lookups: super::cluster_resume::Lookups,
 }
 
 impl ClusterNode {
@@ -92,6 +94,8 @@ impl ClusterNode {
             lease,
             breaker,
             writes,
+            remotes: Mutex::new(HashMap::new()),
+            lookups: super::cluster_resume::Lookups::new(),
         })
     }
 
@@ -160,6 +164,7 @@ impl Shared {
             .call(|| node.leases.claim(&generation.key, &token));
         match claim {
             Ok(Claim::Ours) => {
+                let _ = generation.stream.set(token.clone());
                 let now = Instant::now();
                 *generation.cluster.lock() = Some(ClusterPart::Lead(ClusterLead {
                     writer: Arc::new(StreamWriter::new(
@@ -181,6 +186,7 @@ impl Shared {
                 Role::Lead
             }
             Ok(Claim::Theirs(remote)) => {
+                let _ = generation.stream.set(remote.clone());
                 *generation.cluster.lock() = Some(ClusterPart::Follow {
                     token: remote.clone(),
                     refreshed: None,
@@ -253,7 +259,11 @@ impl Shared {
             tokens: std::mem::take(&mut lead.pending),
             end,
             keep: Duration::from_millis(self.config.timeouts.replay_window_ms.max(1)),
-            release: node.leases.release_command(&generation.key, &lead.token),
+            also: {
+                let mut release = redis::pipe();
+                release.add_command(node.leases.release_command(&generation.key, &lead.token));
+                release
+            },
             broken: lead.broken.clone(),
         });
     }
@@ -320,19 +330,18 @@ impl Shared {
         watching.is_ok_and(|n| n > 0)
     }
 
-    /// The cluster token of `generation`, when it is cluster-wide.
-    fn cluster_token(generation: &Generation) -> Option<String> {
-        match generation.cluster.lock().as_ref()? {
-            ClusterPart::Lead(lead) => Some(lead.token.clone()),
-            ClusterPart::Follow { token, .. } => Some(token.clone()),
-        }
-    }
-
-    /// Records which cluster-wide generation each of `requests` that is
-    /// still running receives, so that a `resume` of it can be answered by
-    /// any node. Called when a connection closes: only then may its client
-    /// come back elsewhere, so Redis sees writes for dropped requests, one
+    /// Records, for each of `requests`, where another node finds it for a
+    /// `resume` (see `cluster_resume`). Called when a connection closes:
+    /// only then may its client come back elsewhere, so Redis sees one
     /// round trip per closed connection, not one write per chat.
+    /// - running, on a cluster-wide generation: the generation's stream;
+    /// - ended: the stream and how many of its tokens the request got, and
+    ///   how it ended; a request whose answer is in no stream (a cache hit,
+    ///   a generation led alone) gets a short stream of its own with the
+    ///   tokens it was sent.
+    ///
+    /// Requests running on a generation led alone cannot be resumed
+    /// elsewhere while they run.
     pub(super) fn cluster_handover(&self, requests: &[String]) {
         let Some(node) = &self.cluster else {
             return;
@@ -345,31 +354,40 @@ impl Shared {
             let Ok(request) = self.lookup(id) else {
                 continue;
             };
-            let (role, generation) = {
-                let st = request.state.lock();
-                if st.end.is_some() {
-                    // Ended: its own node still replays it; no handover.
-                    continue;
-                }
-                match (&st.role, &st.source) {
-                    (Some(role), Some(super::request::Source::Generation(g))) => (*role, g.clone()),
-                    _ => continue,
-                }
-            };
-            let Some(token) = Self::cluster_token(&generation) else {
+            if request.remote {
+                // Its own node's record already says where it is.
+                continue;
+            }
+            let Some(handover) = self.handover_of(node, &request) else {
                 continue;
             };
-            pipe.cmd("SET")
-                .arg(request_key(id))
-                .arg(format!(
-                    "{} {token} {}",
-                    role.as_str(),
-                    crate::cluster::hex(&generation.key)
-                ))
-                .arg("PX")
-                .arg(keep_ms)
-                .ignore();
-            any = true;
+            let set_record = |pipe: &mut redis::Pipeline| {
+                pipe.cmd("SET")
+                    .arg(request_key(id))
+                    .arg(&handover.record)
+                    .arg("PX")
+                    .arg(keep_ms)
+                    .ignore();
+            };
+            match handover.own_stream {
+                None => {
+                    set_record(&mut pipe);
+                    any = true;
+                }
+                Some((writer, tokens, end)) => {
+                    // Its stream first, then the record, in one round trip.
+                    let mut record = redis::pipe();
+                    set_record(&mut record);
+                    node.writes.send(Write::Finish {
+                        writer: Arc::new(writer),
+                        tokens,
+                        end,
+                        keep: Duration::from_millis(t.replay_window_ms.max(1)),
+                        also: record,
+                        broken: Arc::new(AtomicBool::new(false)),
+                    });
+                }
+            }
         }
         if any {
             // Off the connection thread, like every cluster write.
@@ -380,113 +398,58 @@ impl Shared {
         }
     }
 
-    /// `resume` of a request this node does not know: if another node
-    /// registered it, replays its generation's stream from `from` and then
-    /// follows it live to the end, on a thread of its own. The request
-    /// cannot be cancelled from here.
-    pub(super) fn cluster_resume(
-        self: &Arc<Self>,
-        outbox: &Arc<Outbox>,
-        id: &str,
-        from: u64,
-    ) -> Result<(), Failure> {
-        let not_found = || Failure::new(ErrorCode::NotFound, "no such request, or it expired");
-        let Some(node) = &self.cluster else {
-            return Err(not_found());
-        };
-        // The node that had the request writes the record when it notices
-        // the old connection closed, which can be a moment after the client
-        // is back here: look a few times before answering `not_found`.
-        let mut record: Option<String> = None;
-        for attempt in 0..HANDOVER_TRIES {
-            record = node
-                .query(|conn| redis::cmd("GET").arg(request_key(id)).query(conn))
-                .ok()
-                .flatten();
-            if record.is_some() || attempt + 1 == HANDOVER_TRIES {
-                break;
-            }
-            std::thread::sleep(HANDOVER_POLL);
-        }
-        let fields: Vec<&str> = record.as_deref().unwrap_or("").split(' ').collect();
-        let (Some(role), Some(token), Some(key)) = (
-            fields.first(),
-            fields.get(1),
-            fields.get(2).and_then(|h| unhex(h)),
-        ) else {
-            return Err(not_found());
-        };
-        let role = match *role {
-            "leader" => Role2::Leader,
-            _ => Role2::Follower,
-        };
-        let mut reader = StreamReader::open(&node.url, token, READ_BLOCK)
-            .map_err(|e| Failure::new(ErrorCode::UpstreamError, e.to_string()))?;
-        let (shared, outbox, id, token) = (
-            self.clone(),
-            outbox.clone(),
-            id.to_owned(),
-            (*token).to_owned(),
-        );
-        std::thread::Builder::new()
-            .name("chorus-resume".into())
-            .stack_size(super::WORKER_STACK)
-            .spawn(move || {
-                shared.replay_remote(&mut reader, &outbox, &id, (&token, key), role, from)
-            })
-            .map_err(|e| Failure::new(ErrorCode::Overloaded, e.to_string()))?;
-        Ok(())
-    }
-
-    fn replay_remote(
-        &self,
-        reader: &mut StreamReader,
-        outbox: &Outbox,
-        id: &str,
-        (token, key): (&str, [u8; 32]),
-        role: Role2,
-        from: u64,
-    ) {
-        let prefix = crate::protocol::token_prefix(id);
-        let _ = outbox.push(Frame::Json(crate::protocol::start(id, role)));
-        let mut seq = 0u64;
-        let outcome = self.follow_stream(
-            reader,
-            &key,
-            token,
-            || !outbox.is_closed(),
-            |text| {
-                if seq >= from {
-                    let frame = Frame::Token {
-                        prefix: prefix.clone(),
-                        tail: crate::protocol::TokenTail::encode(seq, &text),
-                    };
-                    if outbox.push_token(frame).is_err() {
-                        return false;
-                    }
+    /// The resume record of `request`, and the stream to write first when
+    /// its tokens are in none.
+    fn handover_of(&self, node: &ClusterNode, request: &Request) -> Option<Handover> {
+        let st = request.state.lock();
+        let role = st.role?;
+        let end = st
+            .end
+            .as_ref()
+            .map(|end| RecordEnd::of(&end.result, end.tokens));
+        let (stream, key, own) = match &st.source {
+            Some(Source::Generation(g)) => match g.stream.get() {
+                Some(token) => (token.clone(), g.key, None),
+                None => {
+                    let end = st.end.as_ref()?;
+                    let produced = g.broadcast.produced();
+                    let tokens = produced.pieces().take(clamp(end.tokens)).map(str::to_owned);
+                    (String::new(), g.key, Some((tokens.collect(), &end.result)))
                 }
-                seq += 1;
-                true
             },
-        );
-        let frame = match outcome.as_ref().map(super::ending::member_result) {
-            None => return,
-            // Timings belong to the node that served the request.
-            Some(Ok(finish)) => crate::protocol::done(
-                id,
-                finish,
-                seq,
-                role,
-                crate::protocol::Timings {
-                    queue_ms: 0.0,
-                    prepare_ms: 0.0,
-                    ttft_ms: None,
-                    total_ms: 0.0,
-                },
-            ),
-            Some(Err(failure)) => crate::protocol::error(Some(id), None, &failure),
+            Some(Source::Cached(answer)) => {
+                let end = st.end.as_ref()?;
+                let tokens = answer.pieces().take(clamp(end.tokens)).map(str::to_owned);
+                (
+                    String::new(),
+                    [0; 32],
+                    Some((tokens.collect(), &end.result)),
+                )
+            }
+            None => return None,
         };
-        let _ = outbox.push(Frame::Json(frame));
+        let (stream, own_stream) = match own {
+            None => (stream, None),
+            Some((tokens, result)) => {
+                let token = format!("{}/r/{}", node.instance, request.id);
+                let writer = StreamWriter::new(
+                    node.pool.clone(),
+                    &token,
+                    Duration::from_millis(self.config.timeouts.replay_window_ms.max(1)),
+                );
+                (token, Some((writer, tokens, stream_end(result))))
+            }
+        };
+        let record = Record {
+            role: role.as_str().to_owned(),
+            stream,
+            key: crate::cluster::hex(&key),
+            end,
+        };
+        Some(Handover {
+            record: serde_json::to_string(&record).ok()?,
+            own_stream,
+        })
     }
 
     /// The reader thread of a remote generation: feeds the local broadcast
@@ -496,6 +459,12 @@ impl Shared {
         let Some(node) = &self.cluster else {
             return;
         };
+        // One reader per remote generation on this node: resumes of its
+        // requests join this generation instead of starting their own.
+        node.remotes
+            .lock()
+            .entry(token.clone())
+            .or_insert_with(|| generation.clone());
         // Tell the leader's node at once that clients here follow it, so it
         // does not stop for lack of interest before the janitor's next tick.
         self.cluster_tick(&generation, true);
@@ -520,6 +489,13 @@ impl Shared {
         };
         if let Some(outcome) = outcome {
             self.finish_generation(&generation, outcome);
+        }
+        let mut remotes = node.remotes.lock();
+        if remotes
+            .get(&token)
+            .is_some_and(|g| Arc::ptr_eq(g, &generation))
+        {
+            remotes.remove(&token);
         }
     }
 
@@ -624,7 +600,7 @@ fn watch_pipe(node_id: &str, token: &str, lease: Duration) -> redis::Pipeline {
 
 /// The failure an end marker records; an unknown code (a newer node's)
 /// reads as `upstream_error`.
-fn failure_of(code: &str, message: String) -> Failure {
+pub(super) fn failure_of(code: &str, message: String) -> Failure {
     let code = ErrorCode::ALL
         .into_iter()
         .find(|c| c.as_str() == code)
@@ -633,7 +609,7 @@ fn failure_of(code: &str, message: String) -> Failure {
 }
 
 /// The key bytes of a 64-digit hex string.
-fn unhex(text: &str) -> Option<[u8; 32]> {
+pub(super) fn unhex(text: &str) -> Option<[u8; 32]> {
     let mut key = [0u8; 32];
     if text.len() != 64 {
         return None;
@@ -645,7 +621,7 @@ fn unhex(text: &str) -> Option<[u8; 32]> {
 }
 
 /// Which generation a request receives, for `resume` on any node.
-fn request_key(id: &str) -> String {
+pub(super) fn request_key(id: &str) -> String {
     format!("chorus:v1:request:{id}")
 }
 
@@ -653,4 +629,27 @@ fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// A request's resume record, and its own stream when it needs one.
+struct Handover {
+    record: String,
+    own_stream: Option<(StreamWriter, Vec<String>, End)>,
+}
+
+/// The end marker for a request's own stream.
+fn stream_end(result: &Result<Finish, Failure>) -> End {
+    match result {
+        Ok(Finish::Stop) => End::Stop,
+        Ok(Finish::Length) => End::Length,
+        Ok(Finish::Cancelled) => End::Cancelled,
+        Err(f) => End::Failed {
+            code: f.code.as_str().to_owned(),
+            message: f.message.clone(),
+        },
+    }
+}
+
+fn clamp(tokens: u64) -> usize {
+    usize::try_from(tokens).unwrap_or(usize::MAX)
 }

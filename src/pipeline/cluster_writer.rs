@@ -41,13 +41,14 @@ pub(crate) enum Write {
         /// Set when a batch is lost: the stream has a gap from then on.
         broken: Arc<AtomicBool>,
     },
-    /// The last tokens, the end marker and the lease's release, atomically.
+    /// The last tokens, the end marker and `also` (the lease's release, or
+    /// the resume record of a request whose stream this is), atomically.
     Finish {
         writer: Arc<StreamWriter>,
         tokens: Vec<String>,
         end: End,
         keep: Duration,
-        release: redis::Cmd,
+        also: redis::Pipeline,
         broken: Arc<AtomicBool>,
     },
     /// Extends a lease this node holds.
@@ -133,7 +134,7 @@ fn perform(write: &Write, pool: &RedisPool, leases: &Leases) -> Result<(), Strin
             tokens,
             end,
             keep,
-            release,
+            also,
             broken,
         } => {
             let (tokens, end) = if broken.load(Ordering::Acquire) {
@@ -146,7 +147,7 @@ fn perform(write: &Write, pool: &RedisPool, leases: &Leases) -> Result<(), Strin
                 (tokens.iter().map(String::as_str).collect(), end.clone())
             };
             writer
-                .finish_with(&tokens, &end, *keep, Some(release.clone()))
+                .finish_with(&tokens, &end, *keep, also)
                 .map_err(|e| e.to_string())
         }
         Write::Renew { key, token } => match leases.renew(key, token) {

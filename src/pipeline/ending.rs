@@ -153,6 +153,11 @@ impl Shared {
             }
             (result, st.role, timings)
         };
+        if request.remote {
+            // Accepted, counted and stored by the node that accepted it.
+            self.complete_remote(request);
+            return true;
+        }
         self.count_end(&result, role, timings);
         let (shared, request2) = (self.clone(), request.clone());
         self.history
@@ -227,6 +232,23 @@ impl Shared {
         self.live_requests.fetch_sub(1, Ordering::AcqRel);
         request.state.lock().phase = Phase::Finished { at: Instant::now() };
         request.stored.notify_all();
+    }
+}
+
+impl Shared {
+    /// Moves a request resumed from another node to the replay window once
+    /// it ended here (nothing to store: its own node does that).
+    pub(super) fn complete_remote(&self, request: &Arc<Request>) {
+        request.state.lock().phase = Phase::Finished { at: Instant::now() };
+        let mut active = self.active.write();
+        active
+            .finished
+            .push_back((Instant::now(), request.id.clone()));
+        while active.finished.len() > MAX_REPLAYABLE {
+            if let Some((_, id)) = active.finished.pop_front() {
+                active.requests.remove(&id);
+            }
+        }
     }
 }
 

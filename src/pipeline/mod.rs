@@ -42,6 +42,7 @@
 
 mod client;
 mod cluster;
+mod cluster_resume;
 mod cluster_writer;
 mod ending;
 mod generation;
@@ -306,6 +307,7 @@ impl Pipeline {
             draining: AtomicBool::new(false),
             next_generation: AtomicU64::new(1),
         });
+        shared.start_lookups()?;
         let s = shared.clone();
         let cache_pool = Pool::spawn(
             "cache",

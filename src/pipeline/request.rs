@@ -62,6 +62,9 @@ pub(crate) struct RequestState {
     /// request ends first (a cache hit, a cancel or timeout in the queue), so
     /// both go to SQLite in one commit.
     pub pending_user_message: Option<String>,
+    /// For a request resumed from another node while its record is looked
+    /// up: the `seq` to replay from (the latest `resume` wins).
+    pub resume_from: u64,
 }
 
 /// One chat request. Share it as `Arc<Request>`.
@@ -70,6 +73,9 @@ pub(crate) struct Request {
     pub client_id: String,
     pub conversation: String,
     pub accepted_at: Instant,
+    /// Accepted by another node of the cluster and resumed here: this node
+    /// only relays it (no history, no conversation, not counted as live).
+    pub remote: bool,
     pub state: Mutex<RequestState>,
     /// Notified when the request's messages are stored (phase `Finished`).
     pub stored: Condvar,
@@ -77,12 +83,37 @@ pub(crate) struct Request {
 
 impl Request {
     pub fn new(client_id: String, conversation: String, message: String) -> Arc<Request> {
+        Request::build(
+            crate::protocol::random_id("r-").into(),
+            client_id,
+            conversation,
+            Some(message),
+            false,
+        )
+    }
+
+    /// The local stand-in of request `id`, accepted by another node and
+    /// resumed here (see [`Request::remote`]).
+    pub fn resumed(id: &str, from: u64) -> Arc<Request> {
+        let request = Request::build(id.into(), String::new(), String::new(), None, true);
+        request.state.lock().resume_from = from;
+        request
+    }
+
+    fn build(
+        id: Arc<str>,
+        client_id: String,
+        conversation: String,
+        message: Option<String>,
+        remote: bool,
+    ) -> Arc<Request> {
         let now = Instant::now();
         Arc::new(Request {
-            id: crate::protocol::random_id("r-").into(),
+            id,
             client_id,
             conversation,
             accepted_at: now,
+            remote,
             state: Mutex::new(RequestState {
                 phase: Phase::Queued { since: now },
                 role: None,
@@ -91,7 +122,8 @@ impl Request {
                 dequeued_at: None,
                 joined_at: None,
                 end: None,
-                pending_user_message: Some(message),
+                pending_user_message: message,
+                resume_from: 0,
             }),
             stored: Condvar::new(),
         })
