@@ -211,3 +211,28 @@ fn cluster_dedup_returns_when_a_frozen_redis_thaws() {
     );
     assert_eq!(answer_b.text, answer_a.text);
 }
+
+/// The cache write of an answer comes after its `done` (so a Redis that
+/// has just frozen delays no `done`); a question asked again right after
+/// `done` must still be a cache hit, with either cache backend.
+#[test]
+fn a_question_asked_again_right_after_done_is_a_cache_hit() {
+    let redis = RedisServer::start();
+    let memory = Server::start(common::FAST);
+    let shared = Server::start(&format!(
+        "{}\n[cache]\nbackend = \"redis\"\nredis_url = \"{}\"\n",
+        common::FAST,
+        redis.url()
+    ));
+    for server in [&memory, &shared] {
+        let mut c = server.client();
+        for i in 0..100 {
+            let question = format!("Again and again {i}");
+            let first = c.ask_and_wait(None, &question);
+            assert_eq!(first.role.as_deref(), Some("leader"), "{}", first.end);
+            let again = c.ask_and_wait(None, &question);
+            assert_eq!(again.role.as_deref(), Some("cache"), "round {i}");
+            assert_eq!(again.text, first.text);
+        }
+    }
+}

@@ -38,7 +38,10 @@
 //! `resume`; `stages` is the work of each pool; `ending` is how
 //! generations and requests end, exactly once; `janitor` the timeouts;
 //! `generation` and `request` the two records everything revolves
-//! around; `key` the identical-request key; `prompt` the prompt.
+//! around; `key` the identical-request key; `prompt` the prompt;
+//! `cluster` the node's part in a cluster, with `cluster_writer` (its
+//! writes to Redis, on a thread of their own) and `cluster_resume`
+//! (`resume` of a request another node accepted).
 
 mod client;
 mod cluster;

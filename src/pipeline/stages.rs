@@ -59,6 +59,12 @@ impl Shared {
     /// The singleflight: a new key makes `ticket`'s request a leader, a key
     /// in flight makes it a follower. A `fresh` request always leads alone.
     pub(super) fn lead_or_follow(self: &Arc<Self>, ticket: RequestTicket, work: Work) {
+        self.claim_key(ticket, work, true);
+    }
+
+    /// [`Shared::lead_or_follow`]; `may_wait` once per request, so a wait
+    /// for a finishing generation happens at most once.
+    fn claim_key(self: &Arc<Self>, ticket: RequestTicket, work: Work, may_wait: bool) {
         let id = self.next_generation.fetch_add(1, Ordering::Relaxed);
         if work.fresh {
             let generation = Generation::new(id, work.key, false);
@@ -71,6 +77,26 @@ impl Shared {
             Claim::Leader(leader) => {
                 let generation = leader.shared().clone();
                 self.lead(ticket, work, generation, Some(leader));
+            }
+            Claim::Follower(call) if may_wait && call.shared().is_over() => {
+                // It ended a moment ago: its clients have their `done` and
+                // its answer is being written to the cache (the cache write
+                // comes after the `done`s, see `finish_generation`). Wait for
+                // that, then look again, so a question asked again right
+                // after `done` is a cache hit. Bounded by the cache write's
+                // own bound; past it the finished generation is followed
+                // (its whole answer replayed), which is correct too.
+                let bound = std::time::Duration::from_millis(
+                    self.config.cache.redis_timeout_ms.saturating_add(100),
+                );
+                let _ = call.wait_timeout(bound);
+                match self.cache.get(&work.key) {
+                    Ok(Some(answer)) => {
+                        self.metrics.cache_hits.inc();
+                        self.serve_cached(ticket, answer)
+                    }
+                    _ => self.claim_key(ticket, work, false),
+                }
             }
             Claim::Follower(call) => self.follow(ticket, call.shared().clone(), work),
         }
