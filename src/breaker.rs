@@ -27,13 +27,13 @@
 //! let failed: Result<(), _> = breaker.call(|| Err::<(), _>("refused"));
 //! assert!(matches!(failed, Err(BreakerError::Failed("refused"))));
 //! assert!(breaker.is_open());
-//! assert!(matches!(breaker.call(|| Ok::<_, ()>(1)), Err(BreakerError::Open)));
+//! assert!(matches!(breaker.call(|| Ok::<_, String>(1)), Err(BreakerError::Open)));
 //! // Once the probe succeeds, callers use the service again.
 //! healthy.store(true, Ordering::Release);
 //! while breaker.is_open() {
 //!     std::thread::sleep(Duration::from_millis(1));
 //! }
-//! assert!(matches!(breaker.call(|| Ok::<_, ()>(1)), Ok(1)));
+//! assert!(matches!(breaker.call(|| Ok::<_, String>(1)), Ok(1)));
 //! ```
 //!
 //! Threads: any number of threads call [`Breaker::call`] and
