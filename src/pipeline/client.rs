@@ -113,6 +113,7 @@ impl Shared {
                 key,
                 fresh: chat.options.fresh,
                 history_len: head.len,
+                cache_writes_seen: 0,
                 message,
                 model,
                 temperature: chat.options.temperature,

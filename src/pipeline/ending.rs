@@ -75,6 +75,10 @@ impl Shared {
                 self.metrics.cache_errors.inc();
                 log::debug!("cache write failed: {e}");
             }
+            // Before the key is forgotten: a request that missed the cache
+            // before this write and claims the key after the forget sees
+            // the count moved and asks the cache again.
+            self.cache_writes.fetch_add(1, Ordering::AcqRel);
         }
         if generation.shared {
             // New identical requests must not join a generation that is over:

@@ -140,6 +140,8 @@ pub(crate) struct Shared {
     live_requests: AtomicUsize,
     draining: AtomicBool,
     next_generation: AtomicU64,
+    /// Answers written to the cache so far (see [`Work::cache_writes_seen`]).
+    cache_writes: AtomicU64,
 }
 
 /// A chat that passed admission, on its way to the cache lane.
@@ -154,6 +156,10 @@ struct Work {
     fresh: bool,
     /// Stored messages before this one.
     history_len: u64,
+    /// [`Shared::cache_writes`] just before the cache lane's lookup: if it
+    /// moved by the time this request would lead, an identical answer may
+    /// have been cached in between, so the cache is asked again.
+    cache_writes_seen: u64,
     message: String,
     model: String,
     temperature: Option<f64>,
@@ -309,6 +315,7 @@ impl Pipeline {
             live_requests: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
             next_generation: AtomicU64::new(1),
+            cache_writes: AtomicU64::new(0),
         });
         shared.start_lookups()?;
         let s = shared.clone();

@@ -30,13 +30,14 @@ impl Shared {
     // -- the cache lane ----------------------------------------------------
 
     pub(super) fn run_cache_lane(self: &Arc<Self>, job: IntakeJob) {
-        let IntakeJob { ticket, work } = job;
+        let IntakeJob { ticket, mut work } = job;
         if ticket.request().is_ending() {
             // Cancelled or timed out while queued: already answered.
             ticket.release();
             return;
         }
         if !work.fresh {
+            work.cache_writes_seen = self.cache_writes.load(Ordering::Acquire);
             match self.cache.get(&work.key) {
                 Ok(Some(answer)) => {
                     self.metrics.cache_hits.inc();
@@ -76,6 +77,18 @@ impl Shared {
         {
             Claim::Leader(leader) => {
                 let generation = leader.shared().clone();
+                if self.cache_writes.load(Ordering::Acquire) != work.cache_writes_seen {
+                    // An answer was cached since this request's lookup: maybe
+                    // this one, by a generation that ended in between.
+                    if let Ok(Some(answer)) = self.cache.get(&work.key) {
+                        self.metrics.cache_hits.inc();
+                        // Give the key up; a follower that claimed it
+                        // meanwhile sees it cancelled and looks again.
+                        self.finish_generation(&generation, GenOutcome::Cancelled);
+                        leader.complete(GenOutcome::Cancelled);
+                        return self.serve_cached(ticket, answer);
+                    }
+                }
                 self.lead(ticket, work, generation, Some(leader));
             }
             Claim::Follower(call) if may_wait && call.shared().is_over() => {
