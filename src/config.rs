@@ -443,6 +443,9 @@ pub struct ClusterConfig {
     pub node_id: String,
     /// Lifetime of a generation lease, in milliseconds.
     pub lease_ms: u64,
+    /// Longest wait for the cluster's Redis (connect, checkout, each
+    /// command), in milliseconds; past it Redis counts as down.
+    pub redis_timeout_ms: u64,
 }
 
 impl Default for ClusterConfig {
@@ -452,6 +455,7 @@ impl Default for ClusterConfig {
             redis_url: "redis://127.0.0.1:6379/".to_owned(),
             node_id: String::new(),
             lease_ms: 5000,
+            redis_timeout_ms: 250,
         }
     }
 }
@@ -1204,6 +1208,7 @@ impl Config {
         at_least("cache.max_entries", self.cache.max_entries, 1)?;
         at_least("cache.redis_timeout_ms", self.cache.redis_timeout_ms, 1)?;
         at_least("cache.redis_pool_size", self.cache.redis_pool_size, 1)?;
+        at_least("cluster.redis_timeout_ms", self.cluster.redis_timeout_ms, 1)?;
         if self.history.sqlite_path.is_empty() {
             return Err(invalid(
                 "history.sqlite_path",
@@ -1356,6 +1361,7 @@ mod tests {
         ("cluster.redis_url", "\"redis://127.0.0.1:6379/\""),
         ("cluster.node_id", "\"\""),
         ("cluster.lease_ms", "5000"),
+        ("cluster.redis_timeout_ms", "250"),
     ];
 
     #[test]

@@ -19,6 +19,7 @@
 #![warn(missing_docs)]
 
 pub mod authority;
+pub mod breaker;
 pub mod broadcast;
 pub mod cache;
 pub mod cluster;

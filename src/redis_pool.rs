@@ -6,12 +6,22 @@
 //!
 //! The pool is built without connecting: a node starts while Redis is down,
 //! and connections are opened (again) on demand, so it reconnects by itself.
+//! Its users put a [`Breaker`] in front of it ([`breaker`]): r2d2's own
+//! error log (one ERROR line per failed connection attempt) is silenced,
+//! and the breaker logs an outage once when it starts and once when it ends.
 //!
 //! Threads: the pool is shared by any number of threads.
 
 use std::time::Duration;
 
 use redis::ConnectionLike;
+
+use crate::breaker::Breaker;
+
+/// First pause of a breaker's probe after an outage starts.
+const FIRST_PROBE: Duration = Duration::from_millis(100);
+/// Longest pause between two probes of a Redis that stays away.
+const MAX_PROBE: Duration = Duration::from_secs(2);
 
 /// A pool of Redis connections.
 pub type RedisPool = r2d2::Pool<Connector>;
@@ -28,7 +38,29 @@ pub fn pool(url: &str, timeout: Duration, size: u32) -> Result<RedisPool, redis:
         .test_on_check_out(false)
         .connection_timeout(timeout)
         .connection_customizer(Box::new(CommandTimeouts(timeout)))
+        // The breaker in front of the pool logs outages; r2d2 would log
+        // every failed connection attempt of its own, hundreds a second.
+        .error_handler(Box::new(r2d2::NopErrorHandler))
         .build_unchecked(Connector { client, timeout }))
+}
+
+/// A breaker for the Redis behind `pool`, probed with a `PING` on a
+/// pooled connection. `name` and `consequence` go into its outage lines.
+pub fn breaker(pool: &RedisPool, name: &str, consequence: &str) -> Breaker {
+    let pool = pool.clone();
+    Breaker::new(
+        name,
+        consequence,
+        move || {
+            let mut conn = pool.get().map_err(|e| e.to_string())?;
+            redis::cmd("PING")
+                .query::<String>(&mut *conn)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        },
+        FIRST_PROBE,
+        MAX_PROBE,
+    )
 }
 
 /// Sets the command timeouts on each new connection of the pool.

@@ -10,37 +10,33 @@
 //! from an r2d2 pool (the `redis` crate's own r2d2 support) that is built
 //! without connecting, so a node starts while Redis is down; checkout,
 //! connect and every command are bounded by `redis_timeout_ms`; any failure
-//! is a miss. Outages are logged when they start and end (and reminded every
-//! [`REMIND_EVERY`] while they last), not once per request. r2d2 drops
-//! broken connections and opens new ones on demand, so the node reconnects
-//! by itself when Redis is back.
+//! is a miss. A failure also opens a [`Breaker`]: while Redis is known to be
+//! down, `get` is a miss and `put` does nothing, at once, without touching
+//! the network, so a frozen Redis costs the calls in flight when it froze
+//! and nothing after; a background probe closes the breaker when Redis
+//! answers again. An outage is logged when it starts and when it ends.
 //!
 //! Threads: cache lane workers call `get`, the thread ending a generation
 //! calls `put`; the pool is shared and internally synchronised.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use parking_lot::Mutex;
 use redis::Commands;
 
+use crate::breaker::{Breaker, BreakerError};
 use crate::redis_pool::RedisPool;
 
 use super::{Cache, CacheError, CachedAnswer, Key};
 
 /// Version of the stored value's layout; part of every key.
 const LAYOUT: u8 = 1;
-/// How often a continuing outage is logged again.
-const REMIND_EVERY: Duration = Duration::from_secs(30);
 
 /// The backend. See the module documentation.
 pub struct RedisCache {
     pool: RedisPool,
     ttl: Duration,
-    up: AtomicBool,
-    /// When the current outage was last logged.
-    last_logged: Mutex<Option<Instant>>,
+    breaker: Breaker,
 }
 
 impl RedisCache {
@@ -53,46 +49,32 @@ impl RedisCache {
     ) -> Result<RedisCache, CacheError> {
         let pool = crate::redis_pool::pool(url, timeout, pool_size)
             .map_err(|e| CacheError::Unavailable(format!("bad cache.redis_url: {e}")))?;
-        Ok(RedisCache {
-            pool,
-            ttl,
-            up: AtomicBool::new(true),
-            last_logged: Mutex::new(None),
-        })
+        let breaker = crate::redis_pool::breaker(
+            &pool,
+            "the Redis cache",
+            "every lookup is a miss until it is back",
+        );
+        Ok(RedisCache { pool, ttl, breaker })
     }
 
     fn redis_key(key: &Key) -> String {
         format!("chorus:v1:answer:{}", crate::cluster::hex(key))
     }
 
-    /// Runs `f` on a pooled connection and keeps track of whether Redis is
-    /// reachable, logging the changes.
+    /// Runs `f` on a pooled connection unless Redis is known to be down.
     fn with_connection<T>(
         &self,
         f: impl FnOnce(&mut redis::Connection) -> redis::RedisResult<T>,
     ) -> Result<T, CacheError> {
-        let result = match self.pool.get() {
-            Ok(mut conn) => f(&mut conn).map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        match result {
-            Ok(value) => {
-                if !self.up.swap(true, Ordering::AcqRel) {
-                    *self.last_logged.lock() = None;
-                    log::info!("the Redis cache is reachable again");
-                }
-                Ok(value)
-            }
-            Err(e) => {
-                let was_up = self.up.swap(false, Ordering::AcqRel);
-                let mut last = self.last_logged.lock();
-                if was_up || last.is_none_or(|at| at.elapsed() >= REMIND_EVERY) {
-                    *last = Some(Instant::now());
-                    log::warn!("the Redis cache is unavailable, every lookup is a miss: {e}");
-                }
-                Err(CacheError::Unavailable(e))
-            }
-        }
+        self.breaker
+            .call(|| {
+                let mut conn = self.pool.get().map_err(|e| e.to_string())?;
+                f(&mut conn).map_err(|e| e.to_string())
+            })
+            .map_err(|e| match e {
+                BreakerError::Open => CacheError::Unavailable("known to be down".into()),
+                BreakerError::Failed(e) => CacheError::Unavailable(e),
+            })
     }
 }
 
@@ -158,7 +140,7 @@ impl Cache for RedisCache {
     }
 
     fn is_up(&self) -> bool {
-        self.up.load(Ordering::Acquire)
+        !self.breaker.is_open()
     }
 }
 
@@ -204,12 +186,13 @@ mod tests {
             2,
         )
         .unwrap();
-        let started = Instant::now();
+        let started = std::time::Instant::now();
         assert!(cache.get(&[1; 32]).is_err());
         assert!(!cache.is_up());
         assert!(cache
             .put(&[1; 32], Arc::new(CachedAnswer::from_pieces(["x"])))
             .is_err());
         assert!(started.elapsed() < Duration::from_secs(2));
+        assert_eq!(cache.breaker.outages(), 1);
     }
 }

@@ -133,6 +133,14 @@ impl Leases {
         Ok(())
     }
 
+    /// The command that gives `token`'s lease on `key` up, for a pipeline
+    /// of other writes (see [`super::stream::StreamWriter::finish_with`]).
+    pub fn release_command(&self, key: &[u8; 32], token: &str) -> redis::Cmd {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(RELEASE).arg(1).arg(Self::name(key)).arg(token);
+        cmd
+    }
+
     /// The token holding `key`'s lease, if any.
     pub fn holder(&self, key: &[u8; 32]) -> Result<Option<String>, ClusterError> {
         let mut conn = self.pool.get()?;

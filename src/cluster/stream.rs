@@ -99,17 +99,7 @@ impl StreamWriter {
             return Ok(());
         }
         let mut pipe = redis::pipe();
-        for token in tokens {
-            pipe.cmd("XADD")
-                .arg(&self.name)
-                .arg("MAXLEN")
-                .arg("~")
-                .arg(MAX_ENTRIES)
-                .arg("*")
-                .arg("t")
-                .arg(*token)
-                .ignore();
-        }
+        self.add_tokens(&mut pipe, tokens);
         pipe.cmd("PEXPIRE")
             .arg(&self.name)
             .arg(self.idle_expiry_ms)
@@ -121,8 +111,24 @@ impl StreamWriter {
 
     /// Appends the end marker and lets the stream expire `keep` later.
     pub fn finish(&self, end: &End, keep: Duration) -> Result<(), ClusterError> {
-        let mut add = redis::cmd("XADD");
-        add.arg(&self.name).arg("*");
+        self.finish_with(&[], end, keep, &redis::pipe())
+    }
+
+    /// Appends the last `tokens`, the end marker and, in the same atomic
+    /// round trip, runs the commands of `also` (e.g. the lease's release: a
+    /// reader that finds the lease gone then always finds the end marker
+    /// too); the stream expires `keep` later.
+    pub fn finish_with(
+        &self,
+        tokens: &[&str],
+        end: &End,
+        keep: Duration,
+        also: &redis::Pipeline,
+    ) -> Result<(), ClusterError> {
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        self.add_tokens(&mut pipe, tokens);
+        let add = pipe.cmd("XADD").arg(&self.name).arg("*");
         match end {
             End::Stop => add.arg("e").arg("stop"),
             End::Length => add.arg("e").arg("length"),
@@ -134,18 +140,30 @@ impl StreamWriter {
                 .arg(code)
                 .arg("m")
                 .arg(message),
-        };
+        }
+        .ignore();
         let keep_ms = u64::try_from(keep.as_millis()).unwrap_or(u64::MAX).max(1);
+        pipe.cmd("PEXPIRE").arg(&self.name).arg(keep_ms).ignore();
+        for cmd in also.cmd_iter() {
+            pipe.add_command(cmd.clone()).ignore();
+        }
         let mut conn = self.pool.get()?;
-        redis::pipe()
-            .add_command(add)
-            .ignore()
-            .cmd("PEXPIRE")
-            .arg(&self.name)
-            .arg(keep_ms)
-            .ignore()
-            .query::<()>(&mut *conn)?;
+        pipe.query::<()>(&mut *conn)?;
         Ok(())
+    }
+
+    fn add_tokens(&self, pipe: &mut redis::Pipeline, tokens: &[&str]) {
+        for token in tokens {
+            pipe.cmd("XADD")
+                .arg(&self.name)
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(MAX_ENTRIES)
+                .arg("*")
+                .arg("t")
+                .arg(*token)
+                .ignore();
+        }
     }
 }
 
@@ -187,36 +205,57 @@ impl StreamReader {
             .query(&mut self.conn)?;
         let mut events = Vec::new();
         for entry in reply.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids) {
-            let text = |field: &str| -> Option<String> {
-                match entry.map.get(field)? {
-                    Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok(),
-                    Value::SimpleString(s) => Some(s.clone()),
-                    _ => None,
-                }
-            };
-            let event = if let Some(token) = text("t") {
-                StreamEvent::Token(token)
-            } else {
-                let end = match text("e").as_deref() {
-                    Some("stop") => End::Stop,
-                    Some("length") => End::Length,
-                    Some("cancelled") => End::Cancelled,
-                    Some("error") => End::Failed {
-                        code: text("c").unwrap_or_else(|| "upstream_error".into()),
-                        message: text("m").unwrap_or_default(),
-                    },
-                    other => {
-                        return Err(ClusterError::Corrupt(format!(
-                            "entry {} of {} has no token and end {other:?}",
-                            entry.id, self.name
-                        )))
-                    }
-                };
-                StreamEvent::End(end)
-            };
+            events.push(decode(&self.name, &entry)?);
             self.last_id = entry.id.clone();
-            events.push(event);
         }
         Ok(events)
     }
+}
+
+/// The first `count` entries of generation `token`'s stream, as they are
+/// now (no waiting): what a node replays of a request that already ended.
+pub fn first_entries(
+    conn: &mut redis::Connection,
+    token: &str,
+    count: usize,
+) -> Result<Vec<StreamEvent>, ClusterError> {
+    let name = stream_name(token);
+    let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(&name)
+        .arg("-")
+        .arg("+")
+        .arg("COUNT")
+        .arg(count.max(1))
+        .query(conn)?;
+    reply.ids.iter().map(|entry| decode(&name, entry)).collect()
+}
+
+/// One stream entry: a token, or the end marker.
+fn decode(name: &str, entry: &redis::streams::StreamId) -> Result<StreamEvent, ClusterError> {
+    let text = |field: &str| -> Option<String> {
+        match entry.map.get(field)? {
+            Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok(),
+            Value::SimpleString(s) => Some(s.clone()),
+            _ => None,
+        }
+    };
+    if let Some(token) = text("t") {
+        return Ok(StreamEvent::Token(token));
+    }
+    let end = match text("e").as_deref() {
+        Some("stop") => End::Stop,
+        Some("length") => End::Length,
+        Some("cancelled") => End::Cancelled,
+        Some("error") => End::Failed {
+            code: text("c").unwrap_or_else(|| "upstream_error".into()),
+            message: text("m").unwrap_or_default(),
+        },
+        other => {
+            return Err(ClusterError::Corrupt(format!(
+                "entry {} of {name} has no token and end {other:?}",
+                entry.id
+            )))
+        }
+    };
+    Ok(StreamEvent::End(end))
 }

@@ -118,6 +118,7 @@ impl Shared {
                 key,
                 fresh: chat.options.fresh,
                 history_len: head.len,
+                cache_writes_seen: 0,
                 message,
                 model,
                 temperature: chat.options.temperature,
@@ -293,7 +294,12 @@ impl Shared {
             }
             g.broadcast.subscribe(&attachment, from);
         }
-        // Still queued: `start` and the stream come when it gets a role.
+        // Still queued: `start` and the stream come when it gets a role
+        // (a request resumed from another node: when its record is found,
+        // replayed from the latest resume's `from`).
+        if request.remote {
+            st.resume_from = from;
+        }
         st.attachments.push(attachment);
         Ok(())
     }

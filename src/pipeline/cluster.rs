@@ -6,33 +6,40 @@
 //!
 //! Redis trouble never fails a chat: a claim that cannot be made leads
 //! locally (no cross-node dedup for that one), and a leader that cannot
-//! write its stream goes on for its local clients.
+//! write its stream goes on for its local clients. After one failure the
+//! node's breaker knows Redis is down: claims, watcher checks and writes
+//! skip it at once (each chat leads alone, no cluster coordination) until
+//! its probe finds Redis back. Redis is never called under a generation's
+//! lock nor between two tokens: stream writes, lease renewals and watcher
+//! marks are queued to the node's writer thread (`cluster_writer`).
 //!
-//! Threads: claims run on the cache lane, the stream is appended by the
-//! streaming thread (and finished by whoever ends the generation), the
-//! janitor renews leases, and each remote generation has its reader thread.
+//! Threads: claims run on the cache lane; the streaming thread queues the
+//! stream's token batches (and whoever ends the generation its end); the
+//! janitor queues lease renewals and watcher marks; the `chorus-cluster`
+//! thread writes them; each remote generation has its reader thread.
 
+use std::collections::HashMap;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
+use super::cluster_resume::{Record, RecordEnd};
+use super::cluster_writer::{Write, Writes};
 use super::generation::{GenOutcome, Generation};
+use super::request::{Request, Source};
 use super::Shared;
+use crate::breaker::Breaker;
 use crate::cluster::lease::{Claim, Leases};
 use crate::cluster::stream::{End, StreamEvent, StreamReader, StreamWriter};
-use crate::outbox::{Frame, Outbox};
-use crate::protocol::{ErrorCode, Failure, Finish, Role as Role2};
+use crate::protocol::{ErrorCode, Failure, Finish};
 use crate::redis_pool::RedisPool;
 
 /// Tokens buffered before the stream is written anyway.
 const BATCH_TOKENS: usize = 16;
 /// Longest a token waits in the buffer when more keep coming.
 const BATCH_DELAY: Duration = Duration::from_millis(10);
-/// How often, and how many times, a `resume` of an unknown request looks
-/// for the record of the node that had it.
-const HANDOVER_POLL: Duration = Duration::from_millis(50);
-const HANDOVER_TRIES: u32 = 20;
 /// How long a remote reader waits for entries before checking the lease.
 const READ_BLOCK: Duration = Duration::from_millis(500);
 
@@ -45,20 +52,24 @@ pub(crate) struct ClusterNode {
     instance: String,
     pub url: String,
     pub pool: RedisPool,
-    pub leases: Leases,
+    pub leases: Arc<Leases>,
     pub lease: Duration,
-    /// When a failed claim was last logged: an outage is logged every
-    /// [`REMIND_EVERY`], not once per chat.
-    last_claim_warning: Mutex<Option<Instant>>,
+    /// Open while the cluster's Redis is known to be down.
+    pub breaker: Arc<Breaker>,
+    /// The writer thread's queue.
+    pub(super) writes: Writes,
+    /// Remote generations followed by a reader thread here, by token.
+    pub(super) remotes: Mutex<HashMap<String, Arc<Generation>>>,
+    /// Resumes waiting for their record (`cluster_resume`).
+    pub(super) lookups: super::cluster_resume::Lookups,
 }
 
-/// How often a continuing Redis outage is logged again.
-const REMIND_EVERY: Duration = Duration::from_secs(30);
-
 impl ClusterNode {
-    /// Connects lazily to the cluster's Redis.
-    pub fn new(config: &crate::config::ClusterConfig) -> Result<ClusterNode, redis::RedisError> {
-        let pool = crate::redis_pool::pool(&config.redis_url, Duration::from_millis(250), 8)?;
+    /// Connects lazily to the cluster's Redis; starts the writer thread.
+    pub fn new(config: &crate::config::ClusterConfig) -> Result<ClusterNode, String> {
+        let timeout = Duration::from_millis(config.redis_timeout_ms.max(1));
+        let pool =
+            crate::redis_pool::pool(&config.redis_url, timeout, 8).map_err(|e| e.to_string())?;
         let lease = Duration::from_millis(config.lease_ms.max(100));
         let node_id = if config.node_id.is_empty() {
             crate::protocol::random_id("n-")[..10].to_owned()
@@ -66,44 +77,67 @@ impl ClusterNode {
             config.node_id.clone()
         };
         let instance = format!("{node_id}.{}", &crate::protocol::random_id("")[..8]);
+        let leases = Arc::new(Leases::new(pool.clone(), lease));
+        let breaker = Arc::new(crate::redis_pool::breaker(
+            &pool,
+            "the cluster's Redis",
+            "every node leads its generations alone until it is back",
+        ));
+        let writes = Writes::start(pool.clone(), leases.clone(), breaker.clone())
+            .map_err(|e| e.to_string())?;
         Ok(ClusterNode {
-            leases: Leases::new(pool.clone(), lease),
+            leases,
             instance,
             node_id,
             url: config.redis_url.clone(),
             pool,
             lease,
-            last_claim_warning: Mutex::new(None),
+            breaker,
+            writes,
+            remotes: Mutex::new(HashMap::new()),
+            lookups: super::cluster_resume::Lookups::new(),
         })
+    }
+
+    /// Runs `f` on a pooled connection unless Redis is known to be down;
+    /// a failure marks it down.
+    pub fn query<T>(
+        &self,
+        f: impl FnOnce(&mut redis::Connection) -> redis::RedisResult<T>,
+    ) -> Result<T, String> {
+        self.breaker
+            .call(|| {
+                let mut conn = self.pool.get().map_err(|e| e.to_string())?;
+                f(&mut conn).map_err(|e| e.to_string())
+            })
+            .map_err(|e| e.to_string())
     }
 }
 
 /// A local generation that leads cluster-wide.
 pub(crate) struct ClusterLead {
     pub token: String,
-    writer: StreamWriter,
+    writer: Arc<StreamWriter>,
     pending: Vec<String>,
     last_flush: Instant,
     pub last_renew: Instant,
-    /// Set after a failed write: the stream has a gap, so stop feeding it.
-    broken: bool,
+    /// Set when a batch was lost: the stream has a gap, so it is ended with
+    /// an error instead of fed further.
+    broken: Arc<AtomicBool>,
 }
 
 impl ClusterLead {
-    fn flush(&mut self) {
-        if self.broken || self.pending.is_empty() {
+    /// Queues the buffered tokens for the writer thread (never blocks).
+    fn flush(&mut self, writes: &Writes) {
+        self.last_flush = Instant::now();
+        if self.pending.is_empty() {
             return;
         }
-        let tokens: Vec<&str> = self.pending.iter().map(String::as_str).collect();
-        if let Err(e) = self.writer.append(&tokens) {
-            log::warn!(
-                "stream {} cannot be written, remote followers will fail: {e}",
-                self.token
-            );
-            self.broken = true;
-        }
-        self.pending.clear();
-        self.last_flush = Instant::now();
+        writes.send(Write::Append {
+            writer: self.writer.clone(),
+            tokens: std::mem::take(&mut self.pending),
+            broken: self.broken.clone(),
+        });
     }
 }
 
@@ -125,11 +159,15 @@ impl Shared {
             return Role::Lead;
         }
         let token = format!("{}/{}", node.instance, generation.id);
-        match node.leases.claim(&generation.key, &token) {
+        let claim = node
+            .breaker
+            .call(|| node.leases.claim(&generation.key, &token));
+        match claim {
             Ok(Claim::Ours) => {
+                let _ = generation.stream.set(token.clone());
                 let now = Instant::now();
                 *generation.cluster.lock() = Some(ClusterPart::Lead(ClusterLead {
-                    writer: StreamWriter::new(
+                    writer: Arc::new(StreamWriter::new(
                         node.pool.clone(),
                         &token,
                         Duration::from_millis(
@@ -138,35 +176,37 @@ impl Shared {
                                 .replay_window_ms
                                 .saturating_add(self.config.timeouts.request_ms),
                         ),
-                    ),
+                    )),
                     token,
                     pending: Vec::new(),
                     last_flush: now,
                     last_renew: now,
-                    broken: false,
+                    broken: Arc::new(AtomicBool::new(false)),
                 }));
                 Role::Lead
             }
             Ok(Claim::Theirs(remote)) => {
+                let _ = generation.stream.set(remote.clone());
                 *generation.cluster.lock() = Some(ClusterPart::Follow {
                     token: remote.clone(),
                     refreshed: None,
                 });
                 Role::Remote(remote)
             }
+            // Known down, or just found so: the breaker logs the outage.
             Err(e) => {
-                let mut last = node.last_claim_warning.lock();
-                if last.is_none_or(|at| at.elapsed() >= REMIND_EVERY) {
-                    *last = Some(Instant::now());
-                    log::warn!("cluster claims fail, nodes lead alone until Redis is back: {e}");
-                }
+                log::debug!("generation {} leads alone: {e}", generation.id);
                 Role::Lead
             }
         }
     }
 
     /// Mirrors a published token into the generation's stream (batched).
+    /// Runs between two tokens on the streaming thread: it only queues.
     pub(super) fn cluster_append(&self, generation: &Generation, token: &str) {
+        let Some(node) = &self.cluster else {
+            return;
+        };
         let mut part = generation.cluster.lock();
         let Some(ClusterPart::Lead(lead)) = part.as_mut() else {
             return;
@@ -175,7 +215,7 @@ impl Shared {
         // Tokens that come faster than BATCH_DELAY share a round trip; the
         // janitor flushes what a pause would otherwise leave behind.
         if lead.pending.len() >= BATCH_TOKENS || lead.last_flush.elapsed() >= BATCH_DELAY {
-            lead.flush();
+            lead.flush(&node.writes);
         }
     }
 
@@ -190,17 +230,19 @@ impl Shared {
             Some(ClusterPart::Lead(lead)) => lead,
             Some(ClusterPart::Follow { token, .. }) => {
                 // No longer watching: the leader need not run for us.
-                if let Ok(mut conn) = node.pool.get() {
-                    let _: redis::RedisResult<i64> = redis::cmd("ZREM")
-                        .arg(watchers_key(&token))
-                        .arg(&node.node_id)
-                        .query(&mut *conn);
-                }
+                let mut pipe = redis::pipe();
+                pipe.cmd("ZREM")
+                    .arg(watchers_key(&token))
+                    .arg(&node.node_id)
+                    .ignore();
+                node.writes.send(Write::Commands {
+                    pipe,
+                    what: "unwatch",
+                });
                 return;
             }
             None => return,
         };
-        lead.flush();
         let end = match outcome {
             GenOutcome::Finished(Finish::Stop) => End::Stop,
             GenOutcome::Finished(Finish::Length) => End::Length,
@@ -210,24 +252,20 @@ impl Shared {
                 message: f.message.clone(),
             },
         };
-        let end = if lead.broken {
-            End::Failed {
-                code: "upstream_error".into(),
-                message: "the leader's node lost its stream".into(),
-            }
-        } else {
-            end
-        };
-        let keep = Duration::from_millis(self.config.timeouts.replay_window_ms.max(1));
-        if let Err(e) = lead.writer.finish(&end, keep) {
-            log::warn!("stream {} cannot be ended: {e}", lead.token);
-        }
-        if let Err(e) = node.leases.release(&generation.key, &lead.token) {
-            log::warn!(
-                "lease of {} cannot be released (it expires): {e}",
-                lead.token
-            );
-        }
+        // Queued behind the stream's token batches, so the end marker
+        // follows them; the lease goes in the same round trip.
+        node.writes.send(Write::Finish {
+            writer: lead.writer.clone(),
+            tokens: std::mem::take(&mut lead.pending),
+            end,
+            keep: Duration::from_millis(self.config.timeouts.replay_window_ms.max(1)),
+            also: {
+                let mut release = redis::pipe();
+                release.add_command(node.leases.release_command(&generation.key, &lead.token));
+                release
+            },
+            broken: lead.broken.clone(),
+        });
     }
 
     /// Called by the janitor on every tick. A cluster-wide leader flushes
@@ -238,50 +276,32 @@ impl Shared {
         let Some(node) = &self.cluster else {
             return;
         };
+        // Only queues: the generation's cluster lock is held here, and the
+        // streaming thread takes it between two tokens.
         let mut part = generation.cluster.lock();
         match part.as_mut() {
             Some(ClusterPart::Lead(lead)) => {
                 if lead.last_flush.elapsed() >= BATCH_DELAY {
-                    lead.flush();
+                    lead.flush(&node.writes);
                 }
                 if lead.last_renew.elapsed() < node.lease / 3 {
                     return;
                 }
                 lead.last_renew = Instant::now();
-                match node.leases.renew(&generation.key, &lead.token) {
-                    Ok(true) => {}
-                    Ok(false) => log::warn!("lease of {} was lost", lead.token),
-                    Err(e) => log::warn!("lease of {} cannot be renewed: {e}", lead.token),
-                }
+                node.writes.send(Write::Renew {
+                    key: generation.key,
+                    token: lead.token.clone(),
+                });
             }
             Some(ClusterPart::Follow { token, refreshed }) => {
                 if !attached_here || refreshed.is_some_and(|at| at.elapsed() < node.lease / 3) {
                     return;
                 }
                 *refreshed = Some(Instant::now());
-                let lease_ms = u64::try_from(node.lease.as_millis()).unwrap_or(u64::MAX);
-                let key = watchers_key(token);
-                let result = node
-                    .pool
-                    .get()
-                    .map_err(|e| e.to_string())
-                    .and_then(|mut conn| {
-                        redis::pipe()
-                            .cmd("ZADD")
-                            .arg(&key)
-                            .arg(now_ms().saturating_add(lease_ms))
-                            .arg(&node.node_id)
-                            .ignore()
-                            .cmd("PEXPIRE")
-                            .arg(&key)
-                            .arg(lease_ms.saturating_mul(2))
-                            .ignore()
-                            .query::<()>(&mut *conn)
-                            .map_err(|e| e.to_string())
-                    });
-                if let Err(e) = result {
-                    log::debug!("cannot tell {token}'s node that we watch it: {e}");
-                }
+                node.writes.send(Write::Commands {
+                    pipe: watch_pipe(&node.node_id, token, node.lease),
+                    what: "watch",
+                });
             }
             None => {}
         }
@@ -298,30 +318,30 @@ impl Shared {
             Some(ClusterPart::Lead(lead)) => lead.token.clone(),
             _ => return false,
         };
-        let Ok(mut conn) = node.pool.get() else {
-            return false;
-        };
-        let watching: redis::RedisResult<u64> = redis::cmd("ZCOUNT")
-            .arg(watchers_key(&token))
-            .arg(format!("({}", now_ms()))
-            .arg("+inf")
-            .query(&mut *conn);
+        // While Redis is known down there is no cluster coordination: the
+        // answer is "nobody", at once.
+        let watching = node.query(|conn| {
+            redis::cmd("ZCOUNT")
+                .arg(watchers_key(&token))
+                .arg(format!("({}", now_ms()))
+                .arg("+inf")
+                .query::<u64>(conn)
+        });
         watching.is_ok_and(|n| n > 0)
     }
 
-    /// The cluster token of `generation`, when it is cluster-wide.
-    fn cluster_token(generation: &Generation) -> Option<String> {
-        match generation.cluster.lock().as_ref()? {
-            ClusterPart::Lead(lead) => Some(lead.token.clone()),
-            ClusterPart::Follow { token, .. } => Some(token.clone()),
-        }
-    }
-
-    /// Records which cluster-wide generation each of `requests` that is
-    /// still running receives, so that a `resume` of it can be answered by
-    /// any node. Called when a connection closes: only then may its client
-    /// come back elsewhere, so Redis sees writes for dropped requests, one
+    /// Records, for each of `requests`, where another node finds it for a
+    /// `resume` (see `cluster_resume`). Called when a connection closes:
+    /// only then may its client come back elsewhere, so Redis sees one
     /// round trip per closed connection, not one write per chat.
+    /// - running, on a cluster-wide generation: the generation's stream;
+    /// - ended: the stream and how many of its tokens the request got, and
+    ///   how it ended; a request whose answer is in no stream (a cache hit,
+    ///   a generation led alone) gets a short stream of its own with the
+    ///   tokens it was sent.
+    ///
+    /// Requests running on a generation led alone cannot be resumed
+    /// elsewhere while they run.
     pub(super) fn cluster_handover(&self, requests: &[String]) {
         let Some(node) = &self.cluster else {
             return;
@@ -334,159 +354,102 @@ impl Shared {
             let Ok(request) = self.lookup(id) else {
                 continue;
             };
-            let (role, generation) = {
-                let st = request.state.lock();
-                if st.end.is_some() {
-                    // Ended: its own node still replays it; no handover.
-                    continue;
-                }
-                match (&st.role, &st.source) {
-                    (Some(role), Some(super::request::Source::Generation(g))) => (*role, g.clone()),
-                    _ => continue,
-                }
-            };
-            let Some(token) = Self::cluster_token(&generation) else {
+            if request.remote {
+                // Its own node's record already says where it is.
+                continue;
+            }
+            let Some(handover) = self.handover_of(node, &request) else {
                 continue;
             };
-            pipe.cmd("SET")
-                .arg(request_key(id))
-                .arg(format!(
-                    "{} {token} {}",
-                    role.as_str(),
-                    crate::cluster::hex(&generation.key)
-                ))
-                .arg("PX")
-                .arg(keep_ms)
-                .ignore();
-            any = true;
-        }
-        if !any {
-            return;
-        }
-        let result = node
-            .pool
-            .get()
-            .map_err(|e| e.to_string())
-            .and_then(|mut conn| pipe.query::<()>(&mut *conn).map_err(|e| e.to_string()));
-        if let Err(e) = result {
-            log::debug!("requests of a closed connection cannot be handed over: {e}");
-        }
-    }
-
-    /// `resume` of a request this node does not know: if another node
-    /// registered it, replays its generation's stream from `from` and then
-    /// follows it live to the end, on a thread of its own. The request
-    /// cannot be cancelled from here.
-    pub(super) fn cluster_resume(
-        self: &Arc<Self>,
-        outbox: &Arc<Outbox>,
-        id: &str,
-        from: u64,
-    ) -> Result<(), Failure> {
-        let not_found = || Failure::new(ErrorCode::NotFound, "no such request, or it expired");
-        let Some(node) = &self.cluster else {
-            return Err(not_found());
-        };
-        // The node that had the request writes the record when it notices
-        // the old connection closed, which can be a moment after the client
-        // is back here: look a few times before answering `not_found`.
-        let mut record: Option<String> = None;
-        for attempt in 0..HANDOVER_TRIES {
-            record = node
-                .pool
-                .get()
-                .ok()
-                .and_then(|mut conn| {
-                    redis::cmd("GET")
-                        .arg(request_key(id))
-                        .query(&mut *conn)
-                        .ok()
-                })
-                .flatten();
-            if record.is_some() || attempt + 1 == HANDOVER_TRIES {
-                break;
-            }
-            std::thread::sleep(HANDOVER_POLL);
-        }
-        let fields: Vec<&str> = record.as_deref().unwrap_or("").split(' ').collect();
-        let (Some(role), Some(token), Some(key)) = (
-            fields.first(),
-            fields.get(1),
-            fields.get(2).and_then(|h| unhex(h)),
-        ) else {
-            return Err(not_found());
-        };
-        let role = match *role {
-            "leader" => Role2::Leader,
-            _ => Role2::Follower,
-        };
-        let mut reader = StreamReader::open(&node.url, token, READ_BLOCK)
-            .map_err(|e| Failure::new(ErrorCode::UpstreamError, e.to_string()))?;
-        let (shared, outbox, id, token) = (
-            self.clone(),
-            outbox.clone(),
-            id.to_owned(),
-            (*token).to_owned(),
-        );
-        std::thread::Builder::new()
-            .name("chorus-resume".into())
-            .stack_size(super::WORKER_STACK)
-            .spawn(move || {
-                shared.replay_remote(&mut reader, &outbox, &id, (&token, key), role, from)
-            })
-            .map_err(|e| Failure::new(ErrorCode::Overloaded, e.to_string()))?;
-        Ok(())
-    }
-
-    fn replay_remote(
-        &self,
-        reader: &mut StreamReader,
-        outbox: &Outbox,
-        id: &str,
-        (token, key): (&str, [u8; 32]),
-        role: Role2,
-        from: u64,
-    ) {
-        let prefix = crate::protocol::token_prefix(id);
-        let _ = outbox.push(Frame::Json(crate::protocol::start(id, role)));
-        let mut seq = 0u64;
-        let outcome = self.follow_stream(
-            reader,
-            &key,
-            token,
-            || !outbox.is_closed(),
-            |text| {
-                if seq >= from {
-                    let frame = Frame::Token {
-                        prefix: prefix.clone(),
-                        tail: crate::protocol::TokenTail::encode(seq, &text),
-                    };
-                    if outbox.push_token(frame).is_err() {
-                        return false;
-                    }
+            let set_record = |pipe: &mut redis::Pipeline| {
+                pipe.cmd("SET")
+                    .arg(request_key(id))
+                    .arg(&handover.record)
+                    .arg("PX")
+                    .arg(keep_ms)
+                    .ignore();
+            };
+            match handover.own_stream {
+                None => {
+                    set_record(&mut pipe);
+                    any = true;
                 }
-                seq += 1;
-                true
+                Some((writer, tokens, end)) => {
+                    // Its stream first, then the record, in one round trip.
+                    let mut record = redis::pipe();
+                    set_record(&mut record);
+                    node.writes.send(Write::Finish {
+                        writer: Arc::new(writer),
+                        tokens,
+                        end,
+                        keep: Duration::from_millis(t.replay_window_ms.max(1)),
+                        also: record,
+                        broken: Arc::new(AtomicBool::new(false)),
+                    });
+                }
+            }
+        }
+        if any {
+            // Off the connection thread, like every cluster write.
+            node.writes.send(Write::Commands {
+                pipe,
+                what: "resume records",
+            });
+        }
+    }
+
+    /// The resume record of `request`, and the stream to write first when
+    /// its tokens are in none.
+    fn handover_of(&self, node: &ClusterNode, request: &Request) -> Option<Handover> {
+        let st = request.state.lock();
+        let role = st.role?;
+        let end = st
+            .end
+            .as_ref()
+            .map(|end| RecordEnd::of(&end.result, end.tokens));
+        let (stream, key, own) = match &st.source {
+            Some(Source::Generation(g)) => match g.stream.get() {
+                Some(token) => (token.clone(), g.key, None),
+                None => {
+                    let end = st.end.as_ref()?;
+                    let produced = g.broadcast.produced();
+                    let tokens = produced.pieces().take(clamp(end.tokens)).map(str::to_owned);
+                    (String::new(), g.key, Some((tokens.collect(), &end.result)))
+                }
             },
-        );
-        let frame = match outcome.as_ref().map(super::ending::member_result) {
-            None => return,
-            // Timings belong to the node that served the request.
-            Some(Ok(finish)) => crate::protocol::done(
-                id,
-                finish,
-                seq,
-                role,
-                crate::protocol::Timings {
-                    queue_ms: 0.0,
-                    prepare_ms: 0.0,
-                    ttft_ms: None,
-                    total_ms: 0.0,
-                },
-            ),
-            Some(Err(failure)) => crate::protocol::error(Some(id), None, &failure),
+            Some(Source::Cached(answer)) => {
+                let end = st.end.as_ref()?;
+                let tokens = answer.pieces().take(clamp(end.tokens)).map(str::to_owned);
+                (
+                    String::new(),
+                    [0; 32],
+                    Some((tokens.collect(), &end.result)),
+                )
+            }
+            None => return None,
         };
-        let _ = outbox.push(Frame::Json(frame));
+        let (stream, own_stream) = match own {
+            None => (stream, None),
+            Some((tokens, result)) => {
+                let token = format!("{}/r/{}", node.instance, request.id);
+                let writer = StreamWriter::new(
+                    node.pool.clone(),
+                    &token,
+                    Duration::from_millis(self.config.timeouts.replay_window_ms.max(1)),
+                );
+                (token, Some((writer, tokens, stream_end(result))))
+            }
+        };
+        let record = Record {
+            role: role.as_str().to_owned(),
+            stream,
+            key: crate::cluster::hex(&key),
+            end,
+        };
+        Some(Handover {
+            record: serde_json::to_string(&record).ok()?,
+            own_stream,
+        })
     }
 
     /// The reader thread of a remote generation: feeds the local broadcast
@@ -496,6 +459,12 @@ impl Shared {
         let Some(node) = &self.cluster else {
             return;
         };
+        // One reader per remote generation on this node: resumes of its
+        // requests join this generation instead of starting their own.
+        node.remotes
+            .lock()
+            .entry(token.clone())
+            .or_insert_with(|| generation.clone());
         // Tell the leader's node at once that clients here follow it, so it
         // does not stop for lack of interest before the janitor's next tick.
         self.cluster_tick(&generation, true);
@@ -520,6 +489,13 @@ impl Shared {
         };
         if let Some(outcome) = outcome {
             self.finish_generation(&generation, outcome);
+        }
+        let mut remotes = node.remotes.lock();
+        if remotes
+            .get(&token)
+            .is_some_and(|g| Arc::ptr_eq(g, &generation))
+        {
+            remotes.remove(&token);
         }
     }
 
@@ -549,7 +525,10 @@ impl Shared {
                 Err(e) => return lost(format!("lost the stream of the leader's node: {e}")),
             };
             if events.is_empty() {
-                let holder = node.leases.holder(key);
+                let holder = node
+                    .breaker
+                    .call(|| node.leases.holder(key))
+                    .map_err(|e| e.to_string());
                 // A Redis that cannot answer says nothing about the leader;
                 // the read above fails soon enough if it stays away.
                 if holder.is_ok() && !matches!(&holder, Ok(Some(t)) if t == token) {
@@ -602,9 +581,26 @@ fn watchers_key(token: &str) -> String {
     format!("chorus:v1:watchers:{token}")
 }
 
+/// Marks `node_id` as watching generation `token` for one lease time.
+fn watch_pipe(node_id: &str, token: &str, lease: Duration) -> redis::Pipeline {
+    let lease_ms = u64::try_from(lease.as_millis()).unwrap_or(u64::MAX);
+    let key = watchers_key(token);
+    let mut pipe = redis::pipe();
+    pipe.cmd("ZADD")
+        .arg(&key)
+        .arg(now_ms().saturating_add(lease_ms))
+        .arg(node_id)
+        .ignore()
+        .cmd("PEXPIRE")
+        .arg(&key)
+        .arg(lease_ms.saturating_mul(2))
+        .ignore();
+    pipe
+}
+
 /// The failure an end marker records; an unknown code (a newer node's)
 /// reads as `upstream_error`.
-fn failure_of(code: &str, message: String) -> Failure {
+pub(super) fn failure_of(code: &str, message: String) -> Failure {
     let code = ErrorCode::ALL
         .into_iter()
         .find(|c| c.as_str() == code)
@@ -613,7 +609,7 @@ fn failure_of(code: &str, message: String) -> Failure {
 }
 
 /// The key bytes of a 64-digit hex string.
-fn unhex(text: &str) -> Option<[u8; 32]> {
+pub(super) fn unhex(text: &str) -> Option<[u8; 32]> {
     let mut key = [0u8; 32];
     if text.len() != 64 {
         return None;
@@ -625,7 +621,7 @@ fn unhex(text: &str) -> Option<[u8; 32]> {
 }
 
 /// Which generation a request receives, for `resume` on any node.
-fn request_key(id: &str) -> String {
+pub(super) fn request_key(id: &str) -> String {
     format!("chorus:v1:request:{id}")
 }
 
@@ -633,4 +629,27 @@ fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// A request's resume record, and its own stream when it needs one.
+struct Handover {
+    record: String,
+    own_stream: Option<(StreamWriter, Vec<String>, End)>,
+}
+
+/// The end marker for a request's own stream.
+fn stream_end(result: &Result<Finish, Failure>) -> End {
+    match result {
+        Ok(Finish::Stop) => End::Stop,
+        Ok(Finish::Length) => End::Length,
+        Ok(Finish::Cancelled) => End::Cancelled,
+        Err(f) => End::Failed {
+            code: f.code.as_str().to_owned(),
+            message: f.message.clone(),
+        },
+    }
+}
+
+fn clamp(tokens: u64) -> usize {
+    usize::try_from(tokens).unwrap_or(usize::MAX)
 }

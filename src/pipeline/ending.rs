@@ -53,33 +53,42 @@ impl Shared {
         // One copy of the answer for the cache and every member's history write.
         let text: Arc<str> = produced.text.into();
         match &outcome {
-            GenOutcome::Finished(Finish::Stop) if cacheable => {
-                // The broadcast's tails, shared: the cache holds no second
-                // encoding of the answer.
-                let answer = Arc::new(CachedAnswer {
-                    tails: generation.broadcast.all_tails(),
-                    text: text.clone(),
-                    ends: produced.ends,
-                });
-                if let Err(e) = self.cache.put(&generation.key, answer) {
-                    self.metrics.cache_errors.inc();
-                    log::debug!("cache write failed: {e}");
-                }
+            GenOutcome::Cancelled | GenOutcome::Failed(_) if was_streaming => {
+                self.metrics.upstream_aborted.inc();
             }
-            GenOutcome::Finished(_) => {}
-            GenOutcome::Cancelled => {
-                if was_streaming {
-                    self.metrics.upstream_aborted.inc();
-                }
+            _ => {}
+        }
+        if let GenOutcome::Failed(f) = &outcome {
+            if f.code == ErrorCode::UpstreamError {
+                self.metrics.upstream_failures.inc();
             }
-            GenOutcome::Failed(f) => {
-                if was_streaming {
-                    self.metrics.upstream_aborted.inc();
-                }
-                if f.code == ErrorCode::UpstreamError {
-                    self.metrics.upstream_failures.inc();
-                }
+        }
+        self.active.write().generations.remove(&generation.id);
+        let result = member_result(&outcome);
+        for member in members {
+            self.end_request(&member, |_, _| Some((result.clone(), text.clone(), tokens)));
+        }
+        // The cache write comes after the members' ends: a cache that has
+        // just become slow (a Redis freezing, not yet known down) must not
+        // hold up their `done`. Until the key is forgotten below, an
+        // identical chat joins this finished generation and gets its whole
+        // answer replayed (see `run_follower`), so the order loses nothing.
+        if matches!(outcome, GenOutcome::Finished(Finish::Stop)) && cacheable {
+            // The broadcast's tails, shared: the cache holds no second
+            // encoding of the answer.
+            let answer = Arc::new(CachedAnswer {
+                tails: generation.broadcast.all_tails(),
+                text: text.clone(),
+                ends: produced.ends,
+            });
+            if let Err(e) = self.cache.put(&generation.key, answer) {
+                self.metrics.cache_errors.inc();
+                log::debug!("cache write failed: {e}");
             }
+            // Before the key is forgotten: a request that missed the cache
+            // before this write and claims the key after the forget sees
+            // the count moved and asks the cache again.
+            self.cache_writes.fetch_add(1, Ordering::AcqRel);
         }
         if generation.shared {
             // New identical requests must not join a generation that is over:
@@ -89,11 +98,6 @@ impl Shared {
                     self.flights.forget(&generation.key);
                 }
             }
-        }
-        self.active.write().generations.remove(&generation.id);
-        let result = member_result(&outcome);
-        for member in members {
-            self.end_request(&member, |_, _| Some((result.clone(), text.clone(), tokens)));
         }
     }
 
@@ -135,8 +139,11 @@ impl Shared {
                 timings,
             };
             // Counted before anyone is told, so a client that reads its
-            // end and then `/api/stats` finds it there.
-            self.count_end(&result, st.role, timings);
+            // end and then `/api/stats` finds it there. A request resumed
+            // from another node is counted by the node that accepted it.
+            if !request.remote {
+                self.count_end(&result, st.role, timings);
+            }
             let end_frame = if st.announced {
                 end_frame(request, &end, st.role)
             } else {
@@ -186,6 +193,11 @@ impl Shared {
             }
             st.announced
         };
+        if request.remote {
+            // Accepted, counted and stored by the node that accepted it.
+            self.complete_remote(request);
+            return true;
+        }
         if messages.is_empty() && announced {
             // Nothing to store, and the question was committed before
             // `accepted`: no earlier write of this request is pending.
@@ -277,6 +289,23 @@ fn refusal_frame(request: &Request, end: &End) -> Vec<u8> {
         Ok(_) => Failure::new(ErrorCode::Cancelled, "cancelled before it started"),
     };
     protocol::error(None, Some(&request.client_id), &failure)
+}
+
+impl Shared {
+    /// Moves a request resumed from another node to the replay window once
+    /// it ended here (nothing to store: its own node does that).
+    pub(super) fn complete_remote(&self, request: &Arc<Request>) {
+        request.state.lock().phase = Phase::Finished { at: Instant::now() };
+        let mut active = self.active.write();
+        active
+            .finished
+            .push_back((Instant::now(), request.id.clone()));
+        while active.finished.len() > MAX_REPLAYABLE {
+            if let Some((_, id)) = active.finished.pop_front() {
+                active.requests.remove(&id);
+            }
+        }
+    }
 }
 
 /// The frame that ends a request for one client: `done`, or `error` when it

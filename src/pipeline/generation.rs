@@ -63,6 +63,10 @@ pub(crate) struct Generation {
     pub state: Mutex<GenState>,
     /// Set when this generation leads cluster-wide (`[cluster]`).
     pub cluster: super::cluster::LeadSlot,
+    /// The cluster token of its Redis stream (its own when it leads
+    /// cluster-wide, the leader's when it follows another node); kept after
+    /// the end, for the resume records of its requests.
+    pub stream: std::sync::OnceLock<String>,
 }
 
 impl Generation {
@@ -86,6 +90,7 @@ impl Generation {
                 cacheable: true,
             }),
             cluster: Mutex::new(None),
+            stream: std::sync::OnceLock::new(),
         })
     }
 

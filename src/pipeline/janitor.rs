@@ -9,6 +9,10 @@
 //!   `processing_timeout` and its upstream call is aborted;
 //! - a generation whose clients all disconnected is aborted once
 //!   `orphan_grace_ms` passed with nobody resuming (unless `complete_orphans`);
+//! - whatever outlives `request_ms` is reclaimed: a generation still listed
+//!   although it is over is dropped from the list (it would count as in
+//!   flight for ever), and a request not ended by then (its generation lost
+//!   it) ends with `processing_timeout`;
 //! - finished requests are forgotten after `replay_window_ms`, and when
 //!   that leaves nothing running, free memory is handed back to the OS
 //!   ([`crate::memory`]);
@@ -23,7 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::generation::GenOutcome;
-use super::request::Phase;
+use super::request::{Phase, Source};
 use super::Shared;
 use crate::protocol::{ErrorCode, Failure, Stage};
 
@@ -37,7 +41,7 @@ pub(super) fn run(shared: &Arc<Shared>) {
     }
 }
 
-fn sweep(shared: &Arc<Shared>, now: Instant) {
+pub(super) fn sweep(shared: &Arc<Shared>, now: Instant) {
     let t = &shared.config.timeouts;
     let ms = Duration::from_millis;
     let (requests, generations): (Vec<_>, Vec<_>) = {
@@ -99,6 +103,14 @@ fn sweep(shared: &Arc<Shared>, now: Instant) {
         let (stage, since, members, orphaned_since) = {
             let st = generation.state.lock();
             if st.outcome.is_some() {
+                // Over but still listed: `finish_generation` unlists it right
+                // after setting the outcome, so past `request_ms` this is a
+                // leak (a bug), reclaimed rather than counted for ever.
+                if now.duration_since(generation.created_at) > ms(t.request_ms) {
+                    drop(st);
+                    log::warn!("generation {} was over but still listed", generation.id);
+                    shared.active.write().generations.remove(&generation.id);
+                }
                 continue;
             }
             (st.stage, st.since, st.members.clone(), st.orphaned_since)
@@ -162,5 +174,105 @@ fn sweep(shared: &Arc<Shared>, now: Instant) {
                 Some(_) => {}
             }
         }
+    }
+    reclaim_requests(shared, now);
+}
+
+/// Ends every request still running past `request_ms` after its
+/// generation had its chance to end it (generations are swept first and
+/// fail their members with the same timeout): one that nothing else will
+/// end, because its generation lost it, must not stay live for ever.
+fn reclaim_requests(shared: &Arc<Shared>, now: Instant) {
+    let limit = Duration::from_millis(shared.config.timeouts.request_ms);
+    let stale: Vec<_> = shared
+        .active
+        .read()
+        .live
+        .values()
+        .filter(|r| now.duration_since(r.accepted_at) > limit)
+        .cloned()
+        .collect();
+    for request in stale {
+        let failure = Failure::new(
+            ErrorCode::ProcessingTimeout,
+            format!("the request took longer than {} ms", limit.as_millis()),
+        );
+        shared.end_request(&request, |st, phase| match (&st.source, phase) {
+            (Some(Source::Generation(g)), Phase::Running) => {
+                let produced = g.broadcast.detach(&st.attachments);
+                g.leave(&request);
+                let tokens = produced.ends.len() as u64;
+                Some((Err(failure), produced.text.into(), tokens))
+            }
+            _ => Some((Err(failure), "".into(), 0)),
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::generation::Generation;
+    use crate::pipeline::request::Request;
+    use crate::pipeline::Pipeline;
+
+    fn pipeline(dir: &std::path::Path) -> Pipeline {
+        let mut config = crate::config::Config::default();
+        // The test sweeps by hand, at times of its choosing; the janitor's
+        // own sweeps (real time) never reach request_ms.
+        config.timeouts.request_ms = 60_000;
+        let history = crate::history::History::open(&dir.join("chat.db"), 1).unwrap();
+        let cache = Arc::new(crate::cache::MemoryCache::new(16, Duration::from_secs(60)));
+        let provider = Arc::new(crate::llm::Simulated {
+            first_token: Duration::from_millis(1),
+            token_interval: Duration::from_millis(1),
+            tokens: 1,
+            token_bytes: 0,
+        });
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        Pipeline::start(Arc::new(config), history, cache, provider, metrics).unwrap()
+    }
+
+    #[test]
+    fn what_outlives_request_ms_is_reclaimed() {
+        let dir = tempfile::tempdir().unwrap();
+        let pipeline = pipeline(dir.path());
+        let shared = pipeline.shared.clone();
+        // A generation that is over but was left listed, and a request a
+        // generation lost: running, but no generation's member any more.
+        let leaked = Generation::new(1_000_000, [9; 32], false);
+        leaked.state.lock().outcome = Some(GenOutcome::Cancelled);
+        let lost = Request::new("c1".into(), "conv".into());
+        {
+            let mut st = lost.state.lock();
+            st.phase = Phase::Running;
+            st.source = Some(Source::Generation(leaked.clone()));
+        }
+        shared.live_requests.fetch_add(1, Ordering::AcqRel);
+        {
+            let mut active = shared.active.write();
+            active.generations.insert(leaked.id, leaked.clone());
+            active.requests.insert(lost.id.clone(), lost.clone());
+            active.live.insert(lost.id.clone(), lost.clone());
+        }
+        // Within request_ms both are left alone.
+        sweep(&shared, Instant::now());
+        assert_eq!(pipeline.generations(), 1);
+        assert!(!lost.is_ending());
+        // Past it, both are reclaimed.
+        sweep(&shared, Instant::now() + Duration::from_secs(61));
+        assert_eq!(
+            pipeline.generations(),
+            0,
+            "the over generation stayed listed"
+        );
+        assert!(
+            lost.wait_stored(Duration::from_secs(5)),
+            "the lost request never ended"
+        );
+        let end = lost.state.lock().end.clone().unwrap();
+        assert_eq!(end.result.unwrap_err().code, ErrorCode::ProcessingTimeout);
+        assert_eq!(pipeline.live_requests(), 0);
+        pipeline.shutdown();
     }
 }

@@ -38,10 +38,15 @@
 //! `resume`; `stages` is the work of each pool; `ending` is how
 //! generations and requests end, exactly once; `janitor` the timeouts;
 //! `generation` and `request` the two records everything revolves
-//! around; `key` the identical-request key; `prompt` the prompt.
+//! around; `key` the identical-request key; `prompt` the prompt;
+//! `cluster` the node's part in a cluster, with `cluster_writer` (its
+//! writes to Redis, on a thread of their own) and `cluster_resume`
+//! (`resume` of a request another node accepted).
 
 mod client;
 mod cluster;
+mod cluster_resume;
+mod cluster_writer;
 mod ending;
 mod generation;
 mod history_page;
@@ -138,6 +143,8 @@ pub(crate) struct Shared {
     live_requests: AtomicUsize,
     draining: AtomicBool,
     next_generation: AtomicU64,
+    /// Answers written to the cache so far (see [`Work::cache_writes_seen`]).
+    cache_writes: AtomicU64,
 }
 
 /// A chat that passed admission, on its way to the cache lane.
@@ -158,6 +165,10 @@ struct Work {
     fresh: bool,
     /// Stored messages before this one.
     history_len: u64,
+    /// [`Shared::cache_writes`] just before the cache lane's lookup: if it
+    /// moved by the time this request would lead, an identical answer may
+    /// have been cached in between, so the cache is asked again.
+    cache_writes_seen: u64,
     message: String,
     model: String,
     temperature: Option<f64>,
@@ -313,7 +324,9 @@ impl Pipeline {
             live_requests: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
             next_generation: AtomicU64::new(1),
+            cache_writes: AtomicU64::new(0),
         });
+        shared.start_lookups()?;
         let s = shared.clone();
         let cache_pool = Pool::spawn(
             "cache",

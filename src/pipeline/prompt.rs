@@ -94,6 +94,7 @@ mod tests {
             key: [0; 32],
             fresh: false,
             history_len: 0,
+            cache_writes_seen: 0,
             message: message.into(),
             model: "m".into(),
             temperature: None,

@@ -59,8 +59,12 @@ pub(crate) struct RequestState {
     pub end: Option<End>,
     /// `accepted` went out: only once the user's message is stored, because
     /// `accepted` promises it is (see `Shared::announce`). An end before
-    /// that is told as a refusal of the chat, not of a request.
+    /// that is told as a refusal of the chat, not of a request. A stand-in
+    /// for a request accepted on another node starts announced.
     pub announced: bool,
+    /// For a request resumed from another node while its record is looked
+    /// up: the `seq` to replay from (the latest `resume` wins).
+    pub resume_from: u64,
 }
 
 /// One chat request. Share it as `Arc<Request>`.
@@ -69,6 +73,9 @@ pub(crate) struct Request {
     pub client_id: String,
     pub conversation: String,
     pub accepted_at: Instant,
+    /// Accepted by another node of the cluster and resumed here: this node
+    /// only relays it (no history, no conversation, not counted as live).
+    pub remote: bool,
     pub state: Mutex<RequestState>,
     /// Notified when the request's messages are stored (phase `Finished`).
     pub stored: Condvar,
@@ -76,12 +83,30 @@ pub(crate) struct Request {
 
 impl Request {
     pub fn new(client_id: String, conversation: String) -> Arc<Request> {
+        Request::build(
+            crate::protocol::random_id("r-").into(),
+            client_id,
+            conversation,
+            false,
+        )
+    }
+
+    /// The local stand-in of request `id`, accepted by another node and
+    /// resumed here (see [`Request::remote`]).
+    pub fn resumed(id: &str, from: u64) -> Arc<Request> {
+        let request = Request::build(id.into(), String::new(), String::new(), true);
+        request.state.lock().resume_from = from;
+        request
+    }
+
+    fn build(id: Arc<str>, client_id: String, conversation: String, remote: bool) -> Arc<Request> {
         let now = Instant::now();
         Arc::new(Request {
-            id: crate::protocol::random_id("r-").into(),
+            id,
             client_id,
             conversation,
             accepted_at: now,
+            remote,
             state: Mutex::new(RequestState {
                 phase: Phase::Queued { since: now },
                 role: None,
@@ -90,7 +115,8 @@ impl Request {
                 dequeued_at: None,
                 joined_at: None,
                 end: None,
-                announced: false,
+                announced: remote,
+                resume_from: 0,
             }),
             stored: Condvar::new(),
         })

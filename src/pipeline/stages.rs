@@ -26,6 +26,14 @@ use crate::protocol::{self, ErrorCode, Failure, Finish, Role, Stage};
 use crate::singleflight::{Claim, Leader};
 use crate::tools::ToolResult;
 
+/// Whether a cached answer served to a request is in its conversation's
+/// history already.
+#[derive(Clone, Copy)]
+pub(super) enum AnswerStored {
+    Yes,
+    No,
+}
+
 impl Shared {
     // -- the cache lane ----------------------------------------------------
 
@@ -35,7 +43,7 @@ impl Shared {
     /// hit is served right there; a miss comes back here (`stored`) to
     /// lead or follow. The request keeps its intake reservation until then,
     /// so the way back always has room.
-    pub(super) fn run_cache_lane(self: &Arc<Self>, job: IntakeJob) {
+    pub(super) fn run_cache_lane(self: &Arc<Self>, mut job: IntakeJob) {
         let ended = job.ticket.request().is_ending();
         if job.stored || ended {
             self.intake_reserved.fetch_sub(1, Ordering::AcqRel);
@@ -51,6 +59,7 @@ impl Shared {
         let cached = if job.work.fresh {
             None
         } else {
+            job.work.cache_writes_seen = self.cache_writes.load(Ordering::Acquire);
             match self.cache.get(&job.work.key) {
                 Ok(Some(answer)) => {
                     self.metrics.cache_hits.inc();
@@ -135,7 +144,7 @@ impl Shared {
         }
         if let Some(answer) = cached {
             self.intake_reserved.fetch_sub(1, Ordering::AcqRel);
-            return self.serve_cached(job.ticket, answer);
+            return self.serve_cached(job.ticket, answer, AnswerStored::Yes);
         }
         job.stored = true;
         if let Err((job, _)) = self.send(|c| &c.intake, job, "the intake queue is full") {
@@ -149,6 +158,12 @@ impl Shared {
     /// The singleflight: a new key makes `ticket`'s request a leader, a key
     /// in flight makes it a follower. A `fresh` request always leads alone.
     pub(super) fn lead_or_follow(self: &Arc<Self>, ticket: RequestTicket, work: Work) {
+        self.claim_key(ticket, work, true);
+    }
+
+    /// [`Shared::lead_or_follow`]; `may_wait` once per request, so a wait
+    /// for a finishing generation happens at most once.
+    fn claim_key(self: &Arc<Self>, ticket: RequestTicket, work: Work, may_wait: bool) {
         let id = self.next_generation.fetch_add(1, Ordering::Relaxed);
         if work.fresh {
             let generation = Generation::new(id, work.key, false);
@@ -160,21 +175,64 @@ impl Shared {
         {
             Claim::Leader(leader) => {
                 let generation = leader.shared().clone();
+                if self.cache_writes.load(Ordering::Acquire) != work.cache_writes_seen {
+                    // An answer was cached since this request's lookup: maybe
+                    // this one, by a generation that ended in between.
+                    if let Ok(Some(answer)) = self.cache.get(&work.key) {
+                        self.metrics.cache_hits.inc();
+                        // Give the key up; a follower that claimed it
+                        // meanwhile sees it cancelled and looks again.
+                        self.finish_generation(&generation, GenOutcome::Cancelled);
+                        leader.complete(GenOutcome::Cancelled);
+                        return self.serve_cached(ticket, answer, AnswerStored::No);
+                    }
+                }
                 self.lead(ticket, work, generation, Some(leader));
+            }
+            Claim::Follower(call) if may_wait && call.shared().is_over() => {
+                // It ended a moment ago: its clients have their `done` and
+                // its answer is being written to the cache (the cache write
+                // comes after the `done`s, see `finish_generation`). Wait for
+                // that, then look again, so a question asked again right
+                // after `done` is a cache hit. Bounded by the cache write's
+                // own bound; past it the finished generation is followed
+                // (its whole answer replayed), which is correct too.
+                let bound = std::time::Duration::from_millis(
+                    self.config.cache.redis_timeout_ms.saturating_add(100),
+                );
+                let _ = call.wait_timeout(bound);
+                match self.cache.get(&work.key) {
+                    Ok(Some(answer)) => {
+                        self.metrics.cache_hits.inc();
+                        self.serve_cached(ticket, answer, AnswerStored::No)
+                    }
+                    _ => self.claim_key(ticket, work, false),
+                }
             }
             Claim::Follower(call) => self.follow(ticket, call.shared().clone(), work),
         }
     }
 
-    pub(super) fn serve_cached(self: &Arc<Self>, ticket: RequestTicket, answer: Arc<CachedAnswer>) {
+    /// Serves a cache hit: the whole answer (start, tokens, done) is pushed
+    /// in one go. The question is stored already (before `accepted`); the
+    /// answer too when the hit came from the first lookup, which stores
+    /// both in one commit, but not when it came from a later look.
+    pub(super) fn serve_cached(
+        self: &Arc<Self>,
+        ticket: RequestTicket,
+        answer: Arc<CachedAnswer>,
+        stored: AnswerStored,
+    ) {
         let request = ticket.release();
-        // The whole answer (start, tokens, done) is pushed in one go; it is
-        // stored already, with the question.
+        let text: Arc<str> = match stored {
+            AnswerStored::Yes => "".into(),
+            AnswerStored::No => answer.text.clone(),
+        };
         let served = self.end_request(&request, |st, _| {
             st.role = Some(Role::Cache);
             st.source = Some(Source::Cached(answer.clone()));
             st.dequeued_at = Some(Instant::now());
-            Some((Ok(Finish::Stop), "".into(), answer.tokens()))
+            Some((Ok(Finish::Stop), text, answer.tokens()))
         });
         if served {
             self.metrics.by_role.with_label_values(&["cache"]).inc();
@@ -230,6 +288,15 @@ impl Shared {
             .write()
             .generations
             .insert(generation.id, generation.clone());
+        // Its only member may have been cancelled since its lock was let go:
+        // then `finish_generation` has already run and its removal from the
+        // list came before this insertion. Either that removal follows the
+        // insertion, or the outcome is visible here (it is set before the
+        // removal); so a generation that is over is never left listed.
+        if generation.is_over() {
+            self.active.write().generations.remove(&generation.id);
+            return;
+        }
         self.metrics
             .by_role
             .with_label_values(&[role.as_str()])

@@ -69,9 +69,32 @@ impl RedisServer {
     /// Stops it at once (SIGKILL) and waits for it.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
+            // A frozen process dies of SIGKILL too; thawing first keeps
+            // nothing stopped behind if the kill were refused.
+            let _ = rustix::process::kill_process(
+                rustix::process::Pid::from_child(&child),
+                rustix::process::Signal::CONT,
+            );
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// Freezes it (SIGSTOP to the process this harness started): it keeps
+    /// its port and connections but answers nothing until [`Self::thaw`].
+    pub fn freeze(&self) {
+        self.signal(rustix::process::Signal::STOP);
+    }
+
+    /// Lets a frozen Redis go on (SIGCONT).
+    pub fn thaw(&self) {
+        self.signal(rustix::process::Signal::CONT);
+    }
+
+    fn signal(&self, signal: rustix::process::Signal) {
+        let child = self.child.as_ref().expect("running");
+        rustix::process::kill_process(rustix::process::Pid::from_child(child), signal)
+            .expect("signal redis-server");
     }
 
     fn try_connection(&self) -> redis::RedisResult<redis::Connection> {

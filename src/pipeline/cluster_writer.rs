@@ -1,0 +1,167 @@
+//! The cluster's writes to Redis, done by one thread of their own: token
+//! batches of the generations this node leads, their end markers and lease
+//! releases, lease renewals, "we still watch it" marks and the records that
+//! let another node answer a `resume`.
+//!
+//! Why a thread: these writes used to run where they were decided, on the
+//! streaming thread (under the generation's cluster lock, between two
+//! tokens) and on the janitor. A frozen Redis then stalled every running
+//! generation's tokens by the Redis timeout. Now the deciding thread only
+//! queues the write (`try_send` on a bounded channel, never blocking), and
+//! this thread does them in order, so a stream's tokens still precede its
+//! end marker. While Redis is known to be down (the node's breaker is
+//! open) queued writes are dropped at once; a dropped or failed token batch
+//! marks its stream broken, so it is ended with an error rather than read
+//! with a gap. A full queue drops the write the same way.
+//!
+//! Threads: any thread queues ([`Writes::send`]); the `chorus-cluster`
+//! thread runs them until every sender is gone.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
+
+use crate::breaker::{Breaker, BreakerError};
+use crate::cluster::lease::Leases;
+use crate::cluster::stream::{End, StreamWriter};
+use crate::redis_pool::RedisPool;
+
+/// Writes waiting at most; past it new ones are dropped (a Redis that slow
+/// is as good as down for the cluster).
+const QUEUE: usize = 16_384;
+
+/// One write to the cluster's Redis.
+pub(crate) enum Write {
+    /// Tokens of a stream this node leads, in order.
+    Append {
+        writer: Arc<StreamWriter>,
+        tokens: Vec<String>,
+        /// Set when a batch is lost: the stream has a gap from then on.
+        broken: Arc<AtomicBool>,
+    },
+    /// The last tokens, the end marker and `also` (the lease's release, or
+    /// the resume record of a request whose stream this is), atomically.
+    Finish {
+        writer: Arc<StreamWriter>,
+        tokens: Vec<String>,
+        end: End,
+        keep: Duration,
+        also: redis::Pipeline,
+        broken: Arc<AtomicBool>,
+    },
+    /// Extends a lease this node holds.
+    Renew { key: [u8; 32], token: String },
+    /// Any other commands, in one round trip (watcher marks, resume records).
+    Commands {
+        pipe: redis::Pipeline,
+        what: &'static str,
+    },
+}
+
+/// The sending side, held by the cluster node.
+pub(crate) struct Writes {
+    tx: Sender<Write>,
+}
+
+impl Writes {
+    /// Starts the writer thread.
+    pub fn start(
+        pool: RedisPool,
+        leases: Arc<Leases>,
+        breaker: Arc<Breaker>,
+    ) -> std::io::Result<Writes> {
+        let (tx, rx) = bounded(QUEUE);
+        std::thread::Builder::new()
+            .name("chorus-cluster".into())
+            .stack_size(256 * 1024)
+            .spawn(move || run(&rx, &pool, &leases, &breaker))?;
+        Ok(Writes { tx })
+    }
+
+    /// Queues `write`; never blocks. A write that finds the queue full is
+    /// dropped (a lost token batch breaks its stream).
+    pub fn send(&self, write: Write) {
+        if let Err(TrySendError::Full(write) | TrySendError::Disconnected(write)) =
+            self.tx.try_send(write)
+        {
+            lost(&write);
+        }
+    }
+}
+
+/// What dropping `write` unrun means.
+fn lost(write: &Write) {
+    match write {
+        Write::Append { broken, .. } | Write::Finish { broken, .. } => {
+            broken.store(true, Ordering::Release);
+        }
+        Write::Renew { .. } | Write::Commands { .. } => {}
+    }
+}
+
+fn run(rx: &Receiver<Write>, pool: &RedisPool, leases: &Leases, breaker: &Breaker) {
+    for write in rx {
+        let result = breaker.call(|| perform(&write, pool, leases));
+        match result {
+            Ok(()) => {}
+            // Logged once per outage by the breaker.
+            Err(BreakerError::Open) => lost(&write),
+            Err(BreakerError::Failed(e)) => {
+                log::debug!("a cluster write failed: {e}");
+                lost(&write);
+            }
+        }
+    }
+}
+
+fn perform(write: &Write, pool: &RedisPool, leases: &Leases) -> Result<(), String> {
+    match write {
+        Write::Append {
+            writer,
+            tokens,
+            broken,
+        } => {
+            if broken.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            let tokens: Vec<&str> = tokens.iter().map(String::as_str).collect();
+            writer.append(&tokens).map_err(|e| e.to_string())
+        }
+        Write::Finish {
+            writer,
+            tokens,
+            end,
+            keep,
+            also,
+            broken,
+        } => {
+            let (tokens, end) = if broken.load(Ordering::Acquire) {
+                let failed = End::Failed {
+                    code: "upstream_error".into(),
+                    message: "the leader's node lost its stream".into(),
+                };
+                (Vec::new(), failed)
+            } else {
+                (tokens.iter().map(String::as_str).collect(), end.clone())
+            };
+            writer
+                .finish_with(&tokens, &end, *keep, also)
+                .map_err(|e| e.to_string())
+        }
+        Write::Renew { key, token } => match leases.renew(key, token) {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                log::warn!("lease of {token} was lost");
+                Ok(())
+            }
+            Err(e) => Err(e.to_string()),
+        },
+        Write::Commands { pipe, what } => {
+            let mut conn = pool.get().map_err(|e| format!("{what}: {e}"))?;
+            pipe.query::<()>(&mut *conn)
+                .map_err(|e| format!("{what}: {e}"))
+        }
+    }
+}
