@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::redis_server::RedisServer;
 use common::{eventually, Answer, Client, Server};
+use serde_json::json;
 
 /// Every Redis call of the node waits this long before it fails.
 const TIMEOUT_MS: u64 = 1500;
@@ -230,9 +231,18 @@ fn a_question_asked_again_right_after_done_is_a_cache_hit() {
             let question = format!("Again and again {i}");
             let first = c.ask_and_wait(None, &question);
             assert_eq!(first.role.as_deref(), Some("leader"), "{}", first.end);
-            let again = c.ask_and_wait(None, &question);
+            let (request, conversation) = c.ask(None, &question);
+            let again = c.answer(&request);
             assert_eq!(again.role.as_deref(), Some("cache"), "round {i}");
             assert_eq!(again.text, first.text);
+            // A hit found after the first lookup (waiting for the cache
+            // write) stores its answer too, like any other hit.
+            c.send(json!({"type": "history", "conversation": conversation}));
+            let history = c.recv_matching(|v| v["type"] == "history");
+            let messages = history["messages"].as_array().expect("messages");
+            assert_eq!(messages.len(), 2, "round {i}: {history}");
+            assert_eq!(messages[0]["content"], question.as_str());
+            assert_eq!(messages[1]["content"], first.text.as_str());
         }
     }
 }
