@@ -154,6 +154,11 @@ impl Server {
         wait_with_timeout(&mut child, WAIT).expect("chorus did not exit after SIGTERM")
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
     /// The server's threads now (from /proc).
     pub fn threads(&self) -> usize {
         let pid = self.child.as_ref().expect("running").id();
