@@ -20,6 +20,10 @@ use tungstenite::{Message, WebSocket};
 /// Violation examples kept per client (the summary keeps the first few).
 const MAX_EXAMPLES: usize = 10;
 
+/// Resumes after `slow_consumer` of one request before the client calls it
+/// a hang: each resume must make progress, so a handful is plenty.
+const MAX_CUT_OFFS: u32 = 50;
+
 /// The first complete answer seen for each message asked in a new
 /// conversation: every later complete answer to it must be the same text.
 #[derive(Default)]
@@ -241,9 +245,16 @@ impl Conn {
         answers: &Answers,
         tally: &mut Tally,
     ) -> Result<Ending, Stop> {
+        let mut cut_off = 0;
         loop {
             if let Some((track, ending)) = self.ended.get(request) {
                 if ending == &Ending::Error("slow_consumer".into()) {
+                    cut_off += 1;
+                    if cut_off > MAX_CUT_OFFS {
+                        return Err(Stop::Hang(format!(
+                            "{request} cut off as a slow consumer {MAX_CUT_OFFS} times"
+                        )));
+                    }
                     let track = track.clone();
                     tally.resumes += 1;
                     self.resume(request, track.next_seq, Some(&track))?;
