@@ -96,6 +96,7 @@ fn fifty_clients_for_ten_seconds_on_one_node_break_no_promise() {
     assert!(passed, "chaos run failed: {summary:#}");
     assert_eq!(summary["violation_count"], 0, "{summary:#}");
     assert_covered(&summary);
+    assert!(!server.log().contains("panicked"), "{}", server.log());
 }
 
 /// Two nodes on one Redis, every resume on the other node.
