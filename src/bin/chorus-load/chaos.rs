@@ -7,8 +7,9 @@
 //!
 //! - `normal`: a chat read to its end (one in ten `fresh`; three in ten in
 //!   the client's own conversation instead of a new one);
-//! - `cancel`: a chat cancelled after a random number of tokens (none to a
-//!   dozen);
+//! - `cancel`: a chat (one in three `fresh`, so it leads alone) cancelled
+//!   after a random number of tokens (none to a dozen, none one time in
+//!   three; with `--gentle-cancels`, never `fresh` and never at once);
 //! - `close_resume`: a chat whose socket is shut after a few tokens with no
 //!   close frame, then resumed on a new connection to the next node of
 //!   `--addr` (the same node when there is one) from the next `seq`, or one
@@ -77,6 +78,8 @@ struct Run {
     /// cache of an earlier run against the same server.
     tag: u64,
     answers: Answers,
+    /// `--gentle-cancels`: cancel no `fresh` chat, and none at once.
+    gentle_cancels: bool,
 }
 
 pub fn chaos(args: &Args) -> Result<Value, String> {
@@ -113,6 +116,7 @@ pub fn chaos(args: &Args) -> Result<Value, String> {
         deadline: Duration::from_millis(args.deadline_ms),
         tag,
         answers: Answers::default(),
+        gentle_cancels: args.gentle_cancels,
     });
     let threads: Vec<_> = (0..clients)
         .map(|i| {
@@ -161,6 +165,7 @@ pub fn chaos(args: &Args) -> Result<Value, String> {
         "seconds": seconds,
         "wall_s": wall.as_secs_f64(),
         "deadline_ms": args.deadline_ms,
+        "gentle_cancels": args.gentle_cancels,
         "actions": tally.actions,
         "chats": tally.chats,
         "accepted": tally.accepted,
@@ -504,8 +509,17 @@ impl Client {
                 }
             }
             Action::Cancel => {
-                if let Some(r) = self.chat(conn, None, false)? {
-                    let after = self.rng.below(13);
+                // A `fresh` chat leads a generation of its own, so the
+                // cancel aborts it (often while it is still being led)
+                // instead of landing on a cache hit that has already ended.
+                let sharp = !run.gentle_cancels;
+                let fresh = sharp && self.rng.one_in(3);
+                if let Some(r) = self.chat(conn, None, fresh)? {
+                    let after = if sharp && self.rng.one_in(3) {
+                        0
+                    } else {
+                        self.rng.below(13)
+                    };
                     conn.read_tokens(&r, after, &run.answers, &mut self.tally)?;
                     conn.send(&json!({"type": "cancel", "request": r}))?;
                     conn.wait_end(&r, &run.answers, &mut self.tally)?;

@@ -11,7 +11,7 @@
 //! chorus-load stream-cost --addr 127.0.0.1:8080 --pid PID --upstream 127.0.0.1:PORT [--upstream-pid PID]
 //!                         [--connections 200] [--rounds 5] [--first-token-ms 200]
 //! chorus-load chaos       --addr 127.0.0.1:8080[,127.0.0.1:8081…] [--pid PID[,PID…]] [--clients 50]
-//!                         [--seconds 10] [--deadline-ms 30000]
+//!                         [--seconds 10] [--deadline-ms 30000] [--gentle-cancels]
 //! chorus-load upstream    [--bind 127.0.0.1:0] [--tokens 64] [--interval-ms 20] [--first-token-ms 200]
 //!                         [--completion-ms MS] [--no-tools-support] [--seconds 3600]
 //! ```
@@ -79,6 +79,8 @@ struct Args {
     /// `chaos`: how long a chat, resume or malformed frame may wait for
     /// its answer and end.
     deadline_ms: u64,
+    /// `chaos`: cancel only shared chats, never at once (see its module).
+    gentle_cancels: bool,
     /// `fanout`: the question every connection asks.
     message: String,
 }
@@ -109,11 +111,16 @@ fn parse_args() -> Result<Args, String> {
         seconds: 3600.0,
         seconds_given: None,
         deadline_ms: 30_000,
+        gentle_cancels: false,
         message: "One question for everyone".to_owned(),
     };
     while let Some(flag) = args.next() {
         if flag == "--no-tools-support" {
             parsed.tools_support = false;
+            continue;
+        }
+        if flag == "--gentle-cancels" {
+            parsed.gentle_cancels = true;
             continue;
         }
         let value = args.next().ok_or(format!("{flag} needs a value"))?;
