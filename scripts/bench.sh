@@ -5,6 +5,7 @@
 #
 #   scripts/bench.sh            # all scenarios
 #   scripts/bench.sh ttft       # one of: cache-hit ttft fanout idle-rss cluster stream-cost
+#                               #         chaos chaos-cluster
 #
 # CHORUS_BIN and LOAD_BIN name the server and load-generator binaries
 # (default: the release builds under target/), e.g. to compare two builds
@@ -42,6 +43,18 @@ start_server() {
   done
   echo "server $name did not start:" >&2; cat "$work/$name.log" >&2; exit 1
 }
+
+# The chaos scenarios' server: short simulated answers, and pools and
+# queues wide enough that 1,000 clients meet no `overloaded`.
+chaos_toml='[workers]
+intake_queue = 4096
+follow_queue = 4096
+max_concurrent_llm_streams = 256
+[llm.simulated]
+first_token_ms = 50
+token_interval_ms = 10
+tokens = 64'
+status=0
 
 stop_server() {
   kill -TERM "$server_pid"; wait "$server_pid" || true; server_pid=""
@@ -118,6 +131,26 @@ base_url = \"http://$upstream/v1\"
 max_concurrent_llm_streams = ${STREAMS:-256}$tools"
       "$load" stream-cost --addr "$addr" --pid "$server_pid" --upstream "$upstream" --upstream-pid "$upstream_pid" \
         --connections "${CONNECTIONS:-200}" --rounds "${ROUNDS:-4}" --first-token-ms 200 ;;
+    chaos)
+      # Misbehaving clients against one node (see src/bin/chorus-load/chaos.rs);
+      # exits non-zero, after its summary, when a promise was broken.
+      start_server chaos "$chaos_toml"
+      "$load" chaos --addr "$addr" --pid "$server_pid" --clients "${CLIENTS:-1000}" \
+        --seconds "${DURATION:-300}" || status=$? ;;
+    chaos-cluster)
+      # The same against two nodes sharing a Redis started here; every
+      # resume goes to the other node.
+      redis_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+      redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no --dir "$work" >/dev/null &
+      extra_pids+=($!)
+      sleep 0.5
+      redis_url="redis://127.0.0.1:$redis_port/"
+      node_toml() { printf '%s\n[cache]\nbackend = "redis"\nredis_url = "%s"\n[cluster]\nenabled = true\nredis_url = "%s"\nnode_id = "%s"\n' "$chaos_toml" "$redis_url" "$redis_url" "$1"; }
+      start_server node-b "$(node_toml node-b)"
+      addr_b=$addr; pid_b=$server_pid; extra_pids+=("$server_pid"); server_pid=""
+      start_server node-a "$(node_toml node-a)"
+      "$load" chaos --addr "$addr,$addr_b" --pid "$server_pid,$pid_b" --clients "${CLIENTS:-300}" \
+        --seconds "${DURATION:-90}" || status=$? ;;
     *) echo "unknown scenario $scenario" >&2; exit 2 ;;
   esac
   stop_server
@@ -128,3 +161,4 @@ if [ $# -gt 0 ]; then
 else
   for s in cache-hit ttft fanout idle-rss; do run "$s"; done
 fi
+exit "$status"

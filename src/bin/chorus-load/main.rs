@@ -10,6 +10,8 @@
 //! chorus-load idle-rss    --addr 127.0.0.1:8080 --pid PID [--connections 2000]
 //! chorus-load stream-cost --addr 127.0.0.1:8080 --pid PID --upstream 127.0.0.1:PORT [--upstream-pid PID]
 //!                         [--connections 200] [--rounds 5] [--first-token-ms 200]
+//! chorus-load chaos       --addr 127.0.0.1:8080[,127.0.0.1:8081…] [--pid PID[,PID…]] [--clients 50]
+//!                         [--seconds 10] [--deadline-ms 30000] [--gentle-cancels]
 //! chorus-load upstream    [--bind 127.0.0.1:0] [--tokens 64] [--interval-ms 20] [--first-token-ms 200]
 //!                         [--completion-ms MS] [--no-tools-support] [--seconds 3600]
 //! ```
@@ -17,10 +19,14 @@
 //! `--pid` is the server's process id, for CPU time and RSS from `/proc`
 //! (Linux only). `upstream` is not a scenario but the other end of one: an
 //! OpenAI-compatible model server on loopback for `stream-cost` (see its
-//! module). `scripts/bench.sh` starts a server with the configuration each
+//! module). `chaos` checks the protocol's promises under misbehaving
+//! clients and exits non-zero, with its summary, when one is broken (see
+//! its module). `scripts/bench.sh` starts a server with the configuration each
 //! scenario needs and runs them.
 
 mod cache_hit;
+mod chaos;
+mod chaos_conn;
 mod client;
 mod fanout;
 mod idle_rss;
@@ -44,6 +50,9 @@ struct Args {
     /// A Redis whose command count is read before and after (cluster runs).
     redis: Option<String>,
     pid: Option<u32>,
+    /// Further process ids, one per further address (`--pid A,B,…`).
+    more_pids: Vec<u32>,
+    /// Connections, or clients (`--clients`) for `chaos`.
     connections: usize,
     requests: usize,
     rounds: usize,
@@ -65,21 +74,29 @@ struct Args {
     tools_support: bool,
     /// `upstream`: how long it runs.
     seconds: f64,
+    /// `--seconds` when given (`chaos` has a default of its own).
+    seconds_given: Option<f64>,
+    /// `chaos`: how long a chat, resume or malformed frame may wait for
+    /// its answer and end.
+    deadline_ms: u64,
+    /// `chaos`: cancel only shared chats, never at once (see its module).
+    gentle_cancels: bool,
     /// `fanout`: the question every connection asks.
     message: String,
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut args = std::env::args().skip(1);
-    let scenario = args
-        .next()
-        .ok_or("missing scenario: cache-hit | ttft | fanout | idle-rss | stream-cost | upstream")?;
+    let scenario = args.next().ok_or(
+        "missing scenario: cache-hit | ttft | fanout | idle-rss | stream-cost | chaos | upstream",
+    )?;
     let mut parsed = Args {
         scenario,
         addr: "127.0.0.1:8080".parse().map_err(|e| format!("{e}"))?,
         more_addrs: Vec::new(),
         redis: None,
         pid: None,
+        more_pids: Vec::new(),
         connections: 0,
         requests: 2000,
         rounds: 5,
@@ -92,11 +109,18 @@ fn parse_args() -> Result<Args, String> {
         completion_ms: None,
         tools_support: true,
         seconds: 3600.0,
+        seconds_given: None,
+        deadline_ms: 30_000,
+        gentle_cancels: false,
         message: "One question for everyone".to_owned(),
     };
     while let Some(flag) = args.next() {
         if flag == "--no-tools-support" {
             parsed.tools_support = false;
+            continue;
+        }
+        if flag == "--gentle-cancels" {
+            parsed.gentle_cancels = true;
             continue;
         }
         let value = args.next().ok_or(format!("{flag} needs a value"))?;
@@ -111,8 +135,15 @@ fn parse_args() -> Result<Args, String> {
                 parsed.more_addrs = addrs.collect::<Result<_, _>>().map_err(|e| bad(&e))?;
             }
             "--redis" => parsed.redis = Some(value),
-            "--pid" => parsed.pid = Some(value.parse().map_err(|e| bad(&e))?),
-            "--connections" => parsed.connections = value.parse().map_err(|e| bad(&e))?,
+            "--pid" => {
+                let mut pids = value.split(',').map(|p| p.trim().parse::<u32>());
+                parsed.pid = pids.next().transpose().map_err(|e| bad(&e))?;
+                parsed.more_pids = pids.collect::<Result<_, _>>().map_err(|e| bad(&e))?;
+            }
+            "--connections" | "--clients" => {
+                parsed.connections = value.parse().map_err(|e| bad(&e))?
+            }
+            "--deadline-ms" => parsed.deadline_ms = value.parse().map_err(|e| bad(&e))?,
             "--requests" => parsed.requests = value.parse().map_err(|e| bad(&e))?,
             "--rounds" => parsed.rounds = value.parse().map_err(|e| bad(&e))?,
             "--first-token-ms" => parsed.first_token_ms = value.parse().map_err(|e| bad(&e))?,
@@ -122,7 +153,10 @@ fn parse_args() -> Result<Args, String> {
             "--tokens" => parsed.tokens = value.parse().map_err(|e| bad(&e))?,
             "--interval-ms" => parsed.interval_ms = value.parse().map_err(|e| bad(&e))?,
             "--completion-ms" => parsed.completion_ms = Some(value.parse().map_err(|e| bad(&e))?),
-            "--seconds" => parsed.seconds = value.parse().map_err(|e| bad(&e))?,
+            "--seconds" => {
+                parsed.seconds = value.parse().map_err(|e| bad(&e))?;
+                parsed.seconds_given = Some(parsed.seconds);
+            }
             "--message" => parsed.message = value,
             _ => return Err(format!("unknown flag {flag}")),
         }
@@ -153,6 +187,7 @@ fn main() -> ExitCode {
         "fanout" => fanout::fanout(&args),
         "idle-rss" => idle_rss::idle_rss(&args),
         "stream-cost" => stream_cost::stream_cost(&args),
+        "chaos" => chaos::chaos(&args),
         "upstream" => upstream::upstream(&args),
         other => Err(format!("unknown scenario {other}")),
     };
@@ -162,6 +197,11 @@ fn main() -> ExitCode {
                 "{}",
                 serde_json::to_string_pretty(&summary).unwrap_or_default()
             );
+            // A scenario that checks promises says whether they held.
+            if summary["passed"] == false {
+                eprintln!("chorus-load: {} failed", args.scenario);
+                return ExitCode::FAILURE;
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {
