@@ -186,6 +186,56 @@ pub fn tool_calls(data: &[u8]) {
     }
 }
 
+/// `data` as what Redis answers to a read of a token stream (`XREAD` or
+/// `XRANGE`), in Redis's wire format. Whatever a stream holds (entries
+/// another version wrote, a key someone overwrote), each entry decodes to
+/// an event or to a `Corrupt` error, never a panic; and an event written
+/// back the way a node writes it decodes to itself.
+pub fn redis_stream(data: &[u8]) {
+    use crate::cluster::stream::{decode, end_fields, StreamEvent, TOKEN_FIELD};
+    use redis::streams::{StreamId, StreamRangeReply, StreamReadReply};
+    use redis::FromRedisValue;
+
+    let Ok(value) = redis::parse_redis_value(data) else {
+        return;
+    };
+    let mut entries = Vec::new();
+    if let Ok(reply) = StreamReadReply::from_redis_value_ref(&value) {
+        entries.extend(reply.keys.into_iter().flat_map(|k| k.ids));
+    }
+    if let Ok(reply) = StreamRangeReply::from_redis_value(value) {
+        entries.extend(reply.ids);
+    }
+    for entry in &entries {
+        let event = match decode("fuzz", entry) {
+            Ok(event) => event,
+            Err(crate::cluster::ClusterError::Corrupt(why)) => {
+                assert!(why.contains(&entry.id), "{why}");
+                continue;
+            }
+            Err(other) => panic!("not a decoding error: {other}"),
+        };
+        let fields: Vec<(&str, &str)> = match &event {
+            StreamEvent::Token(text) => vec![(TOKEN_FIELD, text)],
+            StreamEvent::End(end) => end_fields(end),
+        };
+        let written = StreamId {
+            id: entry.id.clone(),
+            map: fields
+                .into_iter()
+                .map(|(k, v)| {
+                    (
+                        k.to_owned(),
+                        redis::Value::BulkString(v.as_bytes().to_vec()),
+                    )
+                })
+                .collect(),
+            ..StreamId::default()
+        };
+        assert_eq!(decode("fuzz", &written).ok(), Some(event));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;
@@ -212,6 +262,7 @@ mod tests {
             ("client_frame", super::client_frame),
             ("upstream_stream", super::upstream_stream),
             ("tool_calls", super::tool_calls),
+            ("redis_stream", super::redis_stream),
         ] {
             assert!(replay(target, entry) > 0, "the {target} corpus is empty");
         }

@@ -78,7 +78,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 use sha2::{Digest, Sha256};
 
 /// Value of `PRAGMA user_version` for the schema this module creates.
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 /// Most ops committed in one transaction. Bounds the latency a single batch
 /// adds to the first op's callback while still amortising the commit.
@@ -102,6 +102,8 @@ const SCHEMA: &str = "
         role TEXT NOT NULL CHECK(role IN ('user','assistant')),
         content TEXT NOT NULL,
         at_ms INTEGER NOT NULL,
+        -- 1 for an answer cut short (cancelled, failed, timed out, drained).
+        partial INTEGER NOT NULL DEFAULT 0,
         PRIMARY KEY(conversation, idx)
     ) WITHOUT ROWID;
     -- Full-text index for search_history, filled per conversation on
@@ -116,7 +118,7 @@ const SCHEMA: &str = "
         conversation TEXT PRIMARY KEY,
         indexed INTEGER NOT NULL
     ) WITHOUT ROWID;
-    PRAGMA user_version = 2;
+    PRAGMA user_version = 3;
     COMMIT;
 ";
 
@@ -130,12 +132,13 @@ const SET_INDEXED: &str = "INSERT INTO fts_progress (conversation, indexed) VALU
      ON CONFLICT(conversation) DO UPDATE SET indexed = excluded.indexed";
 
 const SELECT_HEAD: &str = "SELECT len, digest FROM conversations WHERE id = ?1";
-const SELECT_BEFORE: &str = "SELECT role, content, at_ms FROM messages \
+const SELECT_BEFORE: &str = "SELECT role, content, at_ms, partial FROM messages \
      WHERE conversation = ?1 AND idx < ?2 ORDER BY idx";
-const SELECT_FROM: &str = "SELECT role, content, at_ms FROM messages \
+const SELECT_FROM: &str = "SELECT role, content, at_ms, partial FROM messages \
      WHERE conversation = ?1 AND idx >= ?2 ORDER BY idx";
-const INSERT_MESSAGE: &str = "INSERT INTO messages (conversation, idx, role, content, at_ms) \
-     VALUES (?1, ?2, ?3, ?4, ?5)";
+const INSERT_MESSAGE: &str =
+    "INSERT INTO messages (conversation, idx, role, content, at_ms, partial) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
 const UPSERT_HEAD: &str = "INSERT INTO conversations (id, len, digest, created_ms, updated_ms) \
      VALUES (?1, ?2, ?3, ?4, ?4) \
      ON CONFLICT(id) DO UPDATE SET len = excluded.len, digest = excluded.digest, \
@@ -211,6 +214,9 @@ pub struct Message {
     pub content: String,
     /// When it was queued for storage, in milliseconds since the Unix epoch.
     pub at_ms: i64,
+    /// An answer cut short: cancelled, failed, timed out or drained at
+    /// shutdown (see [`History::write_answer`]). Never set on a question.
+    pub partial: bool,
 }
 
 impl Message {
@@ -361,6 +367,8 @@ struct Op {
     messages: Vec<(Role, Arc<str>)>,
     /// Bring the conversation's full-text index up to date.
     index: bool,
+    /// The op's answer is partial (see [`Message::partial`]).
+    partial: bool,
     at_ms: i64,
     then: Callback,
 }
@@ -420,6 +428,7 @@ impl History {
         }
         conn.execute_batch(SCHEMA)
             .map_err(|e| open_err(Box::new(e)))?;
+        add_partial_column(&conn).map_err(|e| open_err(Box::new(e)))?;
 
         let pool = r2d2::Pool::builder()
             .max_size(read_pool_size.max(1))
@@ -530,6 +539,28 @@ impl History {
                 .map(|(role, text)| (role, text.into()))
                 .collect(),
             index: false,
+            partial: false,
+            at_ms: now_ms(),
+            then: Box::new(then),
+        });
+    }
+
+    /// Appends the answer of a request that ended, marked `partial` when it
+    /// was cut short, so neither a reader of the history nor a crash test
+    /// takes a cancelled answer for a complete one. Like [`History::write`]
+    /// otherwise.
+    pub fn write_answer(
+        &self,
+        conversation: &str,
+        answer: Arc<str>,
+        partial: bool,
+        then: impl FnOnce(Result<(), HistoryError>) + Send + 'static,
+    ) {
+        self.submit(Op {
+            conversation: conversation.to_string(),
+            messages: vec![(Role::Assistant, answer)],
+            index: false,
+            partial,
             at_ms: now_ms(),
             then: Box::new(then),
         });
@@ -573,6 +604,7 @@ impl History {
             conversation: conversation.to_owned(),
             messages: Vec::new(),
             index: true,
+            partial: false,
             at_ms: now_ms(),
             then: Box::new(move |result| {
                 let _ = done.send(result);
@@ -664,6 +696,19 @@ impl Drop for Inner {
     }
 }
 
+/// Version 3 marks partial answers: a database made by an older version
+/// has the `messages` table without that column (its answers are taken as
+/// complete, which is all that version could say of them).
+fn add_partial_column(conn: &Connection) -> rusqlite::Result<()> {
+    let has_it = conn
+        .prepare("SELECT 1 FROM pragma_table_info('messages') WHERE name = 'partial'")?
+        .exists([])?;
+    if !has_it {
+        conn.execute_batch("ALTER TABLE messages ADD COLUMN partial INTEGER NOT NULL DEFAULT 0")?;
+    }
+    Ok(())
+}
+
 fn read_head(conn: &Connection, conversation: &str) -> rusqlite::Result<Option<Head>> {
     let mut stmt = conn.prepare_cached(SELECT_HEAD)?;
     stmt.query_row([conversation], |row| {
@@ -682,6 +727,7 @@ fn message_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Message> {
         role: row.get(0)?,
         content: row.get(1)?,
         at_ms: row.get(2)?,
+        partial: row.get(3)?,
     })
 }
 
@@ -761,7 +807,8 @@ fn apply(conn: &Connection, op: &Op) -> rusqlite::Result<()> {
                 idx,
                 role.as_str(),
                 &**content,
-                op.at_ms
+                op.at_ms,
+                op.partial && *role == Role::Assistant
             ])?;
         head = Head {
             len: head.len + 1,
@@ -1223,6 +1270,7 @@ mod tests {
             role: Role::User,
             content: String::new(),
             at_ms,
+            partial: false,
         };
         assert_eq!(m(0).at_rfc3339(), "1970-01-01T00:00:00Z");
         assert_eq!(m(1_795_420_800_999).at_rfc3339(), "2026-11-23T08:00:00Z");
@@ -1275,7 +1323,7 @@ mod tests {
                      role TEXT NOT NULL CHECK(role IN ('user','assistant')), content TEXT NOT NULL,
                      at_ms INTEGER NOT NULL, PRIMARY KEY(conversation, idx)) WITHOUT ROWID;
                  INSERT INTO messages VALUES ('c-old', 0, 'user', 'an old question about tea', 1);
-                 INSERT INTO conversations VALUES ('c-old', 1, x'00', 1, 1);
+                 INSERT INTO conversations VALUES ('c-old', 1, zeroblob(32), 1, 1);
                  PRAGMA user_version = 1;",
             )
             .unwrap();
@@ -1284,5 +1332,33 @@ mod tests {
         let hits = h.search("c-old", "tea", 5).unwrap();
         assert_eq!(hits.len(), 1);
         assert_eq!(hits[0].content, "an old question about tea");
+        // Version 3's mark of partial answers: old rows are unmarked, new
+        // answers marked as written.
+        let (done, wait) = crossbeam_channel::bounded(2);
+        let done2 = done.clone();
+        h.write_answer("c-old", "cut".into(), true, move |r| done.send(r).unwrap());
+        h.write_answer("c-old", "whole".into(), false, move |r| {
+            done2.send(r).unwrap()
+        });
+        wait.recv().unwrap().unwrap();
+        wait.recv().unwrap().unwrap();
+        let messages = h.recent("c-old", 10).unwrap().unwrap();
+        let marks: Vec<(&str, bool)> = messages
+            .iter()
+            .map(|m| (m.content.as_str(), m.partial))
+            .collect();
+        assert_eq!(
+            marks,
+            [
+                ("an old question about tea", false),
+                ("cut", true),
+                ("whole", false)
+            ]
+        );
+        let version: i64 = Connection::open(&path)
+            .unwrap()
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
     }
 }

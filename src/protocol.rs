@@ -474,6 +474,9 @@ pub struct HistoryMessage<'a> {
     /// Set when `content` was cut to fit the answer's byte bound.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub truncated: bool,
+    /// Set on an answer that was cut short (cancelled, failed, timed out).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub partial: bool,
 }
 
 fn encode(out: &Out<'_>) -> Vec<u8> {

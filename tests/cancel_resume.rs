@@ -80,6 +80,15 @@ fn a_leader_that_cancels_leaves_the_generation_to_its_followers() {
     // The first token was read above, before the cancel.
     let partial = format!("{}{}", start["text"].as_str().unwrap(), cancelled.text);
     assert_eq!(messages[1]["content"], partial.as_str());
+    // Marked as cut short; the question and a follower's complete answer
+    // carry no mark.
+    assert_eq!(messages[1]["partial"], true, "{h}");
+    assert!(messages[0].get("partial").is_none(), "{h}");
+    let (follower, _, follower_conversation) = &mut clients[1];
+    follower.send(json!({"type": "history", "conversation": follower_conversation}));
+    let h = follower.recv_matching(|v| v["type"] == "history");
+    assert_eq!(h["messages"][1]["role"], "assistant", "{h}");
+    assert!(h["messages"][1].get("partial").is_none(), "{h}");
 }
 
 #[test]

@@ -2,9 +2,8 @@
 //! SQLite file: the file passes `PRAGMA integrity_check`, every
 //! conversation's head (length and digest chain) matches its messages, every
 //! accepted chat's user message is stored, every stored answer is complete
-//! (the load cancels nothing, so no answer may be partial: the history keeps
-//! no mark of a partial answer, see `docs/reliability.md`), and after the
-//! restart no conversation is left busy.
+//! or marked partial (the load cancels one chat in four, and those answers
+//! must be marked), and after the restart no conversation is left busy.
 
 mod common;
 
@@ -38,6 +37,8 @@ struct Chat {
     conversation: Option<String>,
     /// The whole answer, when the client got its `done` with `stop`.
     complete: Option<String>,
+    /// The client cancelled it and got `done` `cancelled`.
+    cancelled: bool,
 }
 
 /// What the clients tell the test about the load.
@@ -47,16 +48,20 @@ struct Load {
     streaming: AtomicUsize,
     /// Chats sent and not yet streaming or ended.
     waiting: AtomicUsize,
+    /// Chats that ended `cancelled`.
+    cancelled: AtomicUsize,
     /// Set: send no new chat.
     stop: AtomicBool,
 }
 
-/// Chats one after another, a new conversation every third, until the
-/// connection fails (the server is killed) or `stop` is set.
+/// Chats one after another, a new conversation every third, every fourth
+/// cancelled after five tokens, until the connection fails (the server is
+/// killed) or `stop` is set.
 fn client(addr: SocketAddr, index: usize, load: Arc<Load>) -> Vec<Chat> {
     let Load {
         streaming,
         waiting,
+        cancelled,
         stop,
     } = &*load;
     let tcp = TcpStream::connect(addr).expect("connect");
@@ -86,10 +91,13 @@ fn client(addr: SocketAddr, index: usize, load: Arc<Load>) -> Vec<Chat> {
             message,
             conversation: None,
             complete: None,
+            cancelled: false,
         });
         let chat = chats.last_mut().expect("just pushed");
         let mut text = String::new();
         let mut counted = false;
+        let mut tokens = 0;
+        let mut request = String::new();
         let ended = loop {
             let v: Value = match ws.read() {
                 Ok(Message::Text(t)) => serde_json::from_str(t.as_str()).expect("JSON"),
@@ -101,6 +109,7 @@ fn client(addr: SocketAddr, index: usize, load: Arc<Load>) -> Vec<Chat> {
                     let c = v["conversation"].as_str().expect("conversation").to_owned();
                     chat.conversation = Some(c.clone());
                     conversation = Some(c);
+                    request = v["request"].as_str().expect("request").to_owned();
                 }
                 Some("token") => {
                     if !counted {
@@ -109,10 +118,21 @@ fn client(addr: SocketAddr, index: usize, load: Arc<Load>) -> Vec<Chat> {
                         waiting.fetch_sub(1, Ordering::SeqCst);
                     }
                     text.push_str(v["text"].as_str().expect("text"));
+                    tokens += 1;
+                    if n % 4 == 3 && tokens == 5 {
+                        let cancel = json!({"type": "cancel", "request": request});
+                        if ws.send(Message::text(cancel.to_string())).is_err() {
+                            break false;
+                        }
+                    }
                 }
                 Some("done") => {
                     if v["finish"] == "stop" {
                         chat.complete = Some(std::mem::take(&mut text));
+                    }
+                    if v["finish"] == "cancelled" {
+                        chat.cancelled = true;
+                        cancelled.fetch_add(1, Ordering::SeqCst);
                     }
                     break true;
                 }
@@ -137,7 +157,8 @@ fn client(addr: SocketAddr, index: usize, load: Arc<Load>) -> Vec<Chat> {
 struct Stored {
     len: u64,
     digest: Vec<u8>,
-    messages: Vec<(u64, String, String)>,
+    /// Index, role, content and the partial mark.
+    messages: Vec<(u64, String, String, bool)>,
 }
 
 /// Reads the killed server's file as it was left, after checking its
@@ -168,7 +189,10 @@ fn read_database(path: &Path) -> BTreeMap<String, Stored> {
         s.digest = digest;
     }
     let mut messages = db
-        .prepare("SELECT conversation, idx, role, content FROM messages ORDER BY conversation, idx")
+        .prepare(
+            "SELECT conversation, idx, role, content, partial FROM messages \
+             ORDER BY conversation, idx",
+        )
         .unwrap();
     for row in messages
         .query_map([], |r| {
@@ -177,15 +201,17 @@ fn read_database(path: &Path) -> BTreeMap<String, Stored> {
                 r.get::<_, i64>(1)?,
                 r.get::<_, String>(2)?,
                 r.get::<_, String>(3)?,
+                r.get::<_, bool>(4)?,
             ))
         })
         .unwrap()
     {
-        let (conversation, idx, role, content) = row.unwrap();
+        let (conversation, idx, role, content, partial) = row.unwrap();
         stored.entry(conversation).or_default().messages.push((
             u64::try_from(idx).expect("index"),
             role,
             content,
+            partial,
         ));
     }
     stored
@@ -210,6 +236,7 @@ fn kill_9_mid_stream_leaves_a_sound_history_and_no_busy_conversation() {
     // Under way: answers stored, and most clients in the middle of one.
     eventually("answers stored and clients mid-stream", || {
         server.stats()["history"]["commits"].as_u64() >= Some(10)
+            && load.cancelled.load(Ordering::SeqCst) >= 2
             && load.streaming.load(Ordering::SeqCst) >= CLIENTS / 2
     });
     // No new chats, and none just accepted when the kill comes: a chat
@@ -250,7 +277,7 @@ fn kill_9_mid_stream_leaves_a_sound_history_and_no_busy_conversation() {
         let digest = s
             .messages
             .iter()
-            .fold(Head::EMPTY.digest, |d, (_, role, content)| {
+            .fold(Head::EMPTY.digest, |d, (_, role, content, _)| {
                 let role = if role == "user" {
                     Role::User
                 } else {
@@ -261,8 +288,8 @@ fn kill_9_mid_stream_leaves_a_sound_history_and_no_busy_conversation() {
         if digest.as_slice() != s.digest.as_slice() {
             problems.push(format!("{id}: head digest does not match its messages"));
         }
-        for (idx, role, content) in &s.messages {
-            if role == "assistant" && !is_complete(content) {
+        for (idx, role, content, partial) in &s.messages {
+            if role == "assistant" && !partial && !is_complete(content) {
                 problems.push(format!(
                     "{id}[{idx}]: a partial answer stored unmarked: {content:?}"
                 ));
@@ -270,6 +297,7 @@ fn kill_9_mid_stream_leaves_a_sound_history_and_no_busy_conversation() {
         }
     }
     let accepted: Vec<&Chat> = chats.iter().filter(|c| c.conversation.is_some()).collect();
+    let mut partials_seen = 0;
     for chat in &accepted {
         let conversation = chat.conversation.as_deref().expect("accepted");
         let Some(s) = stored.get(conversation) else {
@@ -291,16 +319,37 @@ fn kill_9_mid_stream_leaves_a_sound_history_and_no_busy_conversation() {
             // An answer the client saw complete is stored as it was sent,
             // or (killed before its commit) not at all.
             (Some(at), Some(answer)) => match s.messages.get(at + 1) {
-                Some((_, role, content)) if role == "assistant" && content != answer => problems
-                    .push(format!(
-                        "{conversation}: the stored answer to {:?} differs from the one sent",
+                Some((_, role, content, partial))
+                    if role == "assistant" && (content != answer || *partial) =>
+                {
+                    problems.push(format!(
+                        "{conversation}: the stored answer to {:?} differs from the one sent \
+                         or is marked partial",
                         chat.message
-                    )),
+                    ))
+                }
                 _ => {}
             },
+            // A cancelled answer, once stored, is marked partial.
+            (Some(at), None) if chat.cancelled => {
+                if let Some((_, role, content, partial)) = s.messages.get(at + 1) {
+                    if role == "assistant" && !partial {
+                        problems.push(format!(
+                            "{conversation}: the cancelled answer to {:?} is stored unmarked: \
+                             {content:?}",
+                            chat.message
+                        ));
+                    }
+                    partials_seen += usize::from(*partial);
+                }
+            }
             (Some(_), None) => {}
         }
     }
+    assert!(
+        partials_seen > 0,
+        "no cancelled answer was stored: {chats:?}"
+    );
     assert!(
         problems.is_empty(),
         "after kill -9:\n{}",
@@ -394,7 +443,7 @@ fn a_chat_accepted_just_before_kill_9_keeps_its_user_message() {
     assert!(
         messages
             .iter()
-            .any(|(_, role, content)| role == "user" && content == "accepted, then the crash"),
+            .any(|(_, role, content, _)| role == "user" && content == "accepted, then the crash"),
         "the accepted chat's user message is lost ({while_locked:?} while locked): {messages:?}"
     );
 }

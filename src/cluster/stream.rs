@@ -129,19 +129,10 @@ impl StreamWriter {
         pipe.atomic();
         self.add_tokens(&mut pipe, tokens);
         let add = pipe.cmd("XADD").arg(&self.name).arg("*");
-        match end {
-            End::Stop => add.arg("e").arg("stop"),
-            End::Length => add.arg("e").arg("length"),
-            End::Cancelled => add.arg("e").arg("cancelled"),
-            End::Failed { code, message } => add
-                .arg("e")
-                .arg("error")
-                .arg("c")
-                .arg(code)
-                .arg("m")
-                .arg(message),
+        for (field, value) in end_fields(end) {
+            add.arg(field).arg(value);
         }
-        .ignore();
+        add.ignore();
         let keep_ms = u64::try_from(keep.as_millis()).unwrap_or(u64::MAX).max(1);
         pipe.cmd("PEXPIRE").arg(&self.name).arg(keep_ms).ignore();
         for cmd in also.cmd_iter() {
@@ -160,7 +151,7 @@ impl StreamWriter {
                 .arg("~")
                 .arg(MAX_ENTRIES)
                 .arg("*")
-                .arg("t")
+                .arg(TOKEN_FIELD)
                 .arg(*token)
                 .ignore();
         }
@@ -230,8 +221,26 @@ pub fn first_entries(
     reply.ids.iter().map(|entry| decode(&name, entry)).collect()
 }
 
-/// One stream entry: a token, or the end marker.
-fn decode(name: &str, entry: &redis::streams::StreamId) -> Result<StreamEvent, ClusterError> {
+/// The field of a token entry; an end marker has none.
+pub(crate) const TOKEN_FIELD: &str = "t";
+
+/// The fields of the end marker for `end`, as [`decode`] reads them back.
+pub(crate) fn end_fields(end: &End) -> Vec<(&'static str, &str)> {
+    match end {
+        End::Stop => vec![("e", "stop")],
+        End::Length => vec![("e", "length")],
+        End::Cancelled => vec![("e", "cancelled")],
+        End::Failed { code, message } => vec![("e", "error"), ("c", code), ("m", message)],
+    }
+}
+
+/// One stream entry: a token, or the end marker. Whatever Redis returns
+/// (a stream another version wrote, a key someone overwrote), the answer
+/// is an event or [`ClusterError::Corrupt`], never a panic.
+pub(crate) fn decode(
+    name: &str,
+    entry: &redis::streams::StreamId,
+) -> Result<StreamEvent, ClusterError> {
     let text = |field: &str| -> Option<String> {
         match entry.map.get(field)? {
             Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok(),
@@ -239,7 +248,7 @@ fn decode(name: &str, entry: &redis::streams::StreamId) -> Result<StreamEvent, C
             _ => None,
         }
     };
-    if let Some(token) = text("t") {
+    if let Some(token) = text(TOKEN_FIELD) {
         return Ok(StreamEvent::Token(token));
     }
     let end = match text("e").as_deref() {
@@ -258,4 +267,67 @@ fn decode(name: &str, entry: &redis::streams::StreamId) -> Result<StreamEvent, C
         }
     };
     Ok(StreamEvent::End(end))
+}
+
+#[cfg(test)]
+mod tests {
+    use redis::streams::StreamId;
+    use redis::Value;
+
+    use super::*;
+
+    fn entry(fields: &[(&str, &[u8])]) -> StreamId {
+        StreamId {
+            id: "7-1".into(),
+            map: fields
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), Value::BulkString(v.to_vec())))
+                .collect(),
+            ..StreamId::default()
+        }
+    }
+
+    #[test]
+    fn every_end_decodes_as_written() {
+        let ends = [
+            End::Stop,
+            End::Length,
+            End::Cancelled,
+            End::Failed {
+                code: "upstream_error".into(),
+                message: "the upstream said no".into(),
+            },
+        ];
+        for end in ends {
+            let fields: Vec<(&str, &[u8])> = end_fields(&end)
+                .into_iter()
+                .map(|(k, v)| (k, v.as_bytes()))
+                .collect();
+            assert_eq!(decode("s", &entry(&fields)).unwrap(), StreamEvent::End(end));
+        }
+        assert_eq!(
+            decode("s", &entry(&[(TOKEN_FIELD, "wörld".as_bytes())])).unwrap(),
+            StreamEvent::Token("wörld".into())
+        );
+    }
+
+    #[test]
+    fn an_entry_of_unknown_shape_is_corrupt_and_names_itself() {
+        for fields in [
+            &[("z", &b"?"[..])][..],
+            &[(TOKEN_FIELD, &b"\xff\xfe"[..])],
+            &[("e", &b"finished"[..])],
+            &[],
+        ] {
+            match decode("chorus:v1:stream:x", &entry(fields)) {
+                Err(ClusterError::Corrupt(why)) => {
+                    assert!(
+                        why.contains("7-1") && why.contains("chorus:v1:stream:x"),
+                        "{why}"
+                    )
+                }
+                other => panic!("{fields:?}: {other:?}"),
+            }
+        }
+    }
 }

@@ -12,7 +12,7 @@ use std::sync::atomic::Ordering;
 
 use super::{message_from_row, read_head, History, HistoryError, Message};
 
-const SELECT_NEWEST: &str = "SELECT role, content, at_ms, idx FROM messages \
+const SELECT_NEWEST: &str = "SELECT role, content, at_ms, partial, idx FROM messages \
      WHERE conversation = ?1 AND idx < ?2 ORDER BY idx DESC";
 
 /// What the caller of [`History::newest_first`] does with a message.
@@ -62,9 +62,9 @@ impl History {
             while let Some(row) = rows.next()? {
                 self.inner.stats.rows_read.fetch_add(1, Ordering::Relaxed);
                 let message = message_from_row(row)?;
-                let idx: i64 = row.get(3)?;
+                let idx: i64 = row.get(4)?;
                 let idx = u64::try_from(idx)
-                    .map_err(|_| rusqlite::Error::IntegralValueOutOfRange(3, idx))?;
+                    .map_err(|_| rusqlite::Error::IntegralValueOutOfRange(4, idx))?;
                 match keep(idx, message) {
                     Take::More => first_kept = idx,
                     Take::Last => {

@@ -121,8 +121,7 @@ impl Shared {
             Phase,
         ) -> Option<(Result<Finish, Failure>, Arc<str>, u64)>,
     ) -> bool {
-        let mut messages = Vec::with_capacity(1);
-        let announced = {
+        let (answer, partial, announced) = {
             let mut st = request.state.lock();
             let phase = st.phase;
             if matches!(phase, Phase::Finishing | Phase::Finished { .. }) {
@@ -188,30 +187,38 @@ impl Shared {
             }
             st.attachments.clear();
             st.end = Some(end);
-            if !answer.is_empty() {
-                messages.push((history::Role::Assistant, answer));
-            }
-            st.announced
+            // Cut short by chorus, not ended by the model: marked so in the
+            // history (`length` is the model's own end).
+            let partial = !matches!(result, Ok(Finish::Stop | Finish::Length));
+            (answer, partial, st.announced)
         };
         if request.remote {
             // Accepted, counted and stored by the node that accepted it.
             self.complete_remote(request);
             return true;
         }
-        if messages.is_empty() && announced {
+        if answer.is_empty() && announced {
             // Nothing to store, and the question was committed before
             // `accepted`: no earlier write of this request is pending.
             self.complete_request(request);
             return true;
         }
         let (shared, request2) = (self.clone(), request.clone());
-        self.history
-            .write_all(&request.conversation, messages, move |stored| {
-                if let Err(e) = stored {
-                    log::error!("storing the answer of {} failed: {e}", request2.id);
-                }
-                shared.complete_request(&request2);
-            });
+        let then = move |stored: Result<(), history::HistoryError>| {
+            if let Err(e) = stored {
+                log::error!("storing the answer of {} failed: {e}", request2.id);
+            }
+            shared.complete_request(&request2);
+        };
+        if answer.is_empty() {
+            // Not announced: its question's write may still be queued, and
+            // the conversation is released only after it (a barrier).
+            let nothing: Vec<(history::Role, Arc<str>)> = Vec::new();
+            self.history.write_all(&request.conversation, nothing, then);
+        } else {
+            self.history
+                .write_answer(&request.conversation, answer, partial, then);
+        }
         true
     }
 

@@ -61,6 +61,7 @@ pub(super) fn history_answer(
                 content: "",
                 at: message.at_rfc3339(),
                 truncated,
+                partial: message.partial,
             })
             .map_or(usize::MAX, |v| v.len() + 1)
         };
@@ -94,6 +95,7 @@ pub(super) fn history_answer(
             content: &m.content,
             at: m.at_rfc3339(),
             truncated: *truncated,
+            partial: m.partial,
         })
         .collect();
     let more = (walk.first_kept > 0).then_some(walk.first_kept);

@@ -113,6 +113,7 @@ mod tests {
                 },
                 content: format!("message number {i} with some padding text"),
                 at_ms: 0,
+                partial: false,
             })
             .collect()
     }
