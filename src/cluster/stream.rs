@@ -99,14 +99,23 @@ impl StreamWriter {
             return Ok(());
         }
         let mut pipe = redis::pipe();
-        self.add_tokens(&mut pipe, tokens);
+        self.queue_append(&mut pipe, tokens);
+        let mut conn = self.pool.get()?;
+        pipe.query::<()>(&mut *conn)?;
+        Ok(())
+    }
+
+    /// Adds the commands of [`StreamWriter::append`] to `pipe`, so that
+    /// the writes of many streams share one round trip.
+    pub fn queue_append(&self, pipe: &mut redis::Pipeline, tokens: &[&str]) {
+        if tokens.is_empty() {
+            return;
+        }
+        self.add_tokens(pipe, tokens);
         pipe.cmd("PEXPIRE")
             .arg(&self.name)
             .arg(self.idle_expiry_ms)
             .ignore();
-        let mut conn = self.pool.get()?;
-        pipe.query::<()>(&mut *conn)?;
-        Ok(())
     }
 
     /// Appends the end marker and lets the stream expire `keep` later.
@@ -127,7 +136,24 @@ impl StreamWriter {
     ) -> Result<(), ClusterError> {
         let mut pipe = redis::pipe();
         pipe.atomic();
-        self.add_tokens(&mut pipe, tokens);
+        self.queue_finish(&mut pipe, tokens, end, keep, also);
+        let mut conn = self.pool.get()?;
+        pipe.query::<()>(&mut *conn)?;
+        Ok(())
+    }
+
+    /// Adds the commands of [`StreamWriter::finish_with`] to `pipe`, which
+    /// must be atomic (`MULTI`…`EXEC`) for the end marker and `also` to go
+    /// together; other streams' writes may share it.
+    pub fn queue_finish(
+        &self,
+        pipe: &mut redis::Pipeline,
+        tokens: &[&str],
+        end: &End,
+        keep: Duration,
+        also: &redis::Pipeline,
+    ) {
+        self.add_tokens(pipe, tokens);
         let add = pipe.cmd("XADD").arg(&self.name).arg("*");
         for (field, value) in end_fields(end) {
             add.arg(field).arg(value);
@@ -138,9 +164,6 @@ impl StreamWriter {
         for cmd in also.cmd_iter() {
             pipe.add_command(cmd.clone()).ignore();
         }
-        let mut conn = self.pool.get()?;
-        pipe.query::<()>(&mut *conn)?;
-        Ok(())
     }
 
     fn add_tokens(&self, pipe: &mut redis::Pipeline, tokens: &[&str]) {

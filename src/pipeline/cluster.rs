@@ -235,10 +235,7 @@ impl Shared {
                     .arg(watchers_key(&token))
                     .arg(&node.node_id)
                     .ignore();
-                node.writes.send(Write::Commands {
-                    pipe,
-                    what: "unwatch",
-                });
+                node.writes.send(Write::Commands(pipe));
                 return;
             }
             None => return,
@@ -298,10 +295,11 @@ impl Shared {
                     return;
                 }
                 *refreshed = Some(Instant::now());
-                node.writes.send(Write::Commands {
-                    pipe: watch_pipe(&node.node_id, token, node.lease),
-                    what: "watch",
-                });
+                node.writes.send(Write::Commands(watch_pipe(
+                    &node.node_id,
+                    token,
+                    node.lease,
+                )));
             }
             None => {}
         }
@@ -391,10 +389,7 @@ impl Shared {
         }
         if any {
             // Off the connection thread, like every cluster write.
-            node.writes.send(Write::Commands {
-                pipe,
-                what: "resume records",
-            });
+            node.writes.send(Write::Commands(pipe));
         }
     }
 

@@ -31,6 +31,8 @@ use crate::redis_pool::RedisPool;
 /// Writes waiting at most; past it new ones are dropped (a Redis that slow
 /// is as good as down for the cluster).
 const QUEUE: usize = 16_384;
+/// Writes sent in one round trip at most.
+const BATCH: usize = 512;
 
 /// One write to the cluster's Redis.
 pub(crate) enum Write {
@@ -53,11 +55,8 @@ pub(crate) enum Write {
     },
     /// Extends a lease this node holds.
     Renew { key: [u8; 32], token: String },
-    /// Any other commands, in one round trip (watcher marks, resume records).
-    Commands {
-        pipe: redis::Pipeline,
-        what: &'static str,
-    },
+    /// Any other commands (watcher marks, resume records), not atomic.
+    Commands(redis::Pipeline),
 }
 
 /// The sending side, held by the cluster node.
@@ -97,71 +96,94 @@ fn lost(write: &Write) {
         Write::Append { broken, .. } | Write::Finish { broken, .. } => {
             broken.store(true, Ordering::Release);
         }
-        Write::Renew { .. } | Write::Commands { .. } => {}
+        Write::Renew { .. } | Write::Commands(_) => {}
     }
 }
 
 fn run(rx: &Receiver<Write>, pool: &RedisPool, leases: &Leases, breaker: &Breaker) {
-    for write in rx {
-        let result = breaker.call(|| perform(&write, pool, leases));
-        match result {
-            Ok(()) => {}
-            // Logged once per outage by the breaker.
-            Err(BreakerError::Open) => lost(&write),
-            Err(BreakerError::Failed(e)) => {
-                log::debug!("a cluster write failed: {e}");
-                lost(&write);
+    while let Ok(first) = rx.recv() {
+        // Everything queued meanwhile goes in the same round trip: one
+        // write per round trip cannot keep up with hundreds of streams
+        // flushing every few milliseconds, and a queue that only grows
+        // delays every stream and record until writes are dropped.
+        let (renewals, writes): (Vec<Write>, Vec<Write>) = std::iter::once(first)
+            .chain(rx.try_iter().take(BATCH - 1))
+            .partition(|w| matches!(w, Write::Renew { .. }));
+        if !writes.is_empty() {
+            match breaker.call(|| perform_all(&writes, pool)) {
+                Ok(()) => {}
+                // Logged once per outage by the breaker.
+                Err(BreakerError::Open) => writes.iter().for_each(lost),
+                Err(BreakerError::Failed(e)) => {
+                    log::debug!("{} cluster writes failed: {e}", writes.len());
+                    writes.iter().for_each(lost);
+                }
+            }
+        }
+        // A renewal's answer says whether the lease is still ours, so each
+        // is a call of its own (one per lead generation every third of the
+        // lease time: few).
+        for renewal in &renewals {
+            let Write::Renew { key, token } = renewal else {
+                continue;
+            };
+            match breaker.call(|| leases.renew(key, token).map_err(|e| e.to_string())) {
+                Ok(true) | Err(BreakerError::Open) => {}
+                Ok(false) => log::warn!("lease of {token} was lost"),
+                Err(BreakerError::Failed(e)) => log::debug!("a lease renewal failed: {e}"),
             }
         }
     }
 }
 
-fn perform(write: &Write, pool: &RedisPool, leases: &Leases) -> Result<(), String> {
-    match write {
-        Write::Append {
-            writer,
-            tokens,
-            broken,
-        } => {
-            if broken.load(Ordering::Acquire) {
-                return Ok(());
+/// Runs `writes` (no renewals) in one round trip, as one transaction: a
+/// stream's end marker goes with its lease's release, and no reader sees a
+/// key between its creation and its expiry being set.
+fn perform_all(writes: &[Write], pool: &RedisPool) -> Result<(), String> {
+    let mut pipe = redis::pipe();
+    pipe.atomic();
+    for write in writes {
+        match write {
+            Write::Append {
+                writer,
+                tokens,
+                broken,
+            } => {
+                if !broken.load(Ordering::Acquire) {
+                    let tokens: Vec<&str> = tokens.iter().map(String::as_str).collect();
+                    writer.queue_append(&mut pipe, &tokens);
+                }
             }
-            let tokens: Vec<&str> = tokens.iter().map(String::as_str).collect();
-            writer.append(&tokens).map_err(|e| e.to_string())
-        }
-        Write::Finish {
-            writer,
-            tokens,
-            end,
-            keep,
-            also,
-            broken,
-        } => {
-            let (tokens, end) = if broken.load(Ordering::Acquire) {
-                let failed = End::Failed {
-                    code: "upstream_error".into(),
-                    message: "the leader's node lost its stream".into(),
-                };
-                (Vec::new(), failed)
-            } else {
-                (tokens.iter().map(String::as_str).collect(), end.clone())
-            };
-            writer
-                .finish_with(&tokens, &end, *keep, also)
-                .map_err(|e| e.to_string())
-        }
-        Write::Renew { key, token } => match leases.renew(key, token) {
-            Ok(true) => Ok(()),
-            Ok(false) => {
-                log::warn!("lease of {token} was lost");
-                Ok(())
+            Write::Finish {
+                writer,
+                tokens,
+                end,
+                keep,
+                also,
+                broken,
+            } => {
+                if broken.load(Ordering::Acquire) {
+                    let failed = End::Failed {
+                        code: "upstream_error".into(),
+                        message: "the leader's node lost its stream".into(),
+                    };
+                    writer.queue_finish(&mut pipe, &[], &failed, *keep, also);
+                } else {
+                    let tokens: Vec<&str> = tokens.iter().map(String::as_str).collect();
+                    writer.queue_finish(&mut pipe, &tokens, end, *keep, also);
+                }
             }
-            Err(e) => Err(e.to_string()),
-        },
-        Write::Commands { pipe, what } => {
-            let mut conn = pool.get().map_err(|e| format!("{what}: {e}"))?;
-            pipe.query::<()>(&mut *conn)
-                .map_err(|e| format!("{what}: {e}"))
+            Write::Commands(commands) => {
+                for cmd in commands.cmd_iter() {
+                    pipe.add_command(cmd.clone()).ignore();
+                }
+            }
+            Write::Renew { .. } => {}
         }
     }
+    if pipe.cmd_iter().next().is_none() {
+        return Ok(());
+    }
+    let mut conn = pool.get().map_err(|e| e.to_string())?;
+    pipe.query::<()>(&mut *conn).map_err(|e| e.to_string())
 }

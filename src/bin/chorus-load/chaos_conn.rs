@@ -17,8 +17,9 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use tungstenite::{Message, WebSocket};
 
-/// Violation examples kept per client (the summary keeps the first few).
-const MAX_EXAMPLES: usize = 10;
+/// Violation examples kept per kind, per client and in the summary: a
+/// flood of one kind must not hide the only example of another.
+const MAX_EXAMPLES: usize = 5;
 
 /// Resumes after `slow_consumer` of one request before the client calls it
 /// a hang: each resume must make progress, so a handful is plenty.
@@ -60,14 +61,16 @@ pub struct Tally {
     pub cross_node_resumes: u64,
     pub compared_answers: u64,
     pub violations: BTreeMap<&'static str, u64>,
-    pub examples: Vec<String>,
+    /// The first few violations of each kind, described.
+    pub examples: BTreeMap<&'static str, Vec<String>>,
 }
 
 impl Tally {
     pub fn violation(&mut self, kind: &'static str, detail: String) {
         *self.violations.entry(kind).or_insert(0) += 1;
-        if self.examples.len() < MAX_EXAMPLES {
-            self.examples.push(format!("{kind}: {detail}"));
+        let examples = self.examples.entry(kind).or_default();
+        if examples.len() < MAX_EXAMPLES {
+            examples.push(detail);
         }
     }
 
@@ -88,7 +91,11 @@ impl Tally {
         self.resumes += other.resumes;
         self.cross_node_resumes += other.cross_node_resumes;
         self.compared_answers += other.compared_answers;
-        self.examples.extend(other.examples);
+        for (kind, examples) in other.examples {
+            let kept = self.examples.entry(kind).or_default();
+            let room = MAX_EXAMPLES.saturating_sub(kept.len());
+            kept.extend(examples.into_iter().take(room));
+        }
     }
 }
 
