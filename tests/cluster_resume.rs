@@ -154,6 +154,33 @@ fn ended_answers_and_cache_hits_are_resumable_on_another_node() {
     again.assert_contiguous();
 }
 
+/// A `fresh` chat leads a generation of its own, which has no stream in
+/// Redis while it runs: when its client leaves mid-answer, the request is
+/// recorded once it ends (a short answer here, within the time another
+/// node looks for the record), and the resume elsewhere gets the rest.
+#[test]
+fn a_request_not_findable_when_its_client_left_is_recorded_when_it_ends() {
+    let redis = RedisServer::start();
+    let quick = |name: &str| {
+        Server::start(&format!(
+            "[llm.simulated]\nfirst_token_ms = 50\ntoken_interval_ms = 20\ntokens = 20\n\
+             [cluster]\nenabled = true\nredis_url = \"{url}\"\nnode_id = \"{name}\"\n",
+            url = redis.url()
+        ))
+    };
+    let (a, c) = (quick("node-a"), quick("node-c"));
+    let mut ca = a.client();
+    let accepted = ca.chat(None, "Mine alone", json!({"fresh": true}));
+    let request = accepted["request"].as_str().expect("accepted").to_owned();
+    read_then_drop(ca, &request, 2);
+    let mut cc = c.client();
+    cc.send(json!({"type": "resume", "request": request, "from": 2}));
+    let rest = cc.answer(&request);
+    assert!(rest.is_done(), "{}", rest.end);
+    assert_eq!(rest.seqs, (2..20).collect::<Vec<u64>>());
+    assert_eq!(rest.end["tokens"], 20);
+}
+
 #[test]
 fn a_resume_on_another_node_keeps_the_generation_alive() {
     let redis = RedisServer::start();

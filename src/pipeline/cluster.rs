@@ -338,8 +338,8 @@ impl Shared {
     ///   a generation led alone) gets a short stream of its own with the
     ///   tokens it was sent.
     ///
-    /// Requests running on a generation led alone cannot be resumed
-    /// elsewhere while they run.
+    /// Requests still queued, or running on a generation led alone, are
+    /// recorded later, once they are findable (`handover_if_pending`).
     pub(super) fn cluster_handover(&self, requests: &[String]) {
         let Some(node) = &self.cluster else {
             return;
@@ -357,6 +357,10 @@ impl Shared {
                 continue;
             }
             let Some(handover) = self.handover_of(node, &request) else {
+                // Not findable yet: recorded once it is (see
+                // `handover_if_pending`).
+                let mut st = request.state.lock();
+                st.handover_pending = st.end.is_none();
                 continue;
             };
             let set_record = |pipe: &mut redis::Pipeline| {
@@ -390,6 +394,16 @@ impl Shared {
         if any {
             // Off the connection thread, like every cluster write.
             node.writes.send(Write::Commands(pipe));
+        }
+    }
+
+    /// Writes the resume record of `request` if its connection closed
+    /// before another node could have found it (see
+    /// [`RequestState::handover_pending`](super::request::RequestState)).
+    /// Called when it joins a generation and when it ends.
+    pub(super) fn handover_if_pending(&self, request: &Request) {
+        if self.cluster.is_some() && std::mem::take(&mut request.state.lock().handover_pending) {
+            self.cluster_handover(&[request.id.to_string()]);
         }
     }
 

@@ -121,7 +121,7 @@ impl Shared {
             Phase,
         ) -> Option<(Result<Finish, Failure>, Arc<str>, u64)>,
     ) -> bool {
-        let (answer, partial, announced) = {
+        let (answer, partial, announced, handover) = {
             let mut st = request.state.lock();
             let phase = st.phase;
             if matches!(phase, Phase::Finishing | Phase::Finished { .. }) {
@@ -190,8 +190,13 @@ impl Shared {
             // Cut short by chorus, not ended by the model: marked so in the
             // history (`length` is the model's own end).
             let partial = !matches!(result, Ok(Finish::Stop | Finish::Length));
-            (answer, partial, st.announced)
+            let handover = std::mem::take(&mut st.handover_pending);
+            (answer, partial, st.announced, handover)
         };
+        if handover {
+            // Its client left before it was findable elsewhere; now it is.
+            self.cluster_handover(&[request.id.to_string()]);
+        }
         if request.remote {
             // Accepted, counted and stored by the node that accepted it.
             self.complete_remote(request);

@@ -193,6 +193,25 @@ fn reclaim_requests(shared: &Arc<Shared>, now: Instant) {
         .cloned()
         .collect();
     for request in stale {
+        // Its generation should have ended it: this is a bug, and the log
+        // says where it was lost.
+        let what = {
+            let st = request.state.lock();
+            let source = match &st.source {
+                Some(Source::Generation(g)) => g.describe(),
+                Some(Source::Cached(_)) => "a cached answer".to_owned(),
+                None => "no source".to_owned(),
+            };
+            format!(
+                "phase {:?}, role {:?}, announced {}, {} attachments, remote {}; {source}",
+                st.phase,
+                st.role,
+                st.announced,
+                st.attachments.len(),
+                request.remote
+            )
+        };
+        log::warn!("request {} outlived request_ms ({what})", request.id);
         let failure = Failure::new(
             ErrorCode::ProcessingTimeout,
             format!("the request took longer than {} ms", limit.as_millis()),

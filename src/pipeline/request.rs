@@ -65,6 +65,11 @@ pub(crate) struct RequestState {
     /// For a request resumed from another node while its record is looked
     /// up: the `seq` to replay from (the latest `resume` wins).
     pub resume_from: u64,
+    /// Its connection closed while its tokens were nowhere another node
+    /// could find them (it was still queued, or runs on a generation led
+    /// alone): its resume record is written as soon as they are, when it
+    /// joins a generation that has a stream or when it ends.
+    pub handover_pending: bool,
 }
 
 /// One chat request. Share it as `Arc<Request>`.
@@ -117,6 +122,7 @@ impl Request {
                 end: None,
                 announced: remote,
                 resume_from: 0,
+                handover_pending: false,
             }),
             stored: Condvar::new(),
         })

@@ -271,10 +271,31 @@ impl Shared {
                 self.finish_generation(&generation, GenOutcome::Cancelled);
                 return;
             }
+            let mut gen = generation.state.lock();
+            gen.leader_pending = false;
+            if let Some(outcome) = gen.outcome.clone() {
+                // Ended before its leader joined (it is wanted until then,
+                // so only a shutdown does that): told as a member would
+                // have been; dropped for lack of interest, led anew (as a
+                // follower does).
+                drop(gen);
+                drop(st);
+                if matches!(outcome, GenOutcome::Cancelled) {
+                    let ticket = RequestTicket {
+                        shared: self.clone(),
+                        request: Some(request),
+                    };
+                    return self.lead_or_follow(ticket, work);
+                }
+                let result = super::ending::member_result(&outcome);
+                self.end_request(&request, |_, _| Some((result, "".into(), 0)));
+                return;
+            }
             st.phase = Phase::Running;
             st.role = Some(role);
             st.source = Some(Source::Generation(generation.clone()));
-            generation.state.lock().members.push(request.clone());
+            gen.members.push(request.clone());
+            drop(gen);
             for a in &st.attachments {
                 let _ = a
                     .outbox
@@ -282,6 +303,7 @@ impl Shared {
                 generation.broadcast.subscribe(a, 0);
             }
         }
+        self.handover_if_pending(&request);
         // Visible to the janitor only now that it has its member, so it is
         // never mistaken for an unwanted generation.
         self.active
@@ -432,7 +454,7 @@ impl Shared {
         };
         generation.pending_followers.fetch_sub(1, Ordering::AcqRel);
         match ended {
-            None => {}
+            None => self.handover_if_pending(&request),
             // Dropped for lack of interest before this follower could join
             // (a cancel or the janitor raced its claim): it is wanted now, so
             // lead a new generation instead of inheriting the cancel.
