@@ -6,7 +6,10 @@
 //! Without it, a frozen Redis costs every caller the full command timeout:
 //! each cache lookup, each claim, each stream write. With it, an outage
 //! costs the calls already in flight when it starts and nothing after.
-//! An outage is logged twice: once when it starts, once when it ends.
+//! An outage is logged twice: once when it starts, once when it ends. A
+//! relapse within [`RELAPSE`] of the end (a Redis thawed after a freeze,
+//! still working off its backlog, fails one more call) is part of the same
+//! outage in the log: debug lines, not a second warning.
 //!
 //! ```
 //! use std::sync::atomic::{AtomicBool, Ordering};
@@ -44,9 +47,13 @@
 use std::fmt::Display;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
+
+/// A failure this soon after the dependency came back is a relapse of the
+/// same outage (see the module documentation).
+pub const RELAPSE: Duration = Duration::from_secs(5);
 
 /// The probe: `Ok` when the dependency answers.
 type Probe = Box<dyn Fn() -> Result<(), String> + Send + Sync>;
@@ -74,6 +81,11 @@ struct Inner {
     consequence: String,
     open: AtomicBool,
     outages: AtomicU64,
+    /// Outages whose start was logged as one (not relapses).
+    logged_outages: AtomicU64,
+    /// When the last outage ended, and whether the open one is a relapse
+    /// (its end is then logged at debug level too).
+    recovery: Mutex<(Option<Instant>, bool)>,
     probes: AtomicU64,
     probe: Probe,
     first_pause: Duration,
@@ -101,6 +113,8 @@ impl Breaker {
                 consequence: consequence.to_owned(),
                 open: AtomicBool::new(false),
                 outages: AtomicU64::new(0),
+                logged_outages: AtomicU64::new(0),
+                recovery: Mutex::new((None, false)),
                 probes: AtomicU64::new(0),
                 probe: Box::new(probe),
                 first_pause: first_pause.max(Duration::from_millis(1)),
@@ -139,11 +153,24 @@ impl Breaker {
             return;
         }
         inner.outages.fetch_add(1, Ordering::Relaxed);
-        log::warn!(
-            "{} is unavailable, {}: {error}",
-            inner.name,
-            inner.consequence
-        );
+        let relapse = {
+            let mut recovery = inner.recovery.lock();
+            recovery.1 = recovery.0.is_some_and(|at| at.elapsed() < RELAPSE);
+            recovery.1
+        };
+        if relapse {
+            log::debug!(
+                "{} failed again right after it came back: {error}",
+                inner.name
+            );
+        } else {
+            inner.logged_outages.fetch_add(1, Ordering::Relaxed);
+            log::warn!(
+                "{} is unavailable, {}: {error}",
+                inner.name,
+                inner.consequence
+            );
+        }
         let probing = inner.clone();
         let spawned = std::thread::Builder::new()
             .name("chorus-probe".into())
@@ -160,6 +187,11 @@ impl Breaker {
     /// Outages seen so far (times the breaker opened).
     pub fn outages(&self) -> u64 {
         self.inner.outages.load(Ordering::Relaxed)
+    }
+
+    /// Outages logged as such: [`Breaker::outages`] without relapses.
+    pub fn logged_outages(&self) -> u64 {
+        self.inner.logged_outages.load(Ordering::Relaxed)
     }
 
     /// Probes run so far.
@@ -183,8 +215,16 @@ impl Inner {
             }
             self.probes.fetch_add(1, Ordering::Relaxed);
             if (self.probe)().is_ok() {
+                let relapse = {
+                    let mut recovery = self.recovery.lock();
+                    std::mem::replace(&mut *recovery, (Some(Instant::now()), false)).1
+                };
                 self.open.store(false, Ordering::Release);
-                log::info!("{} is reachable again", self.name);
+                if relapse {
+                    log::debug!("{} is back after a relapse", self.name);
+                } else {
+                    log::info!("{} is reachable again", self.name);
+                }
                 return;
             }
             pause = (pause * 2).min(self.max_pause);
@@ -285,6 +325,9 @@ mod tests {
         healthy.store(false, Ordering::Release);
         breaker.trip(&"second outage");
         assert_eq!(breaker.outages(), 2);
+        // So soon after the first ended: a relapse of it, not logged as a
+        // second outage.
+        assert_eq!(breaker.logged_outages(), 1);
     }
 
     #[test]

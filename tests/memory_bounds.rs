@@ -5,7 +5,7 @@ mod common;
 
 use std::net::TcpStream;
 
-use common::{Client, Server};
+use common::{eventually, Client, Server};
 use socket2::{Domain, Socket, Type};
 
 /// A client whose socket takes almost nothing unless it reads.
@@ -142,7 +142,10 @@ token_bytes = 4096
     let mut reader = server.client();
     let first = reader.ask_and_wait(None, "a big cached answer");
     assert!(first.is_done(), "{:?}", first.end);
-    assert_eq!(server.stats()["cache"]["entries"], 1);
+    // The cache write follows the `done`.
+    eventually("the answer cached", || {
+        server.stats()["cache"]["entries"] == 1
+    });
     const IDLE: u64 = 8;
     let mut idle: Vec<Client> = (0..IDLE).map(|_| tiny_window_client(&server)).collect();
     let before = rss_bytes(&server);
