@@ -358,9 +358,24 @@ impl Shared {
             }
             let Some(handover) = self.handover_of(node, &request) else {
                 // Not findable yet: recorded once it is (see
-                // `handover_if_pending`).
-                let mut st = request.state.lock();
-                st.handover_pending = st.end.is_none();
+                // `handover_if_pending`). Meanwhile a record that says so
+                // keeps a resume elsewhere waiting for it (under load a
+                // request can wait in a queue longer than a lookup would
+                // wait for a record that does not exist).
+                let pending = {
+                    let mut st = request.state.lock();
+                    st.handover_pending = st.end.is_none();
+                    st.handover_pending
+                };
+                if let (true, Ok(record)) = (pending, serde_json::to_string(&Record::pending())) {
+                    pipe.cmd("SET")
+                        .arg(request_key(id))
+                        .arg(record)
+                        .arg("PX")
+                        .arg(keep_ms)
+                        .ignore();
+                    any = true;
+                }
                 continue;
             };
             let set_record = |pipe: &mut redis::Pipeline| {
@@ -454,6 +469,7 @@ impl Shared {
             stream,
             key: crate::cluster::hex(&key),
             end,
+            pending: false,
         };
         Some(Handover {
             record: serde_json::to_string(&record).ok()?,

@@ -13,7 +13,9 @@
 //!    every waiting resume in one `MGET` every [`POLL`] (the old node
 //!    writes its record as it notices the close, which can be a moment
 //!    after the client is back here), up to [`TRIES`] times before
-//!    answering `not_found`;
+//!    answering `not_found`; a record that says the request is not
+//!    findable yet (still queued there, or on a generation led alone)
+//!    keeps it looking, up to [`PENDING_TRIES`] times;
 //! 3. joins a running request to the local follower of its generation,
 //!    shared by every request of that generation on this node (one reader
 //!    thread, one Redis connection), which counts as interest for the
@@ -46,6 +48,9 @@ use crate::protocol::{self, ErrorCode, Failure, Finish, Role, Stage, Timings};
 /// How often, and how many times, a waiting resume looks for its record.
 const POLL: Duration = Duration::from_millis(50);
 const TRIES: u32 = 20;
+/// How many times, at most, a resume whose record says "accepted there,
+/// not findable yet" looks again (30 s: the default `queue_ms`).
+const PENDING_TRIES: u32 = 600;
 /// Resumes waiting for the lookup thread at most; past it `overloaded`.
 const QUEUE: usize = 1024;
 
@@ -61,6 +66,24 @@ pub(super) struct Record {
     pub key: String,
     /// Set once the request ended.
     pub end: Option<RecordEnd>,
+    /// The request's node has it but its tokens are nowhere to be read yet
+    /// (it is queued, or runs on a generation led alone): look again. The
+    /// node replaces this record as soon as they are.
+    #[serde(default)]
+    pub pending: bool,
+}
+
+impl Record {
+    /// The record of a request that is not findable yet.
+    pub fn pending() -> Record {
+        Record {
+            role: String::new(),
+            stream: String::new(),
+            key: String::new(),
+            end: None,
+            pending: true,
+        }
+    }
 }
 
 /// How a request ended, in its record.
@@ -233,6 +256,13 @@ impl Shared {
             for ((request, tries), record) in waiting.drain(..).zip(records) {
                 match record {
                     Some(json) => match serde_json::from_str::<Record>(&json) {
+                        Ok(record) if record.pending => {
+                            if tries + 1 >= PENDING_TRIES {
+                                self.drop_resumed(&request, &not_found);
+                            } else {
+                                still.push((request, tries + 1));
+                            }
+                        }
                         Ok(record) => self.resolve(&request, &record),
                         Err(e) => {
                             log::warn!("unreadable resume record of {}: {e}", request.id);
