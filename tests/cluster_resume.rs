@@ -164,7 +164,7 @@ fn a_request_not_findable_when_its_client_left_keeps_a_resume_elsewhere_waiting(
     let redis = RedisServer::start();
     let quick = |name: &str| {
         Server::start(&format!(
-            "[llm.simulated]\nfirst_token_ms = 50\ntoken_interval_ms = 40\ntokens = 50\n\
+            "[llm.simulated]\nfirst_token_ms = 50\ntoken_interval_ms = 80\ntokens = 50\n\
              [cluster]\nenabled = true\nredis_url = \"{url}\"\nnode_id = \"{name}\"\n",
             url = redis.url()
         ))

@@ -47,7 +47,7 @@ use crate::protocol::{self, ErrorCode, Failure, Finish, Role, Stage, Timings};
 
 /// How often, and how many times, a waiting resume looks for its record.
 const POLL: Duration = Duration::from_millis(50);
-const TRIES: u32 = 20;
+const TRIES: u32 = 60;
 /// How many times, at most, a resume whose record says "accepted there,
 /// not findable yet" looks again (30 s: the default `queue_ms`).
 const PENDING_TRIES: u32 = 600;
