@@ -12,10 +12,12 @@
 //! 2. hands it to this node's lookup thread, which reads the records of
 //!    every waiting resume in one `MGET` every [`POLL`] (the old node
 //!    writes its record as it notices the close, which can be a moment
-//!    after the client is back here), up to [`TRIES`] times before
+//!    after the client is back here), for up to [`WAIT`] before
 //!    answering `not_found`; a record that says the request is not
 //!    findable yet (still queued there, or on a generation led alone)
-//!    keeps it looking, up to [`PENDING_TRIES`] times;
+//!    keeps it looking, for up to [`PENDING_WAIT`]. The bounds are times,
+//!    not counts of looks, so a lookup thread slowed by load answers
+//!    `not_found` no later;
 //! 3. joins a running request to the local follower of its generation,
 //!    shared by every request of that generation on this node (one reader
 //!    thread, one Redis connection), which counts as interest for the
@@ -45,12 +47,12 @@ use crate::cluster::stream::{first_entries, StreamEvent};
 use crate::outbox::{Frame, Outbox, Replay, Tokens};
 use crate::protocol::{self, ErrorCode, Failure, Finish, Role, Stage, Timings};
 
-/// How often, and how many times, a waiting resume looks for its record.
+/// How often, and for how long, a waiting resume looks for its record.
 const POLL: Duration = Duration::from_millis(50);
-const TRIES: u32 = 60;
-/// How many times, at most, a resume whose record says "accepted there,
-/// not findable yet" looks again (30 s: the default `queue_ms`).
-const PENDING_TRIES: u32 = 600;
+const WAIT: Duration = Duration::from_secs(3);
+/// How long, at most, a resume whose record says "accepted there, not
+/// findable yet" looks (the default `queue_ms`).
+const PENDING_WAIT: Duration = Duration::from_secs(30);
 /// Resumes waiting for the lookup thread at most; past it `overloaded`.
 const QUEUE: usize = 1024;
 
@@ -214,31 +216,33 @@ impl Shared {
         let Some(node) = &self.cluster else {
             return;
         };
-        let mut waiting: Vec<(Arc<Request>, u32)> = Vec::new();
+        // Each stand-in was made when its `resume` arrived (`accepted_at`):
+        // the waits below count from then.
+        let mut waiting: Vec<Arc<Request>> = Vec::new();
         loop {
             if self.channels.read().is_none() {
                 let failure = Failure::new(ErrorCode::ShuttingDown, "the server is shutting down");
-                for (request, _) in waiting.drain(..) {
+                for request in waiting.drain(..) {
                     self.drop_resumed(&request, &failure);
                 }
                 return;
             }
             if waiting.is_empty() {
                 match rx.recv_timeout(Duration::from_millis(200)) {
-                    Ok(request) => waiting.push((request, 0)),
+                    Ok(request) => waiting.push(request),
                     Err(RecvTimeoutError::Timeout) => continue,
                     Err(RecvTimeoutError::Disconnected) => return,
                 }
             } else {
                 std::thread::sleep(POLL);
             }
-            waiting.extend(rx.try_iter().map(|r| (r, 0)));
+            waiting.extend(rx.try_iter());
             // Cancelled (or closed) meanwhile: nothing to look up.
-            waiting.retain(|(r, _)| matches!(r.state.lock().phase, Phase::Queued { .. }));
+            waiting.retain(|r| matches!(r.state.lock().phase, Phase::Queued { .. }));
             if waiting.is_empty() {
                 continue;
             }
-            let keys: Vec<String> = waiting.iter().map(|(r, _)| request_key(&r.id)).collect();
+            let keys: Vec<String> = waiting.iter().map(|r| request_key(&r.id)).collect();
             let records = node.query(|conn| {
                 redis::cmd("MGET")
                     .arg(&keys)
@@ -247,30 +251,29 @@ impl Shared {
             let not_found = Failure::new(ErrorCode::NotFound, "no such request, or it expired");
             let Ok(records) = records else {
                 // Redis is down: no cluster coordination, nothing to find.
-                for (request, _) in waiting.drain(..) {
+                for request in waiting.drain(..) {
                     self.drop_resumed(&request, &not_found);
                 }
                 continue;
             };
             let mut still = Vec::new();
-            for ((request, tries), record) in waiting.drain(..).zip(records) {
-                match record {
-                    Some(json) => match serde_json::from_str::<Record>(&json) {
-                        Ok(record) if record.pending => {
-                            if tries + 1 >= PENDING_TRIES {
-                                self.drop_resumed(&request, &not_found);
-                            } else {
-                                still.push((request, tries + 1));
-                            }
-                        }
-                        Ok(record) => self.resolve(&request, &record),
-                        Err(e) => {
-                            log::warn!("unreadable resume record of {}: {e}", request.id);
+            for (request, record) in waiting.drain(..).zip(records) {
+                let waited = request.accepted_at.elapsed();
+                match record.map(|json| serde_json::from_str::<Record>(&json)) {
+                    Some(Ok(record)) if record.pending => {
+                        if waited >= PENDING_WAIT {
                             self.drop_resumed(&request, &not_found);
+                        } else {
+                            still.push(request);
                         }
-                    },
-                    None if tries + 1 >= TRIES => self.drop_resumed(&request, &not_found),
-                    None => still.push((request, tries + 1)),
+                    }
+                    Some(Ok(record)) => self.resolve(&request, &record),
+                    Some(Err(e)) => {
+                        log::warn!("unreadable resume record of {}: {e}", request.id);
+                        self.drop_resumed(&request, &not_found);
+                    }
+                    None if waited >= WAIT => self.drop_resumed(&request, &not_found),
+                    None => still.push(request),
                 }
             }
             waiting = still;
