@@ -110,6 +110,7 @@ impl Shared {
         let job = IntakeJob {
             position,
             stored: false,
+            hit: None,
             ticket: RequestTicket {
                 shared: self.clone(),
                 request: Some(request),

@@ -157,6 +157,8 @@ struct IntakeJob {
     /// Its question is stored and `accepted` sent: the second pass through
     /// the cache lane (see `run_cache_lane`).
     stored: bool,
+    /// On the second pass of a hit: the answer to serve (stored already).
+    hit: Option<Arc<crate::cache::CachedAnswer>>,
 }
 
 /// What the leader of a generation needs to prepare it.

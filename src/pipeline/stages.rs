@@ -39,8 +39,8 @@ impl Shared {
 
     /// A chat passes the cache lane twice. First its cache lookup; then its
     /// question (and, for a hit, the cached answer) goes to the history
-    /// writer, and `announce` sends `accepted` once that is committed. A
-    /// hit is served right there; a miss comes back here (`stored`) to
+    /// writer, and `announce` sends `accepted` once that is committed.
+    /// Then it comes back here (`stored`): a hit to be served, a miss to
     /// lead or follow. The request keeps its intake reservation until then,
     /// so the way back always has room.
     pub(super) fn run_cache_lane(self: &Arc<Self>, mut job: IntakeJob) {
@@ -54,6 +54,9 @@ impl Shared {
             return;
         }
         if job.stored {
+            if let Some(answer) = job.hit.take() {
+                return self.serve_cached(job.ticket, answer, AnswerStored::Yes);
+            }
             return self.lead_or_follow(job.ticket, job.work);
         }
         let cached = if job.work.fresh {
@@ -94,7 +97,8 @@ impl Shared {
     /// Runs on the history writer thread once a chat's question is
     /// committed (or could not be): sends `accepted`, which promises the
     /// question is stored, so a crash right after it loses nothing. Then
-    /// serves a cache hit, or sends a miss back to the cache lane. A
+    /// sends the chat back to the cache lane, which serves a hit or has a
+    /// miss lead or follow. A
     /// request that ended meanwhile (shutdown, the janitor) was told so as a
     /// refused chat and goes no further; so does one whose question could
     /// not be stored (`internal`).
@@ -142,10 +146,10 @@ impl Shared {
             job.ticket.release();
             return;
         }
-        if let Some(answer) = cached {
-            self.intake_reserved.fetch_sub(1, Ordering::AcqRel);
-            return self.serve_cached(job.ticket, answer, AnswerStored::Yes);
-        }
+        // Back to the cache lane, a hit too: serving it here would hold up
+        // the history writer's next commit, and the lane writes the answer
+        // straight to the client's socket.
+        job.hit = cached;
         job.stored = true;
         if let Err((job, _)) = self.send(|c| &c.intake, job, "the intake queue is full") {
             // The reservation keeps room: only a closed channel (shutdown)
