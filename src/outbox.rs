@@ -44,14 +44,15 @@
 //! pushed. The connection thread stays the socket's owner: it reads,
 //! answers control frames, writes whenever output backs up, and closes.
 //!
-//! Riding along. `accepted` and the first `state` of a chat are made by the
-//! connection thread itself, and the request's next frames (a cached
-//! answer, usually within microseconds) come from a worker. Writing the
-//! first two at once would cost a system call per chat and a second TCP
-//! segment, so the connection thread may leave them queued as *deferred*
-//! ([`Outbox::push_deferred`]) and sleep: the next producer's write carries
-//! them, in front of its own frames. If no producer comes, the janitor
-//! releases them ([`Outbox::release_deferred`]) within one of its ticks.
+//! Riding along. `accepted` and the first `state` of a chat go out once
+//! the history writer has stored the question, and the request's next
+//! frames (a cached answer, usually within microseconds) come from a
+//! worker. Writing the first two at once would cost a system call per chat
+//! and a second TCP segment (or a wake-up of the sleeping connection
+//! thread), so they are queued as *deferred* ([`Outbox::push_deferred`]):
+//! the next producer's write carries them, in front of its own frames. If
+//! no producer comes, the janitor releases them
+//! ([`Outbox::release_deferred`]) within one of its ticks.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -348,9 +349,10 @@ impl Outbox {
         Ok(())
     }
 
-    /// Consumer only: queues JSON frames it made itself that may wait for
-    /// the next producer's write to carry them (see "Riding along" above);
-    /// they never wait longer than one janitor tick.
+    /// Queues JSON frames that may wait for the next producer's write to
+    /// carry them (see "Riding along" above): `accepted` and the first
+    /// `state`, pushed by the history writer once the question is stored.
+    /// They never wait longer than one janitor tick.
     pub fn push_deferred(&self, frames: impl IntoIterator<Item = Vec<u8>>) {
         let mut q = self.queue.lock();
         if q.closed {
@@ -359,6 +361,13 @@ impl Outbox {
         for json in frames {
             q.enqueue(Frame::Json(json));
             q.deferred += 1;
+        }
+        // Pushed by another thread (`accepted` goes out once the history
+        // writer has committed the question) while the consumer sleeps
+        // with an idle socket: as if it had left them itself, so the next
+        // producer's write carries them and nobody is woken for them.
+        if q.parked && q.socket_idle && q.socket.is_some() && q.deferred == q.frames.len() {
+            q.lingering = true;
         }
     }
 

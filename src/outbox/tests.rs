@@ -413,6 +413,37 @@ fn deferred_frames_ride_along_with_the_next_producer_write() {
     assert_eq!(read_texts(client, 3), ["accepted", "state", "answer"]);
 }
 
+/// `accepted` comes from the history writer once the question is stored,
+/// after the connection thread went to sleep: it must still ride along
+/// with the answer, not wake the consumer (that cost a wake-up per cache
+/// hit).
+#[test]
+fn deferred_frames_pushed_while_the_consumer_sleeps_ride_along_too() {
+    let (server, client) = socket_pair();
+    let o = Outbox::new(8).unwrap();
+    o.attach_socket(server);
+    assert!(o.park_if_empty(true));
+    o.push_deferred([b"accepted".to_vec(), b"state".to_vec()]);
+    o.push(json("answer")).unwrap();
+    assert!(o.is_empty(), "the answer's write carried everything");
+    let mut fds = [PollFd::new(&o.waker, PollFlags::IN)];
+    let now = rustix::event::Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    assert_eq!(poll(&mut fds, Some(&now)).unwrap(), 0, "nobody was woken");
+    assert_eq!(read_texts(client, 3), ["accepted", "state", "answer"]);
+    // With no producer after them, the janitor's release wakes the consumer.
+    let o = Outbox::new(8).unwrap();
+    let (server, _client) = socket_pair();
+    o.attach_socket(server);
+    assert!(o.park_if_empty(true));
+    o.push_deferred([b"accepted".to_vec()]);
+    o.release_deferred();
+    let mut fds = [PollFd::new(&o.waker, PollFlags::IN)];
+    assert_eq!(poll(&mut fds, Some(&now)).unwrap(), 1);
+}
+
 #[test]
 fn release_deferred_wakes_a_lingering_consumer_only() {
     let (server, _client) = socket_pair();
