@@ -529,6 +529,7 @@ fn stats_json(shared: &Shared) -> serde_json::Value {
             "pending_writes": shared.history.pending_writes(),
             "commits": shared.history.committed_batches(),
         },
+        "cluster": shared.pipeline.cluster_stats(),
         "draining": shared.draining.load(Ordering::Acquire),
     })
 }

@@ -217,6 +217,7 @@ fn stats_and_metrics_count_what_happened() {
     assert_eq!(stats["requests"]["cache"], 1);
     assert_eq!(stats["requests"]["done"], 2);
     assert_eq!(stats["cache"]["entries"], 1);
+    assert!(stats["cluster"].is_null(), "no [cluster]: {stats}");
     assert_eq!(stats["stages"]["stream"]["workers"], 8);
     assert_eq!(stats["stages"]["prepare"]["workers"], 16);
     assert_eq!(stats["stages"]["follow"]["workers"], 64);

@@ -244,6 +244,10 @@ ttl_s = 1
             .ask_and_wait(None, &format!("Leave no trace {i}"))
             .is_done());
     }
+    let cluster = &server.stats()["cluster"];
+    assert_eq!(cluster["redis_up"], true, "{cluster}");
+    assert!(cluster["writes_queued"].is_u64(), "{cluster}");
+    assert_eq!(cluster["resumes_waiting"], 0, "{cluster}");
     let mut conn = redis.connection();
     let keys: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut conn).unwrap();
     assert!(!keys.is_empty(), "nothing was written");

@@ -142,14 +142,23 @@ impl RecordEnd {
 pub(crate) struct Lookups {
     tx: Sender<Arc<Request>>,
     rx: Mutex<Option<Receiver<Arc<Request>>>>,
+    /// Resumes the lookup thread is looking for, as of its last round.
+    pub waiting: std::sync::atomic::AtomicUsize,
 }
 
 impl Lookups {
+    /// Resumes handed to the lookup thread and not yet taken by it (those
+    /// it already looks for are in [`Lookups::waiting`]).
+    pub fn queued(&self) -> usize {
+        self.tx.len()
+    }
+
     pub fn new() -> Lookups {
         let (tx, rx) = bounded(QUEUE);
         Lookups {
             tx,
             rx: Mutex::new(Some(rx)),
+            waiting: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 }
@@ -277,6 +286,9 @@ impl Shared {
                 }
             }
             waiting = still;
+            node.lookups
+                .waiting
+                .store(waiting.len(), std::sync::atomic::Ordering::Relaxed);
         }
     }
 

@@ -79,6 +79,11 @@ impl Writes {
         Ok(Writes { tx })
     }
 
+    /// Writes waiting for the writer thread.
+    pub fn queued(&self) -> usize {
+        self.tx.len()
+    }
+
     /// Queues `write`; never blocks. A write that finds the queue full is
     /// dropped (a lost token batch breaks its stream).
     pub fn send(&self, write: Write) {

@@ -532,6 +532,23 @@ impl Pipeline {
         self.shared.cache.is_up()
     }
 
+    /// The cluster's state for `/api/stats`, when clustering is on:
+    /// whether its Redis is up, writes waiting for the writer thread, and
+    /// resumes waiting for their record.
+    pub fn cluster_stats(&self) -> Option<serde_json::Value> {
+        let node = self.shared.cluster.as_ref()?;
+        let waiting = node
+            .lookups
+            .waiting
+            .load(std::sync::atomic::Ordering::Relaxed);
+        Some(serde_json::json!({
+            "redis_up": !node.breaker.is_open(),
+            "writes_queued": node.writes.queued(),
+            "resumes_waiting": waiting + node.lookups.queued(),
+            "remote_generations": node.remotes.lock().len(),
+        }))
+    }
+
     /// Generations in flight.
     pub fn generations(&self) -> usize {
         self.shared.active.read().generations.len()
