@@ -25,6 +25,12 @@ extra_pids=()
 cleanup() {
   if [ -n "$server_pid" ]; then kill "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true; fi
   for pid in "${extra_pids[@]}"; do kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done
+  # A failed run's server logs are the only trace of why: keep them.
+  if [ "${status:-0}" -ne 0 ] && ls "$work"/*.log >/dev/null 2>&1; then
+    keep=$(mktemp -d "${TMPDIR:-/tmp}/chorus-bench-logs.XXXXXX")
+    cp "$work"/*.log "$keep"/
+    echo "server logs of the failed run: $keep" >&2
+  fi
   rm -rf "$work"
 }
 trap cleanup EXIT
