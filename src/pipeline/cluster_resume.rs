@@ -39,7 +39,7 @@ use parking_lot::Mutex;
 use super::cluster::{failure_of, request_key, unhex, ClusterPart};
 use super::ending::{end_frame, member_result};
 use super::generation::{GenOutcome, Generation};
-use super::request::{End, Phase, Request, Source};
+use super::request::{End, Phase, Request, RequestState, Source};
 use super::{GenTicket, Shared};
 use crate::broadcast::Attachment;
 use crate::cache::CachedAnswer;
@@ -341,13 +341,7 @@ impl Shared {
                         st.phase = Phase::Running;
                         gen.members.push(request.clone());
                         drop(gen);
-                        let from = st.resume_from;
-                        for a in &st.attachments {
-                            let _ = a
-                                .outbox
-                                .push(Frame::Json(protocol::start(&request.id, role)));
-                            generation.broadcast.subscribe(a, from);
-                        }
+                        start_from_resume_point(&st, &generation, role);
                         None
                     }
                 }
@@ -359,13 +353,7 @@ impl Shared {
         if let Some(outcome) = over {
             // It ended before this resume joined: replay it whole.
             self.end_request(request, |st, _| {
-                let from = st.resume_from;
-                for a in &st.attachments {
-                    let _ = a
-                        .outbox
-                        .push(Frame::Json(protocol::start(&request.id, role)));
-                    generation.broadcast.subscribe(a, from);
-                }
+                start_from_resume_point(st, &generation, role);
                 let tokens = generation.broadcast.tokens();
                 Some((member_result(&outcome), "".into(), tokens))
             });
@@ -529,5 +517,16 @@ impl Shared {
         {
             active.requests.remove(&request.id);
         }
+    }
+}
+
+/// Sends `start` to every attachment of a resumed request and subscribes
+/// it to `generation` from the `seq` its client resumed from.
+fn start_from_resume_point(st: &RequestState, generation: &Generation, role: Role) {
+    for a in &st.attachments {
+        let _ = a
+            .outbox
+            .push(Frame::Json(protocol::start(&a.request, role)));
+        generation.broadcast.subscribe(a, st.resume_from);
     }
 }

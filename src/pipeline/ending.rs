@@ -274,17 +274,7 @@ impl Shared {
         {
             let mut active = self.active.write();
             active.live.remove(&request.id);
-            active
-                .finished
-                .push_back((Instant::now(), request.id.clone()));
-            // Under a flood of short requests the replay window alone would
-            // let this map grow with the request rate; past the cap the
-            // oldest leave early (a late `resume` then gets `not_found`).
-            while active.finished.len() > MAX_REPLAYABLE {
-                if let Some((_, id)) = active.finished.pop_front() {
-                    active.requests.remove(&id);
-                }
-            }
+            to_replay_window(&mut active, request);
         }
         self.live_requests.fetch_sub(1, Ordering::AcqRel);
         request.state.lock().phase = Phase::Finished { at: Instant::now() };
@@ -308,14 +298,21 @@ impl Shared {
     /// it ended here (nothing to store: its own node does that).
     pub(super) fn complete_remote(&self, request: &Arc<Request>) {
         request.state.lock().phase = Phase::Finished { at: Instant::now() };
-        let mut active = self.active.write();
-        active
-            .finished
-            .push_back((Instant::now(), request.id.clone()));
-        while active.finished.len() > MAX_REPLAYABLE {
-            if let Some((_, id)) = active.finished.pop_front() {
-                active.requests.remove(&id);
-            }
+        to_replay_window(&mut self.active.write(), request);
+    }
+}
+
+/// Lists `request` as finished, for `resume` during the replay window.
+/// Under a flood of short requests the window alone would let the map grow
+/// with the request rate; past the cap the oldest leave early (a late
+/// `resume` then gets `not_found`).
+fn to_replay_window(active: &mut Active, request: &Request) {
+    active
+        .finished
+        .push_back((Instant::now(), request.id.clone()));
+    while active.finished.len() > MAX_REPLAYABLE {
+        if let Some((_, id)) = active.finished.pop_front() {
+            active.requests.remove(&id);
         }
     }
 }
