@@ -1,5 +1,6 @@
 //! Fan-out cost of the broadcaster: one producer publishing tokens to 1, 100
-//! and 1000 subscribers, each attached through its own [`Outbox`].
+//! and 1000 subscribers, each attached through its own WebSocket client
+//! and [`Outbox`], as connections are in production.
 //!
 //! - `publish/S`: the time of one [`Broadcast::publish`] of a short token to
 //!   `S` subscribers whose outboxes are large enough never to cut anyone off.
@@ -38,9 +39,10 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use chorus::broadcast::{Attachment, Broadcast};
+use chorus::broadcast::{Broadcast, Token};
+use chorus::delivery::{Attachment, Client};
 use chorus::outbox::{Frame, Outbox};
-use chorus::protocol::TokenTail;
+use chorus::ws::WsClient;
 use criterion::{
     criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput,
 };
@@ -66,18 +68,30 @@ const CONSUMER_STACK: usize = 64 * 1024;
 /// instead of spinning forever.
 const STALL_LIMIT: Duration = Duration::from_secs(30);
 
+/// An attachment to its own request through a WebSocket client writing
+/// into `outbox`, as in production.
+fn attach(outbox: &Arc<Outbox>, n: usize) -> Arc<Attachment> {
+    let client: Arc<dyn Client> = WsClient::new(outbox.clone());
+    Attachment::new(&client, &format!("r-{n:032x}"))
+}
+
+/// A WebSocket outbox admitting [`OUTBOX_CAPACITY`] token frames.
+fn outbox() -> Outbox {
+    chorus::ws::outbox(OUTBOX_CAPACITY, usize::MAX).expect("create an outbox eventfd")
+}
+
 /// `count` attachments, each to its own request on its own outbox.
-fn attachments(count: usize) -> Vec<Arc<Attachment>> {
+fn attachments(count: usize) -> (Vec<Arc<Attachment>>, Vec<Arc<Outbox>>) {
     (0..count)
         .map(|n| {
-            let outbox = Outbox::new(OUTBOX_CAPACITY).expect("create an outbox eventfd");
-            Attachment::new(Arc::new(outbox), &format!("r-{n:032x}"))
+            let outbox = Arc::new(outbox());
+            (attach(&outbox, n), outbox)
         })
-        .collect()
+        .unzip()
 }
 
 /// A new generation with every attachment subscribed live from its start.
-fn fresh_broadcast(attachments: &[Arc<Attachment>]) -> Arc<Broadcast> {
+fn fresh_broadcast(attachments: &[Arc<Attachment>]) -> Arc<Broadcast<Attachment>> {
     let broadcast = Broadcast::new();
     for attachment in attachments {
         assert!(broadcast.subscribe(attachment, 0).live);
@@ -86,8 +100,8 @@ fn fresh_broadcast(attachments: &[Arc<Attachment>]) -> Arc<Broadcast> {
 }
 
 /// Replaces the generation once its history reached [`HISTORY_LIMIT`].
-fn renew_if_long(broadcast: &mut Arc<Broadcast>, attachments: &[Arc<Attachment>]) {
-    if broadcast.tokens() >= HISTORY_LIMIT {
+fn renew_if_long(broadcast: &mut Arc<Broadcast<Attachment>>, attachments: &[Arc<Attachment>]) {
+    if broadcast.token_count() >= HISTORY_LIMIT {
         broadcast.finish();
         *broadcast = fresh_broadcast(attachments);
     }
@@ -96,7 +110,7 @@ fn renew_if_long(broadcast: &mut Arc<Broadcast>, attachments: &[Arc<Attachment>]
 fn publish(c: &mut Criterion) {
     let mut group = c.benchmark_group("publish");
     for subscribers in SUBSCRIBERS {
-        let attachments = attachments(subscribers);
+        let (attachments, outboxes) = attachments(subscribers);
         let mut broadcast = fresh_broadcast(&attachments);
         let mut drained = Vec::new();
         group.throughput(Throughput::Elements(subscribers as u64));
@@ -112,9 +126,9 @@ fn publish(c: &mut Criterion) {
                     }
                     timed += start.elapsed();
                     left -= batch;
-                    for attachment in &attachments {
+                    for outbox in &outboxes {
                         drained.clear();
-                        attachment.outbox.take_all(&mut drained);
+                        outbox.take_all(&mut drained);
                         // Every token reached every outbox: nobody was cut off.
                         assert_eq!(drained.len() as u64, batch);
                     }
@@ -133,6 +147,7 @@ fn publish(c: &mut Criterion) {
 /// Dropping it stops and joins them.
 struct Consumers {
     attachments: Vec<Arc<Attachment>>,
+    outboxes: Vec<Arc<Outbox>>,
     /// Token frames taken by all consumers together.
     received: Arc<AtomicUsize>,
     handles: Vec<JoinHandle<()>>,
@@ -140,13 +155,13 @@ struct Consumers {
 
 impl Consumers {
     fn spawn(count: usize) -> Consumers {
-        let attachments = attachments(count);
+        let (attachments, outboxes) = attachments(count);
         let received = Arc::new(AtomicUsize::new(0));
-        let handles = attachments
+        let handles = outboxes
             .iter()
             .enumerate()
-            .map(|(n, attachment)| {
-                let outbox = attachment.outbox.clone();
+            .map(|(n, outbox)| {
+                let outbox = outbox.clone();
                 let received = received.clone();
                 thread::Builder::new()
                     .name(format!("consumer-{n}"))
@@ -157,6 +172,7 @@ impl Consumers {
             .collect();
         Consumers {
             attachments,
+            outboxes,
             received,
             handles,
         }
@@ -184,9 +200,9 @@ impl Drop for Consumers {
     fn drop(&mut self) {
         // A consumer checks `is_closed` before it parks, and the wake comes
         // after the close, so none can sleep through it.
-        for attachment in &self.attachments {
-            attachment.outbox.close();
-            attachment.outbox.wake();
+        for outbox in &self.outboxes {
+            outbox.close();
+            outbox.wake();
         }
         for handle in self.handles.drain(..) {
             if handle.join().is_err() && !thread::panicking() {
@@ -200,7 +216,7 @@ impl Drop for Consumers {
 /// the tokens, park on the eventfd when there is nothing left, until closed.
 fn consume(outbox: &Outbox, received: &AtomicUsize) {
     let mut batch: Vec<Frame> = Vec::with_capacity(TAKE);
-    let mut tails: Vec<TokenTail> = Vec::new();
+    let mut tokens_of_replay: Vec<Token> = Vec::new();
     loop {
         batch.clear();
         outbox.take_some(&mut batch, TAKE, usize::MAX);
@@ -223,17 +239,19 @@ fn consume(outbox: &Outbox, received: &AtomicUsize) {
         let mut tokens = 0;
         for frame in batch.drain(..) {
             match frame {
-                Frame::Token { prefix, tail } => {
-                    black_box((&prefix, &tail));
+                Frame::Token { layout, token } => {
+                    black_box((&layout, &token));
                     tokens += 1;
                 }
                 Frame::Replay(replay) => {
-                    tails.clear();
-                    replay.source.tails(replay.from, replay.to, &mut tails);
-                    black_box(&tails);
-                    tokens += tails.len();
+                    tokens_of_replay.clear();
+                    replay
+                        .source
+                        .tokens(replay.from, replay.to, &mut tokens_of_replay);
+                    black_box(&tokens_of_replay);
+                    tokens += tokens_of_replay.len();
                 }
-                Frame::Json(bytes) | Frame::Encoded(bytes) => {
+                Frame::Message(bytes) | Frame::Encoded(bytes) => {
                     black_box(bytes);
                 }
                 Frame::Close(..) => return,
@@ -283,6 +301,7 @@ fn publish_and_deliver(c: &mut Criterion) {
 /// it), the client side kept to be drained.
 struct SocketSubscribers {
     attachments: Vec<Arc<Attachment>>,
+    outboxes: Vec<Arc<Outbox>>,
     clients: Vec<TcpStream>,
 }
 
@@ -291,6 +310,7 @@ impl SocketSubscribers {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
         let addr = listener.local_addr().expect("listener address");
         let mut attachments = Vec::with_capacity(count);
+        let mut outboxes = Vec::with_capacity(count);
         let mut clients = Vec::with_capacity(count);
         for n in 0..count {
             let client = TcpStream::connect(addr).expect("connect loopback");
@@ -301,14 +321,16 @@ impl SocketSubscribers {
             client
                 .set_nonblocking(true)
                 .expect("non-blocking client side");
-            let outbox = Outbox::new(OUTBOX_CAPACITY).expect("create an outbox eventfd");
+            let outbox = Arc::new(outbox());
             outbox.attach_socket(Arc::new(server));
             assert!(outbox.park_if_empty(true));
-            attachments.push(Attachment::new(Arc::new(outbox), &format!("r-{n:032x}")));
+            attachments.push(attach(&outbox, n));
+            outboxes.push(outbox);
             clients.push(client);
         }
         SocketSubscribers {
             attachments,
+            outboxes,
             clients,
         }
     }
@@ -351,7 +373,7 @@ fn publish_to_sockets(c: &mut Criterion) {
                     black_box(broadcast.publish(black_box(TOKEN)));
                     timed += start.elapsed();
                     // Everything went to the sockets; nothing was queued.
-                    assert!(sockets.attachments.iter().all(|a| a.outbox.is_empty()));
+                    assert!(sockets.outboxes.iter().all(|o| o.is_empty()));
                     assert!(sockets.drain() > 0);
                     renew_if_long(&mut broadcast, &sockets.attachments);
                 }

@@ -1,8 +1,14 @@
-//! Live fan-out of one generation's tokens to every attached client, with the
-//! token history kept for late joiners and for `resume`.
+//! Live fan-out of one generation's tokens to every attached subscriber,
+//! with the token history kept for late joiners and for `resume`.
 //!
-//! Threads: one producer — the streaming worker running the generation —
-//! calls [`Broadcast::publish`]; any thread may [`Broadcast::subscribe`]
+//! A leaf: it imports nothing of the crate. What a subscriber is (a
+//! WebSocket, an HTTP response, a test's queue) is the caller's business,
+//! behind the [`Subscriber`] trait; what the broadcaster knows of a token
+//! is its `seq` and its text, escaped once as a JSON string ([`Token`]),
+//! since every transport chorus speaks carries tokens inside JSON.
+//!
+//! Threads: one producer — the worker running the generation — calls
+//! [`Broadcast::publish`]; any thread may [`Broadcast::subscribe`]
 //! (follower pool, connection threads resuming, the history writer replaying
 //! a finished request) or detach. Everything happens under one mutex per
 //! generation, because appending a token to the history and handing it to the
@@ -10,135 +16,153 @@
 //! then gets each token exactly once, either from the replay or live, never
 //! both and never neither.
 //!
-//! The producer never blocks on a subscriber. Each attachment writes into its
-//! connection's bounded [`Outbox`] (which, for a connection asleep with
-//! nothing else to write, means a non-blocking write to its socket); when
-//! that is full the attachment is cut off with `slow_consumer` and removed,
-//! and the others carry on. The token is encoded once ([`TokenTail`]) and
-//! the same bytes go to every outbox. From [`PARALLEL_FANOUT`] subscribers
-//! on, the hand-outs of one token run on rayon's pool (still under the
-//! generation's mutex, which the publishing thread holds while it waits),
-//! so a big audience is served by every core.
+//! The producer never blocks on a subscriber: [`Subscriber::token`] must not
+//! block (a transport queues the token, or writes it to a socket that will
+//! take it), and a subscriber that answers [`Handed::Dropped`] (it was too
+//! slow and cut itself off, or its connection closed) leaves the stream
+//! while the others carry on. From [`PARALLEL_FANOUT`] subscribers on, the
+//! hand-outs of one token run on rayon's pool (still under the generation's
+//! mutex, which the publishing thread holds while it waits), so a big
+//! audience is served by every core.
 //!
 //! ```
 //! use std::sync::Arc;
-//! use chorus::broadcast::{Attachment, Broadcast};
-//! use chorus::outbox::{Frame, Outbox};
+//! use chorus::broadcast::{Broadcast, Handed, Subscriber, Token, TokenSource};
+//! use parking_lot::Mutex;
+//!
+//! #[derive(Default)]
+//! struct Collect(Mutex<Vec<u64>>);
+//! impl Subscriber for Collect {
+//!     fn token(&self, token: &Token) -> Handed {
+//!         self.0.lock().push(token.seq);
+//!         Handed::Kept
+//!     }
+//!     fn replay(&self, source: Arc<dyn TokenSource>, from: u64, to: u64) -> bool {
+//!         self.0.lock().extend(from..to);
+//!         true
+//!     }
+//!     fn wake(&self) {}
+//! }
 //!
 //! let broadcast = Broadcast::new();
-//! let early = Attachment::new(Arc::new(Outbox::new(64).unwrap()), "r-early");
+//! let early = Arc::new(Collect::default());
 //! broadcast.subscribe(&early, 0);
 //! broadcast.publish("Hel");
-//! let late = Attachment::new(Arc::new(Outbox::new(64).unwrap()), "r-late");
+//! let late = Arc::new(Collect::default());
 //! broadcast.subscribe(&late, 0); // replays "Hel", then goes live
 //! broadcast.publish("lo");
-//! let text = broadcast.finish();
-//! assert_eq!(text.text, "Hello");
-//! assert_eq!(early.outbox.len(), 2); // two live tokens
-//! assert_eq!(late.outbox.len(), 2); // a replay of one token, one live token
+//! assert_eq!(broadcast.finish().text, "Hello");
+//! assert_eq!(*early.0.lock(), [0, 1]);
+//! assert_eq!(*late.0.lock(), [0, 1]);
 //! ```
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use parking_lot::Mutex;
 use rayon::prelude::*;
 
-use crate::outbox::{Frame, Outbox, PushError, Replay, Tokens};
-use crate::protocol::{self, ErrorCode, Failure, TokenTail};
-
-/// One client connection attached to one request's stream.
-#[derive(Debug)]
-pub struct Attachment {
-    /// The connection's outbound queue.
-    pub outbox: Arc<Outbox>,
-    /// The request id this attachment receives tokens for.
-    pub request: Arc<str>,
-    /// `{"type":"token","request":"…` for this request.
-    pub prefix: Arc<[u8]>,
-    /// Set once when the attachment was cut off as a slow consumer.
-    cut: AtomicBool,
+/// One generated token: its place in the answer and its text as a JSON
+/// string literal (quotes included), escaped once and shared by every
+/// subscriber, replay and cache entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Token {
+    /// Its position in the answer, from 0.
+    pub seq: u64,
+    /// The text as a JSON string literal, e.g. `"a \"b\""`.
+    pub json: Arc<str>,
 }
 
-impl Attachment {
-    /// An attachment of `outbox` to `request`.
-    pub fn new(outbox: Arc<Outbox>, request: &str) -> Arc<Attachment> {
-        Arc::new(Attachment {
-            outbox,
-            prefix: protocol::token_prefix(request),
-            request: request.into(),
-            cut: AtomicBool::new(false),
-        })
-    }
-
-    /// True when this attachment can still receive frames: neither cut off
-    /// nor on a closed connection.
-    pub fn is_live(&self) -> bool {
-        !self.cut.load(Ordering::Acquire) && !self.outbox.is_closed()
-    }
-
-    /// True when it was cut off as a slow consumer (and already told so).
-    pub fn is_cut(&self) -> bool {
-        self.cut.load(Ordering::Acquire)
-    }
-
-    fn cut_off(&self) {
-        if !self.cut.swap(true, Ordering::AcqRel) {
-            let failure = Failure::new(
-                ErrorCode::SlowConsumer,
-                "the connection did not read its tokens fast enough; resume to continue",
-            );
-            let _ = self.outbox.push(Frame::Json(protocol::error(
-                Some(&self.request),
-                None,
-                &failure,
-            )));
+impl Token {
+    /// Token `seq` with `text`, escaped as a JSON string.
+    pub fn new(seq: u64, text: &str) -> Token {
+        // Serialising a &str cannot fail.
+        let json = serde_json::to_string(text).unwrap_or_else(|_| "\"\"".to_owned());
+        Token {
+            seq,
+            json: json.into(),
         }
     }
 
-    /// Hands token `seq` to this attachment, which wants tokens from `from` on.
-    fn deliver(&self, seq: u64, from: u64, tail: &TokenTail) -> Delivery {
-        if self.is_cut() {
-            return Delivery::Dropped;
-        }
-        if seq < from {
-            return Delivery::Kept;
-        }
-        match self.outbox.queue_token(self.token(tail)) {
-            Ok(false) => Delivery::Kept,
-            Ok(true) => Delivery::Wake,
-            Err(PushError::Full) => {
-                self.cut_off();
-                Delivery::Dropped
+    /// Appends the token's text, unescaped, to `out`.
+    pub fn append_text(&self, out: &mut String) {
+        // Text without escapes is borrowed as is; only escaped text allocates.
+        match serde_json::from_str::<&str>(&self.json) {
+            Ok(text) => out.push_str(text),
+            Err(_) => {
+                if let Ok(text) = serde_json::from_str::<String>(&self.json) {
+                    out.push_str(&text);
+                }
             }
-            Err(PushError::Closed) => Delivery::Dropped,
         }
     }
 
-    fn token(&self, tail: &TokenTail) -> Frame {
-        Frame::Token {
-            prefix: self.prefix.clone(),
-            tail: tail.clone(),
-        }
+    /// Bytes of the escaped text (quotes included).
+    pub fn json_len(&self) -> usize {
+        self.json.len()
     }
 }
 
-/// What handing one token to one attachment did.
-enum Delivery {
-    /// Delivered (or not wanted yet); the attachment stays.
+/// Something that keeps a range of tokens: a generation's stream, a cached
+/// answer. A replay holds one of these instead of a copy of the tokens.
+pub trait TokenSource: Send + Sync {
+    /// Appends tokens `from..to` (clamped to what exists) to `out`.
+    fn tokens(&self, from: u64, to: u64, out: &mut Vec<Token>);
+}
+
+/// Appends `tokens[from..to]`, clamped, to `out`: [`TokenSource::tokens`]
+/// for anything that keeps its tokens in a slice.
+pub fn tokens_of(tokens: &[Token], from: u64, to: u64, out: &mut Vec<Token>) {
+    let len = tokens.len();
+    let from = usize::try_from(from).unwrap_or(len).min(len);
+    let to = usize::try_from(to).unwrap_or(len).min(len);
+    if from < to {
+        out.extend_from_slice(&tokens[from..to]);
+    }
+}
+
+impl TokenSource for Vec<Token> {
+    fn tokens(&self, from: u64, to: u64, out: &mut Vec<Token>) {
+        tokens_of(self, from, to, out);
+    }
+}
+
+/// What handing a token to a subscriber did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handed {
+    /// Delivered (written or queued); the subscriber stays.
     Kept,
-    /// Queued for a parked connection, which must be woken.
+    /// Queued for a subscriber that sleeps and must get [`Subscriber::wake`]
+    /// (after the stream's lock is released).
     Wake,
-    /// Cut off or closed; the attachment leaves the stream.
+    /// Cut off or closed; the subscriber leaves the stream.
     Dropped,
+}
+
+/// One receiver of a stream's tokens. Implementations must not block: they
+/// run under the stream's lock, on the producer's thread or rayon's pool.
+pub trait Subscriber: Send + Sync + 'static {
+    /// Hands over one live token.
+    fn token(&self, token: &Token) -> Handed;
+    /// Hands over tokens `from..to` kept by `source`, to be read as the
+    /// subscriber can take them, later: this runs under the stream's lock,
+    /// so reading `source` here would deadlock. False when it could not be
+    /// queued (the subscriber was cut off or is closed): it then does not
+    /// go live.
+    fn replay(&self, source: Arc<dyn TokenSource>, from: u64, to: u64) -> bool;
+    /// Wakes a subscriber that answered [`Handed::Wake`].
+    fn wake(&self);
+    /// False once the subscriber can no longer receive anything.
+    fn is_live(&self) -> bool {
+        true
+    }
 }
 
 /// From this many subscribers on, a token is handed out by the rayon pool
 /// rather than by the publishing thread alone. Handing a token to an idle
-/// connection is a non-blocking socket write (see [`Outbox`]), pure CPU work
-/// that never waits, so it fits rayon; spread over the cores, the last of
-/// thousands of subscribers gets it proportionally sooner.
+/// connection is a non-blocking socket write, pure CPU work that never
+/// waits, so it fits rayon; spread over the cores, the last of thousands of
+/// subscribers gets it proportionally sooner.
 pub const PARALLEL_FANOUT: usize = 64;
 
 /// What a finished generation produced.
@@ -175,40 +199,36 @@ impl Produced {
             None => &self.text,
         }
     }
-}
 
-struct Inner {
-    /// Encoded tails of every token so far; index = seq. The only copy of
-    /// the text: [`Produced`] is decoded from them when asked for, so a
-    /// generation holds its answer once, not twice, for the whole replay
-    /// window (and a cache entry shares the same tails).
-    tails: Vec<TokenTail>,
-    /// Bytes of text in `tails`, to size a [`Produced`] exactly.
-    text_bytes: usize,
-    /// Live attachments and the first `seq` each wants (a `resume` may ask
-    /// for tokens that do not exist yet).
-    subscribers: Vec<(Arc<Attachment>, u64)>,
-    ended: bool,
-    first_token_at: Option<Instant>,
-    last_token_at: Option<Instant>,
-}
-
-impl Inner {
-    /// The text and token boundaries, decoded from the tails.
-    fn produced(&self) -> Produced {
-        let mut text = String::with_capacity(self.text_bytes);
-        let mut ends = Vec::with_capacity(self.tails.len());
-        for tail in &self.tails {
-            tail.append_text(&mut text);
+    /// The text and token boundaries of `tokens`.
+    pub fn of(tokens: &[Token]) -> Produced {
+        let mut text = String::new();
+        let mut ends = Vec::with_capacity(tokens.len());
+        for token in tokens {
+            token.append_text(&mut text);
             ends.push(text.len());
         }
         Produced { text, ends }
     }
 }
 
-/// The token stream of one generation. Share it as `Arc<Broadcast>`.
-pub struct Broadcast {
-    inner: Mutex<Inner>,
+struct Inner<S> {
+    /// Every token so far; index = seq. The only copy of the text:
+    /// [`Produced`] is decoded from them when asked for, so a generation
+    /// holds its answer once for the whole replay window (and a cache entry
+    /// shares the same tokens).
+    tokens: Vec<Token>,
+    /// Live subscribers and the first `seq` each wants (a `resume` may ask
+    /// for tokens that do not exist yet).
+    subscribers: Vec<(Arc<S>, u64)>,
+    ended: bool,
+    first_token_at: Option<Instant>,
+    last_token_at: Option<Instant>,
+}
+
+/// The token stream of one generation. Share it as `Arc<Broadcast<S>>`.
+pub struct Broadcast<S> {
+    inner: Mutex<Inner<S>>,
 }
 
 /// What [`Broadcast::subscribe`] did.
@@ -216,17 +236,16 @@ pub struct Broadcast {
 pub struct Subscribed {
     /// Tokens replayed from the history.
     pub replayed: u64,
-    /// True when the attachment now receives live tokens; false when the
-    /// stream had already ended or the replay overflowed the outbox.
+    /// True when the subscriber now receives live tokens; false when the
+    /// stream had already ended or the replay could not be queued.
     pub live: bool,
 }
 
-impl Default for Broadcast {
+impl<S> Default for Broadcast<S> {
     fn default() -> Self {
         Broadcast {
             inner: Mutex::new(Inner {
-                tails: Vec::new(),
-                text_bytes: 0,
+                tokens: Vec::new(),
                 subscribers: Vec::new(),
                 ended: false,
                 first_token_at: None,
@@ -236,17 +255,23 @@ impl Default for Broadcast {
     }
 }
 
-impl Broadcast {
+impl<S: Subscriber> TokenSource for Broadcast<S> {
+    fn tokens(&self, from: u64, to: u64, out: &mut Vec<Token>) {
+        tokens_of(&self.inner.lock().tokens, from, to, out);
+    }
+}
+
+impl<S: Subscriber> Broadcast<S> {
     /// An open stream with no tokens and no subscribers.
-    pub fn new() -> Arc<Broadcast> {
+    pub fn new() -> Arc<Broadcast<S>> {
         Arc::new(Broadcast::default())
     }
 
     /// Appends a token and hands it to every live subscriber. Returns the
     /// token's `seq`, or `None` when the stream already ended.
     ///
-    /// Never blocks on a subscriber: one whose outbox is full is cut off with
-    /// `slow_consumer`, one whose connection closed is dropped.
+    /// Never blocks on a subscriber: one that answers [`Handed::Dropped`]
+    /// leaves the stream.
     pub fn publish(&self, text: &str) -> Option<u64> {
         let mut to_wake = Vec::new();
         let seq = {
@@ -254,69 +279,57 @@ impl Broadcast {
             if inner.ended {
                 return None;
             }
-            let seq = inner.tails.len() as u64;
-            let tail = TokenTail::encode(seq, text);
+            let seq = inner.tokens.len() as u64;
+            let token = Token::new(seq, text);
             let now = Instant::now();
             inner.first_token_at.get_or_insert(now);
             inner.last_token_at = Some(now);
-            inner.text_bytes += text.len();
-            let deliver = |(sub, from): &(Arc<Attachment>, u64)| sub.deliver(seq, *from, &tail);
-            let outcomes: Vec<Delivery> = if inner.subscribers.len() >= PARALLEL_FANOUT {
-                inner.subscribers.par_iter().map(deliver).collect()
+            let hand = |(sub, from): &(Arc<S>, u64)| {
+                if seq < *from {
+                    Handed::Kept
+                } else {
+                    sub.token(&token)
+                }
+            };
+            let outcomes: Vec<Handed> = if inner.subscribers.len() >= PARALLEL_FANOUT {
+                inner.subscribers.par_iter().map(hand).collect()
             } else {
-                inner.subscribers.iter().map(deliver).collect()
+                inner.subscribers.iter().map(hand).collect()
             };
             let mut outcome = outcomes.into_iter();
             inner.subscribers.retain(|(sub, _)| match outcome.next() {
-                Some(Delivery::Kept) => true,
-                Some(Delivery::Wake) => {
-                    to_wake.push(sub.outbox.clone());
+                Some(Handed::Kept) => true,
+                Some(Handed::Wake) => {
+                    to_wake.push(sub.clone());
                     true
                 }
-                Some(Delivery::Dropped) | None => false,
+                Some(Handed::Dropped) | None => false,
             });
-            inner.tails.push(tail);
+            inner.tokens.push(token);
             seq
         };
         // The wake-ups are system calls: make them after the lock is released,
         // so subscribers and detaches never wait behind thousands of them.
-        for outbox in to_wake {
-            outbox.wake();
+        for sub in to_wake {
+            sub.wake();
         }
         Some(seq)
     }
 
-    /// Attaches `attachment`: replays tokens with `seq >= from`, then (if the
-    /// stream is still open) delivers every later token live. Atomic with
-    /// respect to [`Broadcast::publish`], so there is no gap and no duplicate.
-    pub fn subscribe(self: &Arc<Self>, attachment: &Arc<Attachment>, from: u64) -> Subscribed {
+    /// Attaches `subscriber`: replays tokens with `seq >= from`, then (if
+    /// the stream is still open) delivers every later token live. Atomic
+    /// with respect to [`Broadcast::publish`], so there is no gap and no
+    /// duplicate.
+    pub fn subscribe(self: &Arc<Self>, subscriber: &Arc<S>, from: u64) -> Subscribed {
         let mut inner = self.inner.lock();
-        let produced = inner.tails.len() as u64;
+        let produced = inner.tokens.len() as u64;
         let replayed = produced.saturating_sub(from);
-        if replayed > 0 {
-            // One queue slot for the whole range; the connection expands it.
-            let replay = Frame::Replay(Replay {
-                source: Tokens::Stream(self.clone()),
-                prefix: attachment.prefix.clone(),
-                from,
-                to: produced,
-            });
-            match attachment.outbox.push_token(replay) {
-                Ok(()) => {}
-                Err(PushError::Full) => {
-                    attachment.cut_off();
-                    return Subscribed {
-                        replayed: 0,
-                        live: false,
-                    };
-                }
-                Err(PushError::Closed) => {
-                    return Subscribed {
-                        replayed: 0,
-                        live: false,
-                    }
-                }
-            }
+        // One hand-over for the whole range; the subscriber reads it as it can.
+        if replayed > 0 && !subscriber.replay(self.clone(), from, produced) {
+            return Subscribed {
+                replayed: 0,
+                live: false,
+            };
         }
         if inner.ended {
             return Subscribed {
@@ -324,42 +337,31 @@ impl Broadcast {
                 live: false,
             };
         }
-        inner.subscribers.push((attachment.clone(), from));
+        inner.subscribers.push((subscriber.clone(), from));
         Subscribed {
             replayed,
             live: true,
         }
     }
 
-    /// Appends the tails of tokens `from..to` (clamped to what exists) to `out`.
-    pub fn tails(&self, from: u64, to: u64, out: &mut Vec<TokenTail>) {
-        let inner = self.inner.lock();
-        let len = inner.tails.len();
-        let from = usize::try_from(from).unwrap_or(len).min(len);
-        let to = usize::try_from(to).unwrap_or(len).min(len);
-        if from < to {
-            out.extend_from_slice(&inner.tails[from..to]);
-        }
-    }
-
-    /// Detaches one attachment; true when it was subscribed.
-    pub fn unsubscribe(&self, attachment: &Arc<Attachment>) -> bool {
+    /// Detaches one subscriber; true when it was subscribed.
+    pub fn unsubscribe(&self, subscriber: &Arc<S>) -> bool {
         let mut inner = self.inner.lock();
         let before = inner.subscribers.len();
         inner
             .subscribers
-            .retain(|(s, _)| !Arc::ptr_eq(s, attachment));
+            .retain(|(s, _)| !Arc::ptr_eq(s, subscriber));
         inner.subscribers.len() != before
     }
 
-    /// Detaches `attachments` and returns what had been produced at that
+    /// Detaches `subscribers` and returns what had been produced at that
     /// moment, atomically: exactly the tokens they were sent.
-    pub fn detach(&self, attachments: &[Arc<Attachment>]) -> Produced {
+    pub fn detach(&self, subscribers: &[Arc<S>]) -> Produced {
         let mut inner = self.inner.lock();
         inner
             .subscribers
-            .retain(|(s, _)| !attachments.iter().any(|a| Arc::ptr_eq(s, a)));
-        inner.produced()
+            .retain(|(s, _)| !subscribers.iter().any(|a| Arc::ptr_eq(s, a)));
+        Produced::of(&inner.tokens)
     }
 
     /// Subscribers that can still receive tokens.
@@ -373,8 +375,9 @@ impl Broadcast {
     }
 
     /// Calls `f` for each live subscriber, under the stream's lock, so a
-    /// control frame (like `state`) lands in order with the tokens.
-    pub fn for_each_subscriber(&self, mut f: impl FnMut(&Attachment)) {
+    /// message sent there (like a `state` change) lands in order with the
+    /// tokens.
+    pub fn for_each_subscriber(&self, mut f: impl FnMut(&S)) {
         let inner = self.inner.lock();
         for (sub, _) in inner.subscribers.iter().filter(|(s, _)| s.is_live()) {
             f(sub);
@@ -388,8 +391,8 @@ impl Broadcast {
         inner.ended = true;
         inner.subscribers.clear();
         inner.subscribers.shrink_to_fit();
-        inner.tails.shrink_to_fit();
-        inner.produced()
+        inner.tokens.shrink_to_fit();
+        Produced::of(&inner.tokens)
     }
 
     /// True once [`Broadcast::finish`] ran.
@@ -398,25 +401,25 @@ impl Broadcast {
     }
 
     /// Tokens published so far.
-    pub fn tokens(&self) -> u64 {
-        self.inner.lock().tails.len() as u64
+    pub fn token_count(&self) -> u64 {
+        self.inner.lock().tokens.len() as u64
     }
 
     /// A copy of what has been produced so far.
     pub fn produced(&self) -> Produced {
-        self.inner.lock().produced()
+        Produced::of(&self.inner.lock().tokens)
     }
 
-    /// The tails of every token so far, shared (not copied): a cache entry
-    /// made from them holds no second copy of the encoded answer.
-    pub fn all_tails(&self) -> Vec<TokenTail> {
-        self.inner.lock().tails.clone()
+    /// Every token so far, shared (not copied): a cache entry made from
+    /// them holds no second copy of the answer.
+    pub fn all_tokens(&self) -> Vec<Token> {
+        self.inner.lock().tokens.clone()
     }
 
-    /// Bytes of token data this stream holds (the encoded tails), for tests
+    /// Bytes of token data this stream holds (the escaped texts), for tests
     /// and measurements of what an answer costs.
     pub fn held_bytes(&self) -> usize {
-        self.inner.lock().tails.iter().map(|t| t.0.len()).sum()
+        self.inner.lock().tokens.iter().map(Token::json_len).sum()
     }
 
     /// When the first token was published.
@@ -430,11 +433,11 @@ impl Broadcast {
     }
 }
 
-impl std::fmt::Debug for Broadcast {
+impl<S> std::fmt::Debug for Broadcast<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let inner = self.inner.lock();
         f.debug_struct("Broadcast")
-            .field("tokens", &inner.tails.len())
+            .field("tokens", &inner.tokens.len())
             .field("subscribers", &inner.subscribers.len())
             .field("ended", &inner.ended)
             .finish()
@@ -444,95 +447,147 @@ impl std::fmt::Debug for Broadcast {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
     use std::thread;
 
-    fn attach(request: &str, capacity: usize) -> Arc<Attachment> {
-        Attachment::new(Arc::new(Outbox::new(capacity).unwrap()), request)
+    /// A subscriber that keeps what it is handed, up to `capacity` tokens
+    /// and replays, and cuts itself off past that, like a slow connection.
+    struct Queue {
+        name: String,
+        capacity: usize,
+        got: Mutex<Vec<Got>>,
+        cut: AtomicBool,
+        closed: AtomicBool,
     }
 
-    /// Decodes the frames waiting in an outbox into (seq, text) pairs of tokens
-    /// and the codes of errors.
-    fn drain(a: &Attachment) -> (Vec<(u64, String)>, Vec<String>) {
-        let mut batch = Vec::new();
-        a.outbox.take_all(&mut batch);
+    impl Subscriber for Queue {
+        fn token(&self, token: &Token) -> Handed {
+            if self.cut.load(Ordering::Relaxed) || self.closed.load(Ordering::Relaxed) {
+                return Handed::Dropped;
+            }
+            let mut got = self.got.lock();
+            if got.len() >= self.capacity {
+                self.cut.store(true, Ordering::Relaxed);
+                return Handed::Dropped;
+            }
+            got.push(Got::Token(token.clone()));
+            Handed::Kept
+        }
+
+        fn replay(&self, source: Arc<dyn TokenSource>, from: u64, to: u64) -> bool {
+            let mut got = self.got.lock();
+            if got.len() >= self.capacity {
+                self.cut.store(true, Ordering::Relaxed);
+                return false;
+            }
+            got.push(Got::Replay(source, from, to));
+            true
+        }
+
+        fn wake(&self) {}
+
+        fn is_live(&self) -> bool {
+            !self.cut.load(Ordering::Relaxed) && !self.closed.load(Ordering::Relaxed)
+        }
+    }
+
+    fn queue(name: &str, capacity: usize) -> Arc<Queue> {
+        Arc::new(Queue {
+            name: name.to_owned(),
+            capacity,
+            got: Mutex::new(Vec::new()),
+            cut: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+        })
+    }
+
+    enum Got {
+        Token(Token),
+        Replay(Arc<dyn TokenSource>, u64, u64),
+    }
+
+    /// The tokens `q` was handed, replays expanded, as (seq, text).
+    fn drain(q: &Queue) -> Vec<(u64, String)> {
+        let got = std::mem::take(&mut *q.got.lock());
         let mut tokens = Vec::new();
-        let mut errors = Vec::new();
-        for frame in batch {
-            match frame {
-                Frame::Token { prefix, tail } => {
-                    let mut bytes = prefix.to_vec();
-                    bytes.extend_from_slice(&tail.0);
-                    let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
-                    assert_eq!(v["request"].as_str().unwrap(), &*a.request);
-                    tokens.push((
-                        v["seq"].as_u64().unwrap(),
-                        v["text"].as_str().unwrap().to_owned(),
-                    ));
-                }
-                Frame::Json(bytes) => {
-                    let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
-                    errors.push(v["code"].as_str().unwrap_or("").to_owned());
-                }
-                Frame::Replay(r) => {
-                    let mut tails = Vec::new();
-                    r.source.tails(r.from, r.to, &mut tails);
-                    for (i, tail) in tails.iter().enumerate() {
-                        let mut bytes = r.prefix.to_vec();
-                        bytes.extend_from_slice(&tail.0);
-                        let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
-                        assert_eq!(v["seq"].as_u64().unwrap(), r.from + i as u64);
-                        tokens.push((
-                            v["seq"].as_u64().unwrap(),
-                            v["text"].as_str().unwrap().to_owned(),
-                        ));
-                    }
-                }
-                Frame::Close(..) => panic!("unexpected close"),
-                Frame::Encoded(_) => panic!("no socket is attached, so nothing is written through"),
+        for g in got {
+            match g {
+                Got::Token(t) => tokens.push(t),
+                Got::Replay(source, from, to) => source.tokens(from, to, &mut tokens),
             }
         }
-        (tokens, errors)
+        tokens
+            .into_iter()
+            .map(|t| {
+                let mut text = String::new();
+                t.append_text(&mut text);
+                (t.seq, text)
+            })
+            .collect()
     }
 
     #[test]
     fn smoke_live_and_replay() {
         let b = Broadcast::new();
-        let a = attach("r-a", 16);
+        let a = queue("a", 16);
         assert!(b.subscribe(&a, 0).live);
         b.publish("x");
         b.publish("y");
-        let late = attach("r-b", 16);
+        let late = queue("b", 16);
         assert_eq!(b.subscribe(&late, 1).replayed, 1);
         b.publish("z");
         let produced = b.finish();
         assert_eq!(produced.pieces().collect::<Vec<_>>(), ["x", "y", "z"]);
         assert_eq!(
-            drain(&a).0,
+            drain(&a),
             [(0, "x".into()), (1, "y".into()), (2, "z".into())]
         );
-        assert_eq!(drain(&late).0, [(1, "y".into()), (2, "z".into())]);
+        assert_eq!(drain(&late), [(1, "y".into()), (2, "z".into())]);
     }
 
     #[test]
-    fn a_token_is_encoded_once_and_shared_by_every_subscriber() {
-        let b = Broadcast::new();
-        let subs: Vec<_> = (0..3).map(|i| attach(&format!("r-{i}"), 8)).collect();
-        for a in &subs {
-            b.subscribe(a, 0);
+    fn a_token_is_escaped_once_and_shared_by_every_subscriber() {
+        struct Keep(Mutex<Vec<Token>>);
+        impl Subscriber for Keep {
+            fn token(&self, token: &Token) -> Handed {
+                self.0.lock().push(token.clone());
+                Handed::Kept
+            }
+            fn replay(&self, _: Arc<dyn TokenSource>, _: u64, _: u64) -> bool {
+                true
+            }
+            fn wake(&self) {}
         }
-        b.publish("shared");
-        let tails: Vec<Arc<[u8]>> = subs
-            .iter()
-            .map(|a| {
-                let mut batch = Vec::new();
-                a.outbox.take_all(&mut batch);
-                match batch.pop() {
-                    Some(Frame::Token { tail, .. }) => tail.0,
-                    other => panic!("expected a token frame, got {other:?}"),
-                }
-            })
+        let b = Broadcast::new();
+        let subs: Vec<_> = (0..3)
+            .map(|_| Arc::new(Keep(Mutex::new(Vec::new()))))
             .collect();
-        assert!(Arc::ptr_eq(&tails[0], &tails[1]) && Arc::ptr_eq(&tails[1], &tails[2]));
+        for s in &subs {
+            b.subscribe(s, 0);
+        }
+        b.publish("a \"quoted\"\n");
+        let held: Vec<Token> = subs.iter().map(|s| s.0.lock()[0].clone()).collect();
+        assert!(Arc::ptr_eq(&held[0].json, &held[1].json));
+        assert!(Arc::ptr_eq(&held[1].json, &held[2].json));
+        assert_eq!(&*held[0].json, r#""a \"quoted\"\n""#);
+        // The history keeps the same allocation.
+        assert!(Arc::ptr_eq(&b.all_tokens()[0].json, &held[0].json));
+    }
+
+    #[test]
+    fn token_text_round_trips_through_its_json() {
+        for text in [
+            "",
+            "plain",
+            "\"\\",
+            "\u{0}\u{1f}\n\t",
+            "wörld 🦀",
+            "</script>",
+        ] {
+            let mut out = String::new();
+            Token::new(7, text).append_text(&mut out);
+            assert_eq!(out, text);
+        }
     }
 
     #[test]
@@ -541,7 +596,7 @@ mod tests {
         b.publish("a");
         b.finish();
         assert_eq!(b.publish("b"), None);
-        let a = attach("r", 16);
+        let a = queue("r", 16);
         assert_eq!(
             b.subscribe(&a, 0),
             Subscribed {
@@ -552,29 +607,39 @@ mod tests {
     }
 
     #[test]
+    fn a_refused_replay_does_not_go_live() {
+        let b = Broadcast::new();
+        b.publish("a");
+        b.publish("b");
+        let full = queue("full", 0);
+        assert!(!b.subscribe(&full, 0).live);
+        b.publish("c");
+        assert!(drain(&full).is_empty());
+        assert_eq!(b.live_subscribers(), 0);
+    }
+
+    #[test]
     fn slow_consumer_is_cut_off_without_affecting_others() {
         let b = Broadcast::new();
-        let slow = attach("r-slow", 2);
-        let fast = attach("r-fast", 1000);
+        let slow = queue("slow", 2);
+        let fast = queue("fast", 1000);
         b.subscribe(&slow, 0);
         b.subscribe(&fast, 0);
         for i in 0..10 {
             b.publish(&i.to_string());
         }
-        let (tokens, errors) = drain(&slow);
-        assert_eq!(tokens.len(), 2);
-        assert_eq!(errors, ["slow_consumer"]);
-        assert!(slow.is_cut());
-        assert_eq!(drain(&fast).0.len(), 10);
+        assert_eq!(drain(&slow).len(), 2);
+        assert!(slow.cut.load(Ordering::Relaxed));
+        assert_eq!(drain(&fast).len(), 10);
         assert_eq!(b.live_subscribers(), 1);
     }
 
     #[test]
     fn parallel_fanout_cuts_only_the_slow_consumer() {
         let b = Broadcast::new();
-        let slow = attach("r-slow", 2);
+        let slow = queue("slow", 2);
         let fast: Vec<_> = (0..PARALLEL_FANOUT * 2)
-            .map(|i| attach(&format!("r-{i}"), 1000))
+            .map(|i| queue(&format!("r-{i}"), 1000))
             .collect();
         b.subscribe(&slow, 0);
         for a in &fast {
@@ -583,14 +648,10 @@ mod tests {
         for i in 0..10 {
             b.publish(&i.to_string());
         }
-        let (tokens, errors) = drain(&slow);
-        assert_eq!(tokens.len(), 2);
-        assert_eq!(errors, ["slow_consumer"]);
+        assert_eq!(drain(&slow).len(), 2);
         for a in &fast {
-            let (tokens, errors) = drain(a);
-            assert!(errors.is_empty());
             assert_eq!(
-                tokens.iter().map(|t| t.0).collect::<Vec<_>>(),
+                drain(a).iter().map(|t| t.0).collect::<Vec<_>>(),
                 (0..10).collect::<Vec<_>>()
             );
         }
@@ -598,13 +659,26 @@ mod tests {
     }
 
     #[test]
-    fn closed_connection_is_dropped() {
+    fn closed_subscriber_is_dropped() {
         let b = Broadcast::new();
-        let a = attach("r", 4);
+        let a = queue("r", 4);
         b.subscribe(&a, 0);
-        a.outbox.close();
+        a.closed.store(true, Ordering::Relaxed);
         b.publish("x");
         assert_eq!(b.live_subscribers(), 0);
+        assert!(!b.unsubscribe(&a));
+    }
+
+    #[test]
+    fn a_subscriber_waiting_for_a_later_seq_gets_nothing_before_it() {
+        let b = Broadcast::new();
+        let a = queue("r", 16);
+        // A resume may ask for tokens that do not exist yet.
+        assert_eq!(b.subscribe(&a, 2).replayed, 0);
+        for t in ["a", "b", "c", "d"] {
+            b.publish(t);
+        }
+        assert_eq!(drain(&a), [(2, "c".into()), (3, "d".into())]);
     }
 
     #[test]
@@ -643,7 +717,7 @@ mod tests {
                 let b = b.clone();
                 thread::spawn(move || {
                     thread::sleep(std::time::Duration::from_micros(n as u64 * 50));
-                    let a = attach(&format!("r-{n}"), usize::MAX);
+                    let a = queue(&format!("r-{n}"), usize::MAX);
                     let from = (n as u64 * 7) % 5;
                     b.subscribe(&a, from);
                     (from, a)
@@ -654,14 +728,13 @@ mod tests {
         assert_eq!(produced.ends.len() as u64, TOKENS);
         for handle in subscribers {
             let (from, a) = handle.join().unwrap();
-            let (tokens, errors) = drain(&a);
-            assert!(errors.is_empty());
+            let tokens = drain(&a);
             let seqs: Vec<u64> = tokens.iter().map(|t| t.0).collect();
             let expected: Vec<u64> = (from..TOKENS).collect();
             assert!(
                 seqs == expected,
                 "subscriber {} saw a gap or duplicate",
-                a.request
+                a.name
             );
             for (seq, text) in tokens {
                 assert_eq!(text, format!("t{seq} "));
@@ -681,13 +754,13 @@ mod tests {
                 thread::spawn(move || {
                     let mut rounds = 0;
                     while !stop.load(Ordering::Relaxed) {
-                        let a = attach(&format!("r-{n}"), 64);
-                        b.subscribe(&a, b.tokens());
+                        let a = queue(&format!("r-{n}"), 64);
+                        b.subscribe(&a, b.token_count());
                         thread::yield_now();
                         b.unsubscribe(&a);
-                        let (tokens, _) = drain(&a);
+                        let tokens = drain(&a);
                         // Once unsubscribed, nothing more arrives.
-                        assert!(drain(&a).0.is_empty());
+                        assert!(drain(&a).is_empty());
                         let seqs: Vec<u64> = tokens.iter().map(|t| t.0).collect();
                         assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1));
                         rounds += 1;

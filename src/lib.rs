@@ -24,6 +24,7 @@ pub mod broadcast;
 pub mod cache;
 pub mod cluster;
 pub mod config;
+pub mod delivery;
 pub mod descriptors;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]

@@ -1,5 +1,9 @@
 //! A connection's outbound queue: frames waiting to be written to one
-//! WebSocket, plus the waker that tells the connection thread to write them.
+//! socket, plus the waker that tells the connection thread to write them.
+//! Shared by the transports: each gives its queue the framing of its wire
+//! ([`Outbox::framed`]: WebSocket frames, HTTP chunks) and encodes its own
+//! messages; the queue holds tokens as the broadcaster made them
+//! ([`Frame::Token`]) and lays them out only when it writes them.
 //!
 //! Threads: any number of producers (pipeline workers, the broadcaster on a
 //! streaming thread, the history writer) push; exactly one consumer, the
@@ -65,34 +69,59 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use rustix::event::{eventfd, EventfdFlags};
 
-use crate::broadcast::Broadcast;
-use crate::cache::CachedAnswer;
-use crate::protocol::TokenTail;
-use crate::ws::frame;
+use crate::broadcast::{Token, TokenSource};
+pub use crate::delivery::PushError;
+use crate::delivery::TokenLayout;
+
+/// How a transport wraps one message's bytes for the wire (a WebSocket
+/// frame, an HTTP chunk): appends the framed concatenation of `parts` to
+/// `out`.
+pub type Framing = fn(out: &mut Vec<u8>, parts: &[&[u8]]);
+
+/// No framing: the parts, concatenated. For queues whose consumer reads
+/// the frames itself instead of writing them to a socket.
+pub fn unframed(out: &mut Vec<u8>, parts: &[&[u8]]) {
+    for part in parts {
+        out.extend_from_slice(part);
+    }
+}
 
 /// One frame waiting to be written.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub enum Frame {
-    /// A token: the request's fixed prefix and the generation's shared tail.
+    /// A token, laid out as its request's transport wants it.
     Token {
-        /// `{"type":"token","request":"r-…`, one allocation per request.
-        prefix: Arc<[u8]>,
-        /// `","seq":N,"text":"…"}`, one allocation per generated token.
-        tail: TokenTail,
+        /// The request's layout, one allocation per request.
+        layout: Arc<TokenLayout>,
+        /// The token, escaped once per generation.
+        token: Token,
     },
     /// Tokens `from..to` of a generation's history or of a cached answer,
     /// expanded lazily by the connection thread as the socket accepts them,
     /// so a late joiner's replay of thousands of tokens costs one queue
     /// slot, not thousands, and a big cache hit no copy of the answer.
     Replay(Replay),
-    /// Any other JSON message, already encoded.
-    Json(Vec<u8>),
-    /// Close the WebSocket with this close code and reason, then end.
+    /// One message in the transport's encoding, not yet framed.
+    Message(Vec<u8>),
+    /// End the connection after what came before (a WebSocket closes with
+    /// this close code and reason).
     Close(u16, &'static str),
-    /// WebSocket frames already encoded, written verbatim: a whole cached
-    /// answer, or the rest of frames whose first bytes a producer already
-    /// wrote to the socket.
+    /// Bytes already framed, written verbatim: the rest of frames whose
+    /// first bytes a producer already wrote to the socket, a small cached
+    /// answer encoded whole.
     Encoded(Vec<u8>),
+}
+
+impl std::fmt::Debug for Frame {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Frame::Token { token, .. } => write!(f, "Token({})", token.seq),
+            Frame::Replay(r) => write!(f, "Replay({}..{})", r.from, r.to),
+            Frame::Message(m) => write!(f, "Message({} bytes)", m.len()),
+            Frame::Close(code, _) => write!(f, "Close({code})"),
+            Frame::Encoded(e) => write!(f, "Encoded({} bytes)", e.len()),
+        }
+    }
 }
 
 impl Frame {
@@ -100,19 +129,19 @@ impl Frame {
     /// replay counts as nothing until it is expanded.
     pub fn encoded_len(&self) -> usize {
         match self {
-            Frame::Token { prefix, tail } => prefix.len() + tail.0.len(),
-            Frame::Json(bytes) | Frame::Encoded(bytes) => bytes.len(),
+            Frame::Token { layout, token } => layout.len(token),
+            Frame::Message(bytes) | Frame::Encoded(bytes) => bytes.len(),
             Frame::Replay(_) | Frame::Close(..) => 0,
         }
     }
 
-    /// Appends this frame's WebSocket encoding to `out`, or returns false
-    /// for frames only the connection thread may write (a replay is
+    /// Appends this frame, framed with `framing`, to `out`, or returns
+    /// false for frames only the connection thread may write (a replay is
     /// expanded as the socket takes it; a close ends the connection).
-    pub fn encode_into(&self, out: &mut Vec<u8>) -> bool {
+    pub fn encode_into(&self, framing: Framing, out: &mut Vec<u8>) -> bool {
         match self {
-            Frame::Token { prefix, tail } => frame::encode_text(out, &[prefix, &tail.0]),
-            Frame::Json(bytes) => frame::encode_text(out, &[bytes]),
+            Frame::Token { layout, token } => layout.with_parts(token, |parts| framing(out, parts)),
+            Frame::Message(bytes) => framing(out, &[bytes]),
             Frame::Encoded(bytes) => out.extend_from_slice(bytes),
             Frame::Replay(_) | Frame::Close(..) => return false,
         }
@@ -128,54 +157,48 @@ thread_local! {
 /// Largest scratch buffer a producer thread keeps between writes.
 const SCRATCH_KEEP: usize = 64 * 1024;
 
-/// Where a replay's tokens are kept.
-#[derive(Debug, Clone)]
-pub enum Tokens {
-    /// A generation's stream (a late joiner, a `resume`).
-    Stream(Arc<Broadcast>),
-    /// A cached answer (a big cache hit), shared by every hit instead of
-    /// copied into each connection's queue.
-    Cached(Arc<CachedAnswer>),
-}
-
-impl Tokens {
-    /// Appends the tails of tokens `from..to` (clamped to what exists) to `out`.
-    pub fn tails(&self, from: u64, to: u64, out: &mut Vec<TokenTail>) {
-        match self {
-            Tokens::Stream(broadcast) => broadcast.tails(from, to, out),
-            Tokens::Cached(answer) => {
-                let len = answer.tails.len();
-                let from = usize::try_from(from).unwrap_or(len).min(len);
-                let to = usize::try_from(to).unwrap_or(len).min(len);
-                if from < to {
-                    out.extend_from_slice(&answer.tails[from..to]);
-                }
-            }
-        }
-    }
-}
-
-/// A range of a generation's tokens for one request.
-#[derive(Debug, Clone)]
+/// A range of a generation's tokens, or of a cached answer's, for one request.
+#[derive(Clone)]
 pub struct Replay {
     /// Where the tokens are kept.
-    pub source: Tokens,
-    /// The request's token frame prefix.
-    pub prefix: Arc<[u8]>,
+    pub source: Arc<dyn TokenSource>,
+    /// How the request's tokens are laid out.
+    pub layout: Arc<TokenLayout>,
     /// First `seq` still to write.
     pub from: u64,
     /// One past the last `seq` to write.
     pub to: u64,
 }
 
-/// Why a push was refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PushError {
-    /// `capacity` token frames or `max_bytes` bytes are already waiting:
-    /// the consumer is slow.
-    Full,
-    /// The connection is gone; nothing will ever read the frame.
-    Closed,
+impl Replay {
+    /// Frames the next tokens into `out` until it holds `max_bytes` (at
+    /// least one token goes in) or the range is done; fetches at most
+    /// `chunk` tokens into `scratch`. Returns true when the whole range has
+    /// been written (or its source has no more).
+    pub fn expand_into(
+        &mut self,
+        framing: Framing,
+        out: &mut Vec<u8>,
+        max_bytes: usize,
+        chunk: u64,
+        scratch: &mut Vec<Token>,
+    ) -> bool {
+        let to = self.to.min(self.from.saturating_add(chunk));
+        scratch.clear();
+        self.source.tokens(self.from, to, scratch);
+        let mut encoded = 0;
+        for token in scratch.iter() {
+            self.layout.with_parts(token, |parts| framing(out, parts));
+            encoded += 1;
+            if out.len() >= max_bytes {
+                break;
+            }
+        }
+        self.from += encoded;
+        let done = self.from >= self.to || scratch.is_empty();
+        scratch.clear();
+        done
+    }
 }
 
 struct Queue {
@@ -222,18 +245,23 @@ impl Queue {
     /// Encodes the deferred frames waiting and then `frames`, and writes
     /// them to `socket` while it takes them; whatever it does not take is
     /// queued, in order.
-    fn write_through(&mut self, socket: &TcpStream, frames: impl Iterator<Item = Frame>) {
+    fn write_through(
+        &mut self,
+        framing: Framing,
+        socket: &TcpStream,
+        frames: impl Iterator<Item = Frame>,
+    ) {
         let mut frames = frames.peekable();
         SCRATCH.with_borrow_mut(|buf| {
             buf.clear();
             // Deferred frames are plain JSON, which always encodes.
             for waiting in self.frames.drain(..) {
-                waiting.encode_into(buf);
+                waiting.encode_into(framing, buf);
             }
             self.bytes = 0;
             self.deferred = 0;
             self.lingering = false;
-            while frames.next_if(|f| f.encode_into(buf)).is_some() {}
+            while frames.next_if(|f| f.encode_into(framing, buf)).is_some() {}
             let mut written = 0;
             while written < buf.len() {
                 match (&*socket).write(&buf[written..]) {
@@ -268,9 +296,9 @@ impl Queue {
 /// ```
 /// use chorus::outbox::{Frame, Outbox, PushError};
 /// let outbox = Outbox::bounded(8, 100).unwrap();
-/// outbox.push(Frame::Json(b"{}".to_vec())).unwrap();
+/// outbox.push(Frame::Message(b"{}".to_vec())).unwrap();
 /// // Control frames count, and a token that would pass the byte bound is refused.
-/// assert_eq!(outbox.push_token(Frame::Json(vec![b'x'; 99])), Err(PushError::Full));
+/// assert_eq!(outbox.push_token(Frame::Message(vec![b'x'; 99])), Err(PushError::Full));
 /// let mut batch = Vec::new();
 /// outbox.take_all(&mut batch);
 /// assert_eq!(batch.len(), 1);
@@ -285,6 +313,7 @@ pub struct Outbox {
     /// consumer alone, read by producers deciding whether a token fits.
     unwritten: AtomicUsize,
     waker: OwnedFd,
+    framing: Framing,
 }
 
 impl Outbox {
@@ -313,7 +342,21 @@ impl Outbox {
             max_bytes,
             unwritten: AtomicUsize::new(0),
             waker,
+            framing: unframed,
         })
+    }
+
+    /// The same outbox, framing every frame it writes with `framing` (the
+    /// default writes frames' bytes unframed).
+    pub fn framed(mut self, framing: Framing) -> Outbox {
+        self.framing = framing;
+        self
+    }
+
+    /// How this outbox frames what it writes; the consumer frames what it
+    /// takes the same way.
+    pub fn framing(&self) -> Framing {
+        self.framing
     }
 
     /// Lets producers write straight to `socket` (which must be
@@ -338,7 +381,7 @@ impl Outbox {
             }
             let frames = frames.into_iter();
             match q.direct_socket() {
-                Some(socket) => q.write_through(&socket, frames),
+                Some(socket) => q.write_through(self.framing, &socket, frames),
                 None => frames.for_each(|f| q.enqueue(f)),
             }
             q.take_wake()
@@ -359,7 +402,7 @@ impl Outbox {
             return;
         }
         for json in frames {
-            q.enqueue(Frame::Json(json));
+            q.enqueue(Frame::Message(json));
             q.deferred += 1;
         }
         // Pushed by another thread (`accepted` goes out once the history
@@ -407,7 +450,7 @@ impl Outbox {
             return Err(PushError::Full);
         }
         match q.direct_socket() {
-            Some(socket) => q.write_through(&socket, std::iter::once(frame)),
+            Some(socket) => q.write_through(self.framing, &socket, std::iter::once(frame)),
             None => q.enqueue(frame),
         }
         Ok(q.take_wake())

@@ -586,7 +586,7 @@ fn upgrade(mut tcp: TcpStream, req: http::Request, shared: &Arc<Shared>) -> Opti
         let written = http::respond_error(&mut tcp, 503, "too many connections");
         return refusal_written(tcp, written);
     };
-    let outbox = match Outbox::bounded(server.outbox_frames, server.outbox_bytes) {
+    let outbox = match ws::outbox(server.outbox_frames, server.outbox_bytes) {
         Ok(outbox) => Arc::new(outbox),
         Err(e) => {
             if descriptors::is_exhaustion(&e) {

@@ -8,6 +8,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicIsize, Ordering};
 
 use chorus::broadcast::Broadcast;
+use chorus::delivery::Attachment;
 
 /// The system allocator, counting the bytes live at any moment.
 struct Counting;
@@ -44,7 +45,7 @@ fn a_finished_stream_holds_its_answer_once() {
     const TOKENS: usize = 1000;
     const TOKEN_BYTES: usize = 4096;
     let token = "x".repeat(TOKEN_BYTES);
-    let broadcast = Broadcast::new();
+    let broadcast = Broadcast::<Attachment>::new();
     let before = LIVE.load(Ordering::Relaxed);
     for _ in 0..TOKENS {
         broadcast.publish(&token);

@@ -68,7 +68,7 @@ mod tests {
         c.put(&[1; 32], answer("a bc d")).unwrap();
         let got = c.get(&[1; 32]).unwrap().unwrap();
         assert_eq!(&*got.text, "a bc d");
-        assert_eq!(got.tokens(), 3);
+        assert_eq!(got.token_count(), 3);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::sync::Arc;
 pub use memory::MemoryCache;
 pub use redis::RedisCache;
 
-use crate::protocol::TokenTail;
+use crate::broadcast::{tokens_of, Token, TokenSource};
 
 /// The identical-request key: a SHA-256 over everything the model would see.
 pub type Key = [u8; 32];
@@ -22,9 +22,9 @@ pub type Key = [u8; 32];
 /// A complete answer, stored with its original token boundaries.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CachedAnswer {
-    /// Each token's frame tail, encoded once when the answer was stored, so a
-    /// hit costs no JSON encoding.
-    pub tails: Vec<TokenTail>,
+    /// Each token escaped once when the answer was stored (shared with the
+    /// generation that produced it), so a hit costs no JSON encoding.
+    pub tokens: Vec<Token>,
     /// The whole text (what goes into the asking conversation's history),
     /// shared with every history write of a hit.
     pub text: Arc<str>,
@@ -38,17 +38,17 @@ impl CachedAnswer {
     pub fn from_pieces<'a>(pieces: impl IntoIterator<Item = &'a str>) -> CachedAnswer {
         let mut text = String::new();
         let mut ends = Vec::new();
-        let tails = pieces
+        let tokens = pieces
             .into_iter()
             .enumerate()
             .map(|(seq, piece)| {
                 text.push_str(piece);
                 ends.push(text.len());
-                TokenTail::encode(seq as u64, piece)
+                Token::new(seq as u64, piece)
             })
             .collect();
         CachedAnswer {
-            tails,
+            tokens,
             text: text.into(),
             ends,
         }
@@ -60,8 +60,14 @@ impl CachedAnswer {
     }
 
     /// Number of tokens.
-    pub fn tokens(&self) -> u64 {
-        self.tails.len() as u64
+    pub fn token_count(&self) -> u64 {
+        self.tokens.len() as u64
+    }
+}
+
+impl TokenSource for CachedAnswer {
+    fn tokens(&self, from: u64, to: u64, out: &mut Vec<Token>) {
+        tokens_of(&self.tokens, from, to, out);
     }
 }
 

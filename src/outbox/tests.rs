@@ -4,10 +4,31 @@ use super::*;
 use rustix::event::{poll, PollFd, PollFlags};
 use std::time::Duration;
 
+/// A token layout like the WebSocket protocol's.
+fn layout() -> Arc<TokenLayout> {
+    Arc::new(TokenLayout {
+        head: b"{\"type\":\"token\",\"request\":\"r\",\"seq\":"
+            .as_slice()
+            .into(),
+        mid: b",\"text\":".as_slice().into(),
+        tail: b"}".as_slice().into(),
+    })
+}
+
 fn token(seq: u64) -> Frame {
     Frame::Token {
-        prefix: crate::protocol::token_prefix("r"),
-        tail: TokenTail::encode(seq, "x"),
+        layout: layout(),
+        token: Token::new(seq, "x"),
+    }
+}
+
+/// A framing the tests can read back: each message's length (4 bytes,
+/// big-endian), then its bytes.
+fn length_prefixed(out: &mut Vec<u8>, parts: &[&[u8]]) {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    out.extend_from_slice(&u32::try_from(len).unwrap().to_be_bytes());
+    for part in parts {
+        out.extend_from_slice(part);
     }
 }
 
@@ -17,7 +38,7 @@ fn tokens_are_bounded_but_control_frames_are_not() {
     o.push_token(token(0)).unwrap();
     o.push_token(token(1)).unwrap();
     assert_eq!(o.push_token(token(2)), Err(PushError::Full));
-    o.push(Frame::Json(b"{}".to_vec())).unwrap();
+    o.push(Frame::Message(b"{}".to_vec())).unwrap();
     assert_eq!(o.len(), 3);
 }
 
@@ -32,7 +53,7 @@ fn tokens_are_refused_past_the_byte_bound_and_everything_counts() {
     o.push_token(token(0)).unwrap();
     o.push_token(token(1)).unwrap();
     // A control frame is admitted past anything, and it counts.
-    o.push(Frame::Json(vec![b'x'; t])).unwrap();
+    o.push(Frame::Message(vec![b'x'; t])).unwrap();
     assert_eq!(o.push_token(token(2)), Err(PushError::Full));
     assert_eq!(o.room(), 0);
     let mut batch = Vec::new();
@@ -45,8 +66,8 @@ fn tokens_are_refused_past_the_byte_bound_and_everything_counts() {
     o.push_token(token(2)).unwrap();
     // A replay holds no bytes of its own until it is expanded.
     let replay = Frame::Replay(Replay {
-        source: Tokens::Stream(crate::broadcast::Broadcast::new()),
-        prefix: crate::protocol::token_prefix("r"),
+        source: Arc::new(Vec::<Token>::new()),
+        layout: layout(),
         from: 0,
         to: 10,
     });
@@ -58,7 +79,7 @@ fn tokens_are_refused_past_the_byte_bound_and_everything_counts() {
 fn take_some_stops_at_its_byte_budget_but_takes_at_least_one_frame() {
     let o = Outbox::new(100).unwrap();
     for _ in 0..5 {
-        o.push(Frame::Json(vec![0; 100])).unwrap();
+        o.push(Frame::Message(vec![0; 100])).unwrap();
     }
     let mut batch = Vec::new();
     o.take_some(&mut batch, 100, 250);
@@ -77,21 +98,16 @@ fn take_some_stops_at_its_byte_budget_but_takes_at_least_one_frame() {
 #[test]
 fn queued_bytes_follow_pushes_and_takes() {
     let o = Outbox::new(8).unwrap();
-    o.push(Frame::Json(vec![0; 100])).unwrap();
+    o.push(Frame::Message(vec![0; 100])).unwrap();
     o.push_token(token(0)).unwrap();
-    let token_len = {
-        let Frame::Token { prefix, tail } = token(0) else {
-            unreachable!()
-        };
-        prefix.len() + tail.0.len()
-    };
+    let token_len = token(0).encoded_len();
     assert_eq!(o.queued_bytes(), 100 + token_len);
     let mut batch = Vec::new();
     o.take_some(&mut batch, 1, usize::MAX);
     assert_eq!(o.queued_bytes(), token_len);
     o.take_all(&mut batch);
     assert_eq!(o.queued_bytes(), 0);
-    o.push(Frame::Json(vec![0; 7])).unwrap();
+    o.push(Frame::Message(vec![0; 7])).unwrap();
     o.close();
     assert_eq!(o.queued_bytes(), 0);
 }
@@ -99,10 +115,10 @@ fn queued_bytes_follow_pushes_and_takes() {
 #[test]
 fn closed_refuses_everything() {
     let o = Outbox::new(2).unwrap();
-    o.push(Frame::Json(vec![])).unwrap();
+    o.push(Frame::Message(vec![])).unwrap();
     o.close();
     assert!(o.is_empty());
-    assert_eq!(o.push(Frame::Json(vec![])), Err(PushError::Closed));
+    assert_eq!(o.push(Frame::Message(vec![])), Err(PushError::Closed));
     assert_eq!(o.push_token(token(0)), Err(PushError::Closed));
 }
 
@@ -114,7 +130,7 @@ fn a_push_wakes_a_parked_consumer() {
         let o = o.clone();
         std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(20));
-            o.push(Frame::Json(b"1".to_vec())).unwrap();
+            o.push(Frame::Message(b"1".to_vec())).unwrap();
         })
     };
     let mut fds = [PollFd::new(&o.waker, PollFlags::IN)];
@@ -130,7 +146,7 @@ fn a_push_wakes_a_parked_consumer() {
 #[test]
 fn no_wake_when_the_consumer_is_not_parked() {
     let o = Outbox::new(8).unwrap();
-    o.push(Frame::Json(vec![])).unwrap();
+    o.push(Frame::Message(vec![])).unwrap();
     let mut fds = [PollFd::new(&o.waker, PollFlags::IN)];
     let timeout = rustix::event::Timespec {
         tv_sec: 0,
@@ -150,7 +166,7 @@ fn stress_many_producers_one_consumer_loses_nothing() {
             std::thread::spawn(move || {
                 for i in 0..EACH {
                     if i % 2 == 0 {
-                        o.push(Frame::Json(vec![])).unwrap();
+                        o.push(Frame::Message(vec![])).unwrap();
                     } else {
                         o.push_token(token(i as u64)).unwrap();
                     }
@@ -190,23 +206,33 @@ fn socket_pair() -> (Arc<TcpStream>, TcpStream) {
     (Arc::new(server), client)
 }
 
-/// Reads `n` text frames from `client` with tungstenite as the client.
-fn read_texts(client: TcpStream, n: usize) -> Vec<String> {
-    use tungstenite::protocol::Role;
-    let mut ws = tungstenite::WebSocket::from_raw_socket(client, Role::Client, None);
+/// Reads `n` messages framed by [`length_prefixed`] from `client`.
+fn read_texts(mut client: TcpStream, n: usize) -> Vec<String> {
+    use std::io::Read;
     (0..n)
-        .map(|_| ws.read().unwrap().into_text().unwrap().to_string())
+        .map(|_| {
+            let mut len = [0u8; 4];
+            client.read_exact(&mut len).unwrap();
+            let mut text = vec![0; u32::from_be_bytes(len) as usize];
+            client.read_exact(&mut text).unwrap();
+            String::from_utf8(text).unwrap()
+        })
         .collect()
 }
 
+/// An outbox whose socket side the tests can read.
+fn framed(capacity: usize) -> Outbox {
+    Outbox::new(capacity).unwrap().framed(length_prefixed)
+}
+
 fn json(text: &str) -> Frame {
-    Frame::Json(text.as_bytes().to_vec())
+    Frame::Message(text.as_bytes().to_vec())
 }
 
 #[test]
 fn a_parked_idle_consumer_is_written_through_without_a_wake() {
     let (server, client) = socket_pair();
-    let o = Outbox::new(8).unwrap();
+    let o = framed(8);
     o.attach_socket(server);
     assert!(o.park_if_empty(true));
     o.push(json("1")).unwrap();
@@ -228,7 +254,7 @@ fn a_parked_idle_consumer_is_written_through_without_a_wake() {
 #[test]
 fn no_write_through_unless_parked_with_an_idle_socket() {
     let (server, _client) = socket_pair();
-    let o = Outbox::new(8).unwrap();
+    let o = framed(8);
     o.attach_socket(server);
     o.push(json("awake")).unwrap();
     assert_eq!(o.len(), 1, "the consumer is awake: it writes");
@@ -256,7 +282,7 @@ fn no_write_through_unless_parked_with_an_idle_socket() {
 #[test]
 fn a_full_socket_leaves_the_rest_queued_in_order_and_wakes_the_consumer() {
     let (server, client) = socket_pair();
-    let o = Outbox::new(usize::MAX).unwrap();
+    let o = framed(usize::MAX);
     o.attach_socket(server.clone());
     // Big frames fill the kernel's buffers while nobody reads.
     let big = |i: usize| json(&format!("{i:05}{}", "x".repeat(64 * 1024)));
@@ -279,7 +305,7 @@ fn a_full_socket_leaves_the_rest_queued_in_order_and_wakes_the_consumer() {
     // What a connection thread does with the queued rest.
     let mut rest = Vec::new();
     for f in batch {
-        assert!(f.encode_into(&mut rest));
+        assert!(f.encode_into(length_prefixed, &mut rest));
     }
     let mut written = 0;
     while written < rest.len() {
@@ -312,7 +338,7 @@ fn stress_write_through_and_queue_interleave_without_loss_or_reordering() {
     // The consumer's own frames are numbered as pusher PRODUCERS.
     const OWN: usize = 500;
     let (server, client) = socket_pair();
-    let o = Arc::new(Outbox::new(usize::MAX).unwrap());
+    let o = Arc::new(framed(usize::MAX));
     o.attach_socket(server.clone());
     let reader = std::thread::spawn(move || read_texts(client, PRODUCERS * EACH + OWN));
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -326,7 +352,7 @@ fn stress_write_through_and_queue_interleave_without_loss_or_reordering() {
                 batch.clear();
                 o.take_all(&mut batch);
                 for f in batch.drain(..) {
-                    assert!(f.encode_into(&mut pending));
+                    assert!(f.encode_into(length_prefixed, &mut pending));
                 }
                 while !pending.is_empty() {
                     match (&*server).write(&pending) {
@@ -365,7 +391,7 @@ fn stress_write_through_and_queue_interleave_without_loss_or_reordering() {
                 for i in 0..EACH {
                     let text = format!("{p}:{i}");
                     if i % 3 == 0 {
-                        o.push_token(Frame::Json(text.into_bytes())).unwrap();
+                        o.push_token(Frame::Message(text.into_bytes())).unwrap();
                     } else {
                         o.push(json(&text)).unwrap();
                     }
@@ -395,7 +421,7 @@ fn stress_write_through_and_queue_interleave_without_loss_or_reordering() {
 #[test]
 fn deferred_frames_ride_along_with_the_next_producer_write() {
     let (server, client) = socket_pair();
-    let o = Outbox::new(8).unwrap();
+    let o = framed(8);
     o.attach_socket(server);
     o.push_deferred([b"accepted".to_vec(), b"state".to_vec()]);
     assert!(
@@ -420,7 +446,7 @@ fn deferred_frames_ride_along_with_the_next_producer_write() {
 #[test]
 fn deferred_frames_pushed_while_the_consumer_sleeps_ride_along_too() {
     let (server, client) = socket_pair();
-    let o = Outbox::new(8).unwrap();
+    let o = framed(8);
     o.attach_socket(server);
     assert!(o.park_if_empty(true));
     o.push_deferred([b"accepted".to_vec(), b"state".to_vec()]);
@@ -434,7 +460,7 @@ fn deferred_frames_pushed_while_the_consumer_sleeps_ride_along_too() {
     assert_eq!(poll(&mut fds, Some(&now)).unwrap(), 0, "nobody was woken");
     assert_eq!(read_texts(client, 3), ["accepted", "state", "answer"]);
     // With no producer after them, the janitor's release wakes the consumer.
-    let o = Outbox::new(8).unwrap();
+    let o = framed(8);
     let (server, _client) = socket_pair();
     o.attach_socket(server);
     assert!(o.park_if_empty(true));
@@ -447,7 +473,7 @@ fn deferred_frames_pushed_while_the_consumer_sleeps_ride_along_too() {
 #[test]
 fn release_deferred_wakes_a_lingering_consumer_only() {
     let (server, _client) = socket_pair();
-    let o = Outbox::new(8).unwrap();
+    let o = framed(8);
     o.attach_socket(server);
     let now = rustix::event::Timespec {
         tv_sec: 0,
@@ -472,7 +498,7 @@ fn release_deferred_wakes_a_lingering_consumer_only() {
 #[test]
 fn deferred_frames_do_not_linger_behind_other_frames_or_a_busy_socket() {
     let (server, _client) = socket_pair();
-    let o = Outbox::new(8).unwrap();
+    let o = framed(8);
     o.attach_socket(server);
     o.push(json("token from a worker")).unwrap();
     o.push_deferred([b"accepted".to_vec()]);
@@ -485,7 +511,7 @@ fn deferred_frames_do_not_linger_behind_other_frames_or_a_busy_socket() {
         "the consumer's own bytes are pending"
     );
     // Without a socket nobody else could write them.
-    let unattached = Outbox::new(8).unwrap();
+    let unattached = framed(8);
     unattached.push_deferred([b"accepted".to_vec()]);
     assert!(!unattached.park_if_empty(true));
 }
@@ -499,7 +525,11 @@ fn stress_the_byte_bound_holds_under_many_producers() {
     const PRODUCERS: usize = 8;
     const EACH: usize = 2_000;
     const MAX: usize = 64 * 1024;
-    let o = Arc::new(Outbox::bounded(usize::MAX, MAX).unwrap());
+    let o = Arc::new(
+        Outbox::bounded(usize::MAX, MAX)
+            .unwrap()
+            .framed(length_prefixed),
+    );
     let producers: Vec<_> = (0..PRODUCERS)
         .map(|p| {
             let o = o.clone();
@@ -507,7 +537,7 @@ fn stress_the_byte_bound_holds_under_many_producers() {
                 let mut accepted = 0;
                 for i in 0..EACH {
                     let size = 1 + (p * 7919 + i * 104_729) % 8192;
-                    if o.push_token(Frame::Json(vec![b'x'; size])).is_ok() {
+                    if o.push_token(Frame::Message(vec![b'x'; size])).is_ok() {
                         accepted += 1;
                     }
                 }

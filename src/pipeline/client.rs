@@ -10,13 +10,14 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use super::ending::end_frame;
+use super::ending::end_event;
 use super::generation::{GenOutcome, Generation};
 use super::request::{Phase, Request, Source};
 use super::*;
-use crate::broadcast::Attachment;
+use crate::broadcast::TokenSource;
+use crate::delivery::Attachment;
+use crate::delivery::{Client, Event};
 use crate::history;
-use crate::outbox::{Frame, Outbox, Replay, Tokens};
 use crate::protocol::{self, Chat, ErrorCode, Failure, Finish};
 
 impl Shared {
@@ -24,7 +25,7 @@ impl Shared {
 
     pub(super) fn submit(
         self: &Arc<Self>,
-        outbox: &Arc<Outbox>,
+        client: &Arc<dyn Client>,
         chat: Chat,
     ) -> Result<String, Failure> {
         if self.draining.load(Ordering::Acquire) {
@@ -95,7 +96,7 @@ impl Shared {
         }
         self.live_requests.fetch_add(1, Ordering::AcqRel);
         self.metrics.accepted.inc();
-        let attachment = Attachment::new(outbox.clone(), &request.id);
+        let attachment = Attachment::new(client, &request.id);
         request.state.lock().attachments.push(attachment);
         // `accepted` goes out later, from the cache lane, once the question
         // is stored (see `announce`). Visible to the janitor and shutdown
@@ -243,37 +244,36 @@ impl Shared {
 
     pub(super) fn resume(
         self: &Arc<Self>,
-        outbox: &Arc<Outbox>,
+        client: &Arc<dyn Client>,
         id: &str,
         from: u64,
     ) -> Result<(), Failure> {
         let request = match self.lookup(id) {
             Ok(request) => request,
             // Maybe another node of the cluster accepted it.
-            Err(not_found) => return self.cluster_resume(outbox, id, from).map_err(|_| not_found),
+            Err(not_found) => return self.cluster_resume(client, id, from).map_err(|_| not_found),
         };
-        let attachment = Attachment::new(outbox.clone(), id);
+        let attachment = Attachment::new(client, id);
         let mut st = request.state.lock();
-        let start = st.role.map(|role| Frame::Json(protocol::start(id, role)));
+        let start = st.role.map(|role| Event::Start { role });
         if let Some(end) = &st.end {
             // Ended (or being stored): replay exactly what it was sent, then
             // its end. Never live: the generation may go on for others.
-            let mut frames: Vec<Frame> = start.into_iter().collect();
-            let source = match &st.source {
-                Some(Source::Generation(g)) => Some(Tokens::Stream(g.broadcast.clone())),
-                Some(Source::Cached(answer)) => Some(Tokens::Cached(answer.clone())),
+            let mut events: Vec<Event<'_>> = start.into_iter().collect();
+            let source: Option<Arc<dyn TokenSource>> = match &st.source {
+                Some(Source::Generation(g)) => Some(g.broadcast.clone()),
+                Some(Source::Cached(answer)) => Some(answer.clone()),
                 None => None,
             };
             if let Some(source) = source.filter(|_| from < end.tokens) {
-                frames.push(Frame::Replay(Replay {
+                events.push(Event::Tokens {
                     source,
-                    prefix: attachment.prefix.clone(),
                     from,
                     to: end.tokens,
-                }));
+                });
             }
-            frames.push(Frame::Json(end_frame(&request, end, st.role)));
-            let _ = outbox.push_all(frames);
+            events.push(end_event(&request, end, st.role));
+            attachment.send(&events);
             return Ok(());
         }
         // A connection resuming a request it is still attached to replaces
@@ -281,7 +281,7 @@ impl Shared {
         if let Some(i) = st
             .attachments
             .iter()
-            .position(|a| Arc::ptr_eq(&a.outbox, outbox) && a.is_live())
+            .position(|a| a.is_of(client) && a.is_live())
         {
             let old = st.attachments.swap_remove(i);
             if let Some(Source::Generation(g)) = &st.source {
@@ -291,7 +291,7 @@ impl Shared {
         if let (Phase::Running, Some(Source::Generation(g))) = (&st.phase, &st.source) {
             // Live: its tokens from `from` on, its end from `complete_request`.
             if let Some(start) = start {
-                let _ = outbox.push(start);
+                attachment.send(&[start]);
             }
             g.broadcast.subscribe(&attachment, from);
         }

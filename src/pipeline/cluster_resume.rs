@@ -37,15 +37,15 @@ use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
 use parking_lot::Mutex;
 
 use super::cluster::{failure_of, request_key, unhex, ClusterPart};
-use super::ending::{end_frame, member_result};
+use super::ending::{end_event, member_result};
 use super::generation::{GenOutcome, Generation};
 use super::request::{End, Phase, Request, RequestState, Source};
 use super::{GenTicket, Shared};
-use crate::broadcast::Attachment;
 use crate::cache::CachedAnswer;
 use crate::cluster::stream::{first_entries, StreamEvent};
-use crate::outbox::{Frame, Outbox, Replay, Tokens};
-use crate::protocol::{self, ErrorCode, Failure, Finish, Role, Stage, Timings};
+use crate::delivery::Attachment;
+use crate::delivery::{Client, Event};
+use crate::protocol::{ErrorCode, Failure, Finish, Role, Stage, Timings};
 
 /// How often, and for how long, a waiting resume looks for its record.
 const POLL: Duration = Duration::from_millis(50);
@@ -185,7 +185,7 @@ impl Shared {
     /// thread: lists a stand-in and queues its lookup; never waits.
     pub(super) fn cluster_resume(
         self: &Arc<Self>,
-        outbox: &Arc<Outbox>,
+        client: &Arc<dyn Client>,
         id: &str,
         from: u64,
     ) -> Result<(), Failure> {
@@ -202,13 +202,13 @@ impl Shared {
             .state
             .lock()
             .attachments
-            .push(Attachment::new(outbox.clone(), id));
+            .push(Attachment::new(client, id));
         {
             let mut active = self.active.write();
             if active.requests.contains_key(id) {
                 // Another resume of it got here first: resume that one.
                 drop(active);
-                return self.resume(outbox, id, from);
+                return self.resume(client, id, from);
             }
             active.requests.insert(request.id.clone(), request.clone());
         }
@@ -354,7 +354,7 @@ impl Shared {
             // It ended before this resume joined: replay it whole.
             self.end_request(request, |st, _| {
                 start_from_resume_point(st, &generation, role);
-                let tokens = generation.broadcast.tokens();
+                let tokens = generation.broadcast.token_count();
                 Some((member_result(&outcome), "".into(), tokens))
             });
         }
@@ -467,20 +467,19 @@ impl Shared {
                 },
             };
             let from = st.resume_from;
-            let end_json = end_frame(request, &end, st.role);
+            // Sent from the answer like a local cache hit: nothing copied
+            // per attachment.
+            let events = [
+                Event::Start { role },
+                Event::Tokens {
+                    source: answer.clone(),
+                    from,
+                    to: end.tokens,
+                },
+                end_event(request, &end, st.role),
+            ];
             for a in st.attachments.iter().filter(|a| a.is_live()) {
-                // Replayed from the answer as the socket takes it, like a
-                // local cache hit: nothing copied per attachment.
-                let _ = a.outbox.push_all([
-                    Frame::Json(protocol::start(&request.id, role)),
-                    Frame::Replay(Replay {
-                        source: Tokens::Cached(answer.clone()),
-                        prefix: a.prefix.clone(),
-                        from,
-                        to: end.tokens,
-                    }),
-                    Frame::Json(end_json.clone()),
-                ]);
+                a.send(&events);
             }
             st.attachments.clear();
             st.end = Some(end);
@@ -503,11 +502,7 @@ impl Shared {
             std::mem::take(&mut st.attachments)
         };
         for a in attachments.iter().filter(|a| a.is_live()) {
-            let _ = a.outbox.push(Frame::Json(protocol::error(
-                Some(&request.id),
-                None,
-                failure,
-            )));
+            a.send(&[Event::Error { id: None, failure }]);
         }
         let mut active = self.active.write();
         if active
@@ -524,9 +519,7 @@ impl Shared {
 /// it to `generation` from the `seq` its client resumed from.
 fn start_from_resume_point(st: &RequestState, generation: &Generation, role: Role) {
     for a in &st.attachments {
-        let _ = a
-            .outbox
-            .push(Frame::Json(protocol::start(&a.request, role)));
+        a.send(&[Event::Start { role }]);
         generation.broadcast.subscribe(a, st.resume_from);
     }
 }

@@ -14,15 +14,13 @@ use super::generation::{GenOutcome, Generation};
 use super::request::{self, End, Phase, Request, Source};
 use super::*;
 use crate::cache::CachedAnswer;
+use crate::delivery::Event;
 use crate::history;
-use crate::outbox::{Frame, Replay, Tokens};
-
-/// A cached answer with more text than this is replayed from the cache
-/// entry as the socket takes it; a smaller one is encoded whole for each
-/// hit, which reaches the socket in one write.
-const INLINE_CACHED_BYTES: usize = 64 * 1024;
 use crate::protocol::{self, ErrorCode, Failure, Finish, Role, Stage};
-use crate::ws::frame;
+
+/// How a request cancelled before it had a role ends.
+static CANCELLED_BEFORE_START: std::sync::LazyLock<Failure> =
+    std::sync::LazyLock::new(|| Failure::new(ErrorCode::Cancelled, "cancelled before it started"));
 
 impl Shared {
     // -- ending things -----------------------------------------------------
@@ -74,10 +72,10 @@ impl Shared {
         // identical chat joins this finished generation and gets its whole
         // answer replayed (see `run_follower`), so the order loses nothing.
         if matches!(outcome, GenOutcome::Finished(Finish::Stop)) && cacheable {
-            // The broadcast's tails, shared: the cache holds no second
-            // encoding of the answer.
+            // The broadcast's escaped tokens, shared: the cache holds no
+            // second encoding of the answer.
             let answer = Arc::new(CachedAnswer {
-                tails: generation.broadcast.all_tails(),
+                tokens: generation.broadcast.all_tokens(),
                 text: text.clone(),
                 ends: produced.ends,
             });
@@ -143,47 +141,25 @@ impl Shared {
             if !request.remote {
                 self.count_end(&result, st.role, timings);
             }
-            let end_frame = if st.announced {
-                end_frame(request, &end, st.role)
+            let end_event = if st.announced {
+                end_event(request, &end, st.role)
             } else {
-                refusal_frame(request, &end)
+                refusal_event(request, &end)
             };
-            let cached = match (&st.source, &result) {
-                (Some(Source::Cached(answer)), Ok(_)) => Some(answer.clone()),
-                _ => None,
-            };
+            // A cached answer goes out whole with its `start` and its end,
+            // in one send (one write, when the connection is idle).
+            let mut events = Vec::with_capacity(3);
+            if let (Some(Source::Cached(answer)), Ok(_)) = (&st.source, &result) {
+                events.push(Event::Start { role: Role::Cache });
+                events.push(Event::Tokens {
+                    source: answer.clone(),
+                    from: 0,
+                    to: answer.token_count(),
+                });
+            }
+            events.push(end_event);
             for a in st.attachments.iter().filter(|a| a.is_live()) {
-                if let Some(answer) = cached
-                    .as_ref()
-                    .filter(|c| c.text.len() > INLINE_CACHED_BYTES)
-                {
-                    // A big answer is replayed from the cache entry itself as
-                    // the socket takes it: no copy per hit, and nothing held
-                    // for a client that does not read.
-                    let _ = a.outbox.push_all([
-                        Frame::Json(protocol::start(&a.request, Role::Cache)),
-                        Frame::Replay(Replay {
-                            source: Tokens::Cached(answer.clone()),
-                            prefix: a.prefix.clone(),
-                            from: 0,
-                            to: answer.tokens(),
-                        }),
-                        Frame::Json(end_frame.clone()),
-                    ]);
-                    continue;
-                }
-                // A small cached answer is encoded here in one piece, so it
-                // costs one queue entry and reaches the socket in one write.
-                let mut bytes = Vec::new();
-                if let Some(answer) = &cached {
-                    let start = protocol::start(&a.request, Role::Cache);
-                    frame::encode_text(&mut bytes, &[&start]);
-                    for tail in &answer.tails {
-                        frame::encode_text(&mut bytes, &[&a.prefix, &tail.0]);
-                    }
-                }
-                frame::encode_text(&mut bytes, &[&end_frame]);
-                let _ = a.outbox.push(Frame::Encoded(bytes));
+                a.send(&events);
             }
             st.attachments.clear();
             st.end = Some(end);
@@ -282,15 +258,18 @@ impl Shared {
     }
 }
 
-/// How a request that ended before its `accepted` went out is told: as an
-/// `error` for the chat (`request` null), like any refusal before
-/// `accepted`. A cancel cannot come that early (nobody knows the id yet).
-fn refusal_frame(request: &Request, end: &End) -> Vec<u8> {
+/// How a request that ended before its `accepted` went out is told: as a
+/// refusal of the chat, like any refusal before `accepted`. A cancel cannot
+/// come that early (nobody knows the id yet).
+fn refusal_event<'a>(request: &'a Request, end: &'a End) -> Event<'a> {
     let failure = match &end.result {
-        Err(f) => f.clone(),
-        Ok(_) => Failure::new(ErrorCode::Cancelled, "cancelled before it started"),
+        Err(f) => f,
+        Ok(_) => &CANCELLED_BEFORE_START,
     };
-    protocol::error(None, Some(&request.client_id), &failure)
+    Event::Refused {
+        id: &request.client_id,
+        failure,
+    }
 }
 
 impl Shared {
@@ -317,19 +296,24 @@ fn to_replay_window(active: &mut Active, request: &Request) {
     }
 }
 
-/// The frame that ends a request for one client: `done`, or `error` when it
-/// failed or was cancelled before it had a role.
-pub(super) fn end_frame(request: &Request, end: &End, role: Option<Role>) -> Vec<u8> {
+/// The event that ends a request for one client: `done`, or an error when
+/// it failed or was cancelled before it had a role.
+pub(super) fn end_event<'a>(request: &'a Request, end: &'a End, role: Option<Role>) -> Event<'a> {
     match (&end.result, role) {
-        (Ok(finish), Some(role)) => {
-            protocol::done(&request.id, *finish, end.tokens, role, end.timings)
-        }
-        (Ok(_), None) => protocol::error(
-            Some(&request.id),
-            Some(&request.client_id),
-            &Failure::new(ErrorCode::Cancelled, "cancelled before it started"),
-        ),
-        (Err(f), _) => protocol::error(Some(&request.id), Some(&request.client_id), f),
+        (Ok(finish), Some(role)) => Event::Done {
+            finish: *finish,
+            tokens: end.tokens,
+            role,
+            timings: end.timings,
+        },
+        (Ok(_), None) => Event::Error {
+            id: Some(&request.client_id),
+            failure: &CANCELLED_BEFORE_START,
+        },
+        (Err(f), _) => Event::Error {
+            id: Some(&request.client_id),
+            failure: f,
+        },
     }
 }
 

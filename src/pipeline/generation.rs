@@ -16,9 +16,9 @@ use parking_lot::Mutex;
 use super::request::Request;
 use crate::broadcast::Broadcast;
 use crate::cache::Key;
+use crate::delivery::{Attachment, Event};
 use crate::llm::AbortSignal;
-use crate::outbox::Frame;
-use crate::protocol::{self, Failure, Finish, Stage};
+use crate::protocol::{Failure, Finish, Stage};
 
 /// How a generation ended.
 #[derive(Debug, Clone, PartialEq)]
@@ -60,7 +60,7 @@ pub(crate) struct Generation {
     pub key: Key,
     /// True when registered in the singleflight (false for `fresh` requests).
     pub shared: bool,
-    pub broadcast: Arc<Broadcast>,
+    pub broadcast: Arc<Broadcast<Attachment>>,
     pub abort: AbortSignal,
     pub created_at: Instant,
     /// Followers claimed but not yet joined by a follower worker; they keep
@@ -96,7 +96,7 @@ impl Generation {
             st.members.len(),
             self.pending_followers
                 .load(std::sync::atomic::Ordering::Acquire),
-            self.broadcast.tokens(),
+            self.broadcast.token_count(),
             self.created_at.elapsed(),
         )
     }
@@ -146,11 +146,8 @@ impl Generation {
             st.stage = stage;
             st.since = Instant::now();
         }
-        self.broadcast.for_each_subscriber(|a| {
-            let _ = a
-                .outbox
-                .push(Frame::Json(protocol::state(&a.request, stage, position)));
-        });
+        self.broadcast
+            .for_each_subscriber(|a| a.send(&[Event::State { stage, position }]));
     }
 
     /// Restarts the clock of the current stage without telling anyone: a
@@ -163,11 +160,8 @@ impl Generation {
     /// Sends a `tool` frame (a call, a piece of output, a result) to every
     /// request attached to this generation.
     pub fn tool_frame(&self, name: &str, phase: &str, text: &str) {
-        self.broadcast.for_each_subscriber(|a| {
-            let _ = a
-                .outbox
-                .push(Frame::Json(protocol::tool(&a.request, name, phase, text)));
-        });
+        self.broadcast
+            .for_each_subscriber(|a| a.send(&[Event::Tool { name, phase, text }]));
     }
 
     /// Removes `request` from the members; true when it was one.

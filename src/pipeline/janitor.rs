@@ -17,7 +17,7 @@
 //!   that leaves nothing running, free memory is handed back to the OS
 //!   ([`crate::memory`]);
 //! - `accepted` frames left for the next write to carry
-//!   ([`crate::outbox::Outbox::push_deferred`]) are released.
+//!   ([`crate::delivery::Client::send_deferred`]) are released.
 //!
 //! It works on snapshots (`Arc` clones taken under a brief read lock), so it
 //! never holds the active map while ending anything.
@@ -56,7 +56,7 @@ pub(super) fn sweep(shared: &Arc<Shared>, now: Instant) {
             let st = request.state.lock();
             // Frames deferred by a connection thread wait at most one tick.
             for a in &st.attachments {
-                a.outbox.release_deferred();
+                a.client.release_deferred();
             }
             st.phase
         };

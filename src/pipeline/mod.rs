@@ -14,7 +14,7 @@
 //!                   load history, assemble prompt          subscribe to the leader's
 //!                                   ▼                      broadcast, replay from seq 0
 //!                  [prepared] ──▶ streaming pool
-//!                  (max_concurrent_llm_streams): provider ──▶ broadcast ──▶ outboxes
+//!                  (max_concurrent_llm_streams): provider ──▶ broadcast ──▶ clients
 //! ```
 //!
 //! Every queue is bounded and every send is a `try_send`: a full queue
@@ -49,7 +49,6 @@ mod cluster_resume;
 mod cluster_writer;
 mod ending;
 mod generation;
-mod history_page;
 mod janitor;
 mod key;
 mod prompt;
@@ -72,10 +71,10 @@ pub use key::{identical_request_key, KeyInput};
 
 use crate::cache::{Cache, Key};
 use crate::config::Config;
+use crate::delivery::Client;
 use crate::history::{self, History};
 use crate::llm::{Prompt, Provider};
 use crate::metrics::Metrics;
-use crate::outbox::Outbox;
 use crate::pool::Pool;
 use crate::protocol::{Chat, ErrorCode, Failure};
 use crate::singleflight::{Group, Leader};
@@ -373,11 +372,11 @@ impl Pipeline {
     }
 
     /// Admits a chat from a connection thread. Never blocks on a queue: on
-    /// success `accepted` is already in `outbox`; on failure the caller
+    /// success `accepted` is on its way to `client`; on failure the caller
     /// answers with the returned error (and nothing was stored).
     /// Admits a chat; returns its request id.
-    pub fn submit(&self, outbox: &Arc<Outbox>, chat: Chat) -> Result<String, Failure> {
-        self.shared.submit(outbox, chat)
+    pub fn submit(&self, client: &Arc<dyn Client>, chat: Chat) -> Result<String, Failure> {
+        self.shared.submit(client, chat)
     }
 
     /// Tells the pipeline that a connection closed while `requests` (its
@@ -392,33 +391,27 @@ impl Pipeline {
         self.shared.cancel(request)
     }
 
-    /// Attaches `outbox` to `request` and replays its tokens from `from`.
-    pub fn resume(&self, outbox: &Arc<Outbox>, request: &str, from: u64) -> Result<(), Failure> {
-        self.shared.resume(outbox, request, from)
+    /// Attaches `client` to `request` and replays its tokens from `from`.
+    pub fn resume(
+        &self,
+        client: &Arc<dyn Client>,
+        request: &str,
+        from: u64,
+    ) -> Result<(), Failure> {
+        self.shared.resume(client, request, from)
     }
 
-    /// The encoded `history` frame for a conversation: up to `limit`
-    /// messages before `before`, newest first as far as they fit in
-    /// `history.max_answer_bytes` and in `room`, the bytes the asking
-    /// connection's outbox still admits.
-    pub fn history_frame(
-        &self,
-        conversation: &str,
-        limit: usize,
-        before: Option<u64>,
-        room: usize,
-    ) -> Result<Vec<u8>, Failure> {
-        let max_bytes = self.shared.config.history.max_answer_bytes.min(room);
-        if max_bytes < history_page::MIN_ANSWER_BYTES {
-            return Err(Failure::new(
-                ErrorCode::SlowConsumer,
-                "the connection is not reading what it was already sent; read, then ask again",
-            ));
-        }
+    /// The stored history, once every answer already ended in
+    /// `conversation` is committed, so that a client reading it after its
+    /// `done` finds its answer there.
+    pub fn stored_history(&self, conversation: &str) -> &History {
         self.shared.await_stored(conversation);
-        history_page::history_answer(&self.shared.history, conversation, limit, before, max_bytes)
-            .map_err(|e| history_failure(&e))?
-            .ok_or_else(|| Failure::new(ErrorCode::NotFound, "no such conversation"))
+        &self.shared.history
+    }
+
+    /// The most bytes one `history` answer may take.
+    pub fn history_max_answer_bytes(&self) -> usize {
+        self.shared.config.history.max_answer_bytes
     }
 
     /// Stops admitting chats (`shutting_down` from now on).
@@ -571,7 +564,7 @@ fn llm_failure(e: &crate::llm::LlmError) -> Failure {
 
 /// A history failure as the client sees it: a read pool that stays busy
 /// is overload, anything else is internal.
-fn history_failure(e: &history::HistoryError) -> Failure {
+pub fn history_failure(e: &history::HistoryError) -> Failure {
     match e {
         history::HistoryError::Pool(_) => Failure::new(
             ErrorCode::Overloaded,

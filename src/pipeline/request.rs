@@ -14,8 +14,8 @@ use std::time::Instant;
 use parking_lot::{Condvar, Mutex};
 
 use super::generation::Generation;
-use crate::broadcast::Attachment;
 use crate::cache::CachedAnswer;
+use crate::delivery::Attachment;
 use crate::protocol::{Failure, Finish, Role, Timings};
 
 /// Where a request's tokens come from.

@@ -19,10 +19,10 @@ use super::prompt::{assemble_prompt, read_context};
 use super::request::{Phase, Source};
 use super::*;
 use crate::cache::{CachedAnswer, Key};
+use crate::delivery::Event;
 use crate::history;
 use crate::llm::{Ask, CallLimits, Flow, Prompt, StreamEnd, TokenSink, ToolCall};
-use crate::outbox::Frame;
-use crate::protocol::{self, ErrorCode, Failure, Finish, Role, Stage};
+use crate::protocol::{ErrorCode, Failure, Finish, Role, Stage};
 use crate::singleflight::{Claim, Leader};
 use crate::tools::ToolResult;
 
@@ -128,13 +128,15 @@ impl Shared {
                     // between. Deferred: the request's next frames (a
                     // cached answer, usually) carry them in the same write.
                     for a in st.attachments.iter().filter(|a| a.is_live()) {
-                        a.outbox.push_deferred([
-                            protocol::accepted(
-                                &request.client_id,
-                                &request.id,
-                                &request.conversation,
-                            ),
-                            protocol::state(&request.id, Stage::Queued, Some(job.position)),
+                        a.send_deferred(&[
+                            Event::Accepted {
+                                id: &request.client_id,
+                                conversation: &request.conversation,
+                            },
+                            Event::State {
+                                stage: Stage::Queued,
+                                position: Some(job.position),
+                            },
                         ]);
                     }
                 }
@@ -236,7 +238,7 @@ impl Shared {
             st.role = Some(Role::Cache);
             st.source = Some(Source::Cached(answer.clone()));
             st.dequeued_at = Some(Instant::now());
-            Some((Ok(Finish::Stop), text, answer.tokens()))
+            Some((Ok(Finish::Stop), text, answer.token_count()))
         });
         if served {
             self.metrics.by_role.with_label_values(&["cache"]).inc();
@@ -301,9 +303,7 @@ impl Shared {
             gen.members.push(request.clone());
             drop(gen);
             for a in &st.attachments {
-                let _ = a
-                    .outbox
-                    .push(Frame::Json(protocol::start(&request.id, role)));
+                a.send(&[Event::Start { role }]);
                 generation.broadcast.subscribe(a, 0);
             }
         }
@@ -444,9 +444,14 @@ impl Shared {
                         let stage = gen.stage;
                         drop(gen);
                         for a in &st.attachments {
-                            let _ = a.outbox.push_all([
-                                Frame::Json(protocol::start(&request.id, Role::Follower)),
-                                Frame::Json(protocol::state(&request.id, stage, None)),
+                            a.send(&[
+                                Event::Start {
+                                    role: Role::Follower,
+                                },
+                                Event::State {
+                                    stage,
+                                    position: None,
+                                },
                             ]);
                             generation.broadcast.subscribe(a, 0);
                         }
@@ -480,9 +485,9 @@ impl Shared {
                     st.dequeued_at = Some(now);
                     st.joined_at = Some(now);
                     for a in &st.attachments {
-                        let _ = a
-                            .outbox
-                            .push(Frame::Json(protocol::start(&request.id, Role::Follower)));
+                        a.send(&[Event::Start {
+                            role: Role::Follower,
+                        }]);
                         generation.broadcast.subscribe(a, 0);
                     }
                     let produced = generation.broadcast.produced();

@@ -2,19 +2,20 @@
 //! worker goes on with the next job. The panic comes from a provider made
 //! for this test, run by a real pipeline on its streaming pool.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use parking_lot::Mutex;
+use serde_json::{json, Value};
 
 use super::Pipeline;
+use crate::broadcast::{Token, TokenSource};
 use crate::cache::MemoryCache;
 use crate::config::Config;
+use crate::delivery::{Attachment, Client, Event, PushError, TokenLayout};
 use crate::history::History;
 use crate::llm::{AbortSignal, Ask, LlmError, Provider, Simulated, TokenSink, Turn};
 use crate::metrics::Metrics;
-use crate::outbox::{Frame, Outbox};
 use crate::protocol::{Chat, ChatOptions};
 
 /// The simulated model, except that it panics when asked to.
@@ -38,46 +39,70 @@ impl Provider for PanicsOnCue {
     }
 }
 
-/// The ending frame (`done` or `error`) of `request` in `outbox`.
-fn ending(outbox: &Outbox, request: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut frames = VecDeque::new();
-    while Instant::now() < deadline {
-        outbox.take_some(&mut frames, 64, usize::MAX);
-        // Nothing is written to a socket here: all taken is gone.
-        outbox.set_unwritten(0);
-        for frame in frames.drain(..) {
-            let texts = match frame {
-                Frame::Json(bytes) => vec![bytes],
-                // Endings may come already encoded as WebSocket frames.
-                Frame::Encoded(bytes) => decode(bytes),
+/// A client that keeps how each of its requests ended, as a test reads it.
+#[derive(Default)]
+struct Endings(Mutex<Vec<Value>>);
+
+impl Client for Endings {
+    fn token_layout(&self, _: &str) -> TokenLayout {
+        TokenLayout {
+            head: Box::default(),
+            mid: Box::default(),
+            tail: Box::default(),
+        }
+    }
+
+    fn send(&self, to: &Attachment, events: &[Event<'_>]) -> Result<(), PushError> {
+        for event in events {
+            let end = match event {
+                Event::Done { .. } => json!({"type": "done", "request": &*to.request}),
+                Event::Error { failure, .. } | Event::Refused { failure, .. } => {
+                    json!({"type": "error", "request": &*to.request, "code": failure.code.as_str()})
+                }
                 _ => continue,
             };
-            for text in texts {
-                let v: Value = serde_json::from_slice(&text).expect("JSON frame");
-                let end = v["type"] == "done" || v["type"] == "error";
-                if end && v["request"] == request {
-                    return v;
-                }
-            }
+            self.0.lock().push(end);
+        }
+        Ok(())
+    }
+
+    fn send_deferred(&self, to: &Attachment, events: &[Event<'_>]) {
+        let _ = self.send(to, events);
+    }
+
+    fn release_deferred(&self) {}
+
+    fn token(&self, _: &Attachment, _: &Token) -> Result<bool, PushError> {
+        Ok(false)
+    }
+
+    fn replay(
+        &self,
+        _: &Attachment,
+        _: Arc<dyn TokenSource>,
+        _: u64,
+        _: u64,
+    ) -> Result<(), PushError> {
+        Ok(())
+    }
+
+    fn wake(&self) {}
+
+    fn is_closed(&self) -> bool {
+        false
+    }
+}
+
+/// How `request` ended for `client`, waiting for it.
+fn ending(client: &Endings, request: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if let Some(end) = client.0.lock().iter().find(|e| e["request"] == request) {
+            return end.clone();
         }
         std::thread::sleep(Duration::from_millis(5));
     }
     panic!("no ending for {request}");
-}
-
-/// The text payloads of encoded server frames, read the way a client reads them.
-fn decode(bytes: Vec<u8>) -> Vec<Vec<u8>> {
-    let socket = std::io::Cursor::new(bytes);
-    let mut ws =
-        tungstenite::WebSocket::from_raw_socket(socket, tungstenite::protocol::Role::Client, None);
-    let mut out = Vec::new();
-    while let Ok(message) = ws.read() {
-        if let tungstenite::Message::Text(t) = message {
-            out.push(t.as_bytes().to_vec());
-        }
-    }
-    out
 }
 
 fn chat(id: &str, message: &str) -> Chat {
@@ -112,21 +137,22 @@ fn a_panicking_job_fails_its_request_with_internal_and_the_worker_goes_on() {
         Arc::new(Metrics::new()),
     )
     .unwrap();
-    let outbox = Arc::new(Outbox::new(1024).unwrap());
+    let endings = Arc::new(Endings::default());
+    let client: Arc<dyn Client> = endings.clone();
     for round in 0..3 {
         let request = pipeline
-            .submit(&outbox, chat(&format!("p{round}"), "panic now"))
+            .submit(&client, chat(&format!("p{round}"), "panic now"))
             .unwrap();
-        let end = ending(&outbox, &request);
+        let end = ending(&endings, &request);
         assert_eq!(end["type"], "error", "{end}");
         assert_eq!(end["code"], "internal", "{end}");
         let request = pipeline
             .submit(
-                &outbox,
+                &client,
                 chat(&format!("ok{round}"), &format!("hello {round}")),
             )
             .unwrap();
-        let end = ending(&outbox, &request);
+        let end = ending(&endings, &request);
         assert_eq!(end["type"], "done", "{end}");
     }
     // `done` goes out before the answer's commit, which ends the request.

@@ -43,11 +43,12 @@ use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use tungstenite::protocol::{Role, WebSocketConfig};
 use tungstenite::{Error as WsError, Message, WebSocket};
 
-use super::frame;
 use super::keepalive::{Due, Keepalive};
+use super::{encode, frame, history_page, WsClient};
+use crate::broadcast::Token;
+use crate::delivery::Client;
 use crate::outbox::{Frame, Outbox, Replay};
-use crate::pipeline::Pipeline;
-use crate::protocol::TokenTail;
+use crate::pipeline::{self, Pipeline};
 use crate::protocol::{self, ClientFrame, ErrorCode, Failure, FrameLimits};
 
 /// Stop reading client frames while this many bytes wait to be written: a
@@ -235,11 +236,12 @@ pub fn serve(
     let mut ws = WebSocket::from_partially_read(socket, leftover, Role::Server, Some(config));
     let mut conn = Connection {
         outbox,
+        client: WsClient::new(outbox.clone()),
         pipeline,
         limits,
         taken: VecDeque::new(),
         replay: None,
-        tails: Vec::new(),
+        scratch: Vec::new(),
         readable: true,
         chat_budget: ChatBudget::new(limits.max_chats_per_minute, Instant::now()),
         closing_since: None,
@@ -288,13 +290,16 @@ fn linger_close(tcp: &TcpStream, deadline: Instant) {
 
 struct Connection<'a> {
     outbox: &'a Arc<Outbox>,
+    /// The pipeline's handle on this connection, writing into `outbox`.
+    client: Arc<dyn Client>,
     pipeline: &'a Pipeline,
     limits: Limits,
     /// Frames taken from the outbox and not yet encoded (a replay in front of them).
     taken: VecDeque<Frame>,
     /// The replay being expanded, chunk by chunk, ahead of `taken`.
     replay: Option<Replay>,
-    tails: Vec<TokenTail>,
+    /// Tokens of the replay being expanded, fetched a chunk at a time.
+    scratch: Vec<Token>,
     /// False after a read found the socket empty, until poll reports input:
     /// a token wake-up then costs no useless `recv`.
     readable: bool,
@@ -441,19 +446,14 @@ impl Connection<'_> {
                 return Ok(false);
             }
             if let Some(replay) = &mut self.replay {
-                let to = replay.to.min(replay.from + REPLAY_CHUNK);
-                self.tails.clear();
-                replay.source.tails(replay.from, to, &mut self.tails);
-                let mut encoded = 0;
-                for tail in &self.tails {
-                    frame::encode_text(&mut socket.pending, &[&replay.prefix, &tail.0]);
-                    encoded += 1;
-                    if socket.pending.len() >= CHUNK_BYTES {
-                        break;
-                    }
-                }
-                replay.from += encoded;
-                if replay.from >= replay.to || self.tails.is_empty() {
+                let done = replay.expand_into(
+                    frame::encode_text,
+                    &mut socket.pending,
+                    CHUNK_BYTES,
+                    REPLAY_CHUNK,
+                    &mut self.scratch,
+                );
+                if done {
                     self.replay = None;
                 }
                 continue;
@@ -466,11 +466,11 @@ impl Connection<'_> {
             }
             while let Some(f) = self.taken.pop_front() {
                 // The same encoding a producer writing straight through uses.
-                if f.encode_into(&mut socket.pending) {
+                if f.encode_into(frame::encode_text, &mut socket.pending) {
                     continue;
                 }
                 match f {
-                    Frame::Token { .. } | Frame::Json(_) | Frame::Encoded(_) => {}
+                    Frame::Token { .. } | Frame::Message(_) | Frame::Encoded(_) => {}
                     Frame::Replay(replay) => {
                         self.replay = Some(replay);
                         break;
@@ -588,7 +588,7 @@ impl Connection<'_> {
                         );
                     }
                 }
-                match self.pipeline.submit(self.outbox, chat) {
+                match self.pipeline.submit(&self.client, chat) {
                     Ok(request) => self.remember(request),
                     Err(f) => self.reply(None, Some(&id), &f),
                 }
@@ -599,7 +599,7 @@ impl Connection<'_> {
                 }
             }
             Ok(ClientFrame::Resume { request, from }) => {
-                match self.pipeline.resume(self.outbox, &request, from) {
+                match self.pipeline.resume(&self.client, &request, from) {
                     Ok(()) => self.remember(request),
                     Err(f) => self.reply(Some(&request), None, &f),
                 }
@@ -608,17 +608,12 @@ impl Connection<'_> {
                 conversation,
                 limit,
                 before,
-            }) => {
-                match self
-                    .pipeline
-                    .history_frame(&conversation, limit, before, self.outbox.room())
-                {
-                    Ok(frame) => {
-                        let _ = self.outbox.push(Frame::Json(frame));
-                    }
-                    Err(f) => self.reply(None, None, &f),
+            }) => match self.history(&conversation, limit, before) {
+                Ok(frame) => {
+                    let _ = self.outbox.push(Frame::Message(frame));
                 }
-            }
+                Err(f) => self.reply(None, None, &f),
+            },
         }
     }
 
@@ -638,7 +633,33 @@ impl Connection<'_> {
     fn reply(&self, request: Option<&str>, id: Option<&str>, failure: &Failure) {
         let _ = self
             .outbox
-            .push(Frame::Json(protocol::error(request, id, failure)));
+            .push(Frame::Message(encode::error(request, id, failure)));
+    }
+
+    /// The `history` answer for a conversation: up to `limit` messages
+    /// before `before`, newest first as far as they fit in
+    /// `history.max_answer_bytes` and in what this connection's outbox
+    /// still admits.
+    fn history(
+        &self,
+        conversation: &str,
+        limit: usize,
+        before: Option<u64>,
+    ) -> Result<Vec<u8>, Failure> {
+        let max_bytes = self
+            .pipeline
+            .history_max_answer_bytes()
+            .min(self.outbox.room());
+        if max_bytes < history_page::MIN_ANSWER_BYTES {
+            return Err(Failure::new(
+                ErrorCode::SlowConsumer,
+                "the connection is not reading what it was already sent; read, then ask again",
+            ));
+        }
+        let history = self.pipeline.stored_history(conversation);
+        history_page::history_answer(history, conversation, limit, before, max_bytes)
+            .map_err(|e| pipeline::history_failure(&e))?
+            .ok_or_else(|| Failure::new(ErrorCode::NotFound, "no such conversation"))
     }
 }
 

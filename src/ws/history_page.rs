@@ -1,17 +1,19 @@
 //! The `history` answer: the newest messages of a conversation that fit one
 //! answer's byte bound, with a cursor to page back.
 //!
-//! Runs on the connection thread that read the `history` request. The
+//! Runs on the connection thread that read the `history` request, on the
+//! stored history the pipeline hands it once the conversation's pending
+//! writes are committed ([`crate::pipeline::Pipeline::stored_history`]). The
 //! messages are read newest first ([`History::newest_first`]) and reading
 //! stops at the first one that does not fit, so a long conversation is
 //! neither read nor held whole for one answer.
 
+use super::encode::{self, HistoryMessage};
 use crate::history::{History, HistoryError, Take};
-use crate::protocol::{self, HistoryMessage};
 
 /// Answers smaller than this are not worth sending: the connection is not
 /// reading what it already has.
-pub(super) const MIN_ANSWER_BYTES: usize = 1024;
+pub(crate) const MIN_ANSWER_BYTES: usize = 1024;
 
 /// Bytes `c` takes inside a JSON string, as serde_json escapes it.
 fn escaped_len(c: char) -> usize {
@@ -38,7 +40,7 @@ fn json_prefix(text: &str, max: usize) -> &str {
 /// (the newest when `None`), at most `max_bytes` long. `Ok(None)` when the
 /// conversation is unknown. The newest message alone is cut to fit, and
 /// marked `truncated`, when it is larger than the whole bound.
-pub(super) fn history_answer(
+pub(crate) fn history_answer(
     history: &History,
     conversation: &str,
     limit: usize,
@@ -46,7 +48,7 @@ pub(super) fn history_answer(
     max_bytes: usize,
 ) -> Result<Option<Vec<u8>>, HistoryError> {
     // The envelope at its largest: a cursor of twenty digits.
-    let envelope = protocol::history(conversation, &[], Some(u64::MAX)).len();
+    let envelope = encode::history(conversation, &[], Some(u64::MAX)).len();
     let mut room = max_bytes.saturating_sub(envelope);
     // Owned rows newest first; the frame borrows from them afterwards.
     let mut kept: Vec<(crate::history::Message, bool)> = Vec::new();
@@ -99,7 +101,7 @@ pub(super) fn history_answer(
         })
         .collect();
     let more = (walk.first_kept > 0).then_some(walk.first_kept);
-    Ok(Some(protocol::history(conversation, &messages, more)))
+    Ok(Some(encode::history(conversation, &messages, more)))
 }
 
 #[cfg(test)]
