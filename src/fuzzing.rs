@@ -18,7 +18,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use crate::authority::HostPolicy;
-use crate::http;
+use crate::net::http;
 use crate::llm::sse::{Event, SseParser};
 use crate::llm::{CallAssembler, CallLimits, Flow, StreamState, TokenSink};
 use crate::protocol::{self, FrameLimits};

@@ -24,15 +24,14 @@ pub mod broadcast;
 pub mod cache;
 pub mod cluster;
 pub mod config;
-pub mod descriptors;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod history;
-pub mod http;
 pub mod llm;
 pub mod memory;
 pub mod metrics;
+pub mod net;
 pub mod outbox;
 pub mod pipeline;
 pub mod pool;

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
 
 use super::{handle_connection, Shared};
-use crate::descriptors::{self, Spare};
+use crate::net::descriptors::{self, Spare};
 
 /// Connection threads allowed beyond `max_connections`, for plain HTTP
 /// requests and handshakes in progress.
