@@ -46,7 +46,8 @@ use crate::history::History;
 use crate::llm::{Endpoint, OpenAi, Provider, RetryPolicy, Simulated};
 use crate::metrics::Metrics;
 use crate::net::descriptors::{self, Exhaustion};
-use crate::net::http::{self, StaticFiles};
+use crate::net::http;
+use crate::net::static_files::{self, StaticFiles};
 use crate::outbox::{Frame, Outbox};
 use crate::pipeline::Pipeline;
 use crate::protocol::{ErrorCode, Failure};
@@ -154,11 +155,7 @@ impl Server {
             provider,
             metrics.clone(),
         )?;
-        let static_files = if config.server.static_dir.is_empty() {
-            StaticFiles::Embedded
-        } else {
-            StaticFiles::Directory(PathBuf::from(&config.server.static_dir))
-        };
+        let static_files = StaticFiles::from_config(&config.server.static_dir);
         let listener = bind(&config.server.bind, config.server.listen_backlog)?;
         let local_addr = listener.local_addr()?;
         let hosts = HostPolicy::new(&config.server.allowed_hosts, local_addr);
@@ -452,37 +449,14 @@ fn answer(out: &mut impl std::io::Write, path: &str, shared: &Shared) -> io::Res
             let body = stats_json(shared).to_string();
             http::respond(out, 200, "application/json", &[], body.as_bytes())
         }
-        "/" => serve_static(out, shared, "index.html"),
+        "/" => static_files::serve_static(out, &shared.static_files, "index.html"),
         _ => match path
             .strip_prefix("/static/")
-            .and_then(http::safe_relative_path)
+            .and_then(static_files::safe_relative_path)
         {
-            Some(file) => serve_static(out, shared, &file),
+            Some(file) => static_files::serve_static(out, &shared.static_files, &file),
             None => http::respond_error(out, 404, "not found"),
         },
-    }
-}
-
-fn serve_static(out: &mut impl std::io::Write, shared: &Shared, file: &str) -> io::Result<()> {
-    match shared.static_files.get(file) {
-        Some(body) => {
-            let content_type = http::content_type(file);
-            // The page's own files only: no inline script, no outside
-            // request, no framing. Model text is rendered as text anyway;
-            // this is the second wall.
-            let csp: &[(&str, &str)] = if content_type.starts_with("text/html") {
-                &[(
-                    "Content-Security-Policy",
-                    "default-src 'self'; script-src 'self'; connect-src 'self'; \
-                     img-src 'self' data:; style-src 'self' 'unsafe-inline'; \
-                     base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
-                )]
-            } else {
-                &[]
-            };
-            http::respond(out, 200, content_type, csp, &body)
-        }
-        None => http::respond_error(out, 404, "not found"),
     }
 }
 

@@ -5,3 +5,4 @@
 
 pub mod descriptors;
 pub mod http;
+pub(crate) mod static_files;
