@@ -264,14 +264,6 @@ impl<W: Write> Write for HeadOnly<W> {
     }
 }
 
-/// The 101 answer that completes a WebSocket handshake.
-pub fn upgrade_response(key: &str) -> String {
-    format!(
-        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
-        tungstenite::handshake::derive_accept_key(key.as_bytes())
-    )
-}
-
 /// Percent-decodes `s` (invalid escapes are kept literally).
 pub fn percent_decode(s: &str) -> Cow<'_, str> {
     if !s.contains('%') && !s.contains('+') {
