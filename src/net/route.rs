@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::http;
+use super::http::{self, Request};
 use super::static_files::{self, serve_static};
 use super::stats::stats_json;
 use super::upgrade::upgrade;
@@ -52,22 +52,62 @@ pub(super) fn handle_connection(mut tcp: TcpStream, shared: &Arc<Shared>) {
     http::linger_close(&answered);
 }
 
-/// Answers `req`. Gives the socket back when it got a plain HTTP answer
-/// (to be closed with a linger), `None` once it was a WebSocket.
-fn route(mut tcp: TcpStream, req: http::Request, shared: &Arc<Shared>) -> Option<TcpStream> {
-    let host_allowed = shared.hosts.allows(req.header("host"));
-    if req.path == "/ws" && req.method == "GET" && host_allowed {
-        return upgrade(tcp, req, shared);
+/// A plain HTTP answer (one that ends the connection), as [`route`] picks it.
+enum Answer {
+    Health,
+    Metrics,
+    Stats,
+    /// A file of the page, its path already checked.
+    Static(String),
+    NotFound,
+    /// 405, with the methods the path does take.
+    MethodNotAllowed(&'static str),
+    /// 421: the `Host` is not one this server answers for.
+    HostNotAllowed,
+}
+
+/// Answers `req`: the one place where a method and path pick what answers
+/// them. A route that keeps the socket (the WebSocket upgrade; later
+/// families such as a streaming HTTP API go beside it) takes it and returns
+/// `None`; every other route is a plain [`Answer`], and the socket comes
+/// back for its lingering close.
+fn route(tcp: TcpStream, req: Request, shared: &Arc<Shared>) -> Option<TcpStream> {
+    // Before anything else, so a rebinding page learns nothing, not even 404.
+    if !shared.hosts.allows(req.header("host")) {
+        return plain(tcp, &req, Answer::HostNotAllowed, shared);
     }
+    let answer = match (req.method.as_str(), req.path.as_str()) {
+        #[cfg(test)]
+        (_, PANIC_PATH) => panic!("a connection thread panics on purpose (test)"),
+        ("GET", "/ws") => return upgrade(tcp, req, shared),
+        ("GET" | "HEAD", "/healthz") => Answer::Health,
+        ("GET" | "HEAD", "/metrics") => Answer::Metrics,
+        ("GET" | "HEAD", "/api/stats") => Answer::Stats,
+        ("GET" | "HEAD", "/") => Answer::Static("index.html".to_owned()),
+        ("GET" | "HEAD", path) if path.starts_with("/static/") => {
+            match path
+                .strip_prefix("/static/")
+                .and_then(static_files::safe_relative_path)
+            {
+                Some(file) => Answer::Static(file),
+                None => Answer::NotFound,
+            }
+        }
+        // Known paths asked with another method.
+        (_, "/ws") => Answer::MethodNotAllowed("GET"),
+        (_, "/healthz" | "/metrics" | "/api/stats" | "/") => Answer::MethodNotAllowed("GET, HEAD"),
+        (_, path) if path.starts_with("/static/") => Answer::MethodNotAllowed("GET, HEAD"),
+        _ => Answer::NotFound,
+    };
+    plain(tcp, &req, answer, shared)
+}
+
+/// Writes `answer` (only its head for `HEAD`) and gives the socket back.
+fn plain(mut tcp: TcpStream, req: &Request, answer: Answer, shared: &Shared) -> Option<TcpStream> {
     let written = if req.method == "HEAD" {
-        plain(
-            &mut http::HeadOnly::new(&mut tcp),
-            &req,
-            host_allowed,
-            shared,
-        )
+        self::answer(&mut http::HeadOnly::new(&mut tcp), answer, shared)
     } else {
-        plain(&mut tcp, &req, host_allowed, shared)
+        self::answer(&mut tcp, answer, shared)
     };
     if let Err(e) = written {
         log::debug!("HTTP answer failed: {e}");
@@ -75,49 +115,10 @@ fn route(mut tcp: TcpStream, req: http::Request, shared: &Arc<Shared>) -> Option
     Some(tcp)
 }
 
-/// Every answer that is not a WebSocket, written to `out` (the socket, or
-/// its head-only view for `HEAD`).
-fn plain(
-    out: &mut impl std::io::Write,
-    req: &http::Request,
-    host_allowed: bool,
-    shared: &Shared,
-) -> io::Result<()> {
-    if !host_allowed {
-        return http::respond_error(out, 421, "host not allowed (see server.allowed_hosts)");
-    }
-    let path = req.path.as_str();
-    #[cfg(test)]
-    if path == PANIC_PATH {
-        panic!("a connection thread panics on purpose (test)");
-    }
-    let known = path == "/"
-        || path == "/ws"
-        || path == "/healthz"
-        || path == "/metrics"
-        || path == "/api/stats"
-        || path.starts_with("/static/");
-    if !known {
-        return http::respond_error(out, 404, "not found");
-    }
-    let allowed = req.method == "GET" || (req.method == "HEAD" && path != "/ws");
-    if !allowed {
-        return http::respond(
-            out,
-            405,
-            "application/json",
-            &[("Allow", if path == "/ws" { "GET" } else { "GET, HEAD" })],
-            br#"{"error":"method not allowed"}"#,
-        );
-    }
-    answer(out, path, shared)
-}
-
-/// The plain HTTP endpoints, written to `out` (the socket, or its
-/// head-only view for `HEAD`).
-fn answer(out: &mut impl std::io::Write, path: &str, shared: &Shared) -> io::Result<()> {
-    match path {
-        "/healthz" => {
+/// Writes `answer` to `out` (the socket, or its head-only view for `HEAD`).
+fn answer(out: &mut impl io::Write, answer: Answer, shared: &Shared) -> io::Result<()> {
+    match answer {
+        Answer::Health => {
             let (status, body) = if shared.draining.load(Ordering::Acquire) {
                 (503, serde_json::json!({"status": "draining"}))
             } else {
@@ -138,22 +139,26 @@ fn answer(out: &mut impl std::io::Write, path: &str, shared: &Shared) -> io::Res
                 body.to_string().as_bytes(),
             )
         }
-        "/metrics" => {
+        Answer::Metrics => {
             shared.pipeline.stages();
             let body = shared.metrics.render();
             http::respond(out, 200, Metrics::content_type(), &[], body.as_bytes())
         }
-        "/api/stats" => {
+        Answer::Stats => {
             let body = stats_json(shared).to_string();
             http::respond(out, 200, "application/json", &[], body.as_bytes())
         }
-        "/" => serve_static(out, &shared.static_files, "index.html"),
-        _ => match path
-            .strip_prefix("/static/")
-            .and_then(static_files::safe_relative_path)
-        {
-            Some(file) => serve_static(out, &shared.static_files, &file),
-            None => http::respond_error(out, 404, "not found"),
-        },
+        Answer::Static(file) => serve_static(out, &shared.static_files, &file),
+        Answer::NotFound => http::respond_error(out, 404, "not found"),
+        Answer::MethodNotAllowed(allow) => http::respond(
+            out,
+            405,
+            "application/json",
+            &[("Allow", allow)],
+            br#"{"error":"method not allowed"}"#,
+        ),
+        Answer::HostNotAllowed => {
+            http::respond_error(out, 421, "host not allowed (see server.allowed_hosts)")
+        }
     }
 }
