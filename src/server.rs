@@ -62,51 +62,14 @@ pub struct Server {
 }
 
 impl Server {
-    /// Opens the history, starts the pipeline and listens. Returns once the
-    /// port is bound (so `local_addr` is final, also with port 0).
+    /// Binds the port, opens the history, starts the pipeline and the
+    /// accept thread. Returns once the port is bound (so `local_addr` is
+    /// final, also with port 0). A start that fails stops every thread it
+    /// had started before it returns the error.
     pub fn start(config: Config) -> Result<Server, ServerError> {
         descriptors::raise_limit(config.server.max_connections);
-        start_fanout_pool(config.workers.fanout_threads);
-        let config = Arc::new(config);
-        let metrics = Arc::new(Metrics::new());
-        let history = History::open(
-            &PathBuf::from(&config.history.sqlite_path),
-            config.history.read_pool_size,
-        )?;
-        let cache: Arc<dyn Cache> = match config.cache.backend {
-            CacheBackend::Memory => Arc::new(MemoryCache::new(
-                config.cache.max_entries,
-                Duration::from_secs(config.cache.ttl_s),
-            )),
-            CacheBackend::Redis => Arc::new(
-                RedisCache::new(
-                    &config.cache.redis_url,
-                    Duration::from_secs(config.cache.ttl_s),
-                    Duration::from_millis(config.cache.redis_timeout_ms),
-                    config.cache.redis_pool_size,
-                )
-                .map_err(|e| ServerError::Unsupported(e.to_string()))?,
-            ),
-        };
-        let provider: Arc<dyn Provider> = match config.llm.provider {
-            LlmProvider::Simulated => {
-                let s = &config.llm.simulated;
-                Arc::new(Simulated {
-                    first_token: Duration::from_millis(s.first_token_ms),
-                    token_interval: Duration::from_millis(s.token_interval_ms),
-                    tokens: s.tokens,
-                    token_bytes: s.token_bytes,
-                })
-            }
-            LlmProvider::OpenAi => Arc::new(openai_provider(&config.llm)),
-        };
-        let pipeline = Pipeline::start(
-            config.clone(),
-            history.clone(),
-            cache,
-            provider,
-            metrics.clone(),
-        )?;
+        // Before any thread: a taken port or a bad address then costs nothing
+        // to undo.
         let listener =
             net::bind(&config.server.bind, config.server.listen_backlog).map_err(|source| {
                 ServerError::Bind {
@@ -115,8 +78,33 @@ impl Server {
                 }
             })?;
         let local_addr = listener.local_addr()?;
+        let config = Arc::new(config);
+        let metrics = Arc::new(Metrics::new());
+        let history = History::open(
+            &PathBuf::from(&config.history.sqlite_path),
+            config.history.read_pool_size,
+        )?;
+        let pipeline = match start_pipeline(&config, &history, &metrics) {
+            Ok(pipeline) => pipeline,
+            Err(e) => {
+                history.shutdown();
+                return Err(e);
+            }
+        };
         let shared = Arc::new(Shared::new(config, pipeline, history, metrics, local_addr));
-        let accept = AcceptThread::start(listener, &shared)?;
+        let mut accept = match AcceptThread::start(listener, &shared) {
+            Ok(accept) => accept,
+            Err(e) => {
+                shared.pipeline.shutdown();
+                shared.history.shutdown();
+                return Err(e.into());
+            }
+        };
+        // The fan-out pool is the process's and can never be stopped, so it
+        // is built once nothing can fail any more; the accept thread waits
+        // for it, so no token is handed out before it exists.
+        start_fanout_pool(shared.config.workers.fanout_threads);
+        accept.open();
         Ok(Server {
             shared,
             local_addr,
@@ -158,6 +146,49 @@ impl Server {
         shared.history.shutdown();
         log::info!("stopped");
     }
+}
+
+/// Builds the cache and the upstream provider and starts the pipeline on
+/// them. On failure nothing of it runs any more.
+fn start_pipeline(
+    config: &Arc<Config>,
+    history: &History,
+    metrics: &Arc<Metrics>,
+) -> Result<Pipeline, ServerError> {
+    let cache: Arc<dyn Cache> = match config.cache.backend {
+        CacheBackend::Memory => Arc::new(MemoryCache::new(
+            config.cache.max_entries,
+            Duration::from_secs(config.cache.ttl_s),
+        )),
+        CacheBackend::Redis => Arc::new(
+            RedisCache::new(
+                &config.cache.redis_url,
+                Duration::from_secs(config.cache.ttl_s),
+                Duration::from_millis(config.cache.redis_timeout_ms),
+                config.cache.redis_pool_size,
+            )
+            .map_err(|e| ServerError::Unsupported(e.to_string()))?,
+        ),
+    };
+    let provider: Arc<dyn Provider> = match config.llm.provider {
+        LlmProvider::Simulated => {
+            let s = &config.llm.simulated;
+            Arc::new(Simulated {
+                first_token: Duration::from_millis(s.first_token_ms),
+                token_interval: Duration::from_millis(s.token_interval_ms),
+                tokens: s.tokens,
+                token_bytes: s.token_bytes,
+            })
+        }
+        LlmProvider::OpenAi => Arc::new(openai_provider(&config.llm)),
+    };
+    Ok(Pipeline::start(
+        config.clone(),
+        history.clone(),
+        cache,
+        provider,
+        metrics.clone(),
+    )?)
 }
 
 /// The OpenAI-compatible provider over the configured endpoints: the
@@ -225,7 +256,7 @@ fn openai_provider(llm: &crate::config::LlmConfig) -> OpenAi {
 
 /// Sizes rayon's global pool, which the broadcaster uses to hand a token to
 /// a big audience. It can be built once per process: a second server in the
-/// same process shares the first one's.
+/// same process shares the first one's, and nothing stops it.
 fn start_fanout_pool(threads: usize) {
     let built = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)

@@ -33,6 +33,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crossbeam_channel::Sender;
 use parking_lot::Mutex;
 use rustix::event::{eventfd, EventfdFlags};
 use socket2::{Domain, Socket, Type};
@@ -164,37 +165,56 @@ pub(crate) fn bind(addr: &str, backlog: i32) -> io::Result<TcpListener> {
     Ok(socket.into())
 }
 
-/// The running accept thread. It sleeps in `poll(2)` on the listener and an
+/// The accept thread. It sleeps in `poll(2)` on the listener and an
 /// eventfd, so stopping it is an explicit wake-up, not a connection to
 /// ourselves.
 pub(crate) struct AcceptThread {
     shared: Arc<Shared>,
     waker: Arc<OwnedFd>,
     thread: JoinHandle<()>,
+    /// Held until [`AcceptThread::open`]: the thread accepts nothing before,
+    /// so the server can finish starting (or give up) first.
+    gate: Option<Sender<()>>,
 }
 
 impl AcceptThread {
-    /// Starts accepting on `listener`.
+    /// Starts the thread for `listener`; it accepts once [`Self::open`]
+    /// is called.
     pub(crate) fn start(listener: TcpListener, shared: &Arc<Shared>) -> io::Result<AcceptThread> {
         let waker = Arc::new(
             eventfd(0, EventfdFlags::NONBLOCK | EventfdFlags::CLOEXEC).map_err(io::Error::from)?,
         );
+        let (gate, opened) = crossbeam_channel::bounded::<()>(1);
         let thread = {
             let (shared, waker) = (shared.clone(), waker.clone());
             std::thread::Builder::new()
                 .name("chorus-accept".into())
-                .spawn(move || accept::accept_loop(&listener, &shared, &waker))?
+                .spawn(move || {
+                    // A dropped gate: stopped before it was opened.
+                    if opened.recv().is_ok() {
+                        accept::accept_loop(&listener, &shared, &waker);
+                    }
+                })?
         };
         Ok(AcceptThread {
             shared: shared.clone(),
             waker,
             thread,
+            gate: Some(gate),
         })
+    }
+
+    /// Lets the thread accept.
+    pub(crate) fn open(&mut self) {
+        if let Some(gate) = self.gate.take() {
+            let _ = gate.send(());
+        }
     }
 
     /// Stops accepting and waits for the thread; the listener closes with
     /// it. Connection threads already started go on.
-    pub(crate) fn stop(self) {
+    pub(crate) fn stop(mut self) {
+        self.gate.take();
         self.shared.stopping.store(true, Ordering::Release);
         let _ = rustix::io::write(&*self.waker, &1u64.to_ne_bytes());
         let _ = self.thread.join();
