@@ -13,7 +13,9 @@
 //!
 //! Reading order for newcomers: [`protocol`] (what clients send and get),
 //! [`pipeline`] (the heart), [`broadcast`] and [`outbox`] (how a token
-//! reaches a socket), then [`server`] and [`ws`].
+//! reaches a socket), then [`net`] (the port: accepting, HTTP, routing,
+//! the WebSocket upgrade), [`ws`] (a WebSocket's own thread) and
+//! [`server`] (how it is all started and stopped).
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]

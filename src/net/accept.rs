@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
 
+use super::descriptors::{self, Spare};
 use super::route::handle_connection;
 use super::Shared;
-use crate::net::descriptors::{self, Spare};
 
 /// Connection threads allowed beyond `max_connections`, for plain HTTP
 /// requests and handshakes in progress.

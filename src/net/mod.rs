@@ -15,11 +15,11 @@
 //!
 //! Data flows one way: this module calls into `ws` and the pipeline and
 //! nothing below calls back. The server ([`crate::server`]) builds
-//! [`Shared`], binds with [`bind`], starts an [`AcceptThread`] and, at
+//! `Shared`, binds with `bind`, starts an `AcceptThread` and, at
 //! shutdown, stops it and closes the WebSockets that are left.
 //!
 //! Threads: the one `chorus-accept` thread and the connection threads read
-//! [`Shared`]; the thread that shuts the server down writes its flags.
+//! `Shared`; the thread that shuts the server down writes its flags.
 //! Everything a connection thread counts or registers is held by a drop
 //! guard (`ThreadSlot`, `ConnectionSlot`, `Registration`), so a thread that
 //! panics gives it all back.
