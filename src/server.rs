@@ -149,7 +149,7 @@ impl Server {
 }
 
 /// Builds the cache and the upstream provider and starts the pipeline on
-/// them. On failure nothing of it runs any more.
+/// them.
 fn start_pipeline(
     config: &Arc<Config>,
     history: &History,
