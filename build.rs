@@ -1,5 +1,5 @@
 //! The demo page in `static/` is embedded in the binary (`include_dir!` in
-//! `src/http.rs`), which cargo cannot see on its own: this tells it to
+//! `src/net/static_files.rs`), which cargo cannot see on its own: this tells it to
 //! rebuild when a file there changes.
 
 fn main() {

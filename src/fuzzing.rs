@@ -18,9 +18,9 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use crate::authority::HostPolicy;
-use crate::http;
 use crate::llm::sse::{Event, SseParser};
 use crate::llm::{CallAssembler, CallLimits, Flow, StreamState, TokenSink};
+use crate::net::http;
 use crate::protocol::{self, FrameLimits};
 
 /// `data` as the bytes a client sends before its request head is complete:
@@ -52,7 +52,7 @@ pub fn http_head(data: &[u8]) {
             request.header_has_token("connection", "upgrade");
             request.query_param("token");
             if let Some(file) = request.path.strip_prefix("/static/") {
-                if let Some(safe) = http::safe_relative_path(file) {
+                if let Some(safe) = crate::net::static_files::safe_relative_path(file) {
                     assert!(
                         safe.split('/').all(|s| !s.is_empty() && s != ".."),
                         "{safe}"

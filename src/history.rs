@@ -431,6 +431,7 @@ impl History {
         add_partial_column(&conn).map_err(|e| open_err(Box::new(e)))?;
 
         let pool = r2d2::Pool::builder()
+            .thread_pool(crate::pool::r2d2_threads())
             .max_size(read_pool_size.max(1))
             // A local SQLite connection cannot go stale; testing it on every
             // checkout would add a query to every read.

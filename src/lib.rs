@@ -13,7 +13,9 @@
 //!
 //! Reading order for newcomers: [`protocol`] (what clients send and get),
 //! [`pipeline`] (the heart), [`broadcast`] and [`outbox`] (how a token
-//! reaches a socket), then [`server`] and [`ws`].
+//! reaches a socket), then [`net`] (the port: accepting, HTTP, routing,
+//! the WebSocket upgrade), [`ws`] (a WebSocket's own thread) and
+//! [`server`] (how it is all started and stopped).
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -25,15 +27,14 @@ pub mod cache;
 pub mod cluster;
 pub mod config;
 pub mod delivery;
-pub mod descriptors;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod history;
-pub mod http;
 pub mod llm;
 pub mod memory;
 pub mod metrics;
+pub mod net;
 pub mod outbox;
 pub mod pipeline;
 pub mod pool;

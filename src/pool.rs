@@ -111,6 +111,20 @@ impl Pool {
     }
 }
 
+/// Helper threads for an r2d2 pool, as r2d2 makes them by default (three,
+/// named `r2d2-worker-N`), except that they end as soon as the pool is
+/// dropped: by default they wait for the next reap of idle connections, up
+/// to 30 s later, so a server whose start failed would leave them behind.
+pub(crate) fn r2d2_threads() -> Arc<scheduled_thread_pool::ScheduledThreadPool> {
+    Arc::new(
+        scheduled_thread_pool::ScheduledThreadPool::builder()
+            .num_threads(3)
+            .thread_name_pattern("r2d2-worker-{}")
+            .on_drop_behavior(scheduled_thread_pool::OnPoolDropBehavior::DiscardPendingScheduled)
+            .build(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -31,6 +31,7 @@ pub type RedisPool = r2d2::Pool<Connector>;
 pub fn pool(url: &str, timeout: Duration, size: u32) -> Result<RedisPool, redis::RedisError> {
     let client = redis::Client::open(url)?;
     Ok(r2d2::Pool::builder()
+        .thread_pool(crate::pool::r2d2_threads())
         .max_size(size.max(1))
         .min_idle(Some(0))
         // A failed command shows a dead connection; a PING per checkout

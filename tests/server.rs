@@ -247,3 +247,72 @@ fn sockets_that_never_send_a_request_cannot_exhaust_threads() {
         server.get("/healthz").0 == 200
     });
 }
+
+/// Every method on every kind of path, with the status, `Allow` header and
+/// body presence it gets; a request whose `Host` is not allowed gets 421
+/// whatever it asks.
+#[test]
+fn each_method_and_path_gets_its_answer() {
+    let server = Server::start(FAST);
+    let both = Some("GET, HEAD");
+    #[rustfmt::skip]
+    let table: &[(&str, &str, u16, Option<&str>)] = &[
+        ("GET", "/", 200, None),
+        ("HEAD", "/", 200, None),
+        ("POST", "/", 405, both),
+        ("GET", "/healthz", 200, None),
+        ("HEAD", "/healthz", 200, None),
+        ("DELETE", "/healthz", 405, both),
+        ("GET", "/metrics", 200, None),
+        ("HEAD", "/metrics", 200, None),
+        ("PUT", "/metrics", 405, both),
+        ("GET", "/api/stats", 200, None),
+        ("HEAD", "/api/stats", 200, None),
+        ("POST", "/api/stats", 405, both),
+        ("GET", "/static/index.html", 200, None),
+        ("HEAD", "/static/index.html", 200, None),
+        ("OPTIONS", "/static/index.html", 405, both),
+        ("GET", "/static/missing.css", 404, None),
+        ("POST", "/static/missing.css", 405, both),
+        ("GET", "/static/", 404, None),
+        ("HEAD", "/static/../Cargo.toml", 404, None),
+        ("POST", "/static/../Cargo.toml", 405, both),
+        // No upgrade headers: refused by the handshake, not the router.
+        ("GET", "/ws", 426, None),
+        ("HEAD", "/ws", 405, Some("GET")),
+        ("POST", "/ws", 405, Some("GET")),
+        // Methods are case-sensitive.
+        ("get", "/healthz", 405, both),
+        ("get", "/nope", 404, None),
+        ("GET", "/nope", 404, None),
+        ("HEAD", "/nope", 404, None),
+        ("POST", "/nope", 404, None),
+        ("GET", "/static", 404, None),
+        ("GET", "/wsx", 404, None),
+        ("GET", "/api/stats/", 404, None),
+    ];
+    for &(method, path, status, allow) in table {
+        for host in [server.addr.to_string(), "evil.example".to_owned()] {
+            let request =
+                format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\n\r\n");
+            let (got, head, body) = raw_http(server.addr, &request);
+            let what = format!("{method} {path} (Host: {host}): {head}");
+            if host == "evil.example" {
+                assert_eq!(got, 421, "{what}");
+                continue;
+            }
+            assert_eq!(got, status, "{what}");
+            let allow_header = head
+                .lines()
+                .find_map(|l| l.strip_prefix("Allow: "))
+                .map(str::to_owned);
+            assert_eq!(allow_header.as_deref(), allow, "{what}");
+            if method == "HEAD" {
+                assert_eq!(body, "", "{what}");
+                assert!(head.contains("Content-Length: "), "{what}");
+            } else {
+                assert!(!body.is_empty(), "{what}");
+            }
+        }
+    }
+}

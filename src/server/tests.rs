@@ -2,19 +2,19 @@
 //! server runs in this process, so the tests can read its counters and
 //! make a connection thread panic with hooks that exist only in unit tests
 //! ([`PANIC_PATH`] and `ws::PANIC_FRAME`); the `chorus` binary has neither.
+//!
+//! Threads: each test starts a server in this process and drives it over
+//! loopback from the test's own thread.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use tungstenite::Message;
 
 use super::Server;
 use crate::config::Config;
-
-/// A plain HTTP request for this path makes its connection thread panic.
-pub(super) const PANIC_PATH: &str = "/test/panic";
+use crate::net::PANIC_PATH;
 
 fn start(dir: &std::path::Path) -> Server {
     let mut config = Config::default();
@@ -55,7 +55,7 @@ fn a_panicking_http_thread_gives_back_its_thread_slot() {
     }
     let shared = server.shared.clone();
     eventually("every connection thread is given back", || {
-        shared.connection_threads.load(Ordering::Acquire) == 0
+        shared.connection_threads() == 0
     });
     server.shutdown();
 }
@@ -78,14 +78,14 @@ fn a_panicking_websocket_thread_gives_back_everything_and_detaches_its_requests(
         }
     }
     let shared = server.shared.clone();
-    assert_eq!(shared.ws_connections.load(Ordering::Acquire), 1);
+    assert_eq!(shared.websockets(), 1);
     assert_eq!(shared.pipeline.generations(), 1);
     ws.send(Message::text(crate::ws::PANIC_FRAME)).unwrap();
     eventually("the panicked connection's bookkeeping is undone", || {
-        shared.ws_connections.load(Ordering::Acquire) == 0
-            && shared.connection_threads.load(Ordering::Acquire) == 0
-            && shared.connections.lock().is_empty()
-            && shared.metrics.connections.get() == 0
+        shared.websockets() == 0
+            && shared.connection_threads() == 0
+            && shared.registered_websockets() == 0
+            && shared.metrics().connections.get() == 0
     });
     // Its request was detached like on a close: the generation lost its
     // only client and is aborted after the orphan grace.

@@ -14,8 +14,9 @@ use std::time::{Duration, Instant};
 
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
 
-use super::{handle_connection, Shared};
-use crate::descriptors::{self, Spare};
+use super::descriptors::{self, Spare};
+use super::route::handle_connection;
+use super::Shared;
 
 /// Connection threads allowed beyond `max_connections`, for plain HTTP
 /// requests and handshakes in progress.
@@ -203,14 +204,14 @@ fn refuse_without_descriptors(mut tcp: TcpStream) {
 
 /// A connection thread counted in `connection_threads`; dropping it gives
 /// the count back, also when the thread panics or never starts.
-pub(super) struct ThreadSlot {
-    pub(super) shared: Arc<Shared>,
+struct ThreadSlot {
+    shared: Arc<Shared>,
 }
 
 impl ThreadSlot {
     /// Counts one more connection thread, unless `max_connections` +
     /// [`PRE_UPGRADE_SLACK`] are already running.
-    pub(super) fn take(shared: &Arc<Shared>) -> Option<ThreadSlot> {
+    fn take(shared: &Arc<Shared>) -> Option<ThreadSlot> {
         // Count first, then check: two racing takers cannot both get the last one.
         let running = shared.connection_threads.fetch_add(1, Ordering::AcqRel);
         if running >= shared.config.server.max_connections + PRE_UPGRADE_SLACK {

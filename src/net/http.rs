@@ -1,7 +1,8 @@
-//! The HTTP side of the single port: reading a request head with httparse,
-//! writing answers (also head-only ones for `HEAD`), static files, and the
-//! token check of a WebSocket upgrade. Which `Host` and `Origin` may reach
-//! the server is [`crate::authority`]'s job.
+//! HTTP/1.1 on the single port: reading a request head with httparse,
+//! writing answers (also head-only ones for `HEAD`), the lingering close,
+//! and the bearer-token check. Which `Host` and `Origin` may reach the
+//! server is [`crate::authority`]'s job; which answer a request gets is
+//! `route`'s.
 //!
 //! Threads: runs on the connection thread that accepted the socket, before
 //! the connection becomes a WebSocket (or instead of it). Every answer
@@ -13,12 +14,6 @@
 use std::borrow::Cow;
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-
-use include_dir::{include_dir, Dir};
-
-/// The demo page and its assets, compiled into the binary.
-static EMBEDDED: Dir<'static> = include_dir!("$CARGO_MANIFEST_DIR/static");
 
 /// Largest request head accepted; a real browser's is a few hundred bytes.
 const MAX_HEAD: usize = 16 * 1024;
@@ -269,44 +264,6 @@ impl<W: Write> Write for HeadOnly<W> {
     }
 }
 
-/// The 101 answer that completes a WebSocket handshake.
-pub fn upgrade_response(key: &str) -> String {
-    format!(
-        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
-        tungstenite::handshake::derive_accept_key(key.as_bytes())
-    )
-}
-
-/// Where static files come from: the binary, or a directory during development.
-#[derive(Debug, Clone)]
-pub enum StaticFiles {
-    /// Files compiled into the binary.
-    Embedded,
-    /// Files read from this directory on each request.
-    Directory(PathBuf),
-}
-
-impl StaticFiles {
-    /// The file at `relative` (already checked by [`safe_relative_path`]).
-    pub fn get(&self, relative: &str) -> Option<Cow<'static, [u8]>> {
-        match self {
-            StaticFiles::Embedded => EMBEDDED
-                .get_file(relative)
-                .map(|f| Cow::Borrowed(f.contents())),
-            StaticFiles::Directory(dir) => {
-                let path = dir.join(relative);
-                // Symlinks could still point outside; resolve and compare.
-                let root = dir.canonicalize().ok()?;
-                let real = path.canonicalize().ok()?;
-                if !real.starts_with(&root) || !real.is_file() {
-                    return None;
-                }
-                std::fs::read(real).ok().map(Cow::Owned)
-            }
-        }
-    }
-}
-
 /// Percent-decodes `s` (invalid escapes are kept literally).
 pub fn percent_decode(s: &str) -> Cow<'_, str> {
     if !s.contains('%') && !s.contains('+') {
@@ -341,35 +298,6 @@ pub fn percent_decode(s: &str) -> Cow<'_, str> {
         }
     }
     Cow::Owned(String::from_utf8_lossy(&out).into_owned())
-}
-
-/// The file path below `/static/` if it is safe: decoded, relative, with no
-/// `..`, `.`, empty segment, backslash or NUL. `None` means "refuse".
-pub fn safe_relative_path(raw: &str) -> Option<String> {
-    let decoded = percent_decode(raw);
-    if decoded.is_empty() || decoded.contains('\\') || decoded.contains('\0') {
-        return None;
-    }
-    let ok = decoded
-        .split('/')
-        .all(|seg| !seg.is_empty() && seg != "." && seg != "..");
-    ok.then(|| decoded.into_owned())
-}
-
-/// The content type of a file by its extension.
-pub fn content_type(path: &str) -> &'static str {
-    match Path::new(path).extension().and_then(|e| e.to_str()) {
-        Some("html") => "text/html; charset=utf-8",
-        Some("css") => "text/css; charset=utf-8",
-        Some("js" | "mjs") => "text/javascript; charset=utf-8",
-        Some("json") => "application/json",
-        Some("svg") => "image/svg+xml",
-        Some("png") => "image/png",
-        Some("ico") => "image/x-icon",
-        Some("woff2") => "font/woff2",
-        Some("txt" | "md") => "text/plain; charset=utf-8",
-        _ => "application/octet-stream",
-    }
 }
 
 /// Whether the request carries one of `tokens` (empty: no auth configured),
@@ -426,28 +354,6 @@ mod tests {
     }
 
     #[test]
-    fn traversal_is_refused() {
-        for bad in [
-            "../etc/passwd",
-            "a/../../x",
-            "%2e%2e/secret",
-            "..%2fsecret",
-            "a\\b",
-            "",
-            "a//b",
-            "./a",
-            "a/%00",
-        ] {
-            assert_eq!(safe_relative_path(bad), None, "{bad}");
-        }
-        assert_eq!(
-            safe_relative_path("css/app.css").as_deref(),
-            Some("css/app.css")
-        );
-        assert_eq!(safe_relative_path("a%20b.txt").as_deref(), Some("a b.txt"));
-    }
-
-    #[test]
     fn auth_by_header_or_query() {
         let req = |headers: Vec<(String, String)>, query: Option<&str>| Request {
             method: "GET".into(),
@@ -478,11 +384,5 @@ mod tests {
         }
         assert!(authorized(&req(vec![], Some("a=1&token=s3cret")), &tokens));
         assert!(!authorized(&req(vec![], Some("token=s3cre")), &tokens));
-    }
-
-    #[test]
-    fn embedded_index_exists() {
-        assert!(StaticFiles::Embedded.get("index.html").is_some());
-        assert!(StaticFiles::Embedded.get("missing.html").is_none());
     }
 }

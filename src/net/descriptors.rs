@@ -65,7 +65,7 @@ pub fn raise_limit(max_connections: usize) {
 /// One descriptor held in reserve; see the module docs.
 ///
 /// ```
-/// use chorus::descriptors::Spare;
+/// use chorus::net::descriptors::Spare;
 ///
 /// let mut spare = Spare::reserve();
 /// assert!(spare.is_held());
@@ -113,7 +113,7 @@ impl Spare {
 /// load.
 ///
 /// ```
-/// use chorus::descriptors::Exhaustion;
+/// use chorus::net::descriptors::Exhaustion;
 ///
 /// let exhaustion = Exhaustion::default();
 /// let emfile = std::io::Error::from_raw_os_error(24);
