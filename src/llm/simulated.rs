@@ -170,9 +170,12 @@ impl Simulated {
     pub fn answer(&self, prompt: &Prompt) -> Vec<String> {
         let mut hasher = Sha256::new();
         hasher.update(prompt.model.as_bytes());
+        // A limit hashes as the bare number it was before it became
+        // optional, so the answers to WebSocket chats did not change.
+        let max_tokens = prompt.max_tokens.map_or("-".to_owned(), |n| n.to_string());
         hasher.update(format!(
-            "{:?}|{:?}|{}",
-            prompt.temperature, prompt.top_p, prompt.max_tokens
+            "{:?}|{:?}|{max_tokens}",
+            prompt.temperature, prompt.top_p
         ));
         for m in &prompt.messages {
             hasher.update(m.role.as_bytes());
@@ -275,7 +278,7 @@ impl Provider for Simulated {
         }
         let tokens = self.answer(prompt);
         for (i, token) in tokens.iter().enumerate() {
-            if i as u64 >= u64::from(prompt.max_tokens) {
+            if prompt.max_tokens.is_some_and(|n| i as u64 >= u64::from(n)) {
                 return Ok(Turn::answer(StreamEnd::Length));
             }
             let delay = if i == 0 {
@@ -311,7 +314,10 @@ mod tests {
             messages: vec![PromptMessage::new("user", text)],
             temperature: None,
             top_p: None,
-            max_tokens,
+            max_tokens: Some(max_tokens),
+            stop: Vec::new(),
+            seed: None,
+            user: None,
         }
     }
 
@@ -380,6 +386,16 @@ mod tests {
     fn max_tokens_gives_length() {
         let (a, end) = run(&sim(20, 0), &prompt("x", 5));
         assert_eq!((a.len(), end), (5, StreamEnd::Length));
+    }
+
+    #[test]
+    fn no_max_tokens_gives_the_whole_answer() {
+        let unbounded = Prompt {
+            max_tokens: None,
+            ..prompt("x", 5)
+        };
+        let (a, end) = run(&sim(20, 0), &unbounded);
+        assert_eq!((a.len(), end), (20, StreamEnd::Stop));
     }
 
     #[test]
