@@ -33,6 +33,7 @@ pub mod http;
 pub mod llm;
 pub mod memory;
 pub mod metrics;
+pub mod openai;
 pub mod outbox;
 pub mod pipeline;
 pub mod pool;
