@@ -254,7 +254,7 @@ fn consume(outbox: &Outbox, received: &AtomicUsize) {
                 Frame::Message(bytes) | Frame::Encoded(bytes) => {
                     black_box(bytes);
                 }
-                Frame::Close(..) => return,
+                Frame::Close(..) | Frame::End => return,
             }
         }
         received.fetch_add(tokens, Ordering::Release);

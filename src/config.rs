@@ -113,6 +113,9 @@ pub struct ServerConfig {
     /// everything waiting for one connection counts; past it its token
     /// streams are cut off with `slow_consumer`.
     pub outbox_bytes: usize,
+    /// Largest request body of the HTTP API, in bytes (at least 1 KiB);
+    /// a bigger one is refused with `413`.
+    pub http_max_body_bytes: usize,
     /// Kernel send buffer of each WebSocket, in bytes; 0 keeps the OS
     /// default. A small value bounds what a client that stops reading can
     /// make the kernel hold before it is cut off as a slow consumer.
@@ -144,6 +147,7 @@ impl Default for ServerConfig {
             connection_stack_kib: 128,
             outbox_frames: 4096,
             outbox_bytes: 4 << 20,
+            http_max_body_bytes: 1 << 20,
             send_buffer_bytes: 0,
             max_chats_per_minute: 0,
             ping_interval_ms: 30_000,
@@ -1126,6 +1130,11 @@ impl Config {
         }
         at_least("server.outbox_bytes", self.server.outbox_bytes, 64 << 10)?;
         at_least(
+            "server.http_max_body_bytes",
+            self.server.http_max_body_bytes,
+            1 << 10,
+        )?;
+        at_least(
             "history.max_answer_bytes",
             self.history.max_answer_bytes,
             4 << 10,
@@ -1298,6 +1307,7 @@ mod tests {
         ("server.connection_stack_kib", "128"),
         ("server.outbox_frames", "4096"),
         ("server.outbox_bytes", "4194304"),
+        ("server.http_max_body_bytes", "1048576"),
         ("server.send_buffer_bytes", "0"),
         ("server.max_chats_per_minute", "0"),
         ("server.ping_interval_ms", "30000"),

@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crate::broadcast::{Handed, Subscriber, Token, TokenSource};
-use crate::protocol::{ErrorCode, Failure, Finish, Role, Stage, Timings};
+use crate::protocol::{ErrorCode, Failure, Finish, Role, Stage, Timings, Usage};
 
 /// Something that happened to a request, as its clients are told.
 #[derive(Clone)]
@@ -77,6 +77,9 @@ pub enum Event<'a> {
         role: Role,
         /// Where the time went.
         timings: Timings,
+        /// What the generation cost upstream, as reported, whatever the
+        /// role (a cache hit: the generation that made the answer).
+        usage: Option<Usage>,
     },
     /// The request failed after it was accepted.
     Error {

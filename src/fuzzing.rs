@@ -81,6 +81,59 @@ pub fn client_frame(data: &[u8]) {
     }
 }
 
+/// `data` as the body of `POST /v1/chat/completions`. A refusal names the
+/// field it blames; an accepted request keeps every documented bound, and
+/// each of its texts, sent back as a token event, reads back as itself.
+pub fn openai_request(data: &[u8]) {
+    use crate::openai::{self, Completion};
+    let request = match openai::parse_chat_request(data) {
+        Ok(request) => request,
+        Err(e) => {
+            assert!(!e.message.is_empty());
+            if let Some(param) = &e.param {
+                assert!(e.message.contains(&format!("`{param}`")), "{e:?}");
+            }
+            return;
+        }
+    };
+    assert!(!request.messages.is_empty());
+    if let Some(model) = &request.model {
+        assert!(!model.is_empty() && model.chars().count() <= openai::MAX_MODEL_CHARS);
+    }
+    assert!(request.temperature.is_none_or(|t| (0.0..=2.0).contains(&t)));
+    assert!(request.top_p.is_none_or(|p| (0.0..=1.0).contains(&p)));
+    assert!(request.max_tokens.is_none_or(|n| n >= 1));
+    assert!(request.stop.len() <= openai::MAX_STOP_SEQUENCES);
+    for stop in &request.stop {
+        assert!(!stop.is_empty() && stop.chars().count() <= openai::MAX_STOP_CHARS);
+    }
+    for m in &request.messages {
+        assert!(["system", "user", "assistant", "tool"].contains(&m.role));
+        assert_eq!(m.role == "tool", m.tool_call_id.is_some());
+        assert!(m.tool_calls.is_empty() || m.role == "assistant");
+    }
+    let model = request.model.as_deref().unwrap_or("default");
+    let frame = Completion {
+        request: "r-fuzz",
+        created: 0,
+        model,
+    }
+    .chunks();
+    for m in &request.messages {
+        let token = crate::broadcast::Token::new(7, &m.content);
+        let mut event = Vec::new();
+        frame.token(&mut event, 7, token.json.as_bytes());
+        let text = std::str::from_utf8(&event).expect("utf-8");
+        let data = text
+            .strip_prefix("id: 7\ndata: ")
+            .and_then(|t| t.strip_suffix("\n\n"))
+            .expect("one event");
+        let chunk: serde_json::Value = serde_json::from_str(data).expect("chunk JSON");
+        assert_eq!(chunk["model"], model);
+        assert_eq!(chunk["choices"][0]["delta"]["content"], m.content.as_str());
+    }
+}
+
 /// `data` as an upstream's streamed response body: the first byte picks a
 /// place to cut it, and the body read in two pieces must give the same
 /// events, tokens and ending as read whole.
@@ -263,6 +316,7 @@ mod tests {
             ("upstream_stream", super::upstream_stream),
             ("tool_calls", super::tool_calls),
             ("redis_stream", super::redis_stream),
+            ("openai_request", super::openai_request),
         ] {
             assert!(replay(target, entry) > 0, "the {target} corpus is empty");
         }

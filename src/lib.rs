@@ -20,6 +20,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod api;
 pub mod authority;
 pub mod breaker;
 pub mod broadcast;
@@ -35,6 +36,7 @@ pub mod llm;
 pub mod memory;
 pub mod metrics;
 pub mod net;
+pub mod openai;
 pub mod outbox;
 pub mod pipeline;
 pub mod pool;

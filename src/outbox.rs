@@ -106,6 +106,10 @@ pub enum Frame {
     /// End the connection after what came before (a WebSocket closes with
     /// this close code and reason).
     Close(u16, &'static str),
+    /// The answer ends here: the consumer writes what came before, then
+    /// goes on as its transport does (an HTTP connection reads its next
+    /// request).
+    End,
     /// Bytes already framed, written verbatim: the rest of frames whose
     /// first bytes a producer already wrote to the socket, a small cached
     /// answer encoded whole.
@@ -119,6 +123,7 @@ impl std::fmt::Debug for Frame {
             Frame::Replay(r) => write!(f, "Replay({}..{})", r.from, r.to),
             Frame::Message(m) => write!(f, "Message({} bytes)", m.len()),
             Frame::Close(code, _) => write!(f, "Close({code})"),
+            Frame::End => f.write_str("End"),
             Frame::Encoded(e) => write!(f, "Encoded({} bytes)", e.len()),
         }
     }
@@ -131,7 +136,7 @@ impl Frame {
         match self {
             Frame::Token { layout, token } => layout.len(token),
             Frame::Message(bytes) | Frame::Encoded(bytes) => bytes.len(),
-            Frame::Replay(_) | Frame::Close(..) => 0,
+            Frame::Replay(_) | Frame::Close(..) | Frame::End => 0,
         }
     }
 
@@ -143,7 +148,7 @@ impl Frame {
             Frame::Token { layout, token } => layout.with_parts(token, |parts| framing(out, parts)),
             Frame::Message(bytes) => framing(out, &[bytes]),
             Frame::Encoded(bytes) => out.extend_from_slice(bytes),
-            Frame::Replay(_) | Frame::Close(..) => return false,
+            Frame::Replay(_) | Frame::Close(..) | Frame::End => return false,
         }
         true
     }

@@ -31,6 +31,8 @@ pub struct CachedAnswer {
     /// Byte offsets in `text` where each token ends: the original token
     /// boundaries, for backends that store the text.
     pub ends: Vec<usize>,
+    /// What the generation that made it cost upstream, as reported.
+    pub usage: Option<crate::protocol::Usage>,
 }
 
 impl CachedAnswer {
@@ -51,6 +53,7 @@ impl CachedAnswer {
             tokens,
             text: text.into(),
             ends,
+            usage: None,
         }
     }
 

@@ -29,8 +29,11 @@ use crate::redis_pool::RedisPool;
 
 use super::{Cache, CacheError, CachedAnswer, Key};
 
-/// Version of the stored value's layout; part of every key.
+/// Version of the stored value's layout; part of every key. A value starts
+/// with it, or with [`LAYOUT_USAGE`] when it carries its usage.
 const LAYOUT: u8 = 1;
+/// The same, with the usage the answer cost upstream in front.
+const LAYOUT_USAGE: u8 = 2;
 
 /// The backend. See the module documentation.
 pub struct RedisCache {
@@ -78,10 +81,18 @@ impl RedisCache {
     }
 }
 
-/// `[LAYOUT][len u32 LE][bytes]…` for each token.
+/// `[LAYOUT]`, then with [`LAYOUT_USAGE`] the usage (prompt and completion
+/// tokens, u64 LE each), then `[len u32 LE][bytes]…` for each token.
 fn encode(answer: &CachedAnswer) -> Vec<u8> {
-    let mut out = Vec::with_capacity(1 + answer.text.len() + 4 * answer.ends.len());
-    out.push(LAYOUT);
+    let mut out = Vec::with_capacity(17 + answer.text.len() + 4 * answer.ends.len());
+    match answer.usage {
+        Some(usage) => {
+            out.push(LAYOUT_USAGE);
+            out.extend_from_slice(&usage.prompt_tokens.to_le_bytes());
+            out.extend_from_slice(&usage.completion_tokens.to_le_bytes());
+        }
+        None => out.push(LAYOUT),
+    }
     for piece in answer.pieces() {
         out.extend_from_slice(&(piece.len() as u32).to_le_bytes());
         out.extend_from_slice(piece.as_bytes());
@@ -91,9 +102,19 @@ fn encode(answer: &CachedAnswer) -> Vec<u8> {
 
 fn decode(bytes: &[u8]) -> Option<CachedAnswer> {
     let (&layout, mut rest) = bytes.split_first()?;
-    if layout != LAYOUT {
-        return None;
-    }
+    let usage = match layout {
+        LAYOUT => None,
+        LAYOUT_USAGE => {
+            let (prompt, tail) = rest.split_first_chunk::<8>()?;
+            let (completion, tail) = tail.split_first_chunk::<8>()?;
+            rest = tail;
+            Some(crate::protocol::Usage {
+                prompt_tokens: u64::from_le_bytes(*prompt),
+                completion_tokens: u64::from_le_bytes(*completion),
+            })
+        }
+        _ => return None,
+    };
     let mut pieces = Vec::new();
     while !rest.is_empty() {
         let (len, tail) = rest.split_first_chunk::<4>()?;
@@ -102,7 +123,10 @@ fn decode(bytes: &[u8]) -> Option<CachedAnswer> {
         pieces.push(piece);
         rest = &tail[len..];
     }
-    Some(CachedAnswer::from_pieces(pieces))
+    Some(CachedAnswer {
+        usage,
+        ..CachedAnswer::from_pieces(pieces)
+    })
 }
 
 impl Cache for RedisCache {
@@ -147,6 +171,21 @@ impl Cache for RedisCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_value_keeps_the_usage_it_cost() {
+        let answer = CachedAnswer {
+            usage: Some(crate::protocol::Usage {
+                prompt_tokens: 12,
+                completion_tokens: 3,
+            }),
+            ..CachedAnswer::from_pieces(["a", "b", "c"])
+        };
+        assert_eq!(decode(&encode(&answer)), Some(answer.clone()));
+        let without = CachedAnswer::from_pieces(["a"]);
+        assert_eq!(decode(&encode(&without)), Some(without));
+        assert!(decode(&[LAYOUT_USAGE, 1, 2, 3]).is_none(), "short usage");
+    }
 
     #[test]
     fn values_keep_token_boundaries_and_refuse_garbage() {

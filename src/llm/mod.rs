@@ -44,8 +44,17 @@ pub struct Prompt {
     pub temperature: Option<f64>,
     /// Nucleus sampling, when the client gave one.
     pub top_p: Option<f64>,
-    /// Upper bound of tokens to generate.
-    pub max_tokens: u32,
+    /// Upper bound of tokens to generate; `None` leaves it to the upstream
+    /// (an HTTP API request that gave none).
+    pub max_tokens: Option<u32>,
+    /// Sequences that end the answer when the model writes them; empty
+    /// sends none.
+    pub stop: Vec<String>,
+    /// Sampling seed, when the client gave one.
+    pub seed: Option<i64>,
+    /// The end user's id for the upstream's abuse tracking, when the
+    /// client gave one.
+    pub user: Option<String>,
 }
 
 /// One message of a prompt.
@@ -107,6 +116,8 @@ pub struct Turn {
     /// What the model said in a round that offered tools (it goes back to
     /// the model with the round's tool calls); empty otherwise.
     pub said: String,
+    /// The token counts the model reported for the round, if it did.
+    pub usage: Option<crate::protocol::Usage>,
 }
 
 impl Turn {
@@ -117,6 +128,7 @@ impl Turn {
             tool_calls: Vec::new(),
             endpoint: 0,
             said: String::new(),
+            usage: None,
         }
     }
 }

@@ -170,9 +170,12 @@ impl Simulated {
     pub fn answer(&self, prompt: &Prompt) -> Vec<String> {
         let mut hasher = Sha256::new();
         hasher.update(prompt.model.as_bytes());
+        // A limit hashes as the bare number it was before it became
+        // optional, so the answers to WebSocket chats did not change.
+        let max_tokens = prompt.max_tokens.map_or("-".to_owned(), |n| n.to_string());
         hasher.update(format!(
-            "{:?}|{:?}|{}",
-            prompt.temperature, prompt.top_p, prompt.max_tokens
+            "{:?}|{:?}|{max_tokens}",
+            prompt.temperature, prompt.top_p
         ));
         for m in &prompt.messages {
             hasher.update(m.role.as_bytes());
@@ -275,7 +278,7 @@ impl Provider for Simulated {
         }
         let tokens = self.answer(prompt);
         for (i, token) in tokens.iter().enumerate() {
-            if i as u64 >= u64::from(prompt.max_tokens) {
+            if prompt.max_tokens.is_some_and(|n| i as u64 >= u64::from(n)) {
                 return Ok(Turn::answer(StreamEnd::Length));
             }
             let delay = if i == 0 {
@@ -292,7 +295,20 @@ impl Provider for Simulated {
         }
         // Tools offered and none called: what it said is its answer; the
         // pipeline needs it back only with tool calls, so none is kept.
-        Ok(Turn::answer(StreamEnd::Stop))
+        // Like a real server, it reports what the round cost: its own
+        // tokens, and the prompt at about four characters a token.
+        let prompt_chars: usize = prompt
+            .messages
+            .iter()
+            .map(|m| m.content.chars().count())
+            .sum();
+        Ok(Turn {
+            usage: Some(crate::protocol::Usage {
+                prompt_tokens: prompt_chars.div_ceil(4) as u64,
+                completion_tokens: tokens.len() as u64,
+            }),
+            ..Turn::answer(StreamEnd::Stop)
+        })
     }
 }
 
@@ -311,7 +327,10 @@ mod tests {
             messages: vec![PromptMessage::new("user", text)],
             temperature: None,
             top_p: None,
-            max_tokens,
+            max_tokens: Some(max_tokens),
+            stop: Vec::new(),
+            seed: None,
+            user: None,
         }
     }
 
@@ -380,6 +399,16 @@ mod tests {
     fn max_tokens_gives_length() {
         let (a, end) = run(&sim(20, 0), &prompt("x", 5));
         assert_eq!((a.len(), end), (5, StreamEnd::Length));
+    }
+
+    #[test]
+    fn no_max_tokens_gives_the_whole_answer() {
+        let unbounded = Prompt {
+            max_tokens: None,
+            ..prompt("x", 5)
+        };
+        let (a, end) = run(&sim(20, 0), &unbounded);
+        assert_eq!((a.len(), end), (20, StreamEnd::Stop));
     }
 
     #[test]

@@ -288,11 +288,18 @@ impl StreamState {
                 return Err(CallError::broken(error, self.emitted));
             }
         };
+        // A server that reports usage sends it in a last chunk; (0, 0) is
+        // one that did not.
+        let usage = (self.usage != (0, 0)).then_some(crate::protocol::Usage {
+            prompt_tokens: self.usage.0,
+            completion_tokens: self.usage.1,
+        });
         Ok(Turn {
             end,
             tool_calls: self.calls.finish(),
             endpoint: 0,
             said: self.said,
+            usage,
         })
     }
 

@@ -39,6 +39,7 @@ use rustix::event::{eventfd, EventfdFlags};
 use socket2::{Domain, Socket, Type};
 
 mod accept;
+mod api;
 pub mod descriptors;
 pub mod http;
 mod route;

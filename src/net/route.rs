@@ -11,6 +11,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::api;
 use super::http::{self, Request};
 use super::static_files::{self, serve_static};
 use super::stats::stats_json;
@@ -80,6 +81,8 @@ fn route(tcp: TcpStream, req: Request, shared: &Arc<Shared>) -> Option<TcpStream
         #[cfg(test)]
         (_, PANIC_PATH) => panic!("a connection thread panics on purpose (test)"),
         ("GET", "/ws") => return upgrade(tcp, req, shared),
+        // The OpenAI-compatible API keeps the connection for later requests.
+        (_, path) if path.starts_with("/v1/") => return api::serve(tcp, req, shared),
         ("GET" | "HEAD", "/healthz") => Answer::Health,
         ("GET" | "HEAD", "/metrics") => Answer::Metrics,
         ("GET" | "HEAD", "/api/stats") => Answer::Stats,

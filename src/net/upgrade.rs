@@ -117,12 +117,12 @@ pub(super) fn upgrade(mut tcp: TcpStream, req: Request, shared: &Arc<Shared>) ->
 
 /// A WebSocket slot of `max_connections`, given back however the
 /// connection ends.
-struct ConnectionSlot<'a> {
+pub(super) struct ConnectionSlot<'a> {
     shared: &'a Shared,
 }
 
 impl<'a> ConnectionSlot<'a> {
-    fn take(shared: &'a Shared) -> Option<ConnectionSlot<'a>> {
+    pub(super) fn take(shared: &'a Shared) -> Option<ConnectionSlot<'a>> {
         let max = shared.config.server.max_connections;
         if shared.ws_connections.fetch_add(1, Ordering::AcqRel) >= max {
             shared.ws_connections.fetch_sub(1, Ordering::AcqRel);

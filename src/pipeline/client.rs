@@ -76,11 +76,104 @@ impl Shared {
             model: &model,
             temperature: chat.options.temperature,
             top_p: chat.options.top_p,
-            max_tokens,
-            system_prompt: &llm.system_prompt,
-            history_digest: &head.digest,
-            message: &message,
+            max_tokens: Some(max_tokens),
+            stop: &[],
+            seed: None,
+            input: key::Input::Turn {
+                system_prompt: &llm.system_prompt,
+                history_digest: &head.digest,
+                message: &message,
+            },
         });
+        let work = Work {
+            key,
+            fresh: chat.options.fresh,
+            history_len: head.len,
+            cache_writes_seen: 0,
+            message,
+            model,
+            temperature: chat.options.temperature,
+            top_p: chat.options.top_p,
+            max_tokens,
+            given: None,
+        };
+        self.admit(client, request, work)
+    }
+
+    /// Admits a request that brings its whole prompt (the HTTP API): no
+    /// conversation, no stored history, no tools of chorus's own. Keyed
+    /// like a chat when its messages have a chat turn's shape, so the two
+    /// share generations and cache entries.
+    pub(super) fn submit_prompt(
+        self: &Arc<Self>,
+        client: &Arc<dyn Client>,
+        given: GivenPrompt,
+    ) -> Result<String, Failure> {
+        if self.draining.load(Ordering::Acquire) {
+            return Err(Failure::new(
+                ErrorCode::ShuttingDown,
+                "the server is shutting down",
+            ));
+        }
+        let mut prompt = given.prompt;
+        if prompt.model.is_empty() {
+            prompt.model = self.config.llm.model.clone();
+        }
+        if !self.config.llm.model_allowed(&prompt.model) {
+            return Err(Failure::new(
+                ErrorCode::BadRequest,
+                format!("`model` \"{}\" is not offered by this server", prompt.model),
+            ));
+        }
+        let list;
+        let input = match key::turn_of(&prompt.messages) {
+            Some((system_prompt, ref history_digest, message)) => {
+                list = *history_digest;
+                key::Input::Turn {
+                    system_prompt,
+                    history_digest: &list,
+                    message,
+                }
+            }
+            None => {
+                list = key::list_digest(&prompt.messages);
+                key::Input::List(&list)
+            }
+        };
+        let key = identical_request_key(&KeyInput {
+            model: &prompt.model,
+            temperature: prompt.temperature,
+            top_p: prompt.top_p,
+            max_tokens: prompt.max_tokens,
+            stop: &prompt.stop,
+            seed: prompt.seed,
+            input,
+        });
+        let request = Request::stateless(given.id);
+        let work = Work {
+            key,
+            fresh: given.fresh,
+            history_len: 0,
+            cache_writes_seen: 0,
+            message: String::new(),
+            model: prompt.model.clone(),
+            temperature: prompt.temperature,
+            top_p: prompt.top_p,
+            max_tokens: prompt.max_tokens.unwrap_or(0),
+            given: Some(Box::new(prompt)),
+        };
+        self.admit(client, request, work)
+    }
+
+    /// Reserves an intake slot for `request` (or refuses it with
+    /// `overloaded`, leaving no trace), attaches `client`, lists it and
+    /// queues it for the cache lane.
+    fn admit(
+        self: &Arc<Self>,
+        client: &Arc<dyn Client>,
+        request: Arc<Request>,
+        work: Work,
+    ) -> Result<String, Failure> {
         // Reserve an intake slot before anything is stored, so an overloaded
         // chat leaves no trace; the channel itself can then never be full.
         let capacity = self.config.workers.intake_queue;
@@ -116,17 +209,7 @@ impl Shared {
                 shared: self.clone(),
                 request: Some(request),
             },
-            work: Work {
-                key,
-                fresh: chat.options.fresh,
-                history_len: head.len,
-                cache_writes_seen: 0,
-                message,
-                model,
-                temperature: chat.options.temperature,
-                top_p: chat.options.top_p,
-                max_tokens,
-            },
+            work,
         };
         if let Err((job, _)) = self.send(|c| &c.intake, job, "the intake queue is full") {
             // The reservation makes a full channel impossible; a closed one

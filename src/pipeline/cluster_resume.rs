@@ -465,6 +465,7 @@ impl Shared {
                     ttft_ms: None,
                     total_ms: 0.0,
                 },
+                usage: answer.usage,
             };
             let from = st.resume_from;
             // Sent from the answer like a local cache hit: nothing copied

@@ -78,6 +78,7 @@ impl Shared {
                 tokens: generation.broadcast.all_tokens(),
                 text: text.clone(),
                 ends: produced.ends,
+                usage: generation.state.lock().usage,
             });
             if let Err(e) = self.cache.put(&generation.key, answer) {
                 self.metrics.cache_errors.inc();
@@ -130,10 +131,16 @@ impl Shared {
             };
             st.phase = Phase::Finishing;
             let timings = self.timings(request, &st, tokens);
+            let usage = match &st.source {
+                Some(Source::Generation(g)) => g.state.lock().usage,
+                Some(Source::Cached(answer)) => answer.usage,
+                None => None,
+            };
             let end = End {
                 result: result.clone(),
                 tokens,
                 timings,
+                usage,
             };
             // Counted before anyone is told, so a client that reads its
             // end and then `/api/stats` finds it there. A request resumed
@@ -176,6 +183,11 @@ impl Shared {
         if request.remote {
             // Accepted, counted and stored by the node that accepted it.
             self.complete_remote(request);
+            return true;
+        }
+        if request.stateless {
+            // No conversation and nothing to store.
+            self.complete_request(request);
             return true;
         }
         if answer.is_empty() && announced {
@@ -305,6 +317,7 @@ pub(super) fn end_event<'a>(request: &'a Request, end: &'a End, role: Option<Rol
             tokens: end.tokens,
             role,
             timings: end.timings,
+            usage: end.usage,
         },
         (Ok(_), None) => Event::Error {
             id: Some(&request.client_id),

@@ -18,7 +18,7 @@ use crate::broadcast::Broadcast;
 use crate::cache::Key;
 use crate::delivery::{Attachment, Event};
 use crate::llm::AbortSignal;
-use crate::protocol::{Failure, Finish, Stage};
+use crate::protocol::{Failure, Finish, Stage, Usage};
 
 /// How a generation ended.
 #[derive(Debug, Clone, PartialEq)]
@@ -51,6 +51,8 @@ pub(crate) struct GenState {
     /// generation is wanted by it: a follower that leaves meanwhile must not
     /// find it unwanted and end it under its leader.
     pub leader_pending: bool,
+    /// What the upstream reported the rounds so far cost, if it did.
+    pub usage: Option<Usage>,
 }
 
 /// A generation; share it as `Arc<Generation>`.
@@ -120,6 +122,7 @@ impl Generation {
                 prepare_ms: 0.0,
                 cacheable: true,
                 leader_pending: shared,
+                usage: None,
             }),
             cluster: Mutex::new(None),
             stream: std::sync::OnceLock::new(),

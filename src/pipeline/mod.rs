@@ -67,7 +67,7 @@ use crossbeam_channel::{bounded, Sender};
 use parking_lot::{Mutex, RwLock};
 
 pub use generation::GenOutcome;
-pub use key::{identical_request_key, KeyInput};
+pub use key::{identical_request_key, Input, KeyInput};
 
 use crate::cache::{Cache, Key};
 use crate::config::Config;
@@ -175,6 +175,22 @@ struct Work {
     temperature: Option<f64>,
     top_p: Option<f64>,
     max_tokens: u32,
+    /// The whole prompt, when the client brought it (the HTTP API):
+    /// preparation then reads no history, and the model gets no tools.
+    given: Option<Box<Prompt>>,
+}
+
+/// A request that brings its whole prompt, as an OpenAI client does: no
+/// conversation, no stored history, no system prompt or option added, and
+/// none of chorus's own tools.
+#[derive(Debug, Clone)]
+pub struct GivenPrompt {
+    /// The client's id for it (may be empty).
+    pub id: String,
+    /// What goes upstream, as given; an empty model means the configured one.
+    pub prompt: Prompt,
+    /// No cache read and no joining a generation in flight.
+    pub fresh: bool,
 }
 
 struct LeaderJob {
@@ -186,8 +202,9 @@ struct LeaderJob {
 struct StreamJob {
     generation: GenTicket,
     prompt: Prompt,
-    /// The conversation, for the tools that read it.
-    conversation: String,
+    /// The conversation, for the tools that read it; `None` when the model
+    /// is offered no tools (a prompt the client brought whole).
+    conversation: Option<String>,
 }
 
 struct FollowJob {
@@ -377,6 +394,16 @@ impl Pipeline {
     /// Admits a chat; returns its request id.
     pub fn submit(&self, client: &Arc<dyn Client>, chat: Chat) -> Result<String, Failure> {
         self.shared.submit(client, chat)
+    }
+
+    /// Admits a request that brings its whole prompt (the HTTP API); returns
+    /// its request id. Like [`Pipeline::submit`], it never blocks on a queue.
+    pub fn submit_prompt(
+        &self,
+        client: &Arc<dyn Client>,
+        given: GivenPrompt,
+    ) -> Result<String, Failure> {
+        self.shared.submit_prompt(client, given)
     }
 
     /// Tells the pipeline that a connection closed while `requests` (its

@@ -81,7 +81,10 @@ pub(super) fn assemble_prompt(
         messages,
         temperature: work.temperature,
         top_p: work.top_p,
-        max_tokens: work.max_tokens,
+        max_tokens: Some(work.max_tokens),
+        stop: Vec::new(),
+        seed: None,
+        user: None,
     }
 }
 
@@ -100,6 +103,7 @@ mod tests {
             temperature: None,
             top_p: None,
             max_tokens: 10,
+            given: None,
         }
     }
 

@@ -16,7 +16,7 @@ use parking_lot::{Condvar, Mutex};
 use super::generation::Generation;
 use crate::cache::CachedAnswer;
 use crate::delivery::Attachment;
-use crate::protocol::{Failure, Finish, Role, Timings};
+use crate::protocol::{Failure, Finish, Role, Timings, Usage};
 
 /// Where a request's tokens come from.
 #[derive(Clone)]
@@ -33,6 +33,8 @@ pub(crate) struct End {
     pub result: Result<Finish, Failure>,
     pub tokens: u64,
     pub timings: Timings,
+    /// What the generation cost upstream, as reported (whatever the role).
+    pub usage: Option<Usage>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,6 +83,9 @@ pub(crate) struct Request {
     /// Accepted by another node of the cluster and resumed here: this node
     /// only relays it (no history, no conversation, not counted as live).
     pub remote: bool,
+    /// Brought its whole prompt (the HTTP API): no conversation, nothing
+    /// stored, `accepted` as soon as it is admitted.
+    pub stateless: bool,
     pub state: Mutex<RequestState>,
     /// Notified when the request's messages are stored (phase `Finished`).
     pub stored: Condvar,
@@ -93,18 +98,36 @@ impl Request {
             client_id,
             conversation,
             false,
+            false,
+        )
+    }
+
+    /// A request that brings its whole prompt (see [`Request::stateless`]).
+    pub fn stateless(client_id: String) -> Arc<Request> {
+        Request::build(
+            crate::protocol::random_id("r-").into(),
+            client_id,
+            String::new(),
+            false,
+            true,
         )
     }
 
     /// The local stand-in of request `id`, accepted by another node and
     /// resumed here (see [`Request::remote`]).
     pub fn resumed(id: &str, from: u64) -> Arc<Request> {
-        let request = Request::build(id.into(), String::new(), String::new(), true);
+        let request = Request::build(id.into(), String::new(), String::new(), true, false);
         request.state.lock().resume_from = from;
         request
     }
 
-    fn build(id: Arc<str>, client_id: String, conversation: String, remote: bool) -> Arc<Request> {
+    fn build(
+        id: Arc<str>,
+        client_id: String,
+        conversation: String,
+        remote: bool,
+        stateless: bool,
+    ) -> Arc<Request> {
         let now = Instant::now();
         Arc::new(Request {
             id,
@@ -112,6 +135,7 @@ impl Request {
             conversation,
             accepted_at: now,
             remote,
+            stateless,
             state: Mutex::new(RequestState {
                 phase: Phase::Queued { since: now },
                 role: None,

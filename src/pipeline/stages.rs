@@ -45,7 +45,8 @@ impl Shared {
     /// so the way back always has room.
     pub(super) fn run_cache_lane(self: &Arc<Self>, mut job: IntakeJob) {
         let ended = job.ticket.request().is_ending();
-        if job.stored || ended {
+        let stateless = job.ticket.request().stateless;
+        if job.stored || ended || stateless {
             self.intake_reserved.fetch_sub(1, Ordering::AcqRel);
         }
         if ended {
@@ -81,6 +82,10 @@ impl Shared {
                 }
             }
         };
+        if stateless {
+            // Nothing to store: accepted at once, and on from here.
+            return self.start_stateless(job, cached);
+        }
         let mut messages = vec![(history::Role::User, job.work.message.as_str().into())];
         if let Some(answer) = &cached {
             // Stored together: one commit for a hit.
@@ -158,6 +163,34 @@ impl Shared {
             // gets here, and the dropped ticket ends the request.
             self.intake_reserved.fetch_sub(1, Ordering::AcqRel);
             drop(job);
+        }
+    }
+
+    /// A request that stores nothing goes on from its first pass through
+    /// the cache lane: `accepted`, then served from the cache or led or
+    /// followed.
+    fn start_stateless(self: &Arc<Self>, job: IntakeJob, cached: Option<Arc<CachedAnswer>>) {
+        let request = job.ticket.request().clone();
+        {
+            let mut st = request.state.lock();
+            if matches!(st.phase, Phase::Finishing | Phase::Finished { .. }) {
+                drop(st);
+                job.ticket.release();
+                return;
+            }
+            st.announced = true;
+            for a in st.attachments.iter().filter(|a| a.is_live()) {
+                a.send_deferred(&[Event::Accepted {
+                    id: &request.client_id,
+                    conversation: &request.conversation,
+                }]);
+            }
+        }
+        match cached {
+            // Nothing stored, so the answer is not "stored already", but a
+            // stateless request has no history to put it in either.
+            Some(answer) => self.serve_cached(job.ticket, answer, AnswerStored::Yes),
+            None => self.lead_or_follow(job.ticket, job.work),
         }
     }
 
@@ -518,6 +551,10 @@ impl Shared {
             member.state.lock().dequeued_at.get_or_insert(started);
         }
         generation.set_stage(Stage::Preparing, None);
+        if let Some(prompt) = work.given {
+            // Brought by the client: nothing to read, and no tools.
+            return self.queue_stream(ticket, *prompt, None, started);
+        }
         let stored = match read_context(
             &self.history,
             &leader.conversation,
@@ -537,6 +574,19 @@ impl Shared {
             &work,
             self.config.history.max_context_tokens,
         );
+        self.queue_stream(ticket, prompt, Some(leader.conversation.clone()), started);
+    }
+
+    /// Hands a prepared prompt to the streaming pool. `conversation` is
+    /// the one the tools may read; `None` offers the model no tools.
+    fn queue_stream(
+        self: &Arc<Self>,
+        ticket: GenTicket,
+        prompt: Prompt,
+        conversation: Option<String>,
+        started: Instant,
+    ) {
+        let generation = ticket.generation.clone();
         if generation.is_over() {
             return;
         }
@@ -548,7 +598,7 @@ impl Shared {
         let job = StreamJob {
             generation: ticket,
             prompt,
-            conversation: leader.conversation.clone(),
+            conversation,
         };
         if let Err((job, failure)) = self.send(|c| &c.stream, job, "the streaming queue is full") {
             self.finish_generation(&generation, GenOutcome::Failed(failure));
@@ -569,7 +619,7 @@ impl Shared {
             return;
         }
         generation.set_stage(Stage::Streaming, None);
-        let outcome = self.answer(&generation, &mut prompt, &conversation);
+        let outcome = self.answer(&generation, &mut prompt, conversation.as_deref());
         self.finish_generation(&generation, outcome);
         drop(ticket);
     }
@@ -584,10 +634,12 @@ impl Shared {
         self: &Arc<Self>,
         generation: &Arc<Generation>,
         prompt: &mut Prompt,
-        conversation: &str,
+        conversation: Option<&str>,
     ) -> GenOutcome {
         let config = &self.config.tools;
-        let specs = self.toolbox.as_ref().map_or(&[][..], |t| t.specs());
+        // A prompt the client brought whole gets none of chorus's tools.
+        let toolbox = self.toolbox.as_ref().filter(|_| conversation.is_some());
+        let specs = toolbox.map_or(&[][..], |t| t.specs());
         let limits = CallLimits {
             max_calls: config.max_calls,
             max_argument_bytes: config.max_argument_bytes,
@@ -627,14 +679,20 @@ impl Shared {
                 }
             };
             endpoint = Some(turn.endpoint);
+            if let Some(usage) = turn.usage {
+                let mut st = generation.state.lock();
+                st.usage = Some(st.usage.unwrap_or_default().plus(usage));
+            }
             let finished = match turn.end {
                 StreamEnd::Stop => Finish::Stop,
                 StreamEnd::Length => Finish::Length,
                 // Whoever aborted already set the outcome; this is a fallback.
                 StreamEnd::Aborted => return GenOutcome::Cancelled,
             };
-            let toolbox = match &self.toolbox {
-                Some(toolbox) if !turn.tool_calls.is_empty() && !last => toolbox,
+            let (toolbox, conversation) = match (toolbox, conversation) {
+                (Some(toolbox), Some(conversation)) if !turn.tool_calls.is_empty() && !last => {
+                    (toolbox, conversation)
+                }
                 _ => {
                     if !turn.tool_calls.is_empty() {
                         log::info!(

@@ -470,7 +470,8 @@ impl Connection<'_> {
                     continue;
                 }
                 match f {
-                    Frame::Token { .. } | Frame::Message(_) | Frame::Encoded(_) => {}
+                    // A WebSocket's answers have no end of their own.
+                    Frame::Token { .. } | Frame::Message(_) | Frame::Encoded(_) | Frame::End => {}
                     Frame::Replay(replay) => {
                         self.replay = Some(replay);
                         break;

@@ -162,6 +162,8 @@ pub fn event(request: &str, event: &Event<'_>) -> Option<Vec<u8>> {
             tokens,
             role,
             timings,
+            // Not in the WebSocket protocol's `done`.
+            usage: _,
         } => done(request, *finish, *tokens, *role, *timings),
         Event::Error { id, failure } => error(Some(request), *id, failure),
         Event::Refused { id, failure } => error(None, Some(id), failure),

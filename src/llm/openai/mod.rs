@@ -512,13 +512,26 @@ fn request_body(prompt: &Prompt, model: &str, tools: &[ToolSpec]) -> Value {
         "stream": true,
         // Servers that support it send token usage in a last chunk.
         "stream_options": {"include_usage": true},
-        "max_tokens": prompt.max_tokens,
     });
+    // Options the client did not give stay out of the body, so the
+    // upstream applies its own defaults rather than ours.
+    if let Some(n) = prompt.max_tokens {
+        body["max_tokens"] = json!(n);
+    }
     if let Some(t) = prompt.temperature {
         body["temperature"] = json!(t);
     }
     if let Some(p) = prompt.top_p {
         body["top_p"] = json!(p);
+    }
+    if !prompt.stop.is_empty() {
+        body["stop"] = json!(prompt.stop);
+    }
+    if let Some(seed) = prompt.seed {
+        body["seed"] = json!(seed);
+    }
+    if let Some(user) = &prompt.user {
+        body["user"] = json!(user);
     }
     if !tools.is_empty() {
         body["tools"] = tools

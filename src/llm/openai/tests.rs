@@ -79,7 +79,10 @@ fn prompt() -> Prompt {
         messages: vec![PromptMessage::new("user", "hi")],
         temperature: None,
         top_p: None,
-        max_tokens: 7,
+        max_tokens: Some(7),
+        stop: Vec::new(),
+        seed: None,
+        user: None,
     }
 }
 
@@ -213,7 +216,10 @@ fn the_request_carries_the_prompt_and_asks_for_a_stream() {
         messages: vec![PromptMessage::new("user", "hi")],
         temperature: Some(0.5),
         top_p: None,
-        max_tokens: 7,
+        max_tokens: Some(7),
+        stop: Vec::new(),
+        seed: None,
+        user: None,
     };
     let body = request_body(&prompt, "other", &[]);
     assert_eq!(body["model"], "other");
@@ -223,6 +229,33 @@ fn the_request_carries_the_prompt_and_asks_for_a_stream() {
     assert!(body.get("top_p").is_none());
     assert!(body.get("tools").is_none() && body.get("tool_choice").is_none());
     assert_eq!(body["messages"][0]["content"], "hi");
+    for absent in ["stop", "seed", "user"] {
+        assert!(body.get(absent).is_none(), "{absent} sent unasked");
+    }
+}
+
+#[test]
+fn stop_seed_user_and_max_tokens_go_upstream_only_when_given() {
+    let given = Prompt {
+        stop: vec!["\n\n".into(), "END".into()],
+        seed: Some(-42),
+        user: Some("user-7".into()),
+        ..prompt()
+    };
+    let body = request_body(&given, "m", &[]);
+    assert_eq!(body["stop"], json!(["\n\n", "END"]));
+    assert_eq!(body["seed"], -42);
+    assert_eq!(body["user"], "user-7");
+    assert_eq!(body["max_tokens"], 7);
+
+    let bare = Prompt {
+        max_tokens: None,
+        ..prompt()
+    };
+    let body = request_body(&bare, "m", &[]);
+    for absent in ["max_tokens", "stop", "seed", "user", "temperature", "top_p"] {
+        assert!(body.get(absent).is_none(), "{absent} sent unasked");
+    }
 }
 
 #[test]
@@ -248,7 +281,10 @@ fn tools_and_tool_rounds_take_openai_shapes() {
         ],
         temperature: None,
         top_p: None,
-        max_tokens: 7,
+        max_tokens: Some(7),
+        stop: Vec::new(),
+        seed: None,
+        user: None,
     };
     let spec = ToolSpec {
         name: "calculator",
