@@ -1,0 +1,268 @@
+//! The OpenAI-compatible HTTP API and the WebSocket protocol as one
+//! gateway: the real chorus binary, with default settings, in front of the
+//! loopback OpenAI-compatible server of `common::upstream`.
+//!
+//! What it proves: an HTTP request and a WebSocket chat that would send
+//! the upstream the same input (system prompt, history, message, options)
+//! share one generation, whichever comes first: one upstream call, one
+//! leader, the other a follower with the same text; and one cache entry,
+//! which a later request of either transport is served from. An HTTP
+//! request that differs in an option the model sees makes its own call.
+//! The usage the upstream reported reaches the HTTP answer whatever the
+//! role.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use common::upstream::{Reply, Upstream};
+use common::{Client, Server, WAIT};
+use serde_json::{json, Value};
+
+/// The system prompt and token limit a chat gets by default.
+const SYSTEM_PROMPT: &str = "You are a helpful assistant.";
+const MAX_TOKENS: u32 = 1024;
+const MODEL: &str = "test-model";
+
+/// A chorus at its defaults whose upstream is `upstream`.
+fn chorus(upstream: &Upstream) -> Server {
+    Server::start(&format!(
+        "[llm]\nprovider = \"openai\"\nmodel = \"{MODEL}\"\nbase_url = \"{}\"\n",
+        upstream.base_url()
+    ))
+}
+
+/// An answer the upstream streams slowly enough for a second request to
+/// join it while it runs.
+fn slow(words: &[&str]) -> Reply {
+    Reply::Stream {
+        tokens: words.iter().map(|w| (*w).to_owned()).collect(),
+        delay: Duration::from_millis(150),
+        finish: "stop",
+        usage: Some((17, words.len() as u64)),
+    }
+}
+
+/// The body an OpenAI client sends for what a chat of `message` in a new
+/// conversation sends upstream.
+fn as_chat(message: &str, stream: bool) -> Value {
+    json!({
+        "model": MODEL,
+        "messages": [
+            {"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "user", "content": message},
+        ],
+        "max_tokens": MAX_TOKENS,
+        "stream": stream,
+        "stream_options": {"include_usage": true},
+    })
+}
+
+/// One HTTP response, read to the end of the connection.
+struct Response {
+    status: u16,
+    head: String,
+    body: Vec<u8>,
+}
+
+impl Response {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().find_map(|l| {
+            let (n, v) = l.split_once(':')?;
+            n.eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    }
+
+    /// The body with chunked transfer encoding undone.
+    fn dechunked(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut rest = &self.body[..];
+        loop {
+            let line_end = rest
+                .windows(2)
+                .position(|w| w == b"\r\n")
+                .expect("a chunk size line");
+            let size = usize::from_str_radix(std::str::from_utf8(&rest[..line_end]).unwrap(), 16)
+                .expect("a hex chunk size");
+            rest = &rest[line_end + 2..];
+            if size == 0 {
+                return out;
+            }
+            out.extend_from_slice(&rest[..size]);
+            assert_eq!(&rest[size..size + 2], b"\r\n", "chunk ends with CRLF");
+            rest = &rest[size + 2..];
+        }
+    }
+
+    /// The `data:` payloads of a streamed answer, as JSON (`[DONE]` as a string).
+    fn events(&self) -> Vec<Value> {
+        let text = String::from_utf8(self.dechunked()).expect("UTF-8 events");
+        text.split("\n\n")
+            .filter_map(|event| event.lines().find_map(|l| l.strip_prefix("data: ")))
+            .map(|data| serde_json::from_str(data).unwrap_or(Value::String(data.to_owned())))
+            .collect()
+    }
+
+    /// The text of a streamed answer.
+    fn streamed_text(&self) -> String {
+        self.events()
+            .iter()
+            .filter_map(|e| e["choices"][0]["delta"]["content"].as_str())
+            .collect()
+    }
+}
+
+/// Sends `body` to `POST /v1/chat/completions` and reads the response.
+fn post(addr: SocketAddr, body: &Value) -> Response {
+    let body = body.to_string();
+    let mut tcp = TcpStream::connect(addr).expect("connect");
+    tcp.set_read_timeout(Some(WAIT)).unwrap();
+    write!(
+        tcp,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut bytes = Vec::new();
+    tcp.read_to_end(&mut bytes).expect("read the response");
+    let split = bytes
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a response head");
+    let head = String::from_utf8_lossy(&bytes[..split]).into_owned();
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("a status");
+    Response {
+        status,
+        head,
+        body: bytes[split + 4..].to_vec(),
+    }
+}
+
+/// Waits for `start` of `request` and returns its role.
+fn role_of(ws: &mut Client, request: &str) -> String {
+    let start = ws.recv_matching(|f| f["type"] == "start" && f["request"] == request);
+    start["role"].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn a_chat_first_and_an_http_request_after_share_one_generation() {
+    let upstream = Upstream::start();
+    upstream.push(slow(&["Shared", " by", " both", " transports."]));
+    let server = chorus(&upstream);
+    let mut ws = server.client();
+    let (request, _) = ws.ask(None, "What does chorus share?");
+    assert_eq!(role_of(&mut ws, &request), "leader");
+    assert!(upstream.wait_requests(1, WAIT));
+    let http = post(server.addr, &as_chat("What does chorus share?", true));
+    assert_eq!(http.status, 200, "{}", http.head);
+    assert_eq!(http.header("x-chorus-role"), Some("follower"));
+    let chat = ws.answer(&request);
+    assert!(chat.is_done());
+    assert_eq!(http.streamed_text(), chat.text);
+    assert_eq!(chat.text, "Shared by both transports.");
+    // One call, and it carried what the HTTP request would have sent.
+    let calls = upstream.requests();
+    assert_eq!(calls.len(), 1);
+    let sent = &calls[0].body;
+    assert_eq!(
+        sent["messages"],
+        as_chat("What does chorus share?", true)["messages"]
+    );
+    assert_eq!(sent["max_tokens"], MAX_TOKENS);
+    // The usage the upstream reported, though this request was a follower.
+    let usage = http
+        .events()
+        .into_iter()
+        .find(|e| e["usage"].is_object())
+        .expect("a usage chunk");
+    assert_eq!(
+        usage["usage"],
+        json!({"prompt_tokens": 17, "completion_tokens": 4, "total_tokens": 21})
+    );
+}
+
+#[test]
+fn an_http_request_first_and_a_chat_after_share_one_generation() {
+    let upstream = Upstream::start();
+    upstream.push(slow(&["Either", " order", " works."]));
+    let server = chorus(&upstream);
+    let addr = server.addr;
+    let first = std::thread::spawn(move || post(addr, &as_chat("Does the order matter?", false)));
+    assert!(upstream.wait_requests(1, WAIT));
+    let mut ws = server.client();
+    let (request, _) = ws.ask(None, "Does the order matter?");
+    assert_eq!(role_of(&mut ws, &request), "follower");
+    let chat = ws.answer(&request);
+    let http = first.join().unwrap();
+    assert_eq!(http.status, 200, "{}", http.head);
+    assert_eq!(http.header("x-chorus-role"), Some("leader"));
+    let completion: Value = serde_json::from_slice(&http.body).expect("a chat.completion");
+    assert_eq!(
+        completion["choices"][0]["message"]["content"],
+        chat.text.as_str()
+    );
+    assert_eq!(chat.text, "Either order works.");
+    assert_eq!(completion["usage"]["prompt_tokens"], 17);
+    assert_eq!(upstream.requests().len(), 1);
+}
+
+#[test]
+fn both_transports_are_served_from_one_cache_entry() {
+    let upstream = Upstream::start();
+    upstream.push(slow(&["Cached", " once."]));
+    let server = chorus(&upstream);
+    let mut ws = server.client();
+    let first = ws.ask_and_wait(None, "Is it cached?");
+    assert!(first.is_done());
+    // Asked again over HTTP, then over a WebSocket in a new conversation.
+    let http = post(server.addr, &as_chat("Is it cached?", true));
+    assert_eq!(http.header("x-chorus-role"), Some("cache"));
+    assert_eq!(http.streamed_text(), "Cached once.");
+    let again = ws.ask_and_wait(None, "Is it cached?");
+    assert_eq!(again.role.as_deref(), Some("cache"));
+    assert_eq!(upstream.requests().len(), 1);
+    // The SSE ids are the token numbers, and the stream ends with [DONE].
+    let text = String::from_utf8(http.dechunked()).unwrap();
+    let ids: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("id: "))
+        .collect();
+    assert_eq!(ids, ["0", "1"]);
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+}
+
+#[test]
+fn an_option_the_model_sees_makes_its_own_generation() {
+    let upstream = Upstream::start();
+    let server = chorus(&upstream);
+    let mut ws = server.client();
+    assert!(ws.ask_and_wait(None, "Same words?").is_done());
+    let mut body = as_chat("Same words?", false);
+    body["max_tokens"] = json!(MAX_TOKENS - 1);
+    let http = post(server.addr, &body);
+    assert_eq!(http.header("x-chorus-role"), Some("leader"));
+    // Without the system prompt and the limit it is another input too.
+    let body = json!({
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Same words?"}],
+    });
+    let http = post(server.addr, &body);
+    assert_eq!(http.header("x-chorus-role"), Some("leader"));
+    assert_eq!(upstream.requests().len(), 3);
+    // chorus adds nothing the client did not send.
+    let sent = &upstream.requests()[2].body;
+    assert_eq!(
+        sent["messages"],
+        json!([{"role": "user", "content": "Same words?"}])
+    );
+    assert!(
+        sent.get("max_tokens").is_none() && sent.get("tools").is_none(),
+        "{sent}"
+    );
+}
