@@ -266,3 +266,75 @@ fn an_option_the_model_sees_makes_its_own_generation() {
         "{sent}"
     );
 }
+
+/// 4,000 tokens of 4 KiB streamed to an HTTP client that does not read
+/// and to a WebSocket client that does: the HTTP stream is cut off by the
+/// byte bound with the `slow_consumer` error event (and no `[DONE]`), and
+/// the reader gets every token.
+#[test]
+fn an_http_client_that_does_not_read_is_cut_off_and_the_others_go_on() {
+    let server = Server::start(
+        r#"
+[server]
+outbox_bytes = 2097152
+send_buffer_bytes = 65536
+[llm]
+max_tokens = 10000
+[llm.simulated]
+first_token_ms = 300
+token_interval_ms = 0
+tokens = 4000
+token_bytes = 4096
+"#,
+    );
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&server.addr.into()).unwrap();
+    let mut idle: TcpStream = socket.into();
+    let body = json!({
+        "messages": [
+            {"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "user", "content": "big tokens please"},
+        ],
+        "max_tokens": 10000,
+        "stream": true,
+    })
+    .to_string();
+    write!(
+        idle,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        server.addr,
+        body.len()
+    )
+    .unwrap();
+    let mut reader = server.client();
+    let (request, _) = reader.ask(None, "big tokens please");
+    let a = reader.answer(&request);
+    assert!(a.is_done(), "{:?}", a.end);
+    assert_eq!(a.seqs.len(), 4000);
+    // Only now does the HTTP client read.
+    idle.set_read_timeout(Some(WAIT)).unwrap();
+    let mut bytes = Vec::new();
+    idle.read_to_end(&mut bytes).expect("read the response");
+    let split = bytes.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let response = Response {
+        status: 200,
+        head: String::from_utf8_lossy(&bytes[..split]).into_owned(),
+        body: bytes[split + 4..].to_vec(),
+    };
+    // One generation: whichever came first leads, the other follows.
+    let roles = [a.role.as_deref(), response.header("x-chorus-role")];
+    assert!(
+        roles == [Some("follower"), Some("leader")] || roles == [Some("leader"), Some("follower")],
+        "{roles:?}"
+    );
+    let events = response.events();
+    let last = events.last().expect("events");
+    assert_eq!(last["error"]["code"], "slow_consumer", "{last}");
+    let tokens = events
+        .iter()
+        .filter(|e| e["choices"][0]["delta"]["content"].is_string())
+        .count();
+    assert!(tokens < 4000, "{tokens} tokens");
+    assert!(!events.contains(&Value::String("[DONE]".into())));
+}

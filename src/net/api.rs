@@ -298,6 +298,9 @@ fn open_response(
         Arc::new(Outbox::bounded(server.outbox_frames, server.outbox_bytes)?.framed(api::chunked));
     tcp.set_nonblocking(true)?;
     let _ = tcp.set_nodelay(true);
+    if server.send_buffer_bytes > 0 {
+        socket2::SockRef::from(&**tcp).set_send_buffer_size(server.send_buffer_bytes)?;
+    }
     outbox.attach_socket(tcp.clone());
     let client: Arc<dyn Client> = HttpClient::new(outbox.clone(), asked);
     Ok((outbox, client))
