@@ -338,3 +338,119 @@ token_bytes = 4096
     assert!(tokens < 4000, "{tokens} tokens");
     assert!(!events.contains(&Value::String("[DONE]".into())));
 }
+
+/// Reads one chunked SSE response from `tcp` until `stop` says so, and
+/// returns the events read (their `id` and JSON data).
+fn read_events(
+    tcp: &mut TcpStream,
+    stop: impl Fn(&[(Option<u64>, Value)]) -> bool,
+) -> Vec<(Option<u64>, Value)> {
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = tcp.read(&mut buf).expect("read");
+        assert!(n > 0, "closed early");
+        raw.extend_from_slice(&buf[..n]);
+        let Some(split) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
+            continue;
+        };
+        // Chunk size lines are left in: they start with neither `id: `
+        // nor `data: `, so they are skipped with the empty lines.
+        let text = String::from_utf8_lossy(&raw[split + 4..]).into_owned();
+        let mut events = Vec::new();
+        for event in text.split("\n\n") {
+            let mut id = None;
+            let mut data = None;
+            for line in event.lines() {
+                if let Some(v) = line.strip_prefix("id: ") {
+                    id = v.trim().parse().ok();
+                }
+                if let Some(v) = line.strip_prefix("data: ") {
+                    data = serde_json::from_str(v)
+                        .ok()
+                        .or(Some(Value::String(v.to_owned())));
+                }
+            }
+            if let Some(data) = data {
+                events.push((id, data));
+            }
+        }
+        if stop(&events) {
+            return events;
+        }
+    }
+}
+
+#[test]
+fn a_stream_resumes_from_the_token_after_last_event_id() {
+    let server = Server::start(
+        "[llm]\nallowed_models = [\"other\"]\n[llm.simulated]\nfirst_token_ms = 50\ntoken_interval_ms = 20\ntokens = 30\n",
+    );
+    let body = json!({
+        "model": "other",
+        "messages": [{"role": "user", "content": "count for me"}],
+        "stream": true,
+    })
+    .to_string();
+    let mut first = TcpStream::connect(server.addr).unwrap();
+    first.set_read_timeout(Some(WAIT)).unwrap();
+    write!(
+        first,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {}\r\nContent-Length: {}\r\n\r\n{body}",
+        server.addr,
+        body.len()
+    )
+    .unwrap();
+    let seen = read_events(&mut first, |e| e.iter().any(|(id, _)| *id == Some(4)));
+    // The client goes away mid-stream, and comes back on a new connection.
+    drop(first);
+    let mut ids = Vec::new();
+    // The request id, from the events' completion id.
+    let id = seen
+        .iter()
+        .find_map(|(_, d)| d["id"].as_str())
+        .and_then(|c| c.strip_prefix("chatcmpl-"))
+        .expect("a completion id")
+        .to_owned();
+    let before: String = seen
+        .iter()
+        .filter(|(id, _)| id.is_some_and(|n| n <= 4))
+        .filter_map(|(_, d)| d["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    let mut again = TcpStream::connect(server.addr).unwrap();
+    again.set_read_timeout(Some(WAIT)).unwrap();
+    write!(
+        again,
+        "GET /v1/chorus/streams/{id} HTTP/1.1\r\nHost: {}\r\nLast-Event-ID: 4\r\n\r\n",
+        server.addr
+    )
+    .unwrap();
+    let rest = read_events(&mut again, |e| e.iter().any(|(_, d)| d == "[DONE]"));
+    ids.extend(rest.iter().filter_map(|(id, _)| *id));
+    assert_eq!(ids, (5..30).collect::<Vec<u64>>(), "no gap, no duplicate");
+    let after: String = rest
+        .iter()
+        .filter_map(|(_, d)| d["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert!(rest
+        .iter()
+        .all(|(_, d)| d == "[DONE]" || d["model"] == "other"));
+    // The whole answer, as a request asked again now gets it from the cache.
+    let whole = post(
+        server.addr,
+        &json!({"model": "other", "messages": [{"role": "user", "content": "count for me"}], "stream": true}),
+    );
+    assert_eq!(whole.header("x-chorus-role"), Some("cache"));
+    assert_eq!(before + &after, whole.streamed_text());
+    // An unknown stream is 404.
+    let mut unknown = TcpStream::connect(server.addr).unwrap();
+    write!(
+        unknown,
+        "GET /v1/chorus/streams/r-unknown HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        server.addr
+    )
+    .unwrap();
+    let mut answer = String::new();
+    unknown.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 404 "), "{answer}");
+}

@@ -430,7 +430,10 @@ fn stream(
     let asked = Asked {
         stream: true,
         include_usage: false,
-        model: shared.config.llm.model.clone(),
+        model: shared
+            .pipeline
+            .model_of(&id)
+            .unwrap_or_else(|| shared.config.llm.model.clone()),
         created: unix_now(),
         keep_alive: keep,
         max_answer_bytes: shared.config.server.outbox_bytes,

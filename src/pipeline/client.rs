@@ -52,7 +52,13 @@ impl Shared {
         // The model sees, and the history keeps, the message as the
         // identical-request key defines it: without surrounding whitespace.
         let message = chat.message.trim().to_owned();
-        let request = Request::new(chat.id.clone(), conversation.clone());
+        let llm = &self.config.llm;
+        let model = chat
+            .options
+            .model
+            .clone()
+            .unwrap_or_else(|| llm.model.clone());
+        let request = Request::new(chat.id.clone(), conversation.clone(), model.clone());
         self.claim_conversation(&request)?;
         let head = match if is_new {
             Ok(None)
@@ -65,12 +71,6 @@ impl Shared {
                 return Err(history_failure(&e));
             }
         };
-        let llm = &self.config.llm;
-        let model = chat
-            .options
-            .model
-            .clone()
-            .unwrap_or_else(|| llm.model.clone());
         let max_tokens = chat.options.max_tokens.unwrap_or(llm.max_tokens);
         let key = identical_request_key(&KeyInput {
             model: &model,
@@ -149,7 +149,7 @@ impl Shared {
             seed: prompt.seed,
             input,
         });
-        let request = Request::stateless(given.id);
+        let request = Request::stateless(given.id, prompt.model.clone());
         let work = Work {
             key,
             fresh: given.fresh,
@@ -279,6 +279,12 @@ impl Shared {
     }
 
     // -- client operations -------------------------------------------------
+
+    /// The model `request` asked for, if this node knows it.
+    pub(super) fn model_of(&self, request: &str) -> Option<String> {
+        let model = self.active.read().requests.get(request)?.model.clone();
+        (!model.is_empty()).then_some(model)
+    }
 
     pub(super) fn lookup(&self, request: &str) -> Result<Arc<Request>, Failure> {
         self.active

@@ -261,7 +261,7 @@ mod tests {
         // generation lost: running, but no generation's member any more.
         let leaked = Generation::new(1_000_000, [9; 32], false);
         leaked.state.lock().outcome = Some(GenOutcome::Cancelled);
-        let lost = Request::new("c1".into(), "conv".into());
+        let lost = Request::new("c1".into(), "conv".into(), "m".into());
         {
             let mut st = lost.state.lock();
             st.phase = Phase::Running;

@@ -418,6 +418,11 @@ impl Pipeline {
         self.shared.cancel(request)
     }
 
+    /// The model `request` asked for, when this node knows the request.
+    pub fn model_of(&self, request: &str) -> Option<String> {
+        self.shared.model_of(request)
+    }
+
     /// Attaches `client` to `request` and replays its tokens from `from`.
     pub fn resume(
         &self,

@@ -79,6 +79,9 @@ pub(crate) struct Request {
     pub id: Arc<str>,
     pub client_id: String,
     pub conversation: String,
+    /// The model it asked for (after the default); empty for a stand-in
+    /// of a request another node accepted.
+    pub model: String,
     pub accepted_at: Instant,
     /// Accepted by another node of the cluster and resumed here: this node
     /// only relays it (no history, no conversation, not counted as live).
@@ -92,22 +95,24 @@ pub(crate) struct Request {
 }
 
 impl Request {
-    pub fn new(client_id: String, conversation: String) -> Arc<Request> {
+    pub fn new(client_id: String, conversation: String, model: String) -> Arc<Request> {
         Request::build(
             crate::protocol::random_id("r-").into(),
             client_id,
             conversation,
+            model,
             false,
             false,
         )
     }
 
     /// A request that brings its whole prompt (see [`Request::stateless`]).
-    pub fn stateless(client_id: String) -> Arc<Request> {
+    pub fn stateless(client_id: String, model: String) -> Arc<Request> {
         Request::build(
             crate::protocol::random_id("r-").into(),
             client_id,
             String::new(),
+            model,
             false,
             true,
         )
@@ -116,7 +121,14 @@ impl Request {
     /// The local stand-in of request `id`, accepted by another node and
     /// resumed here (see [`Request::remote`]).
     pub fn resumed(id: &str, from: u64) -> Arc<Request> {
-        let request = Request::build(id.into(), String::new(), String::new(), true, false);
+        let request = Request::build(
+            id.into(),
+            String::new(),
+            String::new(),
+            String::new(),
+            true,
+            false,
+        );
         request.state.lock().resume_from = from;
         request
     }
@@ -125,6 +137,7 @@ impl Request {
         id: Arc<str>,
         client_id: String,
         conversation: String,
+        model: String,
         remote: bool,
         stateless: bool,
     ) -> Arc<Request> {
@@ -133,6 +146,7 @@ impl Request {
             id,
             client_id,
             conversation,
+            model,
             accepted_at: now,
             remote,
             stateless,
