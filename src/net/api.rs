@@ -262,6 +262,10 @@ fn read_body(
         ));
     }
     let _ = tcp.set_nonblocking(false);
+    if input.len() < len && req.header_has_token("expect", "100-continue") {
+        // curl waits for this before it sends a body over 1 KiB.
+        let _ = (&*tcp).write_all(b"HTTP/1.1 100 Continue\r\n\r\n");
+    }
     let deadline = Instant::now() + REQUEST_TIMEOUT;
     let mut chunk = [0u8; 16 * 1024];
     while input.len() < len {
