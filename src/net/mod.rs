@@ -72,7 +72,8 @@ pub(crate) struct Shared {
     exhaustion: Exhaustion,
     /// Open WebSocket connections by id, so shutdown can close them.
     connections: Mutex<HashMap<u64, Arc<Outbox>>>,
-    ws_connections: AtomicUsize,
+    /// Open WebSocket and HTTP API connections, against `max_connections`.
+    open_connections: AtomicUsize,
     /// Connection threads alive (plain HTTP and WebSocket).
     connection_threads: AtomicUsize,
     next_connection: AtomicU64,
@@ -102,7 +103,7 @@ impl Shared {
             metrics,
             exhaustion: Exhaustion::default(),
             connections: Mutex::new(HashMap::new()),
-            ws_connections: AtomicUsize::new(0),
+            open_connections: AtomicUsize::new(0),
             connection_threads: AtomicUsize::new(0),
             next_connection: AtomicU64::new(1),
             draining: AtomicBool::new(false),
@@ -125,7 +126,9 @@ impl Shared {
             let _ = outbox.push(Frame::Close(1001, "server shutting down"));
         }
         let deadline = Instant::now() + wait;
-        while self.ws_connections.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+        // WebSockets only: a kept-alive HTTP connection waiting for its
+        // next request has nothing to flush.
+        while !self.connections.lock().is_empty() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -139,7 +142,7 @@ impl Shared {
     }
 
     pub(crate) fn websockets(&self) -> usize {
-        self.ws_connections.load(Ordering::Acquire)
+        self.open_connections.load(Ordering::Acquire)
     }
 
     pub(crate) fn registered_websockets(&self) -> usize {

@@ -21,7 +21,7 @@ pub(super) fn stats_json(shared: &Shared) -> serde_json::Value {
         .collect();
     let (p50, p99) = m.ttft_percentiles();
     serde_json::json!({
-        "connections": shared.ws_connections.load(Ordering::Acquire),
+        "connections": shared.open_connections.load(Ordering::Acquire),
         "stages": stages,
         "requests": {
             "accepted": m.accepted.get(),

@@ -124,8 +124,8 @@ pub(super) struct ConnectionSlot<'a> {
 impl<'a> ConnectionSlot<'a> {
     pub(super) fn take(shared: &'a Shared) -> Option<ConnectionSlot<'a>> {
         let max = shared.config.server.max_connections;
-        if shared.ws_connections.fetch_add(1, Ordering::AcqRel) >= max {
-            shared.ws_connections.fetch_sub(1, Ordering::AcqRel);
+        if shared.open_connections.fetch_add(1, Ordering::AcqRel) >= max {
+            shared.open_connections.fetch_sub(1, Ordering::AcqRel);
             return None;
         }
         Some(ConnectionSlot { shared })
@@ -134,7 +134,7 @@ impl<'a> ConnectionSlot<'a> {
 
 impl Drop for ConnectionSlot<'_> {
     fn drop(&mut self) {
-        self.shared.ws_connections.fetch_sub(1, Ordering::AcqRel);
+        self.shared.open_connections.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
