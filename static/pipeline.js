@@ -7,6 +7,8 @@ import { h, svg, ms, plural } from "./render.js";
 const POLL_MS = 1000;
 const CROWD_OPEN_TIMEOUT_MS = 10000;
 const CROWD_ANSWER_TIMEOUT_MS = 120000;
+// Where the view is open by default: the "wide" media query of style.css.
+const WIDE = "(min-width: 1200px)";
 
 // Where each stage sits in the picture (viewBox 340 × 372).
 const BOX_W = 150;
@@ -30,11 +32,19 @@ const $ = (selector) => document.querySelector(selector);
 export function initPipeline({ question }) {
   const panel = $("#pipeline");
   const toggle = $("#toggle-pipeline");
+  const wide = window.matchMedia(WIDE);
   const diagram = buildDiagram($("#pipeline-diagram"));
   let timer = 0;
   let polling = false;
 
-  const isOpen = () => !panel.hidden;
+  // Open or closed is the rule style.css draws, so the page shows its final
+  // layout from the first paint: the user's own choice if they toggled the
+  // view (body[data-pipeline]), else open on wide screens and closed on
+  // narrower ones. The choice wins over the default, also when the window
+  // is resized across the breakpoint later, but only for the life of the
+  // page: it is not stored, and a reload starts from the default again.
+  const chosen = () => document.body.dataset.pipeline;
+  const isOpen = () => (chosen() ? chosen() === "open" : wide.matches);
   const shouldPoll = () => isOpen() && document.visibilityState === "visible";
 
   // Polls only while someone can see the numbers: the panel is open and
@@ -67,32 +77,42 @@ export function initPipeline({ question }) {
     polling = false;
   }
 
+  /** Brings the toggle and the polling in line with what is shown. */
+  function sync() {
+    toggle.setAttribute("aria-expanded", String(isOpen()));
+    if (isOpen()) startPolling();
+    else stopPolling();
+  }
+
   function open() {
-    panel.hidden = false;
-    toggle.setAttribute("aria-expanded", "true");
-    document.body.classList.add("pipeline-open");
+    document.body.dataset.pipeline = "open";
+    sync();
     // On a phone the panel covers the page, so focus moves into it.
     if (window.matchMedia("(max-width: 860px)").matches) $("#close-pipeline").focus();
-    startPolling();
   }
 
   function close() {
     const hadFocus = panel.contains(document.activeElement);
-    panel.hidden = true;
-    toggle.setAttribute("aria-expanded", "false");
-    document.body.classList.remove("pipeline-open");
-    stopPolling();
+    document.body.dataset.pipeline = "closed";
+    sync();
     if (hadFocus) toggle.focus();
   }
 
   toggle.addEventListener("click", () => (isOpen() ? close() : open()));
   $("#close-pipeline").addEventListener("click", close);
+  // Without a choice, crossing the breakpoint opens or closes the view.
+  wide.addEventListener("change", () => {
+    if (chosen()) return;
+    if (!isOpen() && panel.contains(document.activeElement)) toggle.focus();
+    sync();
+  });
   document.addEventListener("visibilitychange", () =>
     (document.visibilityState === "visible" ? startPolling() : stopPolling()));
 
   const crowd = new Crowd(question);
   $("#crowd-go").addEventListener("click", () => crowd.run());
 
+  sync();
   return { isOpen, open, close };
 }
 

@@ -30,6 +30,61 @@ fn send(b: &mut Browser, text: &str) {
     b.press("Enter", 13);
 }
 
+/// Loads `url` with the page's scripts switched off: the page as its HTML
+/// and CSS alone lay it out, which is what the first paint shows.
+fn load_without_scripts(b: &mut Browser, url: &str) {
+    b.call(
+        "Emulation.setScriptExecutionDisabled",
+        json!({"value": true}),
+    );
+    b.goto(url);
+    b.call(
+        "Emulation.setScriptExecutionDisabled",
+        json!({"value": false}),
+    );
+    assert_eq!(b.eval("typeof window.chorusDebug"), json!("undefined"));
+}
+
+/// Whether the pipeline view is open, by what is drawn (not by the script).
+const PIPELINE_SHOWN: &str =
+    "getComputedStyle(document.querySelector('#pipeline')).display !== 'none'";
+
+/// Opens or closes the pipeline view with its toggle, whatever its state.
+fn set_pipeline(b: &mut Browser, open: bool) {
+    if b.eval(PIPELINE_SHOWN) != json!(open) {
+        b.click("#toggle-pipeline");
+    }
+    b.wait_for(&format!("({PIPELINE_SHOWN}) === {open}"));
+    assert_eq!(
+        b.eval("document.querySelector('#toggle-pipeline').getAttribute('aria-expanded')"),
+        json!(open.to_string())
+    );
+}
+
+/// Where the element matching `selector` is drawn: `shown` is true when all
+/// of its box is inside the viewport, it is not hidden by CSS, and it is
+/// what a click at its centre would reach (nothing covers it).
+fn on_screen(b: &mut Browser, selector: &str) -> serde_json::Value {
+    b.eval(&format!(
+        r#"(() => {{
+            const e = document.querySelector({selector});
+            const r = e.getBoundingClientRect();
+            const style = getComputedStyle(e);
+            const hit = document.elementFromPoint(r.left + r.width / 2, r.top + r.height / 2);
+            const inside = r.width > 0 && r.height > 0 && r.left >= 0 && r.top >= 0
+                && r.right <= innerWidth && r.bottom <= innerHeight;
+            return {{
+                shown: inside && style.visibility === 'visible' && e.contains(hit),
+                rect: [r.left, r.top, r.right, r.bottom],
+                viewport: [innerWidth, innerHeight],
+                visibility: style.visibility,
+                hit: hit?.id || hit?.tagName || null,
+            }};
+        }})()"#,
+        selector = json!(selector)
+    ))
+}
+
 /// Text of the last assistant answer.
 const LAST_ANSWER: &str =
     "[...document.querySelectorAll('#messages .msg.assistant')].pop()?.querySelector('.msg-text')?.textContent ?? ''";
@@ -209,8 +264,7 @@ fn the_crowd_control_shows_singleflight_at_work() {
     // A conversation on screen, for the screenshot the README shows.
     send(&mut b, "Please calculate (2+3)*4");
     b.wait_for(&format!("({LAST_STATE}) === 'done'"));
-    b.click("#toggle-pipeline");
-    b.wait_for("!document.querySelector('#pipeline').hidden");
+    set_pipeline(&mut b, true);
     b.eval("document.querySelector('#crowd-n').value = '12'");
     b.type_text("#composer", "What do crowds teach us?");
     let calls_before = server.stats()["upstream"]["calls"].as_u64().unwrap();
@@ -225,6 +279,126 @@ fn the_crowd_control_shows_singleflight_at_work() {
         calls_before + 1
     );
     b.screenshot("crowd");
+}
+
+#[test]
+fn the_pipeline_view_starts_open_on_wide_screens_and_closed_on_phones() {
+    let server = Server::start(SLOW);
+    let url = format!("http://{}/", server.addr);
+    let expanded = "document.querySelector('#toggle-pipeline').getAttribute('aria-expanded')";
+
+    // Wide: open from the first paint. With scripts off the page is laid
+    // out by its CSS alone, and the Crowd control is already where it ends
+    // up once the page's modules have run.
+    let mut b = Browser::launch(1400, 900);
+    load_without_scripts(&mut b, &url);
+    assert_eq!(b.eval(PIPELINE_SHOWN), json!(true), "closed at first paint");
+    let first_paint = on_screen(&mut b, "#crowd-go");
+    b.goto(&url);
+    b.wait_for("document.querySelector('#connection')?.dataset.state === 'open'");
+    assert_eq!(b.eval(PIPELINE_SHOWN), json!(true));
+    assert_eq!(b.eval(expanded), json!("true"));
+    for selector in ["#crowd-n", "#crowd-go"] {
+        let place = on_screen(&mut b, selector);
+        assert_eq!(
+            place["shown"],
+            json!(true),
+            "{selector} at 1400×900: {place}"
+        );
+    }
+    assert_eq!(
+        on_screen(&mut b, "#crowd-go")["rect"],
+        first_paint["rect"],
+        "the Crowd control moved after the first paint"
+    );
+    // Nothing moved on load: no layout shift but the connection badge's,
+    // which narrows when "Connecting…" becomes "Connected".
+    let shifted = b.eval(
+        r#"new Promise(done => {
+            const moved = [];
+            new PerformanceObserver(list => {
+                for (const shift of list.getEntries())
+                    for (const s of shift.sources)
+                        if (s.node && !document.querySelector('#connection').contains(s.node))
+                            moved.push(s.node.id || s.node.className || s.node.nodeName);
+            }).observe({type: 'layout-shift', buffered: true});
+            setTimeout(() => done(moved), 200);
+        })"#,
+    );
+    assert_eq!(shifted, json!([]), "moved on load");
+    // It is live, and the conversation keeps a usable width beside it.
+    b.wait_for("document.querySelector('#pipeline-updated').textContent.startsWith('live')");
+    let main = b.eval("document.querySelector('.main').getBoundingClientRect().width");
+    assert!(
+        main.as_f64().unwrap_or(0.0) >= 540.0,
+        "main column {main} px"
+    );
+    b.screenshot("pipeline-wide");
+
+    // Until the user chooses, the default follows the window across the
+    // breakpoint (the script's query and the CSS agree at 1199 and 1200)...
+    let resize = |b: &mut Browser, width: u32| {
+        b.call(
+            "Emulation.setDeviceMetricsOverride",
+            json!({"width": width, "height": 900, "deviceScaleFactor": 1, "mobile": false}),
+        );
+        b.wait_for(&format!("innerWidth === {width}"));
+        // One frame, for the media query listeners.
+        b.eval("new Promise(r => requestAnimationFrame(() => setTimeout(r)))");
+    };
+    for (width, open) in [(1199, false), (1200, true), (1199, false), (1400, true)] {
+        resize(&mut b, width);
+        assert_eq!(b.eval(PIPELINE_SHOWN), json!(open), "at {width} px");
+        assert_eq!(b.eval(expanded), json!(open.to_string()), "at {width} px");
+    }
+    // ...and once they close it, it stays closed when the window changes.
+    set_pipeline(&mut b, false);
+    for width in [1100, 1400] {
+        resize(&mut b, width);
+        assert_eq!(b.eval(PIPELINE_SHOWN), json!(false), "at {width} px");
+        assert_eq!(b.eval(expanded), json!("false"), "at {width} px");
+    }
+    set_pipeline(&mut b, true);
+    assert_eq!(on_screen(&mut b, "#crowd-go")["shown"], json!(true));
+    drop(b);
+
+    // A phone: closed, also at first paint, and the page works as before.
+    let mut b = Browser::launch(390, 844);
+    load_without_scripts(&mut b, &url);
+    assert_eq!(b.eval(PIPELINE_SHOWN), json!(false), "open at first paint");
+    b.goto(&url);
+    b.wait_for("document.querySelector('#connection')?.dataset.state === 'open'");
+    assert_eq!(b.eval(PIPELINE_SHOWN), json!(false));
+    assert_eq!(b.eval(expanded), json!("false"));
+    assert_eq!(on_screen(&mut b, "#crowd-go")["shown"], json!(false));
+    assert_eq!(on_screen(&mut b, "#composer")["shown"], json!(true));
+    send(&mut b, "Hello from a phone");
+    b.wait_for(&format!("({LAST_STATE}) === 'done'"));
+    assert!(
+        !b.eval(LAST_ANSWER).as_str().unwrap_or("").is_empty(),
+        "no answer"
+    );
+    // Closed, it never asked for the numbers.
+    let polls = b
+        .requests()
+        .iter()
+        .filter(|u| u.contains("/api/stats"))
+        .count();
+    assert_eq!(polls, 0, "polled while closed");
+    b.screenshot("pipeline-narrow");
+    // The toggle opens it over the page, focus inside, and closes it again.
+    set_pipeline(&mut b, true);
+    assert_eq!(b.eval("document.activeElement.id"), json!("close-pipeline"));
+    assert_eq!(on_screen(&mut b, "#crowd-go")["shown"], json!(true));
+    b.screenshot("pipeline-narrow-open");
+    b.click("#close-pipeline");
+    b.wait_for(&format!("({PIPELINE_SHOWN}) === false"));
+    assert_eq!(b.eval(expanded), json!("false"));
+    assert_eq!(
+        b.eval("document.activeElement.id"),
+        json!("toggle-pipeline")
+    );
+    assert!(b.errors().is_empty(), "page errors: {:?}", b.errors());
 }
 
 #[test]
@@ -304,14 +478,21 @@ fn stats_are_polled_only_while_the_pipeline_view_is_open_and_dark_mode_works() {
             .filter(|u| u.contains("/api/stats"))
             .count()
     };
+    // The view starts open at this width; closed, it does not poll (one
+    // request already on its way may still show up).
+    set_pipeline(&mut b, false);
+    let closed_at = stats_requests(&mut b);
     std::thread::sleep(std::time::Duration::from_millis(2500));
-    assert_eq!(stats_requests(&mut b), 0, "polled while hidden");
-    b.click("#toggle-pipeline");
+    assert!(
+        stats_requests(&mut b) <= closed_at + 1,
+        "polled while closed"
+    );
+    let opened_at = stats_requests(&mut b);
+    set_pipeline(&mut b, true);
     std::thread::sleep(std::time::Duration::from_millis(2500));
-    let open_polls = stats_requests(&mut b);
+    let open_polls = stats_requests(&mut b) - opened_at;
     assert!((2..=5).contains(&open_polls), "{open_polls} polls in 2.5 s");
-    b.click("#toggle-pipeline");
-    b.wait_for("document.querySelector('#pipeline').hidden");
+    set_pipeline(&mut b, false);
     let closed_at = stats_requests(&mut b);
     std::thread::sleep(std::time::Duration::from_millis(2000));
     assert!(
