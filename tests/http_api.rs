@@ -454,3 +454,22 @@ fn a_stream_resumes_from_the_token_after_last_event_id() {
     unknown.read_to_string(&mut answer).unwrap();
     assert!(answer.starts_with("HTTP/1.1 404 "), "{answer}");
 }
+
+/// A whole (not streamed) answer is held until it is written, so it is
+/// bounded like a connection's queue: past `server.outbox_bytes` the
+/// request fails with `429` `slow_consumer`, and a streamed one gets the
+/// whole answer.
+#[test]
+fn a_whole_answer_larger_than_a_response_may_hold_is_refused() {
+    let server = Server::start(
+        "[server]\noutbox_bytes = 65536\n[history]\nmax_answer_bytes = 16384\n[llm.simulated]\nfirst_token_ms = 1\ntoken_interval_ms = 0\ntokens = 100\ntoken_bytes = 1024\n",
+    );
+    let ask = |stream: bool| json!({"messages": [{"role": "user", "content": "a long one"}], "stream": stream});
+    let whole = post(server.addr, &ask(false));
+    assert_eq!(whole.status, 429, "{}", whole.head);
+    let error: Value = serde_json::from_slice(&whole.body).unwrap();
+    assert_eq!(error["error"]["code"], "slow_consumer");
+    let streamed = post(server.addr, &ask(true));
+    assert_eq!(streamed.status, 200);
+    assert_eq!(streamed.streamed_text().len(), 100 * 1024);
+}

@@ -286,8 +286,23 @@ impl HttpClient {
                             }
                         }
                     }
-                    let text = Produced::of(&all).text;
+                    // A late joiner's replayed part counts too: the whole
+                    // answer is held here until it is written.
+                    let held: usize = all.iter().map(Token::json_len).sum();
+                    let too_big = held > self.asked.max_answer_bytes;
+                    let text = if too_big {
+                        String::new()
+                    } else {
+                        Produced::of(&all).text
+                    };
                     let bytes = match FinishReason::from_finish(*finish) {
+                        _ if too_big => self.error_response(
+                            Some(&to.request),
+                            &Failure::new(
+                                ErrorCode::SlowConsumer,
+                                "the answer is larger than a response may hold (server.outbox_bytes); ask with \"stream\": true",
+                            ),
+                        ),
                         Some(reason) => {
                             let mut body = Vec::with_capacity(text.len() + 512);
                             self.completion(&to.request).write_object(
