@@ -473,3 +473,33 @@ fn a_whole_answer_larger_than_a_response_may_hold_is_refused() {
     assert_eq!(streamed.status, 200);
     assert_eq!(streamed.streamed_text().len(), 100 * 1024);
 }
+
+/// A streamed request that fails before its first token is told with an
+/// HTTP status, as a whole answer would be; one that fails after it with
+/// an error event and no `[DONE]`.
+#[test]
+fn a_stream_that_fails_before_its_first_token_gets_a_status_and_after_it_an_event() {
+    let upstream = Upstream::start();
+    // Refused by the upstream (no retry, no fallback: a 400 is final).
+    upstream.push(Reply::Error {
+        status: 400,
+        message: "bad prompt".into(),
+        retry_after: None,
+    });
+    let server = chorus(&upstream);
+    let before = post(server.addr, &as_chat("Refused upstream?", true));
+    assert_eq!(before.status, 502, "{}", before.head);
+    let error: Value = serde_json::from_slice(&before.body).unwrap();
+    assert_eq!(error["error"]["code"], "upstream_error");
+    // Broken after two tokens: the stream has begun.
+    upstream.push(Reply::ResetAfter {
+        tokens: vec!["Half".into(), " an".into()],
+        delay: Duration::ZERO,
+    });
+    let after = post(server.addr, &as_chat("Broken midway?", true));
+    assert_eq!(after.status, 200);
+    let events = after.events();
+    assert_eq!(after.streamed_text(), "Half an");
+    assert_eq!(events.last().unwrap()["error"]["code"], "upstream_error");
+    assert!(!events.contains(&Value::String("[DONE]".into())));
+}

@@ -11,6 +11,7 @@
 //! fan-out); the outbox's consumer is the HTTP connection's thread.
 
 use std::io::Write as _;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -70,6 +71,8 @@ enum Piece {
 
 #[derive(Default)]
 struct State {
+    /// Where the answer comes from, once `start` said so.
+    role: Option<Role>,
     /// The response head went out (streamed answers).
     head_sent: bool,
     /// The answer ended (an `End` frame is queued): nothing more goes out.
@@ -84,6 +87,11 @@ pub struct HttpClient {
     outbox: Arc<Outbox>,
     asked: Asked,
     state: Mutex<State>,
+    /// `State::head_sent`, readable without the lock on the token path.
+    head_sent: AtomicBool,
+    /// `State::ended`, likewise: nothing may follow the answer's end on a
+    /// connection that goes on with its next request.
+    ended: AtomicBool,
 }
 
 impl std::fmt::Debug for HttpClient {
@@ -102,6 +110,8 @@ impl HttpClient {
             outbox,
             asked,
             state: Mutex::new(State::default()),
+            head_sent: AtomicBool::new(false),
+            ended: AtomicBool::new(false),
         })
     }
 
@@ -150,6 +160,54 @@ impl HttpClient {
         error_response(request, failure, self.asked.keep_alive)
     }
 
+    /// The response head and the first chunk (the role), once: they go out
+    /// with the first token (or the end), not at `start`, so that a request
+    /// that fails before its first token gets an HTTP error status (a `429`
+    /// for an overloaded stage, a `502` for an upstream that refused) rather
+    /// than a `200` and an error event.
+    fn begin(&self, request: &str, st: &mut State, frames: &mut Vec<Frame>) {
+        if st.head_sent {
+            return;
+        }
+        st.head_sent = true;
+        self.head_sent.store(true, Ordering::Release);
+        let role = st.role.unwrap_or(Role::Leader);
+        frames.push(Frame::Encoded(self.head(request, role, None)));
+        let mut first = Vec::new();
+        self.completion(request).chunks().role(&mut first);
+        frames.push(Frame::Message(first));
+    }
+
+    /// Streamed: sends the head first if no token did yet. Err when the
+    /// answer already ended.
+    fn begin_for_token(&self, to: &Attachment) -> Result<(), PushError> {
+        if self.ended.load(Ordering::Acquire) {
+            return Err(PushError::Closed);
+        }
+        if self.head_sent.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let frames = {
+            let mut st = self.state.lock();
+            if st.ended {
+                return Err(PushError::Closed);
+            }
+            let mut frames = Vec::new();
+            self.begin(&to.request, &mut st, &mut frames);
+            frames
+        };
+        if frames.is_empty() {
+            Ok(())
+        } else {
+            self.outbox.push_all(frames)
+        }
+    }
+
+    fn end(&self, st: &mut State) {
+        st.ended = true;
+        self.ended.store(true, Ordering::Release);
+    }
+
     /// The frames for tokens `from..until` of `source` in a streamed answer.
     fn token_frames(
         &self,
@@ -190,19 +248,16 @@ impl HttpClient {
                 break;
             }
             match event {
-                Event::Start { role } if !st.head_sent => {
-                    st.head_sent = true;
-                    frames.push(Frame::Encoded(self.head(&to.request, *role, None)));
-                    let mut first = Vec::new();
-                    chunks.role(&mut first);
-                    frames.push(Frame::Message(first));
-                }
+                Event::Start { role } => st.role = Some(*role),
                 Event::Tokens {
                     source,
                     from,
                     to: until,
                 } => {
-                    frames.extend(self.token_frames(&to.layout, source, *from, *until));
+                    if let Some(tokens) = self.token_frames(&to.layout, source, *from, *until) {
+                        self.begin(&to.request, st, &mut frames);
+                        frames.push(tokens);
+                    }
                 }
                 Event::Done {
                     finish,
@@ -211,10 +266,8 @@ impl HttpClient {
                     usage: reported,
                     ..
                 } => {
-                    if !st.head_sent {
-                        st.head_sent = true;
-                        frames.push(Frame::Encoded(self.head(&to.request, *role, None)));
-                    }
+                    st.role.get_or_insert(*role);
+                    self.begin(&to.request, st, &mut frames);
                     let mut end = Vec::new();
                     match FinishReason::from_finish(*finish) {
                         Some(reason) => {
@@ -230,7 +283,7 @@ impl HttpClient {
                     frames.push(Frame::Message(end));
                     frames.push(Frame::Encoded(LAST_CHUNK.to_vec()));
                     frames.push(Frame::End);
-                    st.ended = true;
+                    self.end(st);
                 }
                 Event::Error { failure, .. } | Event::Refused { failure, .. } => {
                     if st.head_sent {
@@ -243,13 +296,10 @@ impl HttpClient {
                         frames.push(Frame::Encoded(self.error_response(request, failure)));
                     }
                     frames.push(Frame::End);
-                    st.ended = true;
+                    self.end(st);
                 }
                 // Nothing of these reaches an OpenAI client.
-                Event::Start { .. }
-                | Event::Accepted { .. }
-                | Event::State { .. }
-                | Event::Tool { .. } => {}
+                Event::Accepted { .. } | Event::State { .. } | Event::Tool { .. } => {}
             }
         }
         frames
@@ -322,13 +372,13 @@ impl HttpClient {
                     };
                     frames.push(Frame::Encoded(bytes));
                     frames.push(Frame::End);
-                    st.ended = true;
+                    self.end(st);
                 }
                 Event::Error { failure, .. } | Event::Refused { failure, .. } => {
                     let request = matches!(event, Event::Error { .. }).then_some(&*to.request);
                     frames.push(Frame::Encoded(self.error_response(request, failure)));
                     frames.push(Frame::End);
-                    st.ended = true;
+                    self.end(st);
                 }
                 Event::Start { .. }
                 | Event::Accepted { .. }
@@ -451,6 +501,7 @@ impl Client for HttpClient {
 
     fn token(&self, to: &Attachment, token: &Token) -> Result<bool, PushError> {
         if self.asked.stream {
+            self.begin_for_token(to)?;
             return self.outbox.queue_token(Frame::Token {
                 layout: to.layout.clone(),
                 token: token.clone(),
@@ -476,6 +527,7 @@ impl Client for HttpClient {
         until: u64,
     ) -> Result<(), PushError> {
         if self.asked.stream {
+            self.begin_for_token(to)?;
             return self.outbox.push_token(Frame::Replay(Replay {
                 source,
                 layout: to.layout.clone(),
