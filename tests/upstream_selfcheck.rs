@@ -505,3 +505,33 @@ fn script_pieces_cover_the_arguments_and_never_split_a_character() {
         [json!({"content": "a"}), json!({"content": "b"})]
     );
 }
+
+#[test]
+fn held_responses_wait_for_the_release_and_their_requests_are_recorded() {
+    let upstream = Upstream::start();
+    upstream.hold();
+    let body = json!({"model": "m", "stream": true});
+    let mut first = post(upstream.addr(), "/v1/chat/completions", &body, "");
+    let second = post(upstream.addr(), "/v1/chat/completions", &body, "");
+    assert!(
+        upstream.wait_requests(2, 5 * SECOND),
+        "both recorded while held"
+    );
+    // Not a byte of a response while held.
+    first
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut byte = [0u8; 1];
+    match first.read(&mut byte) {
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+        other => panic!("a held response sent something: {other:?}"),
+    }
+    first.set_read_timeout(Some(5 * SECOND)).unwrap();
+    upstream.release();
+    for tcp in [first, second] {
+        let (status, _, body) = response(tcp);
+        assert_eq!(status, 200);
+        let words: Vec<String> = events(&body).iter().filter_map(|e| content(e)).collect();
+        assert_eq!(words, ["Hello", " from", " up", "stream"]);
+    }
+}

@@ -283,6 +283,22 @@ impl Upstream {
     pub fn connections(&self) -> usize {
         self.shared.lock().connections
     }
+
+    /// Holds every response, before its first byte, until [`release`]:
+    /// requests are still read and recorded (and take their replies in
+    /// order), so a test can wait for what the client does meanwhile, such
+    /// as identical requests joining one call, instead of racing it.
+    ///
+    /// [`release`]: Upstream::release
+    pub fn hold(&self) {
+        self.shared.lock().held = true;
+    }
+
+    /// Lets every held response, and those after it, go out.
+    pub fn release(&self) {
+        self.shared.lock().held = false;
+        self.shared.changed.notify_all();
+    }
 }
 
 impl Drop for Upstream {
@@ -317,6 +333,8 @@ struct State {
     disconnects: usize,
     /// TCP connections accepted.
     connections: usize,
+    /// Responses wait until this is false again ([`Upstream::hold`]).
+    held: bool,
 }
 
 impl Shared {
@@ -354,6 +372,22 @@ impl Shared {
     fn count_connection(&self) {
         self.lock().connections += 1;
         self.changed.notify_all();
+    }
+
+    /// Waits while responses are held; false when the server stopped
+    /// first.
+    fn wait_released(&self) -> bool {
+        let mut state = self.lock();
+        while state.held {
+            if self.is_stopped() {
+                return false;
+            }
+            state = match self.changed.wait_timeout(state, POLL) {
+                Ok((state, _)) => state,
+                Err(poisoned) => poisoned.into_inner().0,
+            };
+        }
+        !self.is_stopped()
     }
 
     fn wait_until(&self, timeout: Duration, done: impl Fn(&State) -> bool) -> bool {

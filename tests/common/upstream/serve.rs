@@ -76,6 +76,9 @@ fn serve(stream: TcpStream, shared: &Shared) {
             .header("connection")
             .is_some_and(|v| v.eq_ignore_ascii_case("close"));
         let reply = shared.record(request);
+        if !shared.wait_released() {
+            return;
+        }
         let mut out = Out {
             stream: &mut conn.stream,
             shared,
