@@ -381,3 +381,41 @@ fn a_stream_cut_short_ends_a_kept_connection_without_its_last_chunk() {
         "the server cut it, not the client"
     );
 }
+
+/// `common::http1`, the plain client of the HTTP API's tests, against the
+/// fake in keep-alive mode: it de-chunks a stream, finds its events and
+/// leaves the connection ready for the next response, and reads a body
+/// by its length.
+#[test]
+fn the_http1_test_client_reads_chunked_streams_and_lengths_on_a_kept_connection() {
+    let upstream = Upstream::start_with(Connections::KeepAlive);
+    upstream.push(Reply::Stream {
+        tokens: tokens(&["one", " two"]),
+        delay: Duration::ZERO,
+        finish: "stop",
+        usage: Some((1, 2)),
+    });
+    upstream.push(Reply::Error {
+        status: 429,
+        message: "slow down".into(),
+        retry_after: Some(3),
+    });
+    let mut conn = common::http1::Conn::connect(upstream.addr());
+    let body = json!({"model": "m", "stream": true});
+    let stream = conn.post_json("/v1/chat/completions", &[], &body);
+    assert_eq!(stream.status, 200);
+    assert!(stream.chunked);
+    let events = stream.events();
+    assert_eq!(stream.chunks, events.len(), "one event per chunk");
+    let words: Vec<String> = events.iter().filter_map(|e| content(&e.data)).collect();
+    assert_eq!(words, ["one", " two"]);
+    assert!(events.iter().all(|e| e.id.is_none()));
+    assert_eq!(events.last().map(|e| e.data.as_str()), Some("[DONE]"));
+
+    let refused = conn.post_json("/v1/chat/completions", &[("Connection", "close")], &body);
+    assert_eq!(refused.status, 429);
+    assert!(!refused.chunked);
+    assert_eq!(refused.header("Retry-After"), Some("3"));
+    assert_eq!(refused.json()["error"]["message"], "slow down");
+    assert_eq!(upstream.connections(), 1, "both on one connection");
+}

@@ -4,6 +4,8 @@
 #![allow(dead_code)]
 
 pub mod browser;
+pub mod http1;
+pub mod python;
 pub mod redis_server;
 pub mod tool_rounds;
 pub mod upstream;
