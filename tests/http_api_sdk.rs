@@ -504,10 +504,12 @@ fn sdk_wrong_key_raises_authentication_error_and_the_right_one_works() {
     assert_eq!(out["steps"][0]["text"], "Let in", "{out}");
 }
 
-#[test]
-fn sdk_overload_raises_rate_limit_error_with_retry_after() {
+/// A chorus with one slot in every stage whose prepared queue is full: one
+/// WebSocket chat streams (its upstream call stalls until the test ends),
+/// one waits for the streaming slot. Returns the server, the upstream and
+/// the WebSocket client that holds them.
+fn overloaded_chorus() -> (Server, Upstream, common::Client) {
     let upstream = Upstream::start();
-    // The one streaming slot stays busy until the test ends.
     upstream.push(Reply::StallAfter {
         tokens: strings(&["busy"]),
     });
@@ -524,28 +526,35 @@ prepared_queue = 1
 enabled = false
 "#,
     );
-    // One chat streams, one waits for the streaming slot: the prepared
-    // queue is full.
     let mut ws = server.client();
     let (streaming, _) = ws.ask(None, "first");
     ws.recv_matching(|v| v["request"] == streaming.as_str() && v["type"] == "token");
     let (waiting, _) = ws.ask(None, "second");
     ws.recv_matching(|v| v["request"] == waiting.as_str() && v["state"] == "waiting_stream");
+    (server, upstream, ws)
+}
 
-    let reports = error_cases(&server, ANY_KEY, "third", &["chat", "stream"]);
-    for case in ["chat", "stream"] {
-        assert_raised(&reports, case, "RateLimitError", 429);
-        let report = &reports[case];
-        assert_eq!(report["body"]["code"], "overloaded", "{report}");
-        let retry_after = report["retry_after"]
-            .as_str()
-            .unwrap_or_else(|| panic!("429 without Retry-After: {report}"));
-        assert!(
-            retry_after.trim().parse::<u64>().is_ok() || retry_after.contains("GMT"),
-            "Retry-After is neither seconds nor a date: {retry_after:?}"
-        );
-    }
-    assert_eq!(server.stats()["requests"]["overloaded"], 2);
+/// Asserts that `case` was refused with 429 `overloaded` and a
+/// `Retry-After` in seconds or as a date.
+fn assert_overloaded(reports: &Value, case: &str) {
+    assert_raised(reports, case, "RateLimitError", 429);
+    let report = &reports[case];
+    assert_eq!(report["body"]["code"], "overloaded", "{report}");
+    let retry_after = report["retry_after"]
+        .as_str()
+        .unwrap_or_else(|| panic!("429 without Retry-After: {report}"));
+    assert!(
+        retry_after.trim().parse::<u64>().is_ok() || retry_after.contains("GMT"),
+        "Retry-After is neither seconds nor a date: {retry_after:?}"
+    );
+}
+
+#[test]
+fn sdk_overload_raises_rate_limit_error_with_retry_after() {
+    let (server, upstream, _ws) = overloaded_chorus();
+    let reports = error_cases(&server, ANY_KEY, "third", &["chat"]);
+    assert_overloaded(&reports, "chat");
+    assert_eq!(server.stats()["requests"]["overloaded"], 1);
     assert_eq!(
         upstream.requests().len(),
         1,

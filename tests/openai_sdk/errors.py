@@ -4,8 +4,8 @@ classes it raised, with the HTTP status, the `Retry-After` header and the
 error body. A case that raises nothing reports `"raised": null`.
 
 Cases:
-- `chat`, `stream`: a plain chat, not streamed / streamed (to be refused
-  for the server's own reasons: a wrong key, overload);
+- `chat`, `stream`: a plain chat, not streamed / streamed and read to its
+  end (to be refused for the server's own reasons: a wrong key, overload);
 - `n`: `n=2`; `tools`: a client-supplied tool; `image`: an image content
   part; `oversize`: a message of `oversize_bytes` characters;
 - `unknown_endpoint`: `POST /v1/embeddings`, which chorus does not serve;
@@ -13,8 +13,8 @@ Cases:
   own `get`;
 - `raw_stream_unknown`: the same through the HTTP client the SDK is built
   on, without the SDK: reports the status and the body;
-- `broken_stream`: a streamed chat read to its end, for a stream that
-  breaks off after it began: also reports the text read before the error.
+- `broken_stream`: the same as `stream`, for a stream that breaks off
+  after it began. Both report the text read before any error.
 
 PARAMS: {"model": MODEL, "question": TEXT, "cases": [CASE, ...],
          "oversize_bytes": N}
@@ -78,8 +78,7 @@ def run_case(sdk, base_url, api_key, params, case):
         if case == "chat":
             chat(sdk, params)
         elif case == "stream":
-            with chat(sdk, params, stream=True):
-                pass
+            read_stream(sdk, params, report)
         elif case == "n":
             chat(sdk, params, n=2)
         elif case == "tools":
