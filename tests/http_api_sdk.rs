@@ -562,6 +562,24 @@ fn sdk_overload_raises_rate_limit_error_with_retry_after() {
     );
 }
 
+/// A streamed chat refused for a full queue has produced nothing yet: the
+/// contract's `429` with `Retry-After` (which the SDK raises as
+/// `RateLimitError`, and retries after the delay when retries are on)
+/// rather than a `200` whose only event is the error.
+#[test]
+fn sdk_overload_of_a_streamed_chat_raises_rate_limit_error_too() {
+    let (server, upstream, _ws) = overloaded_chorus();
+    let reports = error_cases(&server, ANY_KEY, "third", &["stream"]);
+    assert_eq!(reports["stream"]["text"], "", "{reports}");
+    assert_overloaded(&reports, "stream");
+    assert_eq!(server.stats()["requests"]["overloaded"], 1);
+    assert_eq!(
+        upstream.requests().len(),
+        1,
+        "only the first chat went upstream"
+    );
+}
+
 #[test]
 fn sdk_client_leaving_mid_stream_aborts_the_upstream_call() {
     let upstream = Upstream::start();
