@@ -5,6 +5,7 @@
 
 pub mod browser;
 pub mod http1;
+pub mod openai_api;
 pub mod python;
 pub mod redis_server;
 pub mod tool_rounds;
