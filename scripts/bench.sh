@@ -7,12 +7,21 @@
 #   scripts/bench.sh ttft       # one of: cache-hit ttft fanout idle-rss cluster stream-cost
 #                               #         chaos chaos-cluster
 #
+# TRANSPORT=http runs cache-hit and fanout over the OpenAI-compatible HTTP
+# API (streamed answers, kept-alive connections) instead of WebSockets
+# (TRANSPORT=ws, the default), with the same server configuration, e.g.
+#   TRANSPORT=http CONNECTIONS=32 scripts/bench.sh cache-hit
+#   TRANSPORT=http scripts/bench.sh fanout
+# The other scenarios are WebSocket only and refuse TRANSPORT=http; with
+# no scenario named, TRANSPORT=http runs those two.
+#
 # CHORUS_BIN and LOAD_BIN name the server and load-generator binaries
 # (default: the release builds under target/), e.g. to compare two builds
 # of the server in alternating runs. The release build is skipped when both
 # are set.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+transport=${TRANSPORT:-ws}
 
 if [ -z "${CHORUS_BIN:-}" ] || [ -z "${LOAD_BIN:-}" ]; then
   cargo build --release --locked --bins
@@ -68,6 +77,9 @@ stop_server() {
 
 run() {
   local scenario=$1
+  if [ "$transport" != ws ] && [ "$scenario" != cache-hit ] && [ "$scenario" != fanout ]; then
+    echo "TRANSPORT=$transport is for cache-hit and fanout only, not $scenario" >&2; exit 2
+  fi
   case $scenario in
     cache-hit)
       start_server cache "[workers]
@@ -76,7 +88,8 @@ cache_workers = ${CACHE_WORKERS:-2}
 first_token_ms = 1
 token_interval_ms = 0
 tokens = 64'
-      "$load" cache-hit --addr "$addr" --pid "$server_pid" --connections "${CONNECTIONS:-8}" --requests 20000 ;;
+      "$load" cache-hit --addr "$addr" --pid "$server_pid" --connections "${CONNECTIONS:-8}" --requests 20000 \
+        --transport "$transport" ;;
     ttft)
       start_server ttft '[workers]
 max_concurrent_llm_streams = 256
@@ -93,7 +106,8 @@ follow_queue = 4096
 first_token_ms = 3000
 token_interval_ms = ${TOKEN_INTERVAL_MS:-20}
 tokens = 64"
-      "$load" fanout --addr "$addr" --pid "$server_pid" --connections "${CONNECTIONS:-2000}" ;;
+      "$load" fanout --addr "$addr" --pid "$server_pid" --connections "${CONNECTIONS:-2000}" \
+        --transport "$transport" ;;
     idle-rss)
       start_server idle ''
       "$load" idle-rss --addr "$addr" --pid "$server_pid" --connections 2000 ;;
@@ -164,7 +178,9 @@ max_concurrent_llm_streams = ${STREAMS:-256}$tools"
 
 if [ $# -gt 0 ]; then
   for s in "$@"; do run "$s"; done
-else
+elif [ "$transport" = ws ]; then
   for s in cache-hit ttft fanout idle-rss; do run "$s"; done
+else
+  for s in cache-hit fanout; do run "$s"; done
 fi
 exit "$status"

@@ -1,5 +1,7 @@
 //! The WebSocket client side: a minimal blocking client, and a reactor that
-//! drives many connections from one thread with kernel receive timestamps.
+//! drives many connections from one thread with kernel receive timestamps
+//! (its transport-neutral half, [`Sockets`], also drives the HTTP clients of
+//! [`crate::http_client`]).
 
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
@@ -114,37 +116,116 @@ pub struct Arrival {
 }
 
 struct ReactorConn {
-    /// For sending (tungstenite masks client frames).
+    /// For sending (tungstenite masks client frames); its socket is read by
+    /// the reactor's [`Sockets`] through a clone.
     ws: WebSocket<TcpStream>,
-    /// The same socket, read here directly, with receive timestamps.
-    reader: TcpStream,
     /// Bytes read and not yet parsed into frames.
     buf: Vec<u8>,
 }
 
-/// Many connections on one thread: non-blocking sockets and one epoll set.
-/// A thread per connection would charge the server for waking thousands of
-/// client threads (on loopback the sender's system call runs the receiver's
-/// wake-up), which no real, remote client costs it.
+/// Many WebSocket connections on one thread: non-blocking sockets and one
+/// epoll set ([`Sockets`]). A thread per connection would charge the server
+/// for waking thousands of client threads (on loopback the sender's system
+/// call runs the receiver's wake-up), which no real, remote client costs it.
 pub struct Reactor {
-    epoll: rustix::fd::OwnedFd,
+    sockets: Sockets,
     conns: Vec<ReactorConn>,
 }
 
 impl Reactor {
     pub fn new(clients: Vec<Client>) -> Result<Reactor, String> {
+        let mut readers = Vec::with_capacity(clients.len());
+        let mut conns = Vec::with_capacity(clients.len());
+        for c in clients {
+            readers.push(c.ws.get_ref().try_clone().map_err(|e| e.to_string())?);
+            conns.push(ReactorConn {
+                ws: c.ws,
+                buf: Vec::new(),
+            });
+        }
+        Ok(Reactor {
+            sockets: Sockets::new(readers)?,
+            conns,
+        })
+    }
+
+    pub fn send(&mut self, i: usize, v: &Value) -> Result<(), String> {
+        send_frame(&mut self.conns[i].ws, v)
+    }
+
+    /// Reads every connection until `on_frame` has said `Finished` for each.
+    /// `on_frame` gets the connection's index, when its frame arrived, and
+    /// the frame: `None` for a token frame (not parsed, to keep the client
+    /// cheap), the parsed JSON otherwise.
+    pub fn run(
+        &mut self,
+        mut on_frame: impl FnMut(usize, Arrival, Option<Value>) -> Result<Next, String>,
+    ) -> Result<(), String> {
+        let conns = &mut self.conns;
+        self.sockets.run(|i, arrival, bytes| {
+            let conn = &mut conns[i];
+            conn.buf.extend_from_slice(bytes);
+            let mut parsed = 0;
+            let mut frames = Vec::new();
+            while let Some((opcode, payload, used)) = server_frame(&conn.buf[parsed..]) {
+                if opcode == 0x8 {
+                    return Err("server closed the connection".into());
+                }
+                if opcode == 0x1 {
+                    frames.push(if payload.starts_with(br#"{"type":"token""#) {
+                        None
+                    } else {
+                        Some(
+                            serde_json::from_slice::<Value>(payload)
+                                .map_err(|e| format!("bad JSON: {e}"))?,
+                        )
+                    });
+                }
+                parsed += used;
+            }
+            conn.buf.drain(..parsed);
+            for frame in frames {
+                match on_frame(i, arrival, frame)? {
+                    Next::Read => {}
+                    Next::Send(v) => send_frame(&mut conn.ws, &v)?,
+                    Next::Finished => return Ok(true),
+                }
+            }
+            Ok(false)
+        })
+    }
+}
+
+fn send_frame(ws: &mut WebSocket<TcpStream>, v: &Value) -> Result<(), String> {
+    // The socket is shared with the non-blocking reader, so this may
+    // find it full: the bytes then wait in tungstenite's buffer.
+    match ws.send(Message::text(v.to_string())) {
+        Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
+        r => r.map_err(|e| format!("send: {e}")),
+    }
+}
+
+/// The transport-neutral half of a reactor: sockets made non-blocking with
+/// kernel receive timestamps (`SO_TIMESTAMPNS`) in one epoll set, read from
+/// one thread. The WebSocket [`Reactor`] and the HTTP one
+/// ([`crate::http_client::HttpReactor`]) parse what it reads.
+pub struct Sockets {
+    epoll: rustix::fd::OwnedFd,
+    sockets: Vec<TcpStream>,
+}
+
+impl Sockets {
+    pub fn new(sockets: Vec<TcpStream>) -> Result<Sockets, String> {
         use rustix::event::epoll;
         use std::os::fd::AsRawFd;
         let epoll = epoll::create(epoll::CreateFlags::CLOEXEC).map_err(|e| e.to_string())?;
-        let mut conns = Vec::with_capacity(clients.len());
-        for (i, c) in clients.into_iter().enumerate() {
-            let reader = c.ws.get_ref().try_clone().map_err(|e| e.to_string())?;
-            reader.set_nonblocking(true).map_err(|e| e.to_string())?;
+        for (i, socket) in sockets.iter().enumerate() {
+            socket.set_nonblocking(true).map_err(|e| e.to_string())?;
             let on: libc::c_int = 1;
             // SAFETY: a valid socket, option and option length.
             let rc = unsafe {
                 libc::setsockopt(
-                    reader.as_raw_fd(),
+                    socket.as_raw_fd(),
                     libc::SOL_SOCKET,
                     libc::SO_TIMESTAMPNS,
                     (&on as *const libc::c_int).cast(),
@@ -159,39 +240,29 @@ impl Reactor {
             }
             epoll::add(
                 &epoll,
-                &reader,
+                socket,
                 epoll::EventData::new_u64(i as u64),
                 epoll::EventFlags::IN,
             )
             .map_err(|e| e.to_string())?;
-            conns.push(ReactorConn {
-                ws: c.ws,
-                reader,
-                buf: Vec::new(),
-            });
         }
-        Ok(Reactor { epoll, conns })
+        Ok(Sockets { epoll, sockets })
     }
 
-    pub fn send(&mut self, i: usize, v: &Value) -> Result<(), String> {
-        // The socket is shared with the non-blocking reader, so this may
-        // find it full: the bytes then wait in tungstenite's buffer.
-        match self.conns[i].ws.send(Message::text(v.to_string())) {
-            Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
-            r => r.map_err(|e| format!("send: {e}")),
-        }
+    /// Connection `i`'s socket (non-blocking).
+    pub fn socket(&self, i: usize) -> &TcpStream {
+        &self.sockets[i]
     }
 
-    /// Reads every connection until `on_frame` has said `Finished` for each.
-    /// `on_frame` gets the connection's index, when its frame arrived, and
-    /// the frame: `None` for a token frame (not parsed, to keep the client
-    /// cheap), the parsed JSON otherwise.
+    /// Reads every socket until `on_bytes` has returned `true` (finished)
+    /// for each. `on_bytes` gets the connection's index, when the bytes
+    /// arrived, and the bytes of one read.
     pub fn run(
-        &mut self,
-        mut on_frame: impl FnMut(usize, Arrival, Option<Value>) -> Result<Next, String>,
+        &self,
+        mut on_bytes: impl FnMut(usize, Arrival, &[u8]) -> Result<bool, String>,
     ) -> Result<(), String> {
         use rustix::event::epoll;
-        let mut open = self.conns.len();
+        let mut open = self.sockets.len();
         let mut finished = vec![false; open];
         let mut events = Vec::with_capacity(1024);
         let mut scratch = vec![0u8; 64 * 1024];
@@ -208,13 +279,12 @@ impl Reactor {
             )
             .map_err(|e| e.to_string())?;
             if events.is_empty() {
-                return Err(format!("no frame for {READ_TIMEOUT:?}"));
+                return Err(format!("nothing read for {READ_TIMEOUT:?}"));
             }
             for event in &events {
                 let i = event.data.u64() as usize;
                 while !finished[i] {
-                    let conn = &mut self.conns[i];
-                    let (n, kernel) = match recv_stamped(&conn.reader, &mut scratch) {
+                    let (n, kernel) = match recv_stamped(&self.sockets[i], &mut scratch) {
                         Ok((0, _)) => return Err("server closed the connection".into()),
                         Ok(got) => got,
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
@@ -224,36 +294,9 @@ impl Reactor {
                         read: Instant::now(),
                         kernel,
                     };
-                    conn.buf.extend_from_slice(&scratch[..n]);
-                    let mut parsed = 0;
-                    let mut frames = Vec::new();
-                    while let Some((opcode, payload, used)) = server_frame(&conn.buf[parsed..]) {
-                        if opcode == 0x8 {
-                            return Err("server closed the connection".into());
-                        }
-                        if opcode == 0x1 {
-                            frames.push(if payload.starts_with(br#"{"type":"token""#) {
-                                None
-                            } else {
-                                Some(
-                                    serde_json::from_slice::<Value>(payload)
-                                        .map_err(|e| format!("bad JSON: {e}"))?,
-                                )
-                            });
-                        }
-                        parsed += used;
-                    }
-                    conn.buf.drain(..parsed);
-                    for frame in frames {
-                        match on_frame(i, arrival, frame)? {
-                            Next::Read => {}
-                            Next::Send(v) => self.send(i, &v)?,
-                            Next::Finished => {
-                                finished[i] = true;
-                                open -= 1;
-                                break;
-                            }
-                        }
+                    if on_bytes(i, arrival, &scratch[..n])? {
+                        finished[i] = true;
+                        open -= 1;
                     }
                 }
             }

@@ -6,8 +6,143 @@ use std::time::Instant;
 use serde_json::{json, Value};
 
 use crate::client::{Client, Next, Observed, Reactor};
+use crate::http_client::{chat_request, failure, HttpEvent, HttpReactor, Step};
 use crate::measure::{cpu_seconds, redis_commands, stats, summary};
-use crate::Args;
+use crate::{Args, Transport};
+
+/// What the connections saw: each one's tokens, when its answer began
+/// (kernel receive time of `start` or the response head), and the server's
+/// CPU time and the Redis command count taken once every connection was
+/// open, just before the questions went out.
+type Seen = (Vec<Observed>, Vec<f64>, Option<f64>, Option<u64>);
+
+fn observing() -> Observed {
+    Observed {
+        sent: Instant::now(),
+        first_token: None,
+        token_times: Vec::with_capacity(64),
+        kernel_times: Vec::with_capacity(64),
+        end: Value::Null,
+        role: String::new(),
+    }
+}
+
+fn counters(args: &Args) -> Result<(Option<f64>, Option<u64>), String> {
+    Ok((
+        args.pid.map(cpu_seconds).transpose()?,
+        args.redis.as_deref().map(redis_commands).transpose()?,
+    ))
+}
+
+fn over_ws(
+    args: &Args,
+    connections: usize,
+    node: impl Fn(usize) -> SocketAddr,
+) -> Result<Seen, String> {
+    let clients: Vec<Client> = (0..connections)
+        .map(|i| Client::connect(node(i)))
+        .collect::<Result<_, _>>()?;
+    let mut reactor = Reactor::new(clients)?;
+    let (cpu_before, redis_before) = counters(args)?;
+    let mut observed = Vec::with_capacity(connections);
+    let mut joined = vec![f64::NAN; connections];
+    for i in 0..connections {
+        let id = format!("f{i}");
+        reactor.send(
+            i,
+            &json!({"type": "chat", "id": id, "message": args.message}),
+        )?;
+        observed.push(observing());
+    }
+    reactor.run(|i, arrival, frame| {
+        let o = &mut observed[i];
+        let Some(v) = frame else {
+            o.first_token.get_or_insert(arrival.read);
+            o.token_times.push(arrival.read);
+            o.kernel_times.push(arrival.kernel);
+            return Ok(Next::Read);
+        };
+        match v["type"].as_str() {
+            Some("start") => {
+                o.role = v["role"].as_str().unwrap_or("").to_owned();
+                joined[i] = arrival.kernel;
+            }
+            Some("done") => {
+                o.end = v;
+                return Ok(Next::Finished);
+            }
+            Some("error") => return Err(format!("chat failed: {v}")),
+            _ => {}
+        }
+        Ok(Next::Read)
+    })?;
+    Ok((observed, joined, cpu_before, redis_before))
+}
+
+/// The same over the HTTP API: every connection POSTs the same streamed
+/// request (keyed like a WebSocket chat of the question), the first to
+/// arrive leads, the others follow.
+fn over_http(
+    args: &Args,
+    connections: usize,
+    node: impl Fn(usize) -> SocketAddr,
+) -> Result<Seen, String> {
+    // Every node is reached at its own address; the Host header names the
+    // first, which a server on loopback accepts for any of them.
+    let request = chat_request(
+        args.addr,
+        &args.message,
+        &args.system_prompt,
+        args.max_tokens,
+        false,
+    );
+    let mut reactor = HttpReactor::connect((0..connections).map(&node), request)?;
+    let (cpu_before, redis_before) = counters(args)?;
+    let mut observed = Vec::with_capacity(connections);
+    let mut joined = vec![f64::NAN; connections];
+    let mut status = vec![0u16; connections];
+    for i in 0..connections {
+        reactor.ask(i)?;
+        observed.push(observing());
+    }
+    reactor.run(|i, arrival, event| {
+        let o = &mut observed[i];
+        match event {
+            HttpEvent::Head(head) => {
+                status[i] = head.status;
+                o.role.clone_from(&head.role);
+                joined[i] = arrival.kernel;
+            }
+            HttpEvent::Token(seq) => {
+                if *seq != o.kernel_times.len() as u64 {
+                    return Err(format!(
+                        "connection {i}: token {seq} after {} tokens",
+                        o.kernel_times.len()
+                    ));
+                }
+                o.first_token.get_or_insert(arrival.read);
+                o.token_times.push(arrival.read);
+                o.kernel_times.push(arrival.kernel);
+            }
+            HttpEvent::Data(_) if event.is_error() => {
+                return Err(format!("request failed: {}", failure(status[i], event)));
+            }
+            HttpEvent::Body(_) => {
+                return Err(format!("request failed: {}", failure(status[i], event)));
+            }
+            HttpEvent::Data(_) => {}
+            HttpEvent::Done => o.end = json!("[DONE]"),
+            HttpEvent::End => {
+                if o.end.is_null() {
+                    return Err(format!("connection {i}: a stream ended without [DONE]"));
+                }
+                return Ok(Step::Finished);
+            }
+        }
+        Ok(Step::Read)
+    })?;
+    Ok((observed, joined, cpu_before, redis_before))
+}
 
 /// receiver of each token the others are.
 pub fn fanout(args: &Args) -> Result<Value, String> {
@@ -19,47 +154,11 @@ pub fn fanout(args: &Args) -> Result<Value, String> {
     let nodes: Vec<SocketAddr> = std::iter::once(args.addr)
         .chain(args.more_addrs.iter().copied())
         .collect();
-    let clients: Vec<Client> = (0..connections)
-        .map(|i| Client::connect(nodes[i % nodes.len()]))
-        .collect::<Result<_, _>>()?;
-    let mut reactor = Reactor::new(clients)?;
-    let cpu_before = args.pid.map(cpu_seconds).transpose()?;
-    let redis_before = args.redis.as_deref().map(redis_commands).transpose()?;
-    let mut observed = Vec::with_capacity(connections);
-    for i in 0..connections {
-        let id = format!("f{i}");
-        reactor.send(
-            i,
-            &json!({"type": "chat", "id": id, "message": args.message}),
-        )?;
-        observed.push(Observed {
-            sent: Instant::now(),
-            first_token: None,
-            token_times: Vec::with_capacity(64),
-            kernel_times: Vec::with_capacity(64),
-            end: Value::Null,
-            role: String::new(),
-        });
-    }
-    reactor.run(|i, arrival, frame| {
-        let o = &mut observed[i];
-        let Some(v) = frame else {
-            o.first_token.get_or_insert(arrival.read);
-            o.token_times.push(arrival.read);
-            o.kernel_times.push(arrival.kernel);
-            return Ok(Next::Read);
-        };
-        match v["type"].as_str() {
-            Some("start") => o.role = v["role"].as_str().unwrap_or("").to_owned(),
-            Some("done") => {
-                o.end = v;
-                return Ok(Next::Finished);
-            }
-            Some("error") => return Err(format!("chat failed: {v}")),
-            _ => {}
-        }
-        Ok(Next::Read)
-    })?;
+    let node = |i: usize| nodes[i % nodes.len()];
+    let (observed, joined, cpu_before, redis_before) = match args.transport {
+        Transport::Ws => over_ws(args, connections, node)?,
+        Transport::Http => over_http(args, connections, node)?,
+    };
     let server_cpu = match (args.pid, cpu_before) {
         (Some(pid), Some(before)) => Some(cpu_seconds(pid)? - before),
         _ => None,
@@ -93,12 +192,22 @@ pub fn fanout(args: &Args) -> Result<Value, String> {
         (Some(url), Some(before)) => Some(redis_commands(url)? - before),
         _ => None,
     };
+    // A connection whose answer began (`start`, or the response head) after
+    // the first token had reached anyone joined late, and was caught up
+    // from the replay rather than fanned out to.
+    let first_token = observed
+        .iter()
+        .filter_map(|o| o.kernel_times.first().copied())
+        .fold(f64::INFINITY, f64::min);
+    let joined_late = joined.iter().filter(|&&t| t > first_token).count();
     Ok(json!({
         "scenario": "fanout",
+        "transport": args.transport.as_str(),
         "nodes": nodes.len(),
         "connections": connections,
         "tokens": tokens,
         "roles": roles,
+        "joined_after_the_first_token": joined_late,
         "upstream_calls (all nodes)": upstream_calls,
         "redis_commands": redis_delta,
         "redis_commands_per_generated_token": redis_delta.map(|d| d as f64 / tokens.max(1) as f64),

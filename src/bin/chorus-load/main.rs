@@ -5,8 +5,10 @@
 //!
 //! ```text
 //! chorus-load cache-hit   --addr 127.0.0.1:8080 --pid PID [--connections 8] [--requests 2000]
+//!                         [--transport ws|http]
 //! chorus-load ttft        --addr 127.0.0.1:8080 [--connections 200] [--rounds 5] [--first-token-ms 200]
 //! chorus-load fanout      --addr 127.0.0.1:8080[,127.0.0.1:8081…] [--pid PID] [--connections 2000] [--redis URL] [--message TEXT]
+//!                         [--transport ws|http]
 //! chorus-load idle-rss    --addr 127.0.0.1:8080 --pid PID [--connections 2000]
 //! chorus-load stream-cost --addr 127.0.0.1:8080 --pid PID --upstream 127.0.0.1:PORT [--upstream-pid PID]
 //!                         [--connections 200] [--rounds 5] [--first-token-ms 200]
@@ -23,12 +25,24 @@
 //! clients and exits non-zero, with its summary, when one is broken (see
 //! its module). `scripts/bench.sh` starts a server with the configuration each
 //! scenario needs and runs them.
+//!
+//! `--transport http` runs `cache-hit` and `fanout` over the
+//! OpenAI-compatible HTTP API instead of WebSockets (`POST
+//! /v1/chat/completions`, `"stream": true`, kept-alive connections; see
+//! `http_client`). Each question is then sent as a system message
+//! (`--system-prompt`, default the server's default `llm.system_prompt`;
+//! none when empty) and the user's message, with `max_tokens`
+//! (`--max-tokens`, default the server's default `llm.max_tokens`): the
+//! request the server keys like a WebSocket chat of the same question in a
+//! new conversation. The output has the same shape either way, with a
+//! `"transport"` field.
 
 mod cache_hit;
 mod chaos;
 mod chaos_conn;
 mod client;
 mod fanout;
+mod http_client;
 mod idle_rss;
 mod measure;
 mod stream_cost;
@@ -40,6 +54,24 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 const CLIENT_STACK: usize = 128 * 1024;
+
+/// How `cache-hit` and `fanout` talk to the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Transport {
+    /// The WebSocket protocol (`/ws`).
+    Ws,
+    /// The OpenAI-compatible HTTP API, streamed answers (SSE).
+    Http,
+}
+
+impl Transport {
+    fn as_str(self) -> &'static str {
+        match self {
+            Transport::Ws => "ws",
+            Transport::Http => "http",
+        }
+    }
+}
 
 struct Args {
     scenario: String,
@@ -83,6 +115,13 @@ struct Args {
     gentle_cancels: bool,
     /// `fanout`: the question every connection asks.
     message: String,
+    /// `cache-hit` and `fanout`: WebSocket or HTTP.
+    transport: Transport,
+    /// HTTP: the system message sent before the question (the server's
+    /// `llm.system_prompt`, for requests keyed like WebSocket chats).
+    system_prompt: String,
+    /// HTTP: the `max_tokens` sent (the server's `llm.max_tokens`).
+    max_tokens: u32,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -113,6 +152,11 @@ fn parse_args() -> Result<Args, String> {
         deadline_ms: 30_000,
         gentle_cancels: false,
         message: "One question for everyone".to_owned(),
+        transport: Transport::Ws,
+        // chorus's defaults (src/config.rs): an HTTP request with these is
+        // keyed like a WebSocket chat.
+        system_prompt: "You are a helpful assistant.".to_owned(),
+        max_tokens: 1024,
     };
     while let Some(flag) = args.next() {
         if flag == "--no-tools-support" {
@@ -158,6 +202,15 @@ fn parse_args() -> Result<Args, String> {
                 parsed.seconds_given = Some(parsed.seconds);
             }
             "--message" => parsed.message = value,
+            "--transport" => {
+                parsed.transport = match value.as_str() {
+                    "ws" => Transport::Ws,
+                    "http" => Transport::Http,
+                    _ => return Err(format!("--transport {value}: ws or http")),
+                }
+            }
+            "--system-prompt" => parsed.system_prompt = value,
+            "--max-tokens" => parsed.max_tokens = value.parse().map_err(|e| bad(&e))?,
             _ => return Err(format!("unknown flag {flag}")),
         }
     }
@@ -170,6 +223,14 @@ fn parse_args() -> Result<Args, String> {
     if times.iter().any(|t| !t.is_finite() || *t < 0.0) {
         return Err("times must be finite and not negative".into());
     }
+    if parsed.transport == Transport::Http
+        && !matches!(parsed.scenario.as_str(), "cache-hit" | "fanout")
+    {
+        return Err(format!(
+            "--transport http is for cache-hit and fanout, not {}",
+            parsed.scenario
+        ));
+    }
     Ok(parsed)
 }
 
@@ -181,6 +242,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    raise_open_file_limit();
     let result = match args.scenario.as_str() {
         "cache-hit" => cache_hit::cache_hit(&args),
         "ttft" => ttft::ttft(&args),
@@ -207,6 +269,24 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("chorus-load: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Raises the soft open-file limit to the hard one: 2,000 connections
+/// need more descriptors (two per WebSocket here, its socket and the
+/// reactor's clone) than the usual soft limit of 1,024. The server does
+/// the same for itself.
+fn raise_open_file_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        let raised = rustix::process::Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        if let Err(e) = setrlimit(Resource::Nofile, raised) {
+            eprintln!("chorus-load: cannot raise the open-file limit: {e}");
         }
     }
 }
