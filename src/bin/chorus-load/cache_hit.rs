@@ -78,6 +78,8 @@ pub fn cache_hit(args: &Args) -> Result<Value, String> {
             .filter(|(before, after)| after > before)
             .map(|(before, after)| hits as f64 / (after - before)),
         "hits_per_second": hits as f64 / run.wall,
+        // On the same two cores as the server: what it takes from them.
+        "client_cpu_us_per_hit": run.client_cpu * 1e6 / hits.max(1) as f64,
         "client_latency_to_first_token_ms": summary(run.latencies),
         "upstream_calls": after["upstream"]["calls"],
         "same_question_over_the_other_transport": other_role,
@@ -89,15 +91,28 @@ struct Before {
     commits: Option<f64>,
     cpu: f64,
     threads: std::collections::BTreeMap<String, f64>,
+    /// The load generator's own CPU seconds.
+    client_cpu: f64,
     at: Instant,
 }
 
 impl Before {
     fn take(args: &Args, pid: u32) -> Result<Before, String> {
+        // The warm-up chats' history writes settle first, so that their
+        // commits (and CPU) are not counted with the measured asks.
+        let mut history = stats(args.addr)?["history"].take();
+        for _ in 0..200 {
+            if history["pending_writes"].as_u64().unwrap_or(0) == 0 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            history = stats(args.addr)?["history"].take();
+        }
         Ok(Before {
-            commits: stats(args.addr)?["history"]["commits"].as_f64(),
+            commits: history["commits"].as_f64(),
             cpu: cpu_seconds(pid)?,
             threads: cpu_by_thread(pid)?,
+            client_cpu: cpu_seconds(std::process::id())?,
             at: Instant::now(),
         })
     }
@@ -112,6 +127,8 @@ struct Run {
     answers: usize,
     /// Server CPU seconds over the asks.
     cpu: f64,
+    /// The load generator's CPU seconds over the asks.
+    client_cpu: f64,
     /// Seconds the asks took.
     wall: f64,
     /// CPU seconds by thread role after the asks, read while the
@@ -184,11 +201,13 @@ fn over_ws(
     })?;
     let wall = before.at.elapsed().as_secs_f64();
     let cpu = cpu_seconds(pid)? - before.cpu;
+    let client_cpu = cpu_seconds(std::process::id())? - before.client_cpu;
     Ok(Run {
         before,
         hits,
         answers,
         cpu,
+        client_cpu,
         wall,
         threads: cpu_by_thread(pid)?,
         latencies,
@@ -211,6 +230,7 @@ fn over_http(
         })
         .collect::<Result<_, _>>()?;
     let mut status = vec![0u16; connections];
+    let mut done = vec![false; connections];
     let mut latencies = Vec::with_capacity(per_connection * connections);
     let (mut hits, mut answers) = (0, 0);
     reactor.run(|i, arrival, event| {
@@ -229,10 +249,14 @@ fn over_http(
             HttpEvent::Body(_) => {
                 return Err(format!("request failed: {}", failure(status[i], event)));
             }
-            HttpEvent::Data(_) | HttpEvent::Done => {}
+            HttpEvent::Done => done[i] = true,
+            HttpEvent::Data(_) => {}
             HttpEvent::End => {
                 if status[i] != 200 {
                     return Err(format!("request failed: HTTP {}", status[i]));
+                }
+                if !std::mem::take(&mut done[i]) {
+                    return Err(format!("connection {i}: a stream ended without [DONE]"));
                 }
                 hits += usize::from(s.role_cache);
                 answers += 1;
@@ -248,11 +272,13 @@ fn over_http(
     })?;
     let wall = before.at.elapsed().as_secs_f64();
     let cpu = cpu_seconds(pid)? - before.cpu;
+    let client_cpu = cpu_seconds(std::process::id())? - before.client_cpu;
     Ok(Run {
         before,
         hits,
         answers,
         cpu,
+        client_cpu,
         wall,
         threads: cpu_by_thread(pid)?,
         latencies,

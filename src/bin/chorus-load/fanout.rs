@@ -1,5 +1,6 @@
 //! One generation fanned out to many connections.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Instant;
 
@@ -7,14 +8,23 @@ use serde_json::{json, Value};
 
 use crate::client::{Client, Next, Observed, Reactor};
 use crate::http_client::{chat_request, failure, HttpEvent, HttpReactor, Step};
-use crate::measure::{cpu_seconds, redis_commands, stats, summary};
+use crate::measure::{cpu_by_thread, cpu_seconds, redis_commands, stats, summary};
 use crate::{Args, Transport};
 
-/// What the connections saw: each one's tokens, when its answer began
-/// (kernel receive time of `start` or the response head), and the server's
-/// CPU time and the Redis command count taken once every connection was
-/// open, just before the questions went out.
-type Seen = (Vec<Observed>, Vec<f64>, Option<f64>, Option<u64>);
+/// What the connections saw, and the counters around it.
+struct Seen {
+    /// Each connection's tokens.
+    observed: Vec<Observed>,
+    /// When each connection's answer began: the kernel receive time of
+    /// `start`, or of the response head.
+    joined: Vec<f64>,
+    /// Taken once every connection was open, just before the questions
+    /// went out.
+    before: Counters,
+    /// The same at the end, read while the connections (and so their
+    /// server threads) are still open.
+    after: Counters,
+}
 
 fn observing() -> Observed {
     Observed {
@@ -27,11 +37,23 @@ fn observing() -> Observed {
     }
 }
 
-fn counters(args: &Args) -> Result<(Option<f64>, Option<u64>), String> {
-    Ok((
-        args.pid.map(cpu_seconds).transpose()?,
-        args.redis.as_deref().map(redis_commands).transpose()?,
-    ))
+struct Counters {
+    /// The server's CPU seconds.
+    cpu: Option<f64>,
+    /// The server's CPU seconds by thread role.
+    threads: Option<BTreeMap<String, f64>>,
+    redis: Option<u64>,
+    /// The load generator's own CPU seconds.
+    client_cpu: f64,
+}
+
+fn counters(args: &Args) -> Result<Counters, String> {
+    Ok(Counters {
+        cpu: args.pid.map(cpu_seconds).transpose()?,
+        threads: args.pid.map(cpu_by_thread).transpose()?,
+        redis: args.redis.as_deref().map(redis_commands).transpose()?,
+        client_cpu: cpu_seconds(std::process::id())?,
+    })
 }
 
 fn over_ws(
@@ -43,7 +65,7 @@ fn over_ws(
         .map(|i| Client::connect(node(i)))
         .collect::<Result<_, _>>()?;
     let mut reactor = Reactor::new(clients)?;
-    let (cpu_before, redis_before) = counters(args)?;
+    let before = counters(args)?;
     let mut observed = Vec::with_capacity(connections);
     let mut joined = vec![f64::NAN; connections];
     for i in 0..connections {
@@ -76,7 +98,12 @@ fn over_ws(
         }
         Ok(Next::Read)
     })?;
-    Ok((observed, joined, cpu_before, redis_before))
+    Ok(Seen {
+        observed,
+        joined,
+        before,
+        after: counters(args)?,
+    })
 }
 
 /// The same over the HTTP API: every connection POSTs the same streamed
@@ -97,7 +124,7 @@ fn over_http(
         false,
     );
     let mut reactor = HttpReactor::connect((0..connections).map(&node), request)?;
-    let (cpu_before, redis_before) = counters(args)?;
+    let before = counters(args)?;
     let mut observed = Vec::with_capacity(connections);
     let mut joined = vec![f64::NAN; connections];
     let mut status = vec![0u16; connections];
@@ -141,10 +168,18 @@ fn over_http(
         }
         Ok(Step::Read)
     })?;
-    Ok((observed, joined, cpu_before, redis_before))
+    Ok(Seen {
+        observed,
+        joined,
+        before,
+        after: counters(args)?,
+    })
 }
 
-/// receiver of each token the others are.
+/// One generation to many subscribers: every connection asks the same
+/// question at once (one leads, the others follow), and the lag of every
+/// token at every connection is measured behind the first receiver of
+/// each token the others are.
 pub fn fanout(args: &Args) -> Result<Value, String> {
     let connections = if args.connections == 0 {
         2000
@@ -155,14 +190,17 @@ pub fn fanout(args: &Args) -> Result<Value, String> {
         .chain(args.more_addrs.iter().copied())
         .collect();
     let node = |i: usize| nodes[i % nodes.len()];
-    let (observed, joined, cpu_before, redis_before) = match args.transport {
+    let Seen {
+        observed,
+        joined,
+        before,
+        after,
+    } = match args.transport {
         Transport::Ws => over_ws(args, connections, node)?,
         Transport::Http => over_http(args, connections, node)?,
     };
-    let server_cpu = match (args.pid, cpu_before) {
-        (Some(pid), Some(before)) => Some(cpu_seconds(pid)? - before),
-        _ => None,
-    };
+    let server_cpu = before.cpu.zip(after.cpu).map(|(b, a)| a - b);
+    let client_cpu = after.client_cpu - before.client_cpu;
     let tokens = observed
         .iter()
         .map(|o| o.token_times.len())
@@ -188,10 +226,7 @@ pub fn fanout(args: &Args) -> Result<Value, String> {
         .iter()
         .map(|n| stats(*n).map(|s| s["upstream"]["calls"].as_u64().unwrap_or(0)))
         .sum::<Result<u64, String>>()?;
-    let redis_delta = match (args.redis.as_deref(), redis_before) {
-        (Some(url), Some(before)) => Some(redis_commands(url)? - before),
-        _ => None,
-    };
+    let redis_delta = before.redis.zip(after.redis).map(|(b, a)| a - b);
     // A connection whose answer began (`start`, or the response head) after
     // the first token had reached anyone joined late, and was caught up
     // from the replay rather than fanned out to.
@@ -200,6 +235,18 @@ pub fn fanout(args: &Args) -> Result<Value, String> {
         .filter_map(|o| o.kernel_times.first().copied())
         .fold(f64::INFINITY, f64::min);
     let joined_late = joined.iter().filter(|&&t| t > first_token).count();
+    let delivered = (connections * tokens.max(1)) as f64;
+    let by_thread: Option<serde_json::Map<String, Value>> =
+        before.threads.zip(after.threads).map(|(before, after)| {
+            after
+                .into_iter()
+                .map(|(role, seconds)| {
+                    let spent = seconds - before.get(&role).copied().unwrap_or(0.0);
+                    (role, json!(spent * 1e6 / delivered))
+                })
+                .filter(|(_, us)| us.as_f64().unwrap_or(0.0) > 0.0)
+                .collect()
+        });
     Ok(json!({
         "scenario": "fanout",
         "transport": args.transport.as_str(),
@@ -217,6 +264,9 @@ pub fn fanout(args: &Args) -> Result<Value, String> {
         "worst_read_lag_per_connection_ms": summary(read_lags.1),
         "server_cpu_us_per_delivered_token": server_cpu
             .map(|cpu| cpu * 1e6 / (connections * tokens.max(1)) as f64),
+        "server_cpu_us_per_delivered_token_by_thread": by_thread,
+        // On the same two cores as the server: what it takes from them.
+        "client_cpu_us_per_delivered_token": client_cpu * 1e6 / (connections * tokens.max(1)) as f64,
     }))
 }
 
