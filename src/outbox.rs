@@ -162,6 +162,15 @@ thread_local! {
 /// Largest scratch buffer a producer thread keeps between writes.
 const SCRATCH_KEEP: usize = 64 * 1024;
 
+/// A range of tokens with at most this many bytes of text is laid out
+/// when it is sent ([`Outbox::tokens_frame`]), so a small cached answer
+/// reaches the socket in one write with its neighbours; a bigger one is
+/// replayed from where it is kept as the socket takes it: no copy per
+/// client, and nothing held for a client that does not read.
+const INLINE_TOKEN_BYTES: usize = 64 * 1024;
+/// Ranges longer than this are replayed without looking at their size.
+const INLINE_MAX_TOKENS: u64 = 4096;
+
 /// A range of a generation's tokens, or of a cached answer's, for one request.
 #[derive(Clone)]
 pub struct Replay {
@@ -362,6 +371,39 @@ impl Outbox {
     /// takes the same way.
     pub fn framing(&self) -> Framing {
         self.framing
+    }
+
+    /// The frame that sends tokens `from..until` of `source` laid out with
+    /// `layout`: framed now when small, else a replay; `None` for an empty
+    /// range. Reads `source`, so never call it under that source's lock.
+    pub fn tokens_frame(
+        &self,
+        layout: &Arc<TokenLayout>,
+        source: &Arc<dyn TokenSource>,
+        from: u64,
+        until: u64,
+    ) -> Option<Frame> {
+        if from >= until {
+            return None;
+        }
+        if until - from <= INLINE_MAX_TOKENS {
+            let mut tokens = Vec::new();
+            source.tokens(from, until, &mut tokens);
+            let text: usize = tokens.iter().map(Token::json_len).sum();
+            if text <= INLINE_TOKEN_BYTES {
+                let mut bytes = Vec::with_capacity(text + tokens.len() * (layout.head.len() + 64));
+                for token in &tokens {
+                    layout.with_parts(token, |parts| (self.framing)(&mut bytes, parts));
+                }
+                return Some(Frame::Encoded(bytes));
+            }
+        }
+        Some(Frame::Replay(Replay {
+            source: source.clone(),
+            layout: layout.clone(),
+            from,
+            to: until,
+        }))
     }
 
     /// Lets producers write straight to `socket` (which must be

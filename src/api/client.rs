@@ -22,12 +22,6 @@ use crate::openai::{self, ApiError, Completion, FinishReason, Usage};
 use crate::outbox::{Frame, Outbox, Replay};
 use crate::protocol::{ErrorCode, Failure, Role};
 
-/// A range of tokens with at most this many bytes of text is laid out
-/// when it is sent (one write with its neighbours); a bigger one is
-/// replayed from where it is kept as the socket takes it.
-const INLINE_TOKEN_BYTES: usize = 64 * 1024;
-/// Ranges longer than this are replayed without looking at their size.
-const INLINE_MAX_TOKENS: u64 = 4096;
 /// What ends a chunked body.
 const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
 
@@ -208,37 +202,6 @@ impl HttpClient {
         self.ended.store(true, Ordering::Release);
     }
 
-    /// The frames for tokens `from..until` of `source` in a streamed answer.
-    fn token_frames(
-        &self,
-        layout: &Arc<TokenLayout>,
-        source: &Arc<dyn TokenSource>,
-        from: u64,
-        until: u64,
-    ) -> Option<Frame> {
-        if from >= until {
-            return None;
-        }
-        if until - from <= INLINE_MAX_TOKENS {
-            let mut tokens = Vec::new();
-            source.tokens(from, until, &mut tokens);
-            let text: usize = tokens.iter().map(Token::json_len).sum();
-            if text <= INLINE_TOKEN_BYTES {
-                let mut bytes = Vec::with_capacity(text + tokens.len() * 200);
-                for token in &tokens {
-                    layout.with_parts(token, |parts| chunked(&mut bytes, parts));
-                }
-                return Some(Frame::Encoded(bytes));
-            }
-        }
-        Some(Frame::Replay(Replay {
-            source: source.clone(),
-            layout: layout.clone(),
-            from,
-            to: until,
-        }))
-    }
-
     /// The frames of `events` for a streamed answer.
     fn streamed(&self, to: &Attachment, st: &mut State, events: &[Event<'_>]) -> Vec<Frame> {
         let mut frames = Vec::new();
@@ -254,7 +217,9 @@ impl HttpClient {
                     from,
                     to: until,
                 } => {
-                    if let Some(tokens) = self.token_frames(&to.layout, source, *from, *until) {
+                    if let Some(tokens) =
+                        self.outbox.tokens_frame(&to.layout, source, *from, *until)
+                    {
                         self.begin(&to.request, st, &mut frames);
                         frames.push(tokens);
                     }

@@ -15,15 +15,6 @@ use crate::broadcast::{Token, TokenSource};
 use crate::delivery::{Attachment, Client, Event, PushError, TokenLayout};
 use crate::outbox::{Frame, Outbox, Replay};
 
-/// A range of tokens with at most this many bytes of text is laid out
-/// when it is sent, so a small cached answer reaches the socket in one
-/// write with its `start` and `done`; a bigger one is replayed from where
-/// it is kept as the socket takes it: no copy per client, and nothing held
-/// for a client that does not read.
-const INLINE_TOKEN_BYTES: usize = 64 * 1024;
-/// Ranges longer than this are replayed without looking at their size.
-const INLINE_MAX_TOKENS: u64 = 4096;
-
 /// An outbox for a WebSocket connection: frames are WebSocket text frames.
 pub fn outbox(frames: usize, bytes: usize) -> std::io::Result<Outbox> {
     Ok(Outbox::bounded(frames, bytes)?.framed(frame::encode_text))
@@ -40,39 +31,6 @@ impl WsClient {
     pub fn new(outbox: Arc<Outbox>) -> Arc<WsClient> {
         Arc::new(WsClient { outbox })
     }
-
-    /// The frame that sends tokens `from..until` of `source`: laid out now
-    /// when small, else a replay.
-    fn tokens(
-        &self,
-        layout: &Arc<TokenLayout>,
-        source: &Arc<dyn TokenSource>,
-        from: u64,
-        until: u64,
-    ) -> Option<Frame> {
-        if from >= until {
-            return None;
-        }
-        if until - from <= INLINE_MAX_TOKENS {
-            let mut tokens = Vec::new();
-            source.tokens(from, until, &mut tokens);
-            let text: usize = tokens.iter().map(Token::json_len).sum();
-            if text <= INLINE_TOKEN_BYTES {
-                let framing = self.outbox.framing();
-                let mut bytes = Vec::with_capacity(text + tokens.len() * (layout.head.len() + 24));
-                for token in &tokens {
-                    layout.with_parts(token, |parts| framing(&mut bytes, parts));
-                }
-                return Some(Frame::Encoded(bytes));
-            }
-        }
-        Some(Frame::Replay(Replay {
-            source: source.clone(),
-            layout: layout.clone(),
-            from,
-            to: until,
-        }))
-    }
 }
 
 impl Client for WsClient {
@@ -86,7 +44,7 @@ impl Client for WsClient {
                 source,
                 from,
                 to: until,
-            } => self.tokens(&to.layout, source, *from, *until),
+            } => self.outbox.tokens_frame(&to.layout, source, *from, *until),
             event => encode::event(&to.request, event).map(Frame::Message),
         });
         self.outbox.push_all(frames)
