@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 
@@ -15,9 +15,9 @@ use crate::{Args, Transport};
 struct Seen {
     /// Each connection's tokens.
     observed: Vec<Observed>,
-    /// When each connection's answer began: the kernel receive time of
-    /// `start`, or of the response head.
-    joined: Vec<f64>,
+    /// When the servers had given every request its role (real-time
+    /// clock, seconds), if they did within [`JOIN_WAIT`].
+    joined: Option<f64>,
     /// Taken once every connection was open, just before the questions
     /// went out.
     before: Counters,
@@ -47,6 +47,46 @@ struct Counters {
     client_cpu: f64,
 }
 
+/// How long [`all_joined`] waits; the fan-out configuration's first token
+/// comes 3 s after the questions.
+const JOIN_WAIT: Duration = Duration::from_millis(2500);
+
+/// Requests the servers have given a role (leader, follower or cache; a
+/// follower is counted when it joins the generation).
+fn roles_counted(nodes: &[SocketAddr]) -> Result<u64, String> {
+    nodes
+        .iter()
+        .map(|n| {
+            let requests = stats(*n)?["requests"].take();
+            Ok(["leader", "follower", "cache"]
+                .iter()
+                .map(|role| requests[role].as_u64().unwrap_or(0))
+                .sum::<u64>())
+        })
+        .sum()
+}
+
+/// Waits (at most [`JOIN_WAIT`]) until the servers have given all of the
+/// `connections` requests sent since `before` a role; when they have, the
+/// real-time clock then, in seconds (the clock of kernel receive times).
+fn all_joined(
+    nodes: &[SocketAddr],
+    before: u64,
+    connections: usize,
+) -> Result<Option<f64>, String> {
+    let deadline = Instant::now() + JOIN_WAIT;
+    while Instant::now() < deadline {
+        if roles_counted(nodes)? >= before + connections as u64 {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_err(|e| e.to_string())?;
+            return Ok(Some(now.as_secs_f64()));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(None)
+}
+
 fn counters(args: &Args) -> Result<Counters, String> {
     Ok(Counters {
         cpu: args.pid.map(cpu_seconds).transpose()?,
@@ -56,18 +96,15 @@ fn counters(args: &Args) -> Result<Counters, String> {
     })
 }
 
-fn over_ws(
-    args: &Args,
-    connections: usize,
-    node: impl Fn(usize) -> SocketAddr,
-) -> Result<Seen, String> {
+fn over_ws(args: &Args, connections: usize, nodes: &[SocketAddr]) -> Result<Seen, String> {
+    let node = |i: usize| nodes[i % nodes.len()];
     let clients: Vec<Client> = (0..connections)
         .map(|i| Client::connect(node(i)))
         .collect::<Result<_, _>>()?;
     let mut reactor = Reactor::new(clients)?;
+    let roles_before = roles_counted(nodes)?;
     let before = counters(args)?;
     let mut observed = Vec::with_capacity(connections);
-    let mut joined = vec![f64::NAN; connections];
     for i in 0..connections {
         let id = format!("f{i}");
         reactor.send(
@@ -76,6 +113,7 @@ fn over_ws(
         )?;
         observed.push(observing());
     }
+    let joined = all_joined(nodes, roles_before, connections)?;
     reactor.run(|i, arrival, frame| {
         let o = &mut observed[i];
         let Some(v) = frame else {
@@ -87,7 +125,6 @@ fn over_ws(
         match v["type"].as_str() {
             Some("start") => {
                 o.role = v["role"].as_str().unwrap_or("").to_owned();
-                joined[i] = arrival.kernel;
             }
             Some("done") => {
                 o.end = v;
@@ -109,11 +146,8 @@ fn over_ws(
 /// The same over the HTTP API: every connection POSTs the same streamed
 /// request (keyed like a WebSocket chat of the question), the first to
 /// arrive leads, the others follow.
-fn over_http(
-    args: &Args,
-    connections: usize,
-    node: impl Fn(usize) -> SocketAddr,
-) -> Result<Seen, String> {
+fn over_http(args: &Args, connections: usize, nodes: &[SocketAddr]) -> Result<Seen, String> {
+    let node = |i: usize| nodes[i % nodes.len()];
     // Every node is reached at its own address; the Host header names the
     // first, which a server on loopback accepts for any of them.
     let request = chat_request(
@@ -123,22 +157,22 @@ fn over_http(
         args.max_tokens,
         false,
     );
-    let mut reactor = HttpReactor::connect((0..connections).map(&node), request)?;
+    let mut reactor = HttpReactor::connect((0..connections).map(node), request)?;
+    let roles_before = roles_counted(nodes)?;
     let before = counters(args)?;
     let mut observed = Vec::with_capacity(connections);
-    let mut joined = vec![f64::NAN; connections];
     let mut status = vec![0u16; connections];
     for i in 0..connections {
         reactor.ask(i)?;
         observed.push(observing());
     }
+    let joined = all_joined(nodes, roles_before, connections)?;
     reactor.run(|i, arrival, event| {
         let o = &mut observed[i];
         match event {
             HttpEvent::Head(head) => {
                 status[i] = head.status;
                 o.role.clone_from(&head.role);
-                joined[i] = arrival.kernel;
             }
             HttpEvent::Token(seq) => {
                 if *seq != o.kernel_times.len() as u64 {
@@ -189,15 +223,14 @@ pub fn fanout(args: &Args) -> Result<Value, String> {
     let nodes: Vec<SocketAddr> = std::iter::once(args.addr)
         .chain(args.more_addrs.iter().copied())
         .collect();
-    let node = |i: usize| nodes[i % nodes.len()];
     let Seen {
         observed,
         joined,
         before,
         after,
     } = match args.transport {
-        Transport::Ws => over_ws(args, connections, node)?,
-        Transport::Http => over_http(args, connections, node)?,
+        Transport::Ws => over_ws(args, connections, &nodes)?,
+        Transport::Http => over_http(args, connections, &nodes)?,
     };
     let server_cpu = before.cpu.zip(after.cpu).map(|(b, a)| a - b);
     let client_cpu = after.client_cpu - before.client_cpu;
@@ -227,14 +260,13 @@ pub fn fanout(args: &Args) -> Result<Value, String> {
         .map(|n| stats(*n).map(|s| s["upstream"]["calls"].as_u64().unwrap_or(0)))
         .sum::<Result<u64, String>>()?;
     let redis_delta = before.redis.zip(after.redis).map(|(b, a)| a - b);
-    // A connection whose answer began (`start`, or the response head) after
-    // the first token had reached anyone joined late, and was caught up
-    // from the replay rather than fanned out to.
+    // Every request had joined the generation before its first token
+    // reached anyone: each was fanned out to, none caught up by replay.
     let first_token = observed
         .iter()
         .filter_map(|o| o.kernel_times.first().copied())
         .fold(f64::INFINITY, f64::min);
-    let joined_late = joined.iter().filter(|&&t| t > first_token).count();
+    let joined_before_first_token = joined.map(|at| at < first_token);
     let delivered = (connections * tokens.max(1)) as f64;
     let by_thread: Option<serde_json::Map<String, Value>> =
         before.threads.zip(after.threads).map(|(before, after)| {
@@ -254,7 +286,7 @@ pub fn fanout(args: &Args) -> Result<Value, String> {
         "connections": connections,
         "tokens": tokens,
         "roles": roles,
-        "joined_after_the_first_token": joined_late,
+        "all_joined_before_the_first_token": joined_before_first_token,
         "upstream_calls (all nodes)": upstream_calls,
         "redis_commands": redis_delta,
         "redis_commands_per_generated_token": redis_delta.map(|d| d as f64 / tokens.max(1) as f64),
