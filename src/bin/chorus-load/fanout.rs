@@ -24,6 +24,8 @@ struct Seen {
     /// The same at the end, read while the connections (and so their
     /// server threads) are still open.
     after: Counters,
+    /// Connection attempts refused and tried again (HTTP).
+    refused: usize,
 }
 
 fn observing() -> Observed {
@@ -140,6 +142,7 @@ fn over_ws(args: &Args, connections: usize, nodes: &[SocketAddr]) -> Result<Seen
         joined,
         before,
         after: counters(args)?,
+        refused: 0,
     })
 }
 
@@ -207,6 +210,7 @@ fn over_http(args: &Args, connections: usize, nodes: &[SocketAddr]) -> Result<Se
         joined,
         before,
         after: counters(args)?,
+        refused: reactor.refused(),
     })
 }
 
@@ -228,6 +232,7 @@ pub fn fanout(args: &Args) -> Result<Value, String> {
         joined,
         before,
         after,
+        refused,
     } = match args.transport {
         Transport::Ws => over_ws(args, connections, &nodes)?,
         Transport::Http => over_http(args, connections, &nodes)?,
@@ -287,6 +292,7 @@ pub fn fanout(args: &Args) -> Result<Value, String> {
         "tokens": tokens,
         "roles": roles,
         "all_joined_before_the_first_token": joined_before_first_token,
+        "connects_refused_and_retried": refused,
         "upstream_calls (all nodes)": upstream_calls,
         "redis_commands": redis_delta,
         "redis_commands_per_generated_token": redis_delta.map(|d| d as f64 / tokens.max(1) as f64),
