@@ -261,7 +261,8 @@ fn read_body(
             ),
         ));
     }
-    let _ = tcp.set_nonblocking(false);
+    // The socket is blocking here: a request is read before its response
+    // makes it non-blocking, and `next_request` makes it blocking again.
     if input.len() < len && req.header_has_token("expect", "100-continue") {
         // curl waits for this before it sends a body over 1 KiB.
         let _ = (&*tcp).write_all(b"HTTP/1.1 100 Continue\r\n\r\n");
