@@ -334,6 +334,35 @@ fn finish_response(
     }
 }
 
+/// Opens a response, hands its client to the pipeline with `start` (which
+/// returns the request id, or why it refused), and writes the response or
+/// the refusal.
+fn respond(
+    tcp: &Arc<TcpStream>,
+    asked: Asked,
+    input: &mut Vec<u8>,
+    keep: bool,
+    shared: &Shared,
+    start: impl FnOnce(&Arc<dyn Client>) -> Result<String, Failure>,
+) -> Next {
+    let (outbox, client) = match open_response(tcp, asked, shared) {
+        Ok(opened) => opened,
+        Err(e) => {
+            log::warn!("cannot open an HTTP response: {e}");
+            return Next::Close;
+        }
+    };
+    match start(&client) {
+        Ok(request) => finish_response(tcp, &outbox, &request, input, keep, shared),
+        Err(failure) => {
+            outbox.close();
+            let _ = tcp.set_nonblocking(false);
+            let _ = (&**tcp).write_all(&api::error_response(None, &failure, keep));
+            next(keep)
+        }
+    }
+}
+
 fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -386,22 +415,9 @@ fn completions(
         prompt: parsed.into_prompt(&shared.config.llm.model),
         fresh,
     };
-    let (outbox, client) = match open_response(tcp, asked, shared) {
-        Ok(opened) => opened,
-        Err(e) => {
-            log::warn!("cannot open an HTTP response: {e}");
-            return Next::Close;
-        }
-    };
-    match shared.pipeline.submit_prompt(&client, given) {
-        Ok(request) => finish_response(tcp, &outbox, &request, input, keep, shared),
-        Err(failure) => {
-            outbox.close();
-            let _ = tcp.set_nonblocking(false);
-            let _ = (&**tcp).write_all(&api::error_response(None, &failure, keep));
-            next(keep)
-        }
-    }
+    respond(tcp, asked, input, keep, shared, |client| {
+        shared.pipeline.submit_prompt(client, given)
+    })
 }
 
 /// `GET /v1/chorus/streams/{request}`: the stream of a running or recently
@@ -443,20 +459,10 @@ fn stream(
         keep_alive: keep,
         max_answer_bytes: shared.config.server.outbox_bytes,
     };
-    let (outbox, client) = match open_response(tcp, asked, shared) {
-        Ok(opened) => opened,
-        Err(e) => {
-            log::warn!("cannot open an HTTP response: {e}");
-            return Next::Close;
-        }
-    };
-    match shared.pipeline.resume(&client, &id, from) {
-        Ok(()) => finish_response(tcp, &outbox, &id, input, keep, shared),
-        Err(failure) => {
-            outbox.close();
-            let _ = tcp.set_nonblocking(false);
-            let _ = (&**tcp).write_all(&api::error_response(None, &failure, keep));
-            next(keep)
-        }
-    }
+    respond(tcp, asked, input, keep, shared, |client| {
+        shared
+            .pipeline
+            .resume(client, &id, from)
+            .map(|()| id.clone())
+    })
 }
