@@ -71,7 +71,7 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle, ThreadId};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crossbeam_channel::{Receiver, SendError, Sender};
+use crossbeam_channel::{Receiver, RecvTimeoutError, SendError, Sender};
 use parking_lot::{Mutex, RwLock};
 use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ValueRef};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior};
@@ -86,6 +86,12 @@ const MAX_BATCH: usize = 512;
 
 /// How long a connection waits on a locked database before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long the writer goes without a write before it gives its
+/// connection's caches back (`PRAGMA shrink_memory`): long enough that a
+/// busy server never pays for it, short enough to come before the
+/// janitor's release at the end of the replay window.
+pub const WRITER_IDLE: Duration = Duration::from_secs(10);
 
 const SCHEMA: &str = "
     BEGIN;
@@ -653,6 +659,19 @@ impl History {
         self.inner.shutdown();
     }
 
+    /// Gives the page caches of the pooled read connections that are idle
+    /// now back to the allocator. The writer's connection does the same by
+    /// itself after [`WRITER_IDLE`] without a write. Called when the server
+    /// has nothing running; a connection in use is skipped.
+    pub fn release_memory(&self) {
+        let idle = self.inner.pool.state().idle_connections;
+        // Held together, so every idle connection is visited once.
+        let conns: Vec<_> = (0..idle).map_while(|_| self.inner.pool.try_get()).collect();
+        for conn in &conns {
+            shrink_memory(conn);
+        }
+    }
+
     /// Number of ops queued and not yet committed (for metrics).
     pub fn pending_writes(&self) -> usize {
         self.inner.stats.pending.load(Ordering::Relaxed)
@@ -734,9 +753,28 @@ fn message_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Message> {
 
 fn writer_loop(mut conn: Connection, receiver: Receiver<Op>, stats: Arc<Stats>) {
     let mut batch: Vec<Op> = Vec::with_capacity(MAX_BATCH);
-    // recv fails only once every sender is gone and the queue is empty, so
-    // everything queued before shutdown still gets committed.
-    while let Ok(first) = receiver.recv() {
+    // Whether the connection wrote since it last gave its caches back.
+    let mut wrote = false;
+    loop {
+        // recv fails only once every sender is gone and the queue is empty,
+        // so everything queued before shutdown still gets committed.
+        let first = if wrote {
+            match receiver.recv_timeout(WRITER_IDLE) {
+                Ok(op) => op,
+                Err(RecvTimeoutError::Timeout) => {
+                    shrink_memory(&conn);
+                    wrote = false;
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+        } else {
+            match receiver.recv() {
+                Ok(op) => op,
+                Err(_) => break,
+            }
+        };
+        wrote = true;
         batch.push(first);
         while batch.len() < MAX_BATCH {
             match receiver.try_recv() {
@@ -848,6 +886,16 @@ fn index_conversation(conn: &Connection, conversation: &str) -> rusqlite::Result
 
 fn to_sql_int(value: u64) -> rusqlite::Result<i64> {
     i64::try_from(value).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))
+}
+
+/// Hands the connection's page cache and lookaside memory back to the
+/// allocator (`PRAGMA shrink_memory`): a connection keeps up to its
+/// `cache_size` of pages for as long as it lives, which at idle is memory
+/// that only a new burst would reuse.
+fn shrink_memory(conn: &Connection) {
+    if let Err(e) = conn.execute_batch("PRAGMA shrink_memory") {
+        log::debug!("history: PRAGMA shrink_memory failed: {e}");
+    }
 }
 
 fn checkpoint(conn: &Connection) {

@@ -5,8 +5,9 @@
 //! (and the server has many threads, so many arenas), so RSS stays high
 //! long after the replay window. Asking the allocator to release its free
 //! pages (`malloc_trim`) walks every arena, which is too costly to do after
-//! every free; the janitor asks once when it has just forgotten finished
-//! requests and nothing is running any more ([`idle_after_forgetting`]).
+//! every free; the janitor asks once ([`release`]) when it has just
+//! forgotten finished requests and nothing is running any more, after
+//! shrinking what the pipeline and the history keep from the peak.
 //!
 //! The library has no unsafe code, so the release itself is a hook the
 //! binary installs ([`set_release_hook`]); without one, nothing happens.
@@ -17,8 +18,9 @@
 //! ```
 //! fn release() { /* e.g. libc::malloc_trim(0) */ }
 //! chorus::memory::set_release_hook(release);
-//! assert!(chorus::memory::idle_after_forgetting(3, 0));
-//! assert!(!chorus::memory::idle_after_forgetting(3, 1), "still busy");
+//! let before = chorus::memory::releases();
+//! chorus::memory::release();
+//! assert_eq!(chorus::memory::releases(), before + 1);
 //! ```
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,18 +35,14 @@ pub fn set_release_hook(release: fn()) {
     let _ = HOOK.set(release);
 }
 
-/// Called by the janitor after a sweep: when it `forgot` finished requests
-/// and `running` (live requests and generations) is zero, releases memory
-/// and returns true.
-pub fn idle_after_forgetting(forgot: usize, running: usize) -> bool {
-    if forgot == 0 || running > 0 {
-        return false;
-    }
+/// Hands free memory back to the OS through the hook (if one is set).
+/// The janitor calls it when a burst has ended: it is a walk over every
+/// arena, never for a busy server.
+pub fn release() {
     if let Some(release) = HOOK.get() {
         release();
     }
     RELEASES.fetch_add(1, Ordering::Relaxed);
-    true
 }
 
 /// How many times memory was released, for `/metrics` and tests.
@@ -57,11 +55,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn releases_only_when_something_was_forgotten_and_nothing_runs() {
+    fn every_release_is_counted() {
         let before = releases();
-        assert!(!idle_after_forgetting(0, 0));
-        assert!(!idle_after_forgetting(5, 2));
-        assert!(idle_after_forgetting(5, 0));
-        assert!(releases() > before);
+        release();
+        release();
+        assert!(releases() >= before + 2);
     }
 }

@@ -168,3 +168,76 @@ token_bytes = 4096
     hit.assert_contiguous();
     assert_eq!(hit.text, first.text);
 }
+
+/// What SQLite holds in this process (page caches, lookaside, statements).
+fn sqlite_memory_used() -> i64 {
+    // SAFETY: a read of SQLite's global memory counter; no arguments, no
+    // state of ours involved.
+    unsafe { rusqlite::ffi::sqlite3_memory_used() }
+}
+
+/// The history's connections keep the pages they read and wrote (up to
+/// their cache size each) for as long as they live: after a burst that is
+/// memory only the next burst would reuse. The pooled readers give it back
+/// when asked (the janitor asks when nothing runs any more), the writer by
+/// itself once it has had nothing to write for `WRITER_IDLE`.
+#[test]
+fn an_idle_history_gives_its_sqlite_caches_back() {
+    use chorus::history::{History, Role, WRITER_IDLE};
+    use std::sync::Arc;
+
+    let dir = tempfile::tempdir().unwrap();
+    let history = History::open(&dir.path().join("chat.db"), 4).unwrap();
+    // 8 MB of messages in 40 conversations, so that the caches fill.
+    let text: Arc<str> = "x".repeat(4000).into();
+    for c in 0..40 {
+        let messages = (0..50)
+            .map(|i| {
+                (
+                    if i % 2 == 0 {
+                        Role::User
+                    } else {
+                        Role::Assistant
+                    },
+                    text.clone(),
+                )
+            })
+            .collect();
+        history.write_all(&format!("conversation {c}"), messages, |r| r.unwrap());
+    }
+    history.sync().unwrap();
+    // Four readers at once, so each pooled connection reads (and caches).
+    std::thread::scope(|scope| {
+        for _ in 0..4 {
+            scope.spawn(|| {
+                for c in 0..40 {
+                    let read = history.recent(&format!("conversation {c}"), 50).unwrap();
+                    assert_eq!(read.unwrap().len(), 50);
+                }
+            });
+        }
+    });
+    let after_reads = sqlite_memory_used();
+    history.release_memory();
+    let after_release = sqlite_memory_used();
+    assert!(
+        after_release < after_reads - (2 << 20),
+        "readers kept their caches: {after_reads} -> {after_release} bytes"
+    );
+    // The writer's cache goes once it has been idle long enough.
+    std::thread::sleep(WRITER_IDLE + std::time::Duration::from_secs(1));
+    let after_idle = sqlite_memory_used();
+    assert!(
+        after_idle < after_release - (1 << 20),
+        "the writer kept its cache: {after_release} -> {after_idle} bytes"
+    );
+    // And it still works, caches and all.
+    history.write("conversation 0", Some((Role::User, "more".into())), |r| {
+        r.unwrap()
+    });
+    history.sync().unwrap();
+    assert_eq!(
+        history.recent("conversation 0", 1).unwrap().unwrap()[0].content,
+        "more"
+    );
+}

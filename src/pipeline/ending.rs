@@ -297,7 +297,7 @@ impl Shared {
 /// Under a flood of short requests the window alone would let the map grow
 /// with the request rate; past the cap the oldest leave early (a late
 /// `resume` then gets `not_found`).
-fn to_replay_window(active: &mut Active, request: &Request) {
+pub(super) fn to_replay_window(active: &mut Active, request: &Request) {
     active
         .finished
         .push_back((Instant::now(), request.id.clone()));

@@ -83,7 +83,7 @@ pub(super) fn sweep(shared: &Arc<Shared>, now: Instant) {
     };
     if expired {
         let mut forgot = 0;
-        let running = {
+        let idle = {
             let mut active = shared.active.write();
             while let Some((at, _)) = active.finished.front() {
                 if now.duration_since(*at) <= window {
@@ -94,10 +94,18 @@ pub(super) fn sweep(shared: &Arc<Shared>, now: Instant) {
                     forgot += 1;
                 }
             }
-            active.live.len() + active.generations.len()
+            let idle = forgot > 0 && active.live.is_empty() && active.generations.is_empty();
+            if idle {
+                active.shrink_to_fit();
+            }
+            idle
         };
-        // The last answers of a burst are gone: give their memory back.
-        crate::memory::idle_after_forgetting(forgot, running);
+        // The last answers of a burst are gone and nothing runs: give their
+        // memory back (a busy server would only take it again).
+        if idle {
+            shared.history.release_memory();
+            crate::memory::release();
+        }
     }
     for generation in generations {
         let (stage, since, members, orphaned_since) = {
@@ -292,6 +300,66 @@ mod tests {
         let end = lost.state.lock().end.clone().unwrap();
         assert_eq!(end.result.unwrap_err().code, ErrorCode::ProcessingTimeout);
         assert_eq!(pipeline.live_requests(), 0);
+        pipeline.shutdown();
+    }
+
+    #[test]
+    fn the_end_of_a_burst_gives_the_maps_capacity_back_once_nothing_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let pipeline = pipeline(dir.path());
+        let shared = pipeline.shared.clone();
+        let window = Duration::from_millis(shared.config.timeouts.replay_window_ms);
+        // A burst: 5,000 finished requests in the replay window.
+        {
+            let mut active = shared.active.write();
+            for i in 0..5_000 {
+                let request = Request::new(format!("c{i}"), "conv".into(), "m".into());
+                active.requests.insert(request.id.clone(), request.clone());
+                super::super::ending::to_replay_window(&mut active, &request);
+            }
+        }
+        assert!(shared.active.read().requests.capacity() >= 5_000);
+        // One request still running: the window passes, the burst is
+        // forgotten, but nothing is released (a busy server would only grow
+        // the maps again).
+        let running = Request::new("running".into(), "other".into(), "m".into());
+        shared
+            .active
+            .write()
+            .live
+            .insert(running.id.clone(), running.clone());
+        let releases = crate::memory::releases();
+        sweep(&shared, Instant::now() + window + Duration::from_secs(1));
+        assert!(shared.active.read().requests.is_empty());
+        // (A hash map that removed entries reports a little less capacity,
+        // but keeps its table.)
+        assert!(shared.active.read().requests.capacity() >= 5_000);
+        assert_eq!(crate::memory::releases(), releases, "released while busy");
+        // Nothing running: the next burst's end gives the capacity back.
+        shared.active.write().live.clear();
+        {
+            let mut active = shared.active.write();
+            let request = Request::new("last".into(), "conv".into(), "m".into());
+            active.requests.insert(request.id.clone(), request.clone());
+            super::super::ending::to_replay_window(&mut active, &request);
+        }
+        sweep(&shared, Instant::now() + window + Duration::from_secs(1));
+        let active = shared.active.read();
+        assert!(
+            active.requests.capacity() < 64,
+            "{}",
+            active.requests.capacity()
+        );
+        assert!(
+            active.finished.capacity() < 64,
+            "{}",
+            active.finished.capacity()
+        );
+        drop(active);
+        assert!(
+            crate::memory::releases() > releases,
+            "not released when idle"
+        );
         pipeline.shutdown();
     }
 }

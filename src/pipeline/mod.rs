@@ -115,6 +115,19 @@ struct Active {
     generations: HashMap<u64, Arc<Generation>>,
 }
 
+impl Active {
+    /// Gives back the capacity the maps kept from their peak. Only when
+    /// nothing runs (the janitor's release at the end of a burst): a busy
+    /// server would only grow them again.
+    fn shrink_to_fit(&mut self) {
+        self.requests.shrink_to_fit();
+        self.live.shrink_to_fit();
+        self.finished.shrink_to_fit();
+        self.busy_conversations.shrink_to_fit();
+        self.generations.shrink_to_fit();
+    }
+}
+
 struct Channels {
     intake: Sender<IntakeJob>,
     prepare: Sender<LeaderJob>,
