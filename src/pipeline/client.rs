@@ -195,11 +195,7 @@ impl Shared {
         // is stored (see `announce`). Visible to the janitor and shutdown
         // only now that the request is counted and attached: whatever ends
         // it from here on has an attachment to tell and a count to settle.
-        {
-            let mut active = self.active.write();
-            active.requests.insert(request.id.clone(), request.clone());
-            active.live.insert(request.id.clone(), request.clone());
-        }
+        self.registry.admit(&request);
         let id = request.id.to_string();
         let job = IntakeJob {
             position,
@@ -226,17 +222,8 @@ impl Shared {
     /// instead of refusing with `conversation_busy`.
     fn claim_conversation(&self, request: &Arc<Request>) -> Result<(), Failure> {
         loop {
-            let holder = {
-                let mut active = self.active.write();
-                match active.busy_conversations.get(&request.conversation) {
-                    None => {
-                        active
-                            .busy_conversations
-                            .insert(request.conversation.clone(), request.clone());
-                        return Ok(());
-                    }
-                    Some(holder) => holder.clone(),
-                }
+            let Err(holder) = self.registry.claim_conversation(request) else {
+                return Ok(());
             };
             if !holder.is_ending() || !holder.wait_stored(STORE_WAIT) {
                 return Err(Failure::new(
@@ -250,13 +237,11 @@ impl Shared {
     /// Waits (briefly) until the request that ended last in `conversation`
     /// is stored, so a `history` sent right after a `done` includes it.
     pub(super) fn await_stored(&self, conversation: &str) {
-        let holder = self
-            .active
-            .read()
-            .busy_conversations
-            .get(conversation)
-            .cloned();
-        if let Some(holder) = holder.filter(|h| h.is_ending()) {
+        if let Some(holder) = self
+            .registry
+            .conversation_holder(conversation)
+            .filter(|h| h.is_ending())
+        {
             holder.wait_stored(STORE_WAIT);
         }
     }
@@ -268,30 +253,20 @@ impl Shared {
 
     /// Frees `request`'s conversation, if `request` is the one holding it.
     pub(super) fn release_conversation(&self, request: &Arc<Request>) {
-        let mut active = self.active.write();
-        if active
-            .busy_conversations
-            .get(&request.conversation)
-            .is_some_and(|holder| Arc::ptr_eq(holder, request))
-        {
-            active.busy_conversations.remove(&request.conversation);
-        }
+        self.registry.release_conversation(request);
     }
 
     // -- client operations -------------------------------------------------
 
     /// The model `request` asked for, if this node knows it.
     pub(super) fn model_of(&self, request: &str) -> Option<String> {
-        let model = self.active.read().requests.get(request)?.model.clone();
+        let model = self.registry.get(request)?.model.clone();
         (!model.is_empty()).then_some(model)
     }
 
     pub(super) fn lookup(&self, request: &str) -> Result<Arc<Request>, Failure> {
-        self.active
-            .read()
-            .requests
+        self.registry
             .get(request)
-            .cloned()
             .ok_or_else(|| Failure::new(ErrorCode::NotFound, "no such request, or it expired"))
     }
 
@@ -395,13 +370,7 @@ impl Shared {
     }
 
     pub(super) fn abort_all(self: &Arc<Self>, failure: Failure) {
-        let (generations, requests): (Vec<_>, Vec<_>) = {
-            let active = self.active.read();
-            (
-                active.generations.values().cloned().collect(),
-                active.live.values().cloned().collect(),
-            )
-        };
+        let (requests, generations) = self.registry.snapshot();
         for g in generations {
             self.finish_generation(&g, GenOutcome::Failed(failure.clone()));
         }

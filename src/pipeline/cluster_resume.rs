@@ -203,14 +203,9 @@ impl Shared {
             .lock()
             .attachments
             .push(Attachment::new(client, id));
-        {
-            let mut active = self.active.write();
-            if active.requests.contains_key(id) {
-                // Another resume of it got here first: resume that one.
-                drop(active);
-                return self.resume(client, id, from);
-            }
-            active.requests.insert(request.id.clone(), request.clone());
+        if !self.registry.admit_resumed(&request) {
+            // Another resume of it got here first: resume that one.
+            return self.resume(client, id, from);
         }
         if node.lookups.tx.try_send(request.clone()).is_err() {
             self.drop_resumed(
@@ -387,10 +382,7 @@ impl Shared {
         remotes.insert(token.to_owned(), generation.clone());
         drop(remotes);
         generation.set_stage(Stage::Streaming, None);
-        self.active
-            .write()
-            .generations
-            .insert(generation.id, generation.clone());
+        self.registry.add_generation(&generation);
         let ticket = GenTicket {
             shared: self.clone(),
             generation: generation.clone(),
@@ -505,14 +497,7 @@ impl Shared {
         for a in attachments.iter().filter(|a| a.is_live()) {
             a.send(&[Event::Error { id: None, failure }]);
         }
-        let mut active = self.active.write();
-        if active
-            .requests
-            .get(&request.id)
-            .is_some_and(|r| Arc::ptr_eq(r, request))
-        {
-            active.requests.remove(&request.id);
-        }
+        self.registry.forget(request);
     }
 }
 

@@ -61,7 +61,7 @@ impl Shared {
                 self.metrics.upstream_failures.inc();
             }
         }
-        self.active.write().generations.remove(&generation.id);
+        self.registry.remove_generation(generation.id);
         let result = member_result(&outcome);
         for member in members {
             self.end_request(&member, |_, _| Some((result.clone(), text.clone(), tokens)));
@@ -259,11 +259,7 @@ impl Shared {
     /// stored: frees its conversation and moves it to the replay window.
     pub(super) fn complete_request(&self, request: &Arc<Request>) {
         self.release_conversation(request);
-        {
-            let mut active = self.active.write();
-            active.live.remove(&request.id);
-            to_replay_window(&mut active, request);
-        }
+        self.registry.finish(request);
         self.live_requests.fetch_sub(1, Ordering::AcqRel);
         request.state.lock().phase = Phase::Finished { at: Instant::now() };
         request.stored.notify_all();
@@ -289,22 +285,7 @@ impl Shared {
     /// it ended here (nothing to store: its own node does that).
     pub(super) fn complete_remote(&self, request: &Arc<Request>) {
         request.state.lock().phase = Phase::Finished { at: Instant::now() };
-        to_replay_window(&mut self.active.write(), request);
-    }
-}
-
-/// Lists `request` as finished, for `resume` during the replay window.
-/// Under a flood of short requests the window alone would let the map grow
-/// with the request rate; past the cap the oldest leave early (a late
-/// `resume` then gets `not_found`).
-pub(super) fn to_replay_window(active: &mut Active, request: &Request) {
-    active
-        .finished
-        .push_back((Instant::now(), request.id.clone()));
-    while active.finished.len() > MAX_REPLAYABLE {
-        if let Some((_, id)) = active.finished.pop_front() {
-            active.requests.remove(&id);
-        }
+        self.registry.finish(request);
     }
 }
 

@@ -44,13 +44,7 @@ pub(super) fn run(shared: &Arc<Shared>) {
 pub(super) fn sweep(shared: &Arc<Shared>, now: Instant) {
     let t = &shared.config.timeouts;
     let ms = Duration::from_millis;
-    let (requests, generations): (Vec<_>, Vec<_>) = {
-        let active = shared.active.read();
-        (
-            active.live.values().cloned().collect(),
-            active.generations.values().cloned().collect(),
-        )
-    };
+    let (requests, generations) = shared.registry.snapshot();
     for request in requests {
         let phase = {
             let st = request.state.lock();
@@ -73,39 +67,11 @@ pub(super) fn sweep(shared: &Arc<Shared>, now: Instant) {
             }
         }
     }
-    let window = ms(t.replay_window_ms);
-    let expired = {
-        let active = shared.active.read();
-        active
-            .finished
-            .front()
-            .is_some_and(|(at, _)| now.duration_since(*at) > window)
-    };
-    if expired {
-        let mut forgot = 0;
-        let idle = {
-            let mut active = shared.active.write();
-            while let Some((at, _)) = active.finished.front() {
-                if now.duration_since(*at) <= window {
-                    break;
-                }
-                if let Some((_, id)) = active.finished.pop_front() {
-                    active.requests.remove(&id);
-                    forgot += 1;
-                }
-            }
-            let idle = forgot > 0 && active.live.is_empty() && active.generations.is_empty();
-            if idle {
-                active.shrink_to_fit();
-            }
-            idle
-        };
-        // The last answers of a burst are gone and nothing runs: give their
-        // memory back (a busy server would only take it again).
-        if idle {
-            shared.history.release_memory();
-            crate::memory::release();
-        }
+    // The last answers of a burst are gone and nothing runs: give their
+    // memory back (a busy server would only take it again).
+    if shared.registry.expire(now, ms(t.replay_window_ms)).idle {
+        shared.history.release_memory();
+        crate::memory::release();
     }
     for generation in generations {
         let (stage, since, members, orphaned_since) = {
@@ -117,7 +83,7 @@ pub(super) fn sweep(shared: &Arc<Shared>, now: Instant) {
                 if now.duration_since(generation.created_at) > ms(t.request_ms) {
                     drop(st);
                     log::warn!("generation {} was over but still listed", generation.id);
-                    shared.active.write().generations.remove(&generation.id);
+                    shared.registry.remove_generation(generation.id);
                 }
                 continue;
             }
@@ -192,14 +158,11 @@ pub(super) fn sweep(shared: &Arc<Shared>, now: Instant) {
 /// end, because its generation lost it, must not stay live for ever.
 fn reclaim_requests(shared: &Arc<Shared>, now: Instant) {
     let limit = Duration::from_millis(shared.config.timeouts.request_ms);
-    let stale: Vec<_> = shared
-        .active
-        .read()
-        .live
-        .values()
-        .filter(|r| now.duration_since(r.accepted_at) > limit)
-        .cloned()
-        .collect();
+    let stale = shared
+        .registry
+        .live()
+        .into_iter()
+        .filter(|r| now.duration_since(r.accepted_at) > limit);
     for request in stale {
         // Its generation should have ended it: this is a bug, and the log
         // says where it was lost.
@@ -248,6 +211,7 @@ mod tests {
         // The test sweeps by hand, at times of its choosing; the janitor's
         // own sweeps (real time) never reach request_ms.
         config.timeouts.request_ms = 60_000;
+        config.timeouts.replay_window_ms = 1_000;
         let history = crate::history::History::open(&dir.join("chat.db"), 1).unwrap();
         let cache = Arc::new(crate::cache::MemoryCache::new(16, Duration::from_secs(60)));
         let provider = Arc::new(crate::llm::Simulated {
@@ -276,12 +240,8 @@ mod tests {
             st.source = Some(Source::Generation(leaked.clone()));
         }
         shared.live_requests.fetch_add(1, Ordering::AcqRel);
-        {
-            let mut active = shared.active.write();
-            active.generations.insert(leaked.id, leaked.clone());
-            active.requests.insert(lost.id.clone(), lost.clone());
-            active.live.insert(lost.id.clone(), lost.clone());
-        }
+        shared.registry.add_generation(&leaked);
+        shared.registry.admit(&lost);
         // Within request_ms both are left alone.
         sweep(&shared, Instant::now());
         assert_eq!(pipeline.generations(), 1);
@@ -304,58 +264,42 @@ mod tests {
     }
 
     #[test]
-    fn the_end_of_a_burst_gives_the_maps_capacity_back_once_nothing_runs() {
+    fn the_end_of_a_burst_gives_memory_back_once_nothing_runs() {
         let dir = tempfile::tempdir().unwrap();
         let pipeline = pipeline(dir.path());
         let shared = pipeline.shared.clone();
         let window = Duration::from_millis(shared.config.timeouts.replay_window_ms);
         // A burst: 5,000 finished requests in the replay window.
-        {
-            let mut active = shared.active.write();
-            for i in 0..5_000 {
-                let request = Request::new(format!("c{i}"), "conv".into(), "m".into());
-                active.requests.insert(request.id.clone(), request.clone());
-                super::super::ending::to_replay_window(&mut active, &request);
-            }
+        for i in 0..5_000 {
+            let request = Request::new(format!("c{i}"), "conv".into(), "m".into());
+            shared.registry.admit(&request);
+            shared.registry.finish(&request);
         }
-        assert!(shared.active.read().requests.capacity() >= 5_000);
+        assert!(shared.registry.capacity() >= 5_000);
         // One request still running: the window passes, the burst is
         // forgotten, but nothing is released (a busy server would only grow
         // the maps again).
         let running = Request::new("running".into(), "other".into(), "m".into());
-        shared
-            .active
-            .write()
-            .live
-            .insert(running.id.clone(), running.clone());
+        shared.registry.admit(&running);
         let releases = crate::memory::releases();
         sweep(&shared, Instant::now() + window + Duration::from_secs(1));
-        assert!(shared.active.read().requests.is_empty());
+        assert_eq!(
+            shared.registry.requests(),
+            1,
+            "only the running one is left"
+        );
         // (A hash map that removed entries reports a little less capacity,
         // but keeps its table.)
-        assert!(shared.active.read().requests.capacity() >= 5_000);
+        assert!(shared.registry.capacity() >= 5_000);
         assert_eq!(crate::memory::releases(), releases, "released while busy");
         // Nothing running: the next burst's end gives the capacity back.
-        shared.active.write().live.clear();
-        {
-            let mut active = shared.active.write();
-            let request = Request::new("last".into(), "conv".into(), "m".into());
-            active.requests.insert(request.id.clone(), request.clone());
-            super::super::ending::to_replay_window(&mut active, &request);
-        }
+        shared.registry.finish(&running);
         sweep(&shared, Instant::now() + window + Duration::from_secs(1));
-        let active = shared.active.read();
         assert!(
-            active.requests.capacity() < 64,
+            shared.registry.capacity() < 64,
             "{}",
-            active.requests.capacity()
+            shared.registry.capacity()
         );
-        assert!(
-            active.finished.capacity() < 64,
-            "{}",
-            active.finished.capacity()
-        );
-        drop(active);
         assert!(
             crate::memory::releases() > releases,
             "not released when idle"

@@ -22,9 +22,9 @@
 //! pipeline. A preparation worker hands its prepared prompt over and is free
 //! before the stream starts, so long streams never hold back preparation.
 //!
-//! Threads and state: the active-request map is a `parking_lot::RwLock`
-//! (many readers on resume/cancel/stats, brief writes on accept and end).
-//! Each `request::Request` and `generation::Generation` has its own
+//! Threads and state: what runs is listed in the `registry` (one
+//! `parking_lot::RwLock`, taken last and only for a map operation: its
+//! module states the rule). Each `request::Request` and `generation::Generation` has its own
 //! mutex. A request's end (`done` or `error`) is sent the moment it is
 //! decided; its question and answer then go to the history writer, and its
 //! conversation is released when they are stored. A chat or `history` for
@@ -36,7 +36,8 @@
 //!
 //! Where things are: `client` admits chats and handles `cancel` and
 //! `resume`; `stages` is the work of each pool; `ending` is how
-//! generations and requests end, exactly once; `janitor` the timeouts;
+//! generations and requests end, exactly once; `registry` what is
+//! running, under one lock; `janitor` the timeouts;
 //! `generation` and `request` the two records everything revolves
 //! around; `key` the identical-request key; `prompt` the prompt;
 //! `cluster` the node's part in a cluster, with `cluster_writer` (its
@@ -52,16 +53,15 @@ mod generation;
 mod janitor;
 mod key;
 mod prompt;
+mod registry;
 mod request;
 mod stages;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Instant;
 
 use crossbeam_channel::{bounded, Sender};
 use parking_lot::{Mutex, RwLock};
@@ -91,41 +91,11 @@ const WORKER_STACK: usize = 512 * 1024;
 /// request's messages to be stored before answering `conversation_busy`.
 const STORE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// Finished requests kept for `resume` at most, whatever the replay window.
-const MAX_REPLAYABLE: usize = 100_000;
-
 /// What a client may ask the pipeline, from its connection thread.
 pub struct Pipeline {
     shared: Arc<Shared>,
     pools: Mutex<Vec<Pool>>,
     janitor: Mutex<Option<JoinHandle<()>>>,
-}
-
-struct Active {
-    /// Live requests, and finished ones still inside the replay window.
-    requests: HashMap<Arc<str>, Arc<Request>>,
-    /// Requests not yet finished: what the janitor checks for timeouts.
-    live: HashMap<Arc<str>, Arc<Request>>,
-    /// Finished requests in the order they finished, so expiring the replay
-    /// window costs nothing per request still inside it.
-    finished: VecDeque<(Instant, Arc<str>)>,
-    /// Conversations with a request in flight.
-    busy_conversations: HashMap<String, Arc<Request>>,
-    /// Generations not yet over.
-    generations: HashMap<u64, Arc<Generation>>,
-}
-
-impl Active {
-    /// Gives back the capacity the maps kept from their peak. Only when
-    /// nothing runs (the janitor's release at the end of a burst): a busy
-    /// server would only grow them again.
-    fn shrink_to_fit(&mut self) {
-        self.requests.shrink_to_fit();
-        self.live.shrink_to_fit();
-        self.finished.shrink_to_fit();
-        self.busy_conversations.shrink_to_fit();
-        self.generations.shrink_to_fit();
-    }
 }
 
 struct Channels {
@@ -146,7 +116,7 @@ pub(crate) struct Shared {
     cluster: Option<cluster::ClusterNode>,
     metrics: Arc<Metrics>,
     flights: Flights,
-    active: RwLock<Active>,
+    registry: registry::Registry,
     /// `None` once the pipeline shuts down.
     channels: RwLock<Option<Channels>>,
     /// Intake slots taken: counted before the user message is queued for
@@ -338,13 +308,7 @@ impl Pipeline {
             cluster,
             metrics: metrics.clone(),
             flights: Group::new(),
-            active: RwLock::new(Active {
-                requests: HashMap::new(),
-                live: HashMap::new(),
-                finished: VecDeque::new(),
-                busy_conversations: HashMap::new(),
-                generations: HashMap::new(),
-            }),
+            registry: registry::Registry::default(),
             channels: RwLock::new(Some(Channels {
                 intake: intake_tx,
                 prepare: prepare_tx,
@@ -589,7 +553,7 @@ impl Pipeline {
 
     /// Generations in flight.
     pub fn generations(&self) -> usize {
-        self.shared.active.read().generations.len()
+        self.shared.registry.generations()
     }
 }
 

@@ -343,17 +343,14 @@ impl Shared {
         self.handover_if_pending(&request);
         // Visible to the janitor only now that it has its member, so it is
         // never mistaken for an unwanted generation.
-        self.active
-            .write()
-            .generations
-            .insert(generation.id, generation.clone());
+        self.registry.add_generation(&generation);
         // Its only member may have been cancelled since its lock was let go:
         // then `finish_generation` has already run and its removal from the
         // list came before this insertion. Either that removal follows the
         // insertion, or the outcome is visible here (it is set before the
         // removal); so a generation that is over is never left listed.
         if generation.is_over() {
-            self.active.write().generations.remove(&generation.id);
+            self.registry.remove_generation(generation.id);
             return;
         }
         self.metrics
