@@ -14,7 +14,13 @@ use prometheus::{
     TextEncoder,
 };
 
-use crate::protocol::ErrorCode;
+use crate::protocol::{ErrorCode, Finish, Outcome, Role};
+
+/// The `outcome` label of a request that ended with `done` (a finish
+/// other than `cancelled`).
+const DONE: &str = "done";
+/// The `outcome` label counted, besides its code, for every failure.
+const FAILED: &str = "failed";
 
 /// How many recent TTFT samples `/api/stats` computes percentiles over.
 const TTFT_WINDOW: usize = 1024;
@@ -149,10 +155,10 @@ impl Metrics {
             // Names are fixed above and unique, so registration cannot collide.
             let _ = registry.register(c);
         }
-        for role in ["leader", "follower", "cache"] {
-            by_role.with_label_values(&[role]);
+        for role in Role::ALL {
+            by_role.with_label_values(&[role.as_str()]);
         }
-        for outcome in ["done", "cancelled", "failed"] {
+        for outcome in [DONE, Finish::Cancelled.as_str(), FAILED] {
             by_outcome.with_label_values(&[outcome]);
         }
         Metrics {
@@ -188,20 +194,56 @@ impl Metrics {
         recent.push_back(ms);
     }
 
-    /// Counts a request that ended with an error `code`.
-    pub fn count_failure(&self, code: ErrorCode) {
-        self.by_outcome.with_label_values(&["failed"]).inc();
-        self.by_outcome.with_label_values(&[code.as_str()]).inc();
+    /// Counts a request answered in `role`.
+    pub fn count_role(&self, role: Role) {
+        self.by_role.with_label_values(&[role.as_str()]).inc();
     }
 
-    /// Requests that ended with `outcome` (`done`, `cancelled`, `failed` or an error code).
-    pub fn outcome(&self, outcome: &str) -> u64 {
-        self.by_outcome.with_label_values(&[outcome]).get()
+    /// Counts how a request ended: `done`, `cancelled`, or `failed` and its
+    /// error code.
+    pub fn count_outcome(&self, outcome: &Outcome) {
+        match outcome {
+            Ok(Finish::Cancelled) => self.count(Finish::Cancelled.as_str()),
+            Ok(_) => self.count(DONE),
+            Err(failure) => self.count_failure(failure.code),
+        }
+    }
+
+    /// Counts a request that ended with an error `code`.
+    pub fn count_failure(&self, code: ErrorCode) {
+        self.count(FAILED);
+        self.count(code.as_str());
+    }
+
+    fn count(&self, outcome: &str) {
+        self.by_outcome.with_label_values(&[outcome]).inc();
+    }
+
+    /// Requests that ended with `done`.
+    pub fn done(&self) -> u64 {
+        self.by_outcome.with_label_values(&[DONE]).get()
+    }
+
+    /// Requests that ended cancelled.
+    pub fn cancelled(&self) -> u64 {
+        self.by_outcome
+            .with_label_values(&[Finish::Cancelled.as_str()])
+            .get()
+    }
+
+    /// Requests that failed, whatever the code.
+    pub fn failed(&self) -> u64 {
+        self.by_outcome.with_label_values(&[FAILED]).get()
+    }
+
+    /// Requests that failed with `code`.
+    pub fn failures(&self, code: ErrorCode) -> u64 {
+        self.by_outcome.with_label_values(&[code.as_str()]).get()
     }
 
     /// Requests answered in `role`.
-    pub fn role(&self, role: &str) -> u64 {
-        self.by_role.with_label_values(&[role]).get()
+    pub fn role(&self, role: Role) -> u64 {
+        self.by_role.with_label_values(&[role.as_str()]).get()
     }
 
     /// The 50th and 99th percentile of recent TTFTs, in milliseconds.

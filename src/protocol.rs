@@ -89,6 +89,39 @@ impl ErrorCode {
     ];
 }
 
+/// A wire name that names no value of the type it was parsed as.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown {what} {name:?}")]
+pub struct UnknownName {
+    /// What was parsed, e.g. `error code`.
+    pub what: &'static str,
+    /// The name that was given.
+    pub name: String,
+}
+
+/// `FromStr` by the wire names of `all`, for the enums of this module.
+fn by_wire_name<T: Copy>(
+    what: &'static str,
+    all: &[T],
+    name: &str,
+    as_str: fn(T) -> &'static str,
+) -> Result<T, UnknownName> {
+    all.iter()
+        .copied()
+        .find(|v| as_str(*v) == name)
+        .ok_or_else(|| UnknownName {
+            what,
+            name: name.to_owned(),
+        })
+}
+
+impl std::str::FromStr for ErrorCode {
+    type Err = UnknownName;
+    fn from_str(name: &str) -> Result<Self, UnknownName> {
+        by_wire_name("error code", &ErrorCode::ALL, name, ErrorCode::as_str)
+    }
+}
+
 impl fmt::Display for ErrorCode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -362,6 +395,9 @@ pub enum Role {
 }
 
 impl Role {
+    /// Every role.
+    pub const ALL: [Role; 3] = [Role::Leader, Role::Follower, Role::Cache];
+
     /// The wire spelling.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -369,6 +405,13 @@ impl Role {
             Role::Follower => "follower",
             Role::Cache => "cache",
         }
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = UnknownName;
+    fn from_str(name: &str) -> Result<Self, UnknownName> {
+        by_wire_name("role", &Role::ALL, name, Role::as_str)
     }
 }
 
@@ -383,6 +426,34 @@ pub enum Finish {
     /// The client cancelled.
     Cancelled,
 }
+
+impl Finish {
+    /// Every way to finish.
+    pub const ALL: [Finish; 3] = [Finish::Stop, Finish::Length, Finish::Cancelled];
+
+    /// The wire spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Finish::Stop => "stop",
+            Finish::Length => "length",
+            Finish::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl std::str::FromStr for Finish {
+    type Err = UnknownName;
+    fn from_str(name: &str) -> Result<Self, UnknownName> {
+        by_wire_name("finish", &Finish::ALL, name, Finish::as_str)
+    }
+}
+
+/// How a generation, and each request it serves, ended: finished (`stop`
+/// or `length`), cancelled (its client or every client left, or the
+/// upstream call was aborted), or failed with the error every member gets.
+/// The one spelling of it, from the provider's stream through the
+/// singleflight, the cluster's Redis stream and the cache to `done`.
+pub type Outcome = Result<Finish, Failure>;
 
 /// The visible stages of a request, in `state` frames.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -512,6 +583,26 @@ mod tests {
 
     fn parse(s: &str) -> Result<ClientFrame, FrameError> {
         parse_client_frame(s, LIMITS)
+    }
+
+    #[test]
+    fn every_wire_name_parses_back_and_others_do_not() {
+        for code in ErrorCode::ALL {
+            assert_eq!(code.as_str().parse::<ErrorCode>(), Ok(code));
+        }
+        for role in Role::ALL {
+            assert_eq!(role.as_str().parse::<Role>(), Ok(role));
+            // The serde name is the wire name too.
+            assert_eq!(serde_json::to_value(role).unwrap(), role.as_str());
+        }
+        for finish in Finish::ALL {
+            assert_eq!(finish.as_str().parse::<Finish>(), Ok(finish));
+            assert_eq!(serde_json::to_value(finish).unwrap(), finish.as_str());
+        }
+        let unknown = "Stop".parse::<Finish>().unwrap_err();
+        assert_eq!(unknown.to_string(), "unknown finish \"Stop\"");
+        assert!("no_such_code".parse::<ErrorCode>().is_err());
+        assert!("".parse::<Role>().is_err());
     }
 
     #[test]

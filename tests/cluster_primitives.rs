@@ -8,7 +8,8 @@ mod common;
 use std::time::Duration;
 
 use chorus::cluster::lease::{Claim, Leases};
-use chorus::cluster::stream::{End, StreamEvent, StreamReader, StreamWriter};
+use chorus::cluster::stream::{StreamEvent, StreamReader, StreamWriter};
+use chorus::protocol::{ErrorCode, Failure};
 use common::redis_server::RedisServer;
 
 fn leases(redis: &RedisServer, lease: Duration) -> Leases {
@@ -90,20 +91,17 @@ fn a_stream_is_read_live_and_from_the_start_with_its_end() {
     writer.append(&[" wör", "ld", ""]).unwrap();
     writer
         .finish(
-            &End::Failed {
-                code: "upstream_error".into(),
-                message: "leader lost".into(),
-            },
+            &Err(Failure::new(ErrorCode::UpstreamError, "leader lost")),
             Duration::from_millis(800),
         )
         .unwrap();
     let expected: Vec<StreamEvent> = ["Hel", "lo", " wör", "ld", ""]
         .iter()
         .map(|t| StreamEvent::Token((*t).into()))
-        .chain([StreamEvent::End(End::Failed {
-            code: "upstream_error".into(),
-            message: "leader lost".into(),
-        })])
+        .chain([StreamEvent::End(Err(Failure::new(
+            ErrorCode::UpstreamError,
+            "leader lost",
+        )))])
         .collect();
     assert_eq!(live.join().unwrap(), expected);
     // A reader that comes late replays everything from seq 0.

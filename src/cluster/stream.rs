@@ -13,15 +13,16 @@
 //! ```no_run
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! use std::time::Duration;
-//! use chorus::cluster::stream::{End, StreamEvent, StreamReader, StreamWriter};
+//! use chorus::cluster::stream::{StreamEvent, StreamReader, StreamWriter};
+//! use chorus::protocol::Finish;
 //! let url = "redis://127.0.0.1:6379/";
 //! let pool = chorus::redis_pool::pool(url, Duration::from_millis(250), 4)?;
 //! let writer = StreamWriter::new(pool, "node-a/1", Duration::from_secs(60));
 //! writer.append(&["Hel", "lo"])?;
-//! writer.finish(&End::Stop, Duration::from_secs(60))?;
+//! writer.finish(&Ok(Finish::Stop), Duration::from_secs(60))?;
 //! let mut reader = StreamReader::open(url, "node-a/1", Duration::from_millis(500))?;
 //! let events = reader.read()?;
-//! assert_eq!(events.last(), Some(&StreamEvent::End(End::Stop)));
+//! assert_eq!(events.last(), Some(&StreamEvent::End(Ok(Finish::Stop))));
 //! # Ok(()) }
 //! ```
 
@@ -31,6 +32,7 @@ use redis::streams::StreamReadReply;
 use redis::Value;
 
 use super::ClusterError;
+use crate::protocol::{ErrorCode, Failure, Finish, Outcome};
 use crate::redis_pool::RedisPool;
 
 /// Entries a stream keeps at most (approximately): a bound on a runaway
@@ -39,31 +41,13 @@ const MAX_ENTRIES: usize = 100_000;
 /// Entries one read returns at most.
 const READ_COUNT: usize = 512;
 
-/// How a generation ended, as its stream records it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum End {
-    /// The model finished.
-    Stop,
-    /// `max_tokens` was reached.
-    Length,
-    /// Nobody wanted it any more.
-    Cancelled,
-    /// It failed with this protocol error code and message.
-    Failed {
-        /// The error code, e.g. `upstream_error`.
-        code: String,
-        /// The human-readable message.
-        message: String,
-    },
-}
-
 /// One entry of a token stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StreamEvent {
     /// The next token's text.
     Token(String),
     /// The end; nothing follows.
-    End(End),
+    End(Outcome),
 }
 
 /// The Redis key of the stream of generation `token`.
@@ -119,7 +103,7 @@ impl StreamWriter {
     }
 
     /// Appends the end marker and lets the stream expire `keep` later.
-    pub fn finish(&self, end: &End, keep: Duration) -> Result<(), ClusterError> {
+    pub fn finish(&self, end: &Outcome, keep: Duration) -> Result<(), ClusterError> {
         self.finish_with(&[], end, keep, &redis::pipe())
     }
 
@@ -130,7 +114,7 @@ impl StreamWriter {
     pub fn finish_with(
         &self,
         tokens: &[&str],
-        end: &End,
+        end: &Outcome,
         keep: Duration,
         also: &redis::Pipeline,
     ) -> Result<(), ClusterError> {
@@ -149,7 +133,7 @@ impl StreamWriter {
         &self,
         pipe: &mut redis::Pipeline,
         tokens: &[&str],
-        end: &End,
+        end: &Outcome,
         keep: Duration,
         also: &redis::Pipeline,
     ) {
@@ -247,13 +231,17 @@ pub fn first_entries(
 /// The field of a token entry; an end marker has none.
 pub(crate) const TOKEN_FIELD: &str = "t";
 
-/// The fields of the end marker for `end`, as [`decode`] reads them back.
-pub(crate) fn end_fields(end: &End) -> Vec<(&'static str, &str)> {
+/// The fields of the end marker for `end`, as [`decode`] reads them back:
+/// `e` is the finish's wire name, or `error` with the code in `c` and the
+/// message in `m`.
+pub(crate) fn end_fields(end: &Outcome) -> Vec<(&'static str, &str)> {
     match end {
-        End::Stop => vec![("e", "stop")],
-        End::Length => vec![("e", "length")],
-        End::Cancelled => vec![("e", "cancelled")],
-        End::Failed { code, message } => vec![("e", "error"), ("c", code), ("m", message)],
+        Ok(finish) => vec![("e", finish.as_str())],
+        Err(failure) => vec![
+            ("e", "error"),
+            ("c", failure.code.as_str()),
+            ("m", &failure.message),
+        ],
     }
 }
 
@@ -274,20 +262,24 @@ pub(crate) fn decode(
     if let Some(token) = text(TOKEN_FIELD) {
         return Ok(StreamEvent::Token(token));
     }
-    let end = match text("e").as_deref() {
-        Some("stop") => End::Stop,
-        Some("length") => End::Length,
-        Some("cancelled") => End::Cancelled,
-        Some("error") => End::Failed {
-            code: text("c").unwrap_or_else(|| "upstream_error".into()),
-            message: text("m").unwrap_or_default(),
-        },
-        other => {
-            return Err(ClusterError::Corrupt(format!(
-                "entry {} of {name} has no token and end {other:?}",
-                entry.id
-            )))
-        }
+    let end = text("e");
+    let end = match end.as_deref() {
+        Some("error") => Err(Failure::new(
+            // A code this version does not know (a newer node wrote it)
+            // is still an upstream failure to this node's clients.
+            text("c")
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(ErrorCode::UpstreamError),
+            text("m").unwrap_or_default(),
+        )),
+        other => Ok(other
+            .and_then(|finish| finish.parse::<Finish>().ok())
+            .ok_or_else(|| {
+                ClusterError::Corrupt(format!(
+                    "entry {} of {name} has no token and end {other:?}",
+                    entry.id
+                ))
+            })?),
     };
     Ok(StreamEvent::End(end))
 }
@@ -313,13 +305,14 @@ mod tests {
     #[test]
     fn every_end_decodes_as_written() {
         let ends = [
-            End::Stop,
-            End::Length,
-            End::Cancelled,
-            End::Failed {
-                code: "upstream_error".into(),
-                message: "the upstream said no".into(),
-            },
+            Ok(Finish::Stop),
+            Ok(Finish::Length),
+            Ok(Finish::Cancelled),
+            Err(Failure::new(
+                ErrorCode::UpstreamError,
+                "the upstream said no",
+            )),
+            Err(Failure::new(ErrorCode::ProcessingTimeout, "too slow")),
         ];
         for end in ends {
             let fields: Vec<(&str, &[u8])> = end_fields(&end)

@@ -19,7 +19,7 @@ use crossbeam_channel::Sender;
 use super::http1::{Http1Error, Pool, Target};
 use super::reader::{End, Reader, Step, Stream};
 use super::stream::{status_failure, CallError, Fed, StreamState};
-use super::{AbortSignal, LlmError, StreamEnd, Turn};
+use super::{AbortSignal, Finish, LlmError, Turn};
 
 /// Kept connections per endpoint: one per streaming worker is what a busy
 /// gateway reuses; more only sit idle.
@@ -242,7 +242,7 @@ impl Stream for Feeding {
             (None, End::Failed(_)) if self.done => (state.end(), None),
             (None, End::Failed(e)) => (Err(state.broke(&e)), None),
             (None, End::TimedOut) => (Err(state.timed_out(self.timeout)), None),
-            (None, End::Aborted) => (Ok(Turn::answer(StreamEnd::Aborted)), None),
+            (None, End::Aborted) => (Ok(Turn::answer(Finish::Cancelled)), None),
         };
         let _ = self.tx.send(Ended {
             result,

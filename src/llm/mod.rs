@@ -25,6 +25,8 @@ use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex};
 
+pub use crate::protocol::Finish;
+
 pub use openai::{Endpoint, OpenAi, RetryPolicy};
 pub use simulated::Simulated;
 #[cfg(any(test, feature = "fuzzing"))]
@@ -105,8 +107,10 @@ pub struct Ask<'a> {
 /// How one round ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Turn {
-    /// Why the stream ended.
-    pub end: StreamEnd,
+    /// Why the stream ended: the model finished (`stop`), hit
+    /// `max_tokens` (`length`), or was stopped ([`AbortSignal::abort`], the
+    /// token callback): `cancelled`.
+    pub end: Finish,
     /// The tool calls the model made, in the order it started them; the
     /// pipeline runs them and asks again. Empty for a final answer.
     pub tool_calls: Vec<ToolCall>,
@@ -122,7 +126,7 @@ pub struct Turn {
 
 impl Turn {
     /// A round that ended with `end` and made no tool call.
-    pub fn answer(end: StreamEnd) -> Turn {
+    pub fn answer(end: Finish) -> Turn {
         Turn {
             end,
             tool_calls: Vec::new(),
@@ -131,17 +135,6 @@ impl Turn {
             usage: None,
         }
     }
-}
-
-/// Why a generation ended without error.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StreamEnd {
-    /// The model finished.
-    Stop,
-    /// `max_tokens` was reached.
-    Length,
-    /// [`AbortSignal::abort`] or the token callback stopped it.
-    Aborted,
 }
 
 /// Where a round's content goes, token by token: the generation's
@@ -154,7 +147,7 @@ pub type TokenSink = Arc<dyn Fn(&str) -> Flow + Send + Sync>;
 pub enum Flow {
     /// Produce the next token.
     Continue,
-    /// Stop now; the call returns [`StreamEnd::Aborted`].
+    /// Stop now; the call returns [`Finish::Cancelled`].
     Stop,
 }
 

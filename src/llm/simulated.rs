@@ -16,8 +16,7 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 
 use super::{
-    AbortSignal, Ask, Flow, LlmError, Prompt, Provider, StreamEnd, TokenSink, ToolCall, ToolSpec,
-    Turn,
+    AbortSignal, Ask, Finish, Flow, LlmError, Prompt, Provider, TokenSink, ToolCall, ToolSpec, Turn,
 };
 
 /// Timing and length of simulated answers (`[llm.simulated]`).
@@ -268,18 +267,18 @@ impl Provider for Simulated {
             let calls = choose_tools(&question.content, ask.tools);
             if !calls.is_empty() {
                 if abort.sleep(self.first_token) {
-                    return Ok(Turn::answer(StreamEnd::Aborted));
+                    return Ok(Turn::answer(Finish::Cancelled));
                 }
                 return Ok(Turn {
                     tool_calls: calls,
-                    ..Turn::answer(StreamEnd::Stop)
+                    ..Turn::answer(Finish::Stop)
                 });
             }
         }
         let tokens = self.answer(prompt);
         for (i, token) in tokens.iter().enumerate() {
             if prompt.max_tokens.is_some_and(|n| i as u64 >= u64::from(n)) {
-                return Ok(Turn::answer(StreamEnd::Length));
+                return Ok(Turn::answer(Finish::Length));
             }
             let delay = if i == 0 {
                 self.first_token
@@ -287,10 +286,10 @@ impl Provider for Simulated {
                 self.token_interval
             };
             if abort.sleep(delay) {
-                return Ok(Turn::answer(StreamEnd::Aborted));
+                return Ok(Turn::answer(Finish::Cancelled));
             }
             if sink(token) == Flow::Stop {
-                return Ok(Turn::answer(StreamEnd::Aborted));
+                return Ok(Turn::answer(Finish::Cancelled));
             }
         }
         // Tools offered and none called: what it said is its answer; the
@@ -307,7 +306,7 @@ impl Provider for Simulated {
                 prompt_tokens: prompt_chars.div_ceil(4) as u64,
                 completion_tokens: tokens.len() as u64,
             }),
-            ..Turn::answer(StreamEnd::Stop)
+            ..Turn::answer(Finish::Stop)
         })
     }
 }
@@ -364,7 +363,7 @@ mod tests {
         (sink, got)
     }
 
-    fn run(s: &Simulated, p: &Prompt) -> (Vec<String>, StreamEnd) {
+    fn run(s: &Simulated, p: &Prompt) -> (Vec<String>, Finish) {
         let (sink, got) = collector();
         let turn = s.stream(&ask(p), &AbortSignal::new(), &sink).unwrap();
         let got = got.lock().clone();
@@ -375,7 +374,7 @@ mod tests {
     fn deterministic_and_prompt_dependent() {
         let s = sim(20, 0);
         let (a, end) = run(&s, &prompt("hello", 100));
-        assert_eq!(end, StreamEnd::Stop);
+        assert_eq!(end, Finish::Stop);
         assert_eq!(a.len(), 20);
         assert_eq!(a, run(&s, &prompt("hello", 100)).0);
         assert_ne!(a, run(&s, &prompt("hello!", 100)).0);
@@ -398,7 +397,7 @@ mod tests {
     #[test]
     fn max_tokens_gives_length() {
         let (a, end) = run(&sim(20, 0), &prompt("x", 5));
-        assert_eq!((a.len(), end), (5, StreamEnd::Length));
+        assert_eq!((a.len(), end), (5, Finish::Length));
     }
 
     #[test]
@@ -408,7 +407,7 @@ mod tests {
             ..prompt("x", 5)
         };
         let (a, end) = run(&sim(20, 0), &unbounded);
-        assert_eq!((a.len(), end), (20, StreamEnd::Stop));
+        assert_eq!((a.len(), end), (20, Finish::Stop));
     }
 
     #[test]
@@ -424,7 +423,7 @@ mod tests {
         let started = Instant::now();
         let sink: TokenSink = Arc::new(|_: &str| Flow::Continue);
         let turn = s.stream(&ask(&prompt("x", 5000)), &abort, &sink).unwrap();
-        assert_eq!(turn.end, StreamEnd::Aborted);
+        assert_eq!(turn.end, Finish::Cancelled);
         assert!(started.elapsed() < Duration::from_secs(5));
         t.join().unwrap();
     }
@@ -443,10 +442,7 @@ mod tests {
         let turn = sim(10, 0)
             .stream(&ask(&prompt("x", 100)), &AbortSignal::new(), &sink)
             .unwrap();
-        assert_eq!(
-            (n.load(Ordering::SeqCst), turn.end),
-            (3, StreamEnd::Aborted)
-        );
+        assert_eq!((n.load(Ordering::SeqCst), turn.end), (3, Finish::Cancelled));
     }
 
     #[test]
@@ -481,7 +477,7 @@ mod tests {
             ..PromptMessage::new("tool", "14")
         });
         let (answer, end) = run(&s, &p);
-        assert_eq!(end, StreamEnd::Stop);
+        assert_eq!(end, Finish::Stop);
         assert!(
             answer.concat().starts_with("calculator says: 14."),
             "{answer:?}"

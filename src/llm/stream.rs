@@ -19,7 +19,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::sse::{Event, SseParser};
-use super::{CallAssembler, CallLimits, Flow, LlmError, StreamEnd, TokenSink, Turn};
+use super::{CallAssembler, CallLimits, Finish, Flow, LlmError, TokenSink, Turn};
 
 /// Longest event (all its `data:` lines) accepted from an upstream.
 pub(crate) const MAX_EVENT_BYTES: usize = 1 << 20;
@@ -270,13 +270,13 @@ impl StreamState {
     /// stop, or the end of the body.
     pub fn end(self) -> Result<Turn, CallError> {
         if self.stopped {
-            return Ok(Turn::answer(StreamEnd::Aborted));
+            return Ok(Turn::answer(Finish::Cancelled));
         }
         let end = match self.finish.as_deref() {
-            Some("length") => StreamEnd::Length,
-            Some(_) => StreamEnd::Stop,
+            Some("length") => Finish::Length,
+            Some(_) => Finish::Stop,
             // `[DONE]` without a finish reason: some servers skip it.
-            None if self.done => StreamEnd::Stop,
+            None if self.done => Finish::Stop,
             None => {
                 let error = LlmError::upstream(
                     &self.name,

@@ -9,6 +9,7 @@
 use std::sync::atomic::Ordering;
 
 use super::Shared;
+use crate::protocol::{ErrorCode, Role};
 
 /// The `/api/stats` snapshot (shape fixed by the protocol; extra fields welcome).
 pub(super) fn stats_json(shared: &Shared) -> serde_json::Value {
@@ -25,14 +26,14 @@ pub(super) fn stats_json(shared: &Shared) -> serde_json::Value {
         "stages": stages,
         "requests": {
             "accepted": m.accepted.get(),
-            "leader": m.role("leader"),
-            "follower": m.role("follower"),
-            "cache": m.role("cache"),
-            "done": m.outcome("done"),
-            "cancelled": m.outcome("cancelled"),
-            "failed": m.outcome("failed"),
-            "overloaded": m.outcome("overloaded"),
-            "timed_out": m.outcome("queue_timeout") + m.outcome("processing_timeout"),
+            "leader": m.role(Role::Leader),
+            "follower": m.role(Role::Follower),
+            "cache": m.role(Role::Cache),
+            "done": m.done(),
+            "cancelled": m.cancelled(),
+            "failed": m.failed(),
+            "overloaded": m.failures(ErrorCode::Overloaded),
+            "timed_out": m.failures(ErrorCode::QueueTimeout) + m.failures(ErrorCode::ProcessingTimeout),
             "in_flight": shared.pipeline.live_requests(),
         },
         "cache": {

@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::ending::end_event;
-use super::generation::{GenOutcome, Generation};
+use super::generation::Generation;
 use super::request::{Phase, Request, Source};
 use super::*;
 use crate::broadcast::TokenSource;
@@ -300,7 +300,7 @@ impl Shared {
                 && !self.config.cache.complete_orphans
                 && !self.cluster_watched(&generation)
             {
-                self.finish_generation(&generation, GenOutcome::Cancelled);
+                self.finish_generation(&generation, Ok(Finish::Cancelled));
             }
         }
         Ok(())
@@ -372,7 +372,7 @@ impl Shared {
     pub(super) fn abort_all(self: &Arc<Self>, failure: Failure) {
         let (requests, generations) = self.registry.snapshot();
         for g in generations {
-            self.finish_generation(&g, GenOutcome::Failed(failure.clone()));
+            self.finish_generation(&g, Err(failure.clone()));
         }
         // Whatever the generations did not end: requests still queued.
         for r in requests {

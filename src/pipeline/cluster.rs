@@ -27,13 +27,13 @@ use parking_lot::Mutex;
 
 use super::cluster_resume::{Record, RecordEnd};
 use super::cluster_writer::{Write, Writes};
-use super::generation::{GenOutcome, Generation};
+use super::generation::Generation;
 use super::request::{Request, Source};
 use super::Shared;
 use crate::breaker::Breaker;
 use crate::cluster::lease::{Claim, Leases};
-use crate::cluster::stream::{End, StreamEvent, StreamReader, StreamWriter};
-use crate::protocol::{ErrorCode, Failure, Finish};
+use crate::cluster::stream::{StreamEvent, StreamReader, StreamWriter};
+use crate::protocol::{ErrorCode, Failure, Outcome};
 use crate::redis_pool::RedisPool;
 
 /// Tokens buffered before the stream is written anyway.
@@ -142,7 +142,7 @@ impl ClusterLead {
 }
 
 /// What a claim decided for a new local generation.
-pub(crate) enum Role {
+pub(crate) enum Claimed {
     /// Lead it (cluster-wide when the lease is ours).
     Lead,
     /// Follow the remote generation with this token.
@@ -151,12 +151,12 @@ pub(crate) enum Role {
 
 impl Shared {
     /// Claims `generation`'s key cluster-wide, when clustering is on.
-    pub(super) fn cluster_claim(&self, generation: &Generation) -> Role {
+    pub(super) fn cluster_claim(&self, generation: &Generation) -> Claimed {
         let Some(node) = &self.cluster else {
-            return Role::Lead;
+            return Claimed::Lead;
         };
         if !generation.shared {
-            return Role::Lead;
+            return Claimed::Lead;
         }
         let token = format!("{}/{}", node.instance, generation.id);
         let claim = node
@@ -183,7 +183,7 @@ impl Shared {
                     last_renew: now,
                     broken: Arc::new(AtomicBool::new(false)),
                 }));
-                Role::Lead
+                Claimed::Lead
             }
             Ok(Claim::Theirs(remote)) => {
                 let _ = generation.stream.set(remote.clone());
@@ -191,12 +191,12 @@ impl Shared {
                     token: remote.clone(),
                     refreshed: None,
                 });
-                Role::Remote(remote)
+                Claimed::Remote(remote)
             }
             // Known down, or just found so: the breaker logs the outage.
             Err(e) => {
                 log::debug!("generation {} leads alone: {e}", generation.id);
-                Role::Lead
+                Claimed::Lead
             }
         }
     }
@@ -221,7 +221,7 @@ impl Shared {
 
     /// Ends a cluster-wide generation: the rest of its tokens, its end
     /// marker, and its lease given up.
-    pub(super) fn cluster_finish(&self, generation: &Generation, outcome: &GenOutcome) {
+    pub(super) fn cluster_finish(&self, generation: &Generation, outcome: &Outcome) {
         let part = generation.cluster.lock().take();
         let Some(node) = &self.cluster else {
             return;
@@ -240,15 +240,7 @@ impl Shared {
             }
             None => return,
         };
-        let end = match outcome {
-            GenOutcome::Finished(Finish::Stop) => End::Stop,
-            GenOutcome::Finished(Finish::Length) => End::Length,
-            GenOutcome::Finished(Finish::Cancelled) | GenOutcome::Cancelled => End::Cancelled,
-            GenOutcome::Failed(f) => End::Failed {
-                code: f.code.as_str().to_owned(),
-                message: f.message.clone(),
-            },
-        };
+        let end = outcome.clone();
         // Queued behind the stream's token batches, so the end marker
         // follows them; the lease goes in the same round trip.
         node.writes.send(Write::Finish {
@@ -461,7 +453,7 @@ impl Shared {
                     &token,
                     Duration::from_millis(self.config.timeouts.replay_window_ms.max(1)),
                 );
-                (token, Some((writer, tokens, stream_end(result))))
+                (token, Some((writer, tokens, result.clone())))
             }
         };
         let record = Record {
@@ -507,7 +499,7 @@ impl Shared {
                     published
                 },
             ),
-            Err(e) => Some(GenOutcome::Failed(Failure::new(
+            Err(e) => Some(Err(Failure::new(
                 ErrorCode::UpstreamError,
                 format!("cannot follow the generation on another node: {e}"),
             ))),
@@ -536,14 +528,9 @@ impl Shared {
         token: &str,
         wanted: impl Fn() -> bool,
         mut on_token: impl FnMut(String) -> bool,
-    ) -> Option<GenOutcome> {
+    ) -> Option<Outcome> {
         let node = self.cluster.as_ref()?;
-        let lost = |message: String| {
-            Some(GenOutcome::Failed(Failure::new(
-                ErrorCode::UpstreamError,
-                message,
-            )))
-        };
+        let lost = |message: String| Some(Err(Failure::new(ErrorCode::UpstreamError, message)));
         while wanted() {
             let events = match reader.read() {
                 Ok(events) => events,
@@ -568,16 +555,7 @@ impl Shared {
                             return None;
                         }
                     }
-                    StreamEvent::End(end) => {
-                        return Some(match end {
-                            End::Stop => GenOutcome::Finished(Finish::Stop),
-                            End::Length => GenOutcome::Finished(Finish::Length),
-                            End::Cancelled => GenOutcome::Cancelled,
-                            End::Failed { code, message } => {
-                                GenOutcome::Failed(failure_of(&code, message))
-                            }
-                        })
-                    }
+                    StreamEvent::End(end) => return Some(end),
                 }
             }
         }
@@ -625,14 +603,6 @@ fn watch_pipe(node_id: &str, token: &str, lease: Duration) -> redis::Pipeline {
 
 /// The failure an end marker records; an unknown code (a newer node's)
 /// reads as `upstream_error`.
-pub(super) fn failure_of(code: &str, message: String) -> Failure {
-    let code = ErrorCode::ALL
-        .into_iter()
-        .find(|c| c.as_str() == code)
-        .unwrap_or(ErrorCode::UpstreamError);
-    Failure::new(code, message)
-}
-
 /// The key bytes of a 64-digit hex string.
 pub(super) fn unhex(text: &str) -> Option<[u8; 32]> {
     let mut key = [0u8; 32];
@@ -659,20 +629,7 @@ fn now_ms() -> u64 {
 /// A request's resume record, and its own stream when it needs one.
 struct Handover {
     record: String,
-    own_stream: Option<(StreamWriter, Vec<String>, End)>,
-}
-
-/// The end marker for a request's own stream.
-fn stream_end(result: &Result<Finish, Failure>) -> End {
-    match result {
-        Ok(Finish::Stop) => End::Stop,
-        Ok(Finish::Length) => End::Length,
-        Ok(Finish::Cancelled) => End::Cancelled,
-        Err(f) => End::Failed {
-            code: f.code.as_str().to_owned(),
-            message: f.message.clone(),
-        },
-    }
+    own_stream: Option<(StreamWriter, Vec<String>, Outcome)>,
 }
 
 fn clamp(tokens: u64) -> usize {

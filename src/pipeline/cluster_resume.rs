@@ -36,16 +36,16 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
 use parking_lot::Mutex;
 
-use super::cluster::{failure_of, request_key, unhex, ClusterPart};
-use super::ending::{end_event, member_result};
-use super::generation::{GenOutcome, Generation};
+use super::cluster::{request_key, unhex, ClusterPart};
+use super::ending::end_event;
+use super::generation::Generation;
 use super::request::{End, Phase, Request, RequestState, Source};
 use super::{GenTicket, Shared};
 use crate::cache::CachedAnswer;
 use crate::cluster::stream::{first_entries, StreamEvent};
 use crate::delivery::Attachment;
 use crate::delivery::{Client, Event};
-use crate::protocol::{ErrorCode, Failure, Finish, Role, Stage, Timings};
+use crate::protocol::{ErrorCode, Failure, Finish, Outcome, Role, Stage, Timings};
 
 /// How often, and for how long, a waiting resume looks for its record.
 const POLL: Duration = Duration::from_millis(50);
@@ -101,18 +101,11 @@ pub(super) struct RecordEnd {
 }
 
 impl RecordEnd {
-    pub fn of(result: &Result<Finish, Failure>, tokens: u64) -> RecordEnd {
+    pub fn of(result: &Outcome, tokens: u64) -> RecordEnd {
         match result {
             Ok(finish) => RecordEnd {
                 tokens,
-                finish: Some(
-                    match finish {
-                        Finish::Stop => "stop",
-                        Finish::Length => "length",
-                        Finish::Cancelled => "cancelled",
-                    }
-                    .to_owned(),
-                ),
+                finish: Some(finish.as_str().to_owned()),
                 code: None,
                 message: None,
             },
@@ -125,13 +118,17 @@ impl RecordEnd {
         }
     }
 
-    fn result(&self) -> Result<Finish, Failure> {
-        match (self.finish.as_deref(), &self.code) {
-            (Some("length"), _) => Ok(Finish::Length),
-            (Some("cancelled"), _) => Ok(Finish::Cancelled),
-            (Some(_), _) => Ok(Finish::Stop),
-            (None, code) => Err(failure_of(
-                code.as_deref().unwrap_or("upstream_error"),
+    /// How the request ended. Names this version does not know (a newer
+    /// node wrote them) read as the closest it does: a finish as `stop`, a
+    /// code as `upstream_error`.
+    fn result(&self) -> Outcome {
+        match &self.finish {
+            Some(finish) => Ok(finish.parse().unwrap_or(Finish::Stop)),
+            None => Err(Failure::new(
+                self.code
+                    .as_deref()
+                    .and_then(|code| code.parse().ok())
+                    .unwrap_or(ErrorCode::UpstreamError),
                 self.message.clone().unwrap_or_default(),
             )),
         }
@@ -288,11 +285,7 @@ impl Shared {
     }
 
     fn resolve(self: &Arc<Self>, request: &Arc<Request>, record: &Record) {
-        let role = match record.role.as_str() {
-            "leader" => Role::Leader,
-            "cache" => Role::Cache,
-            _ => Role::Follower,
-        };
+        let role = record.role.parse().unwrap_or(Role::Follower);
         let Some(key) = unhex(&record.key) else {
             let failure = Failure::new(ErrorCode::NotFound, "no such request, or it expired");
             return self.drop_resumed(request, &failure);
@@ -350,7 +343,7 @@ impl Shared {
             self.end_request(request, |st, _| {
                 start_from_resume_point(st, &generation, role);
                 let tokens = generation.broadcast.token_count();
-                Some((member_result(&outcome), "".into(), tokens))
+                Some((outcome.clone(), "".into(), tokens))
             });
         }
     }
@@ -401,7 +394,7 @@ impl Shared {
                 ErrorCode::Overloaded,
                 format!("cannot start a reader for the remote generation: {e}"),
             );
-            self.finish_generation(&generation, GenOutcome::Failed(failure));
+            self.finish_generation(&generation, Err(failure));
         }
         Some(generation)
     }

@@ -25,7 +25,8 @@ use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
 
 use crate::breaker::{Breaker, BreakerError};
 use crate::cluster::lease::Leases;
-use crate::cluster::stream::{End, StreamWriter};
+use crate::cluster::stream::StreamWriter;
+use crate::protocol::{ErrorCode, Failure, Outcome};
 use crate::redis_pool::RedisPool;
 
 /// Writes waiting at most; past it new ones are dropped (a Redis that slow
@@ -48,7 +49,7 @@ pub(crate) enum Write {
     Finish {
         writer: Arc<StreamWriter>,
         tokens: Vec<String>,
-        end: End,
+        end: Outcome,
         keep: Duration,
         also: redis::Pipeline,
         broken: Arc<AtomicBool>,
@@ -168,10 +169,10 @@ fn perform_all(writes: &[Write], pool: &RedisPool) -> Result<(), String> {
                 broken,
             } => {
                 if broken.load(Ordering::Acquire) {
-                    let failed = End::Failed {
-                        code: "upstream_error".into(),
-                        message: "the leader's node lost its stream".into(),
-                    };
+                    let failed = Err(Failure::new(
+                        ErrorCode::UpstreamError,
+                        "the leader's node lost its stream",
+                    ));
                     writer.queue_finish(&mut pipe, &[], &failed, *keep, also);
                 } else {
                     let tokens: Vec<&str> = tokens.iter().map(String::as_str).collect();

@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::generation::{GenOutcome, Generation};
+use super::generation::Generation;
 use super::request::{self, End, Phase, Request, Source};
 use super::*;
 use crate::cache::CachedAnswer;
@@ -30,7 +30,7 @@ impl Shared {
     pub(super) fn finish_generation(
         self: &Arc<Self>,
         generation: &Arc<Generation>,
-        outcome: GenOutcome,
+        outcome: Outcome,
     ) {
         let (members, was_streaming, cacheable) = {
             let mut st = generation.state.lock();
@@ -51,18 +51,18 @@ impl Shared {
         // One copy of the answer for the cache and every member's history write.
         let text: Arc<str> = produced.text.into();
         match &outcome {
-            GenOutcome::Cancelled | GenOutcome::Failed(_) if was_streaming => {
+            Ok(Finish::Cancelled) | Err(_) if was_streaming => {
                 self.metrics.upstream_aborted.inc();
             }
             _ => {}
         }
-        if let GenOutcome::Failed(f) = &outcome {
+        if let Err(f) = &outcome {
             if f.code == ErrorCode::UpstreamError {
                 self.metrics.upstream_failures.inc();
             }
         }
         self.registry.remove_generation(generation.id);
-        let result = member_result(&outcome);
+        let result = outcome.clone();
         for member in members {
             self.end_request(&member, |_, _| Some((result.clone(), text.clone(), tokens)));
         }
@@ -71,7 +71,7 @@ impl Shared {
         // hold up their `done`. Until the key is forgotten below, an
         // identical chat joins this finished generation and gets its whole
         // answer replayed (see `run_follower`), so the order loses nothing.
-        if matches!(outcome, GenOutcome::Finished(Finish::Stop)) && cacheable {
+        if matches!(outcome, Ok(Finish::Stop)) && cacheable {
             // The broadcast's escaped tokens, shared: the cache holds no
             // second encoding of the answer.
             let answer = Arc::new(CachedAnswer {
@@ -118,7 +118,7 @@ impl Shared {
         decide: impl FnOnce(
             &mut request::RequestState,
             Phase,
-        ) -> Option<(Result<Finish, Failure>, Arc<str>, u64)>,
+        ) -> Option<(Outcome, Arc<str>, u64)>,
     ) -> bool {
         let (answer, partial, announced, handover) = {
             let mut st = request.state.lock();
@@ -215,26 +215,11 @@ impl Shared {
         true
     }
 
-    fn count_end(
-        &self,
-        result: &Result<Finish, Failure>,
-        role: Option<Role>,
-        timings: protocol::Timings,
-    ) {
+    fn count_end(&self, result: &Outcome, role: Option<Role>, timings: protocol::Timings) {
         match result {
-            Ok(Finish::Cancelled) => self
-                .metrics
-                .by_outcome
-                .with_label_values(&["cancelled"])
-                .inc(),
             // Cancelled before it had a role: the client got `error` `cancelled`.
-            Ok(_) if role.is_none() => self
-                .metrics
-                .by_outcome
-                .with_label_values(&["cancelled"])
-                .inc(),
-            Ok(_) => self.metrics.by_outcome.with_label_values(&["done"]).inc(),
-            Err(f) => self.metrics.count_failure(f.code),
+            Ok(_) if role.is_none() => self.metrics.count_outcome(&Ok(Finish::Cancelled)),
+            _ => self.metrics.count_outcome(result),
         }
         if let (Some(ttft), Ok(_)) = (timings.ttft_ms, result) {
             self.metrics.observe_ttft_ms(ttft);
@@ -308,14 +293,5 @@ pub(super) fn end_event<'a>(request: &'a Request, end: &'a End, role: Option<Rol
             id: Some(&request.client_id),
             failure: f,
         },
-    }
-}
-
-/// The result a member request gets from its generation's outcome.
-pub(super) fn member_result(outcome: &GenOutcome) -> Result<Finish, Failure> {
-    match outcome {
-        GenOutcome::Finished(f) => Ok(*f),
-        GenOutcome::Cancelled => Ok(Finish::Cancelled),
-        GenOutcome::Failed(f) => Err(f.clone()),
     }
 }

@@ -18,18 +18,7 @@ use crate::broadcast::Broadcast;
 use crate::cache::Key;
 use crate::delivery::{Attachment, Event};
 use crate::llm::AbortSignal;
-use crate::protocol::{Failure, Finish, Stage, Usage};
-
-/// How a generation ended.
-#[derive(Debug, Clone, PartialEq)]
-pub enum GenOutcome {
-    /// The model finished (`stop` or `length`).
-    Finished(Finish),
-    /// Nobody wanted it any more.
-    Cancelled,
-    /// It failed; every member gets this error.
-    Failed(Failure),
-}
+use crate::protocol::{Outcome, Stage, Usage};
 
 pub(crate) struct GenState {
     pub stage: Stage,
@@ -38,7 +27,7 @@ pub(crate) struct GenState {
     /// Requests that receive this generation and have not ended yet.
     pub members: Vec<Arc<Request>>,
     /// Set exactly once; from then on the generation is over.
-    pub outcome: Option<GenOutcome>,
+    pub outcome: Option<Outcome>,
     /// Since when no member has had a live attachment.
     pub orphaned_since: Option<Instant>,
     pub prepare_ms: f64,

@@ -26,10 +26,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::generation::GenOutcome;
 use super::request::{Phase, Source};
 use super::Shared;
-use crate::protocol::{ErrorCode, Failure, Stage};
+use crate::protocol::{ErrorCode, Failure, Finish, Stage};
 
 pub(super) fn run(shared: &Arc<Shared>) {
     let t = &shared.config.timeouts;
@@ -89,12 +88,10 @@ pub(super) fn sweep(shared: &Arc<Shared>, now: Instant) {
             }
             (st.stage, st.since, st.members.clone(), st.orphaned_since)
         };
-        let timeout = |message: String| {
-            GenOutcome::Failed(Failure::new(ErrorCode::ProcessingTimeout, message))
-        };
+        let timeout = |message: String| Err(Failure::new(ErrorCode::ProcessingTimeout, message));
         let verdict = match stage {
             Stage::Queued | Stage::WaitingStream if now.duration_since(since) > ms(t.queue_ms) => {
-                Some(GenOutcome::Failed(Failure::new(
+                Some(Err(Failure::new(
                     ErrorCode::QueueTimeout,
                     format!("waited for a worker longer than {} ms", t.queue_ms),
                 )))
@@ -138,12 +135,12 @@ pub(super) fn sweep(shared: &Arc<Shared>, now: Instant) {
                 generation.state.lock().orphaned_since = None;
             }
         } else if members.is_empty() {
-            shared.finish_generation(&generation, GenOutcome::Cancelled);
+            shared.finish_generation(&generation, Ok(Finish::Cancelled));
         } else {
             match orphaned_since {
                 None => generation.state.lock().orphaned_since = Some(now),
                 Some(t0) if now.duration_since(t0) >= ms(t.orphan_grace_ms) => {
-                    shared.finish_generation(&generation, GenOutcome::Cancelled);
+                    shared.finish_generation(&generation, Ok(Finish::Cancelled));
                 }
                 Some(_) => {}
             }
@@ -232,7 +229,7 @@ mod tests {
         // A generation that is over but was left listed, and a request a
         // generation lost: running, but no generation's member any more.
         let leaked = Generation::new(1_000_000, [9; 32], false);
-        leaked.state.lock().outcome = Some(GenOutcome::Cancelled);
+        leaked.state.lock().outcome = Some(Ok(Finish::Cancelled));
         let lost = Request::new("c1".into(), "conv".into(), "m".into());
         {
             let mut st = lost.state.lock();

@@ -66,7 +66,6 @@ use std::thread::JoinHandle;
 use crossbeam_channel::{bounded, Sender};
 use parking_lot::{Mutex, RwLock};
 
-pub use generation::GenOutcome;
 pub use key::{identical_request_key, Input, KeyInput};
 
 use crate::cache::{Cache, Key};
@@ -76,12 +75,12 @@ use crate::history::{self, History};
 use crate::llm::{Prompt, Provider};
 use crate::metrics::Metrics;
 use crate::pool::Pool;
-use crate::protocol::{Chat, ErrorCode, Failure};
+use crate::protocol::{Chat, ErrorCode, Failure, Outcome};
 use crate::singleflight::{Group, Leader};
 use generation::Generation;
 use request::Request;
 
-type Flights = Group<Key, Arc<Generation>, GenOutcome>;
+type Flights = Group<Key, Arc<Generation>, Outcome>;
 
 /// Stack of pipeline worker threads: they run SQLite and provider calls, so
 /// they get more than connection threads.
@@ -235,7 +234,7 @@ impl Drop for RequestTicket {
 struct GenTicket {
     shared: Arc<Shared>,
     generation: Arc<Generation>,
-    leader: Option<Leader<Key, Arc<Generation>, GenOutcome>>,
+    leader: Option<Leader<Key, Arc<Generation>, Outcome>>,
 }
 
 impl Drop for GenTicket {
@@ -246,7 +245,7 @@ impl Drop for GenTicket {
                 "the generation was lost inside the server",
             );
             self.shared
-                .finish_generation(&self.generation, GenOutcome::Failed(failure));
+                .finish_generation(&self.generation, Err(failure));
         }
         // Read the outcome first: completing takes the singleflight's lock,
         // which must not be taken under the generation's.

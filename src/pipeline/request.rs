@@ -16,7 +16,7 @@ use parking_lot::{Condvar, Mutex};
 use super::generation::Generation;
 use crate::cache::CachedAnswer;
 use crate::delivery::Attachment;
-use crate::protocol::{Failure, Finish, Role, Timings, Usage};
+use crate::protocol::{Outcome, Role, Timings, Usage};
 
 /// Where a request's tokens come from.
 #[derive(Clone)]
@@ -30,7 +30,7 @@ pub(crate) enum Source {
 /// How a request ended, kept for `resume` during the replay window.
 #[derive(Debug, Clone)]
 pub(crate) struct End {
-    pub result: Result<Finish, Failure>,
+    pub result: Outcome,
     pub tokens: u64,
     pub timings: Timings,
     /// What the generation cost upstream, as reported (whatever the role).

@@ -13,15 +13,14 @@ use std::time::Instant;
 
 use crossbeam_channel::{Sender, TrySendError};
 
-use super::ending::member_result;
-use super::generation::{GenOutcome, Generation};
+use super::generation::Generation;
 use super::prompt::{assemble_prompt, read_context};
 use super::request::{Phase, Source};
 use super::*;
 use crate::cache::{CachedAnswer, Key};
 use crate::delivery::Event;
 use crate::history;
-use crate::llm::{Ask, CallLimits, Flow, Prompt, StreamEnd, TokenSink, ToolCall};
+use crate::llm::{Ask, CallLimits, Flow, Prompt, TokenSink, ToolCall};
 use crate::protocol::{ErrorCode, Failure, Finish, Role, Stage};
 use crate::singleflight::{Claim, Leader};
 use crate::tools::ToolResult;
@@ -221,8 +220,8 @@ impl Shared {
                         self.metrics.cache_hits.inc();
                         // Give the key up; a follower that claimed it
                         // meanwhile sees it cancelled and looks again.
-                        self.finish_generation(&generation, GenOutcome::Cancelled);
-                        leader.complete(GenOutcome::Cancelled);
+                        self.finish_generation(&generation, Ok(Finish::Cancelled));
+                        leader.complete(Ok(Finish::Cancelled));
                         return self.serve_cached(ticket, answer, AnswerStored::No);
                     }
                 }
@@ -274,7 +273,7 @@ impl Shared {
             Some((Ok(Finish::Stop), text, answer.token_count()))
         });
         if served {
-            self.metrics.by_role.with_label_values(&["cache"]).inc();
+            self.metrics.count_role(Role::Cache);
         }
     }
 
@@ -284,11 +283,11 @@ impl Shared {
         ticket: RequestTicket,
         work: Work,
         generation: Arc<Generation>,
-        leader: Option<Leader<Key, Arc<Generation>, GenOutcome>>,
+        leader: Option<Leader<Key, Arc<Generation>, Outcome>>,
     ) {
         let remote = match self.cluster_claim(&generation) {
-            super::cluster::Role::Lead => None,
-            super::cluster::Role::Remote(token) => Some(token),
+            super::cluster::Claimed::Lead => None,
+            super::cluster::Claimed::Remote(token) => Some(token),
         };
         let role = if remote.is_some() {
             Role::Follower
@@ -307,7 +306,7 @@ impl Shared {
                 // Cancelled in the meantime. Followers that already claimed
                 // this generation see it cancelled and lead a new one.
                 drop(st);
-                self.finish_generation(&generation, GenOutcome::Cancelled);
+                self.finish_generation(&generation, Ok(Finish::Cancelled));
                 return;
             }
             let mut gen = generation.state.lock();
@@ -319,14 +318,14 @@ impl Shared {
                 // follower does).
                 drop(gen);
                 drop(st);
-                if matches!(outcome, GenOutcome::Cancelled) {
+                if matches!(outcome, Ok(Finish::Cancelled)) {
                     let ticket = RequestTicket {
                         shared: self.clone(),
                         request: Some(request),
                     };
                     return self.lead_or_follow(ticket, work);
                 }
-                let result = super::ending::member_result(&outcome);
+                let result = outcome.clone();
                 self.end_request(&request, |_, _| Some((result, "".into(), 0)));
                 return;
             }
@@ -353,10 +352,7 @@ impl Shared {
             self.registry.remove_generation(generation.id);
             return;
         }
-        self.metrics
-            .by_role
-            .with_label_values(&[role.as_str()])
-            .inc();
+        self.metrics.count_role(role);
         if let Some(token) = remote {
             // Another node leads it: one reader thread feeds this node's
             // broadcast; local identical requests follow it as usual.
@@ -374,7 +370,7 @@ impl Shared {
                     ErrorCode::Overloaded,
                     format!("cannot start a reader for the remote generation: {e}"),
                 );
-                self.finish_generation(&generation, GenOutcome::Failed(failure));
+                self.finish_generation(&generation, Err(failure));
             }
             return;
         }
@@ -390,7 +386,7 @@ impl Shared {
         if let Err((job, failure)) = self.send(|c| &c.prepare, job, "the preparation queue is full")
         {
             // Settle the outcome before the refused job (and its ticket) is dropped.
-            self.finish_generation(&generation, GenOutcome::Failed(failure));
+            self.finish_generation(&generation, Err(failure));
             drop(job);
         }
     }
@@ -470,7 +466,7 @@ impl Shared {
                         gen.members.push(request.clone());
                         // Counted here, not at the claim: a follower whose
                         // generation was dropped before it joined leads instead.
-                        self.metrics.by_role.with_label_values(&["follower"]).inc();
+                        self.metrics.count_role(Role::Follower);
                         let stage = gen.stage;
                         drop(gen);
                         for a in &st.attachments {
@@ -497,7 +493,7 @@ impl Shared {
             // Dropped for lack of interest before this follower could join
             // (a cancel or the janitor raced its claim): it is wanted now, so
             // lead a new generation instead of inheriting the cancel.
-            Some(GenOutcome::Cancelled) => {
+            Some(Ok(Finish::Cancelled)) => {
                 let ticket = RequestTicket {
                     shared: self.clone(),
                     request: Some(request),
@@ -522,8 +518,8 @@ impl Shared {
                     }
                     let produced = generation.broadcast.produced();
                     let tokens = produced.ends.len() as u64;
-                    self.metrics.by_role.with_label_values(&["follower"]).inc();
-                    Some((member_result(&outcome), produced.text.into(), tokens))
+                    self.metrics.count_role(Role::Follower);
+                    Some((outcome.clone(), produced.text.into(), tokens))
                 });
             }
         }
@@ -561,7 +557,7 @@ impl Shared {
         ) {
             Ok(messages) => messages,
             Err(e) => {
-                self.finish_generation(&generation, GenOutcome::Failed(internal(&e)));
+                self.finish_generation(&generation, Err(internal(&e)));
                 return;
             }
         };
@@ -598,7 +594,7 @@ impl Shared {
             conversation,
         };
         if let Err((job, failure)) = self.send(|c| &c.stream, job, "the streaming queue is full") {
-            self.finish_generation(&generation, GenOutcome::Failed(failure));
+            self.finish_generation(&generation, Err(failure));
             drop(job);
         }
     }
@@ -632,7 +628,7 @@ impl Shared {
         generation: &Arc<Generation>,
         prompt: &mut Prompt,
         conversation: Option<&str>,
-    ) -> GenOutcome {
+    ) -> Outcome {
         let config = &self.config.tools;
         // A prompt the client brought whole gets none of chorus's tools.
         let toolbox = self.toolbox.as_ref().filter(|_| conversation.is_some());
@@ -672,7 +668,7 @@ impl Shared {
                 Ok(turn) => turn,
                 Err(e) => {
                     log::warn!("generation {} failed: {e}", generation.id);
-                    return GenOutcome::Failed(llm_failure(&e));
+                    return Err(llm_failure(&e));
                 }
             };
             endpoint = Some(turn.endpoint);
@@ -680,12 +676,11 @@ impl Shared {
                 let mut st = generation.state.lock();
                 st.usage = Some(st.usage.unwrap_or_default().plus(usage));
             }
-            let finished = match turn.end {
-                StreamEnd::Stop => Finish::Stop,
-                StreamEnd::Length => Finish::Length,
+            let finished = turn.end;
+            if finished == Finish::Cancelled {
                 // Whoever aborted already set the outcome; this is a fallback.
-                StreamEnd::Aborted => return GenOutcome::Cancelled,
-            };
+                return Ok(finished);
+            }
             let (toolbox, conversation) = match (toolbox, conversation) {
                 (Some(toolbox), Some(conversation)) if !turn.tool_calls.is_empty() && !last => {
                     (toolbox, conversation)
@@ -697,7 +692,7 @@ impl Shared {
                             generation.id
                         );
                     }
-                    return GenOutcome::Finished(finished);
+                    return Ok(finished);
                 }
             };
             let results = self.run_tools(toolbox, generation, conversation, &turn.tool_calls);
@@ -709,7 +704,7 @@ impl Shared {
                         break;
                     }
                 }
-                return GenOutcome::Finished(Finish::Stop);
+                return Ok(Finish::Stop);
             }
             prompt
                 .messages

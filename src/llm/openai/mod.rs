@@ -48,8 +48,8 @@ use ureq::Agent;
 use super::direct::Direct;
 use super::stream::{status_failure, CallError, Fed, StreamState};
 use super::{
-    AbortSignal, Ask, EndpointStats, LlmError, Prompt, PromptMessage, Provider, StreamEnd,
-    TokenSink, ToolSpec, Turn,
+    AbortSignal, Ask, EndpointStats, Finish, LlmError, Prompt, PromptMessage, Provider, TokenSink,
+    ToolSpec, Turn,
 };
 
 /// Most bytes of an error body read to find its message.
@@ -479,7 +479,7 @@ impl Provider for OpenAi {
                         ..turn
                     })
                 }
-                Ok(None) => return Ok(Turn::answer(StreamEnd::Aborted)),
+                Ok(None) => return Ok(Turn::answer(Finish::Cancelled)),
                 Err(e) if emitted.get() => return Err(e),
                 Err(e) => {
                     if let Some((next, _)) = self.endpoints.get(i + 1) {

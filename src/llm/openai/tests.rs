@@ -168,7 +168,7 @@ fn over_ureq_a_kept_connection_closed_by_the_upstream_is_replaced() {
         let turn = provider
             .stream(&ask(&prompt), &AbortSignal::new(), &sink)
             .unwrap();
-        assert_eq!(turn.end, StreamEnd::Stop);
+        assert_eq!(turn.end, Finish::Stop);
         assert_eq!(got.lock().as_str(), expected);
     }
     server.join().unwrap();
