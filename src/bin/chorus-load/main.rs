@@ -153,7 +153,7 @@ fn parse_args() -> Result<Args, String> {
         gentle_cancels: false,
         message: "One question for everyone".to_owned(),
         transport: Transport::Ws,
-        // chorus's defaults (src/config.rs): an HTTP request with these is
+        // chorus's defaults (src/config/types.rs): an HTTP request with these is
         // keyed like a WebSocket chat.
         system_prompt: "You are a helpful assistant.".to_owned(),
         max_tokens: 1024,
