@@ -10,7 +10,8 @@
 
 use std::sync::atomic::Ordering;
 
-use super::{message_from_row, read_head, History, HistoryError, Message};
+use super::read::{message_from_row, read_head};
+use super::{History, HistoryError, Message};
 
 const SELECT_NEWEST: &str = "SELECT role, content, at_ms, partial, idx FROM messages \
      WHERE conversation = ?1 AND idx < ?2 ORDER BY idx DESC";
