@@ -36,3 +36,23 @@ fn the_protocol_reference_explains_every_error_code() {
         );
     }
 }
+
+/// Every kind of Redis key the code names (the table in
+/// `src/cluster/keys.rs`) is in the operators' table in docs/scaling.md.
+#[test]
+fn the_scaling_guide_lists_every_redis_key() {
+    let code = read("src/cluster/keys.rs");
+    let guide = read("docs/scaling.md");
+    let kinds: Vec<&str> = code
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("format!(\"chorus:v1:"))
+        .filter_map(|rest| rest.split(':').next())
+        .collect();
+    assert_eq!(kinds.len(), 5, "{kinds:?}");
+    for kind in kinds {
+        assert!(
+            guide.contains(&format!("`chorus:v1:{kind}:")),
+            "docs/scaling.md does not list chorus:v1:{kind}:"
+        );
+    }
+}

@@ -61,7 +61,7 @@ impl RedisCache {
     }
 
     fn redis_key(key: &Key) -> String {
-        format!("chorus:v1:answer:{}", crate::cluster::hex(key))
+        crate::cluster::keys::answer(key)
     }
 
     /// Runs `f` on a pooled connection unless Redis is known to be down.

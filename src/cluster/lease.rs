@@ -23,7 +23,7 @@
 
 use std::time::Duration;
 
-use super::{hex, ClusterError};
+use super::ClusterError;
 use crate::redis_pool::RedisPool;
 
 /// Extends the lease only while it is still ours.
@@ -69,7 +69,7 @@ impl Leases {
     }
 
     fn name(key: &[u8; 32]) -> String {
-        format!("chorus:v1:lead:{}", hex(key))
+        super::keys::lead(key)
     }
 
     fn lease_ms(&self) -> u64 {

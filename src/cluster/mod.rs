@@ -11,14 +11,20 @@
 //!   `replay_window_ms` after the end. Another node reads it with one
 //!   reader per generation and feeds its local broadcaster.
 //!
-//! The pipeline's use of them is in `pipeline/cluster.rs`.
+//! Every key name, with what it holds and when it expires, is in one table
+//! in [`keys`]; the commands on them are here too ([`lease`], [`stream`],
+//! [`watchers`], [`records`]). The pipeline's use of them, the policy, is
+//! in `pipeline/cluster.rs` and `pipeline/cluster_resume.rs`.
 //!
 //! Threads: a [`lease::Leases`] is shared by every thread of a node; a
 //! [`stream::StreamWriter`] belongs to the streaming thread of its
 //! generation, a [`stream::StreamReader`] to its reader thread.
 
+pub mod keys;
 pub mod lease;
+pub(crate) mod records;
 pub mod stream;
+pub(crate) mod watchers;
 
 /// Failures talking to the cluster's Redis.
 #[derive(Debug, thiserror::Error)]
@@ -41,9 +47,4 @@ impl From<r2d2::Error> for ClusterError {
     fn from(e: r2d2::Error) -> Self {
         ClusterError::Unavailable(e.to_string())
     }
-}
-
-/// Hex of an identical-request key, as it appears in Redis key names.
-pub(crate) fn hex(key: &[u8; 32]) -> String {
-    key.iter().map(|b| format!("{b:02x}")).collect()
 }

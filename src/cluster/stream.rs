@@ -52,7 +52,7 @@ pub enum StreamEvent {
 
 /// The Redis key of the stream of generation `token`.
 pub fn stream_name(token: &str) -> String {
-    format!("chorus:v1:stream:{token}")
+    super::keys::stream(token)
 }
 
 /// Appends a generation's tokens and its end.

@@ -33,6 +33,7 @@ use super::Shared;
 use crate::breaker::Breaker;
 use crate::cluster::lease::{Claim, Leases};
 use crate::cluster::stream::{StreamEvent, StreamReader, StreamWriter};
+use crate::cluster::{keys, records, watchers};
 use crate::protocol::{ErrorCode, Failure, Outcome};
 use crate::redis_pool::RedisPool;
 
@@ -231,10 +232,7 @@ impl Shared {
             Some(ClusterPart::Follow { token, .. }) => {
                 // No longer watching: the leader need not run for us.
                 let mut pipe = redis::pipe();
-                pipe.cmd("ZREM")
-                    .arg(watchers_key(&token))
-                    .arg(&node.node_id)
-                    .ignore();
+                watchers::unwatch(&mut pipe, &node.node_id, &token);
                 node.writes.send(Write::Commands(pipe));
                 return;
             }
@@ -287,11 +285,9 @@ impl Shared {
                     return;
                 }
                 *refreshed = Some(Instant::now());
-                node.writes.send(Write::Commands(watch_pipe(
-                    &node.node_id,
-                    token,
-                    node.lease,
-                )));
+                let mut pipe = redis::pipe();
+                watchers::watch(&mut pipe, &node.node_id, token, node.lease);
+                node.writes.send(Write::Commands(pipe));
             }
             None => {}
         }
@@ -310,13 +306,7 @@ impl Shared {
         };
         // While Redis is known down there is no cluster coordination: the
         // answer is "nobody", at once.
-        let watching = node.query(|conn| {
-            redis::cmd("ZCOUNT")
-                .arg(watchers_key(&token))
-                .arg(format!("({}", now_ms()))
-                .arg("+inf")
-                .query::<u64>(conn)
-        });
+        let watching = node.query(|conn| watchers::count(conn, &token));
         watching.is_ok_and(|n| n > 0)
     }
 
@@ -337,7 +327,7 @@ impl Shared {
             return;
         };
         let t = &self.config.timeouts;
-        let keep_ms = t.request_ms.saturating_add(t.replay_window_ms).max(1);
+        let keep = Duration::from_millis(t.request_ms.saturating_add(t.replay_window_ms));
         let mut pipe = redis::pipe();
         let mut any = false;
         for id in requests {
@@ -360,24 +350,13 @@ impl Shared {
                     st.handover_pending
                 };
                 if let (true, Ok(record)) = (pending, serde_json::to_string(&Record::pending())) {
-                    pipe.cmd("SET")
-                        .arg(request_key(id))
-                        .arg(record)
-                        .arg("PX")
-                        .arg(keep_ms)
-                        .ignore();
+                    records::set(&mut pipe, id, &record, keep);
                     any = true;
                 }
                 continue;
             };
-            let set_record = |pipe: &mut redis::Pipeline| {
-                pipe.cmd("SET")
-                    .arg(request_key(id))
-                    .arg(&handover.record)
-                    .arg("PX")
-                    .arg(keep_ms)
-                    .ignore();
-            };
+            let set_record =
+                |pipe: &mut redis::Pipeline| records::set(pipe, id, &handover.record, keep);
             match handover.own_stream {
                 None => {
                     set_record(&mut pipe);
@@ -459,7 +438,7 @@ impl Shared {
         let record = Record {
             role: role.as_str().to_owned(),
             stream,
-            key: crate::cluster::hex(&key),
+            key: keys::hex(&key),
             end,
             pending: false,
         };
@@ -577,54 +556,6 @@ pub(crate) enum ClusterPart {
 
 /// The per-generation slot for its [`ClusterPart`].
 pub(crate) type LeadSlot = Mutex<Option<ClusterPart>>;
-
-/// The sorted set of nodes still watching generation `token`, scored by
-/// when their interest expires (milliseconds since the epoch).
-fn watchers_key(token: &str) -> String {
-    format!("chorus:v1:watchers:{token}")
-}
-
-/// Marks `node_id` as watching generation `token` for one lease time.
-fn watch_pipe(node_id: &str, token: &str, lease: Duration) -> redis::Pipeline {
-    let lease_ms = u64::try_from(lease.as_millis()).unwrap_or(u64::MAX);
-    let key = watchers_key(token);
-    let mut pipe = redis::pipe();
-    pipe.cmd("ZADD")
-        .arg(&key)
-        .arg(now_ms().saturating_add(lease_ms))
-        .arg(node_id)
-        .ignore()
-        .cmd("PEXPIRE")
-        .arg(&key)
-        .arg(lease_ms.saturating_mul(2))
-        .ignore();
-    pipe
-}
-
-/// The failure an end marker records; an unknown code (a newer node's)
-/// reads as `upstream_error`.
-/// The key bytes of a 64-digit hex string.
-pub(super) fn unhex(text: &str) -> Option<[u8; 32]> {
-    let mut key = [0u8; 32];
-    if text.len() != 64 {
-        return None;
-    }
-    for (i, byte) in key.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(key)
-}
-
-/// Which generation a request receives, for `resume` on any node.
-pub(super) fn request_key(id: &str) -> String {
-    format!("chorus:v1:request:{id}")
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
 
 /// A request's resume record, and its own stream when it needs one.
 struct Handover {

@@ -36,13 +36,14 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
 use parking_lot::Mutex;
 
-use super::cluster::{request_key, unhex, ClusterPart};
+use super::cluster::ClusterPart;
 use super::ending::end_event;
 use super::generation::Generation;
 use super::request::{End, Phase, Request, RequestState, Source};
 use super::{GenTicket, Shared};
 use crate::cache::CachedAnswer;
 use crate::cluster::stream::{first_entries, StreamEvent};
+use crate::cluster::{keys, records};
 use crate::delivery::Attachment;
 use crate::delivery::{Client, Event};
 use crate::protocol::{ErrorCode, Failure, Finish, Outcome, Role, Stage, Timings};
@@ -243,12 +244,8 @@ impl Shared {
             if waiting.is_empty() {
                 continue;
             }
-            let keys: Vec<String> = waiting.iter().map(|r| request_key(&r.id)).collect();
-            let records = node.query(|conn| {
-                redis::cmd("MGET")
-                    .arg(&keys)
-                    .query::<Vec<Option<String>>>(conn)
-            });
+            let ids: Vec<&str> = waiting.iter().map(|r| &*r.id).collect();
+            let records = node.query(|conn| records::get_all(conn, &ids));
             let not_found = Failure::new(ErrorCode::NotFound, "no such request, or it expired");
             let Ok(records) = records else {
                 // Redis is down: no cluster coordination, nothing to find.
@@ -286,7 +283,7 @@ impl Shared {
 
     fn resolve(self: &Arc<Self>, request: &Arc<Request>, record: &Record) {
         let role = record.role.parse().unwrap_or(Role::Follower);
-        let Some(key) = unhex(&record.key) else {
+        let Some(key) = keys::unhex(&record.key) else {
             let failure = Failure::new(ErrorCode::NotFound, "no such request, or it expired");
             return self.drop_resumed(request, &failure);
         };

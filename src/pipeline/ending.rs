@@ -115,10 +115,7 @@ impl Shared {
     pub(super) fn end_request(
         self: &Arc<Self>,
         request: &Arc<Request>,
-        decide: impl FnOnce(
-            &mut request::RequestState,
-            Phase,
-        ) -> Option<(Outcome, Arc<str>, u64)>,
+        decide: impl FnOnce(&mut request::RequestState, Phase) -> Option<(Outcome, Arc<str>, u64)>,
     ) -> bool {
         let (answer, partial, announced, handover) = {
             let mut st = request.state.lock();
