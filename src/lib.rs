@@ -44,5 +44,6 @@ pub mod protocol;
 pub mod redis_pool;
 pub mod server;
 pub mod singleflight;
+pub mod threads;
 pub mod tools;
 pub mod ws;

@@ -127,7 +127,7 @@ where
         let next = crew.jobs.recv_timeout(crew.renew_after);
         let retired = std::mem::take(&mut crew.handles.lock().retired);
         for predecessor in retired {
-            let _ = predecessor.join();
+            crate::threads::join(predecessor, crew.name);
         }
         match next {
             Ok(job) => {
@@ -235,9 +235,10 @@ impl Pool {
     /// successors of renewed workers included: a successor takes its
     /// predecessor's slot before the predecessor exits, under the lock this
     /// takes handles from, so it is there when that join returns.
+    /// A worker that panicked is reported ([`crate::threads::join`]).
     pub fn join(self) {
         while let Some(handle) = self.crew.take_handle() {
-            let _ = handle.join();
+            crate::threads::join(handle, self.name);
         }
     }
 }

@@ -347,9 +347,7 @@ impl Inner {
         }
         let mut writer = self.writer.lock();
         if let Some(handle) = writer.take() {
-            if handle.join().is_err() {
-                log::error!("history writer thread panicked");
-            }
+            crate::threads::join(handle, "history writer");
         }
     }
 }

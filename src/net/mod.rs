@@ -221,6 +221,6 @@ impl AcceptThread {
         self.gate.take();
         self.shared.stopping.store(true, Ordering::Release);
         let _ = rustix::io::write(&*self.waker, &1u64.to_ne_bytes());
-        let _ = self.thread.join();
+        crate::threads::join(self.thread, "accept");
     }
 }

@@ -162,21 +162,24 @@ impl Lookups {
 }
 
 impl Shared {
-    /// Starts the lookup thread (once, when the pipeline starts).
-    pub(super) fn start_lookups(self: &Arc<Self>) -> std::io::Result<()> {
+    /// Starts the lookup thread (once, when the pipeline starts, if it is
+    /// a cluster node); it stops when the pipeline shuts down.
+    pub(super) fn start_lookups(
+        self: &Arc<Self>,
+    ) -> std::io::Result<Option<std::thread::JoinHandle<()>>> {
         let Some(rx) = self
             .cluster
             .as_ref()
             .and_then(|n| n.lookups.rx.lock().take())
         else {
-            return Ok(());
+            return Ok(None);
         };
         let shared = self.clone();
         std::thread::Builder::new()
             .name("chorus-lookup".into())
             .stack_size(256 * 1024)
             .spawn(move || shared.run_lookups(&rx))
-            .map(|_| ())
+            .map(Some)
     }
 
     /// `resume` of a request this node does not know, on the connection

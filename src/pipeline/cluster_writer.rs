@@ -19,6 +19,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
@@ -62,7 +63,9 @@ pub(crate) enum Write {
 
 /// The sending side, held by the cluster node.
 pub(crate) struct Writes {
-    tx: Sender<Write>,
+    /// `None` once dropped: the thread then runs what is queued and stops.
+    tx: Option<Sender<Write>>,
+    thread: Option<JoinHandle<()>>,
 }
 
 impl Writes {
@@ -73,25 +76,42 @@ impl Writes {
         breaker: Arc<Breaker>,
     ) -> std::io::Result<Writes> {
         let (tx, rx) = bounded(QUEUE);
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("chorus-cluster".into())
             .stack_size(256 * 1024)
             .spawn(move || run(&rx, &pool, &leases, &breaker))?;
-        Ok(Writes { tx })
+        Ok(Writes {
+            tx: Some(tx),
+            thread: Some(thread),
+        })
     }
 
     /// Writes waiting for the writer thread.
     pub fn queued(&self) -> usize {
-        self.tx.len()
+        self.tx.as_ref().map_or(0, Sender::len)
     }
 
     /// Queues `write`; never blocks. A write that finds the queue full is
     /// dropped (a lost token batch breaks its stream).
     pub fn send(&self, write: Write) {
+        let Some(tx) = &self.tx else {
+            return lost(&write);
+        };
         if let Err(TrySendError::Full(write) | TrySendError::Disconnected(write)) =
-            self.tx.try_send(write)
+            tx.try_send(write)
         {
             lost(&write);
+        }
+    }
+}
+
+impl Drop for Writes {
+    /// Lets the thread run what is queued (at once while Redis is known
+    /// down: the breaker drops it) and waits for it.
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        if let Some(thread) = self.thread.take() {
+            crate::threads::join(thread, "cluster writer");
         }
     }
 }

@@ -94,7 +94,9 @@ const STORE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 pub struct Pipeline {
     shared: Arc<Shared>,
     pools: Mutex<Vec<Pool>>,
-    janitor: Mutex<Option<JoinHandle<()>>>,
+    /// The janitor and, on a cluster node, the resume lookup thread,
+    /// with their names: joined at shutdown.
+    threads: Mutex<Vec<(JoinHandle<()>, &'static str)>>,
 }
 
 struct Channels {
@@ -320,7 +322,7 @@ impl Pipeline {
             next_generation: AtomicU64::new(1),
             cache_writes: AtomicU64::new(0),
         });
-        shared.start_lookups()?;
+        let lookups = shared.start_lookups()?;
         let s = shared.clone();
         let cache_pool = Pool::spawn(
             "cache",
@@ -360,7 +362,11 @@ impl Pipeline {
         Ok(Pipeline {
             shared,
             pools: Mutex::new(vec![cache_pool, prepare_pool, follow_pool, stream_pool]),
-            janitor: Mutex::new(Some(janitor)),
+            threads: Mutex::new(
+                std::iter::once((janitor, "janitor"))
+                    .chain(lookups.map(|l| (l, "cluster lookup")))
+                    .collect(),
+            ),
         })
     }
 
@@ -452,8 +458,9 @@ impl Pipeline {
         for pool in pools {
             pool.join();
         }
-        if let Some(janitor) = self.janitor.lock().take() {
-            let _ = janitor.join();
+        let threads: Vec<_> = self.threads.lock().drain(..).collect();
+        for (thread, what) in threads {
+            crate::threads::join(thread, what);
         }
         let _ = self.shared.history.sync();
     }

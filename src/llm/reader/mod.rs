@@ -282,9 +282,7 @@ impl Drop for Reader {
     fn drop(&mut self) {
         self.shared.send(Command::Shutdown);
         if let Some(thread) = self.thread.take() {
-            if thread.join().is_err() {
-                log::error!("the upstream reader thread panicked");
-            }
+            crate::threads::join(thread, "upstream reader");
         }
     }
 }
