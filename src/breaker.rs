@@ -60,6 +60,7 @@ type Probe = Box<dyn Fn() -> Result<(), String> + Send + Sync>;
 
 /// Why [`Breaker::call`] returned no value.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum BreakerError<E> {
     /// The breaker is open: the dependency is known to be down and was not
     /// called.

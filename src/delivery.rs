@@ -115,6 +115,7 @@ impl std::fmt::Debug for Event<'_> {
 
 /// Why a client did not take what it was handed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum PushError {
     /// Its bound is reached: the client does not read fast enough.
     Full,

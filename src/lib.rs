@@ -4,7 +4,7 @@
 //! model. chorus sits between many users and an expensive, slow upstream
 //! model and makes that upstream go as far as possible: identical questions
 //! asked at the same time share one generation ([`singleflight`]), complete
-//! answers are cached and served on their own lane ([`cache`]), and tokens
+//! answers are cached and served on their own lane (`cache`), and tokens
 //! fan out live to every interested client ([`broadcast`]).
 //!
 //! The core is synchronous by design: OS thread pools ([`pool`]) sized by
@@ -16,15 +16,32 @@
 //! reaches a socket), then [`net`] (the port: accepting, HTTP, routing,
 //! the WebSocket upgrade), [`ws`] (a WebSocket's own thread) and
 //! [`server`] (how it is all started and stopped).
+//!
+//! # What is public
+//!
+//! An embedder runs a [`Server`] from a [`Config`] (read from a file,
+//! the environment and flags with [`config::Config::load`], or built in
+//! code) and stops it with [`Server::shutdown`]; the wire vocabulary is
+//! [`protocol`]. The building blocks are public too, each usable and
+//! tested on its own: [`singleflight`], [`broadcast`], [`outbox`],
+//! [`pool`], [`threads`], [`memory`], [`history`], [`cluster`]. The
+//! modules that only wire chorus together (the cache lane's backends, the
+//! tools, the metrics, the OpenAI-compatible endpoint's client, the
+//! authorisation check) are private; the rest stay reachable for the
+//! tests and benchmarks that drive them, not as a promise.
 
 #![forbid(unsafe_code)]
-#![warn(missing_docs)]
+#![deny(missing_docs)]
 
-pub mod api;
-pub mod authority;
+pub use config::{Config, ConfigError};
+pub use protocol::{ErrorCode, Failure, Finish, Outcome};
+pub use server::{Server, ServerError};
+
+mod api;
+mod authority;
 pub mod breaker;
 pub mod broadcast;
-pub mod cache;
+mod cache;
 pub mod cluster;
 pub mod config;
 pub mod delivery;
@@ -34,7 +51,7 @@ pub mod fuzzing;
 pub mod history;
 pub mod llm;
 pub mod memory;
-pub mod metrics;
+mod metrics;
 pub mod net;
 pub mod openai;
 pub mod outbox;
@@ -45,5 +62,5 @@ pub mod redis_pool;
 pub mod server;
 pub mod singleflight;
 pub mod threads;
-pub mod tools;
+mod tools;
 pub mod ws;

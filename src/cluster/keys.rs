@@ -7,8 +7,8 @@
 //! | `chorus:v1:answer:<hex key>` | string | a cached answer | `cache::redis` | `cache.ttl_s` |
 //! | `chorus:v1:lead:<hex key>` | string | the token of the node leading that generation | [`super::lease`] | the lease time, renewed while it runs |
 //! | `chorus:v1:stream:<token>` | stream | the generation's tokens and its end marker | [`super::stream`] | `replay_window_ms` after its end |
-//! | `chorus:v1:watchers:<token>` | sorted set | nodes with clients following that generation, scored by when their interest lapses | [`super::watchers`] | twice the lease time |
-//! | `chorus:v1:request:<id>` | string (JSON) | where another node finds a request for `resume` | [`super::records`] | `request_ms` + `replay_window_ms` |
+//! | `chorus:v1:watchers:<token>` | sorted set | nodes with clients following that generation, scored by when their interest lapses | `cluster::watchers` | twice the lease time |
+//! | `chorus:v1:request:<id>` | string (JSON) | where another node finds a request for `resume` | `cluster::records` | `request_ms` + `replay_window_ms` |
 //!
 //! `<hex key>` is the identical-request key in lowercase hex (64
 //! digits); `<token>` names one generation cluster-wide

@@ -13,7 +13,7 @@
 //!
 //! Every key name, with what it holds and when it expires, is in one table
 //! in [`keys`]; the commands on them are here too ([`lease`], [`stream`],
-//! [`watchers`], [`records`]). The pipeline's use of them, the policy, is
+//! `watchers`, `records`). The pipeline's use of them, the policy, is
 //! in `pipeline/cluster.rs` and `pipeline/cluster_resume.rs`.
 //!
 //! Threads: a [`lease::Leases`] is shared by every thread of a node; a
@@ -28,6 +28,7 @@ pub(crate) mod watchers;
 
 /// Failures talking to the cluster's Redis.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ClusterError {
     /// Redis could not be reached or refused a command.
     #[error("cluster Redis unavailable: {0}")]

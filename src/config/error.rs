@@ -8,6 +8,7 @@ use super::Origin;
 
 /// Everything that can go wrong while building a [`Config`](super::Config).
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ConfigError {
     /// The config file could not be read.
     #[error("cannot read config file {}: {source}", .path.display())]

@@ -98,6 +98,7 @@ use writer::{writer_loop, Op};
 
 /// Errors of the history layer.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum HistoryError {
     /// The database could not be opened or prepared.
     #[error("cannot open history database {}: {source}", path.display())]

@@ -27,6 +27,7 @@ pub struct Event {
 
 /// Why a stream cannot be parsed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum SseError {
     /// A line longer than the parser's limit: refuse to buffer without bound.
     #[error("an event-stream line is longer than {0} bytes")]

@@ -1,7 +1,7 @@
 //! HTTP/1.1 on the single port: reading a request head with httparse,
 //! writing answers (also head-only ones for `HEAD`), the lingering close,
 //! and the bearer-token check. Which `Host` and `Origin` may reach the
-//! server is [`crate::authority`]'s job; which answer a request gets is
+//! server is `crate::authority`'s job; which answer a request gets is
 //! `route`'s.
 //!
 //! Threads: runs on the connection thread that accepted the socket, before
@@ -21,6 +21,7 @@ const MAX_HEADERS: usize = 48;
 
 /// Why a request could not be read.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum HttpError {
     /// The socket failed or timed out.
     #[error("reading the request failed: {0}")]

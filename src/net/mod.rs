@@ -6,7 +6,7 @@
 //!   connection thread (or refuses it with a 503 when threads or
 //!   descriptors run out, [`descriptors`]);
 //! - [`http`]: the connection thread reads the request head;
-//! - `route`: every request's `Host` is checked ([`crate::authority`]),
+//! - `route`: every request's `Host` is checked (`crate::authority`),
 //!   then its method and path pick the answer: a plain HTTP answer
 //!   (`/healthz`, `/metrics`, `/api/stats` from `stats`, the page from
 //!   `static_files`), closed with a lingering close, or an upgrade;
@@ -123,7 +123,10 @@ impl Shared {
     pub(crate) fn close_websockets(&self, wait: Duration) {
         let outboxes: Vec<Arc<Outbox>> = self.connections.lock().values().cloned().collect();
         for outbox in outboxes {
-            let _ = outbox.push(Frame::Close(1001, "server shutting down"));
+            let _ = outbox.push(Frame::Close(
+                crate::ws::close::GOING_AWAY,
+                "server shutting down",
+            ));
         }
         let deadline = Instant::now() + wait;
         // WebSockets only: a kept-alive HTTP connection waiting for its

@@ -98,7 +98,10 @@ pub(super) fn upgrade(mut tcp: TcpStream, req: Request, shared: &Arc<Shared>) ->
     let registration = Registration::new(shared, id, outbox.clone());
     if shared.stopping.load(Ordering::Acquire) {
         // Upgraded after shutdown closed the others: close this one too.
-        let _ = outbox.push(Frame::Close(1001, "server shutting down"));
+        let _ = outbox.push(Frame::Close(
+            crate::ws::close::GOING_AWAY,
+            "server shutting down",
+        ));
     }
     let limits = Limits {
         max_message_bytes: server.ws_max_message_bytes,

@@ -291,6 +291,7 @@ pub fn escape_json_str(out: &mut Vec<u8>, text: &str) {
 
 /// Something the HTTP API refuses or fails with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ApiError {
     /// A failure with a chorus error code, as on the WebSocket.
     Code(ErrorCode),

@@ -30,7 +30,7 @@ pub enum Input<'a> {
         /// The user's message.
         message: &'a str,
     },
-    /// Any other message list, as its digest ([`list_digest`]).
+    /// Any other message list, as its digest (`list_digest`).
     List(&'a [u8; 32]),
 }
 

@@ -103,6 +103,7 @@ pub struct Toolbox {
 
 /// Why a toolbox cannot be built from the configuration.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ToolsError {
     /// A name in `tools.builtins` or `tools.direct` is not a built-in tool.
     #[error("unknown tool {0:?} (built in: calculator, clock, search_history)")]

@@ -43,6 +43,7 @@ use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use tungstenite::protocol::{Role, WebSocketConfig};
 use tungstenite::{Error as WsError, Message, WebSocket};
 
+use super::frame::close;
 use super::keepalive::{Due, Keepalive};
 use super::{encode, frame, history_page, WsClient};
 use crate::broadcast::Token;
@@ -414,7 +415,7 @@ impl Connection<'_> {
             self.limits.pong_timeout
         );
         let socket = ws.get_mut();
-        frame::encode_close(&mut socket.pending, 1001, "ping timeout");
+        frame::encode_close(&mut socket.pending, close::GOING_AWAY, "ping timeout");
         let _ = socket.drain();
         let _ = socket.tcp.shutdown(std::net::Shutdown::Both);
     }
@@ -515,20 +516,26 @@ impl Connection<'_> {
                 Err(WsError::Capacity(e)) => {
                     // Too big to skip safely: close with 1009 as the protocol says.
                     log::debug!("closing a connection that sent an oversized frame: {e}");
-                    let _ = self.outbox.push(Frame::Close(1009, "message too big"));
+                    let _ = self
+                        .outbox
+                        .push(Frame::Close(close::TOO_BIG, "message too big"));
                     return Ok(true);
                 }
                 Err(WsError::ConnectionClosed | WsError::AlreadyClosed) => return Ok(false),
                 Err(WsError::Utf8(e)) => {
                     // RFC 6455 §7.4.1: 1007 for data inconsistent with its type.
                     log::debug!("closing a connection that sent invalid UTF-8: {e}");
-                    let _ = self.outbox.push(Frame::Close(1007, "invalid UTF-8"));
+                    let _ = self
+                        .outbox
+                        .push(Frame::Close(close::INVALID_DATA, "invalid UTF-8"));
                     return Ok(true);
                 }
                 Err(WsError::Io(e)) => return Err(e),
                 Err(e) => {
                     log::debug!("WebSocket protocol error: {e}");
-                    let _ = self.outbox.push(Frame::Close(1002, "protocol error"));
+                    let _ = self
+                        .outbox
+                        .push(Frame::Close(close::PROTOCOL_ERROR, "protocol error"));
                     return Ok(true);
                 }
             }

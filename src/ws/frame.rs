@@ -7,6 +7,18 @@
 //! allocation. Reading (client frames, which are masked) stays with
 //! tungstenite.
 
+/// The close codes chorus sends (RFC 6455 §7.4.1), named once.
+pub mod close {
+    /// The server is shutting down, or a dead peer is dropped (no pong).
+    pub const GOING_AWAY: u16 = 1001;
+    /// The client broke the framing protocol.
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    /// A text frame that is not UTF-8.
+    pub const INVALID_DATA: u16 = 1007;
+    /// A frame too big to read, or to skip, safely.
+    pub const TOO_BIG: u16 = 1009;
+}
+
 /// Appends one final text frame whose payload is the concatenation of `parts`.
 pub fn encode_text(out: &mut Vec<u8>, parts: &[&[u8]]) {
     let len: usize = parts.iter().map(|p| p.len()).sum();
@@ -79,10 +91,10 @@ mod tests {
     #[test]
     fn close_frame_carries_code_and_reason() {
         let mut out = Vec::new();
-        encode_close(&mut out, 1001, "going away");
+        encode_close(&mut out, close::GOING_AWAY, "going away");
         match &decode(out)[0] {
             Message::Close(Some(frame)) => {
-                assert_eq!(u16::from(frame.code), 1001);
+                assert_eq!(u16::from(frame.code), close::GOING_AWAY);
                 assert_eq!(frame.reason.as_str(), "going away");
             }
             other => panic!("expected close, got {other:?}"),

@@ -17,3 +17,4 @@ pub use client::{outbox, WsClient};
 #[cfg(test)]
 pub(crate) use connection::PANIC_FRAME;
 pub use connection::{serve, Limits};
+pub use frame::close;
