@@ -11,9 +11,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::ending::end_event;
-use super::generation::Generation;
-use super::request::{Phase, Request, Source};
-use super::*;
+use super::key::{self, identical_request_key, KeyInput};
+use super::records::{Generation, Phase, Request, Source};
+use super::{history_failure, GivenPrompt, IntakeJob, RequestTicket, Shared, Work, STORE_WAIT};
+
 use crate::broadcast::TokenSource;
 use crate::delivery::Attachment;
 use crate::delivery::{Client, Event};

@@ -25,10 +25,11 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
+use super::cluster_part::{ClusterLead, ClusterPart};
 use super::cluster_resume::{Record, RecordEnd};
 use super::cluster_writer::{Write, Writes};
-use super::generation::Generation;
-use super::request::{Request, Source};
+use super::records::Generation;
+use super::records::{Request, Source};
 use super::Shared;
 use crate::breaker::Breaker;
 use crate::cluster::lease::{Claim, Leases};
@@ -112,33 +113,6 @@ impl ClusterNode {
                 f(&mut conn).map_err(|e| e.to_string())
             })
             .map_err(|e| e.to_string())
-    }
-}
-
-/// A local generation that leads cluster-wide.
-pub(crate) struct ClusterLead {
-    pub token: String,
-    writer: Arc<StreamWriter>,
-    pending: Vec<String>,
-    last_flush: Instant,
-    pub last_renew: Instant,
-    /// Set when a batch was lost: the stream has a gap, so it is ended with
-    /// an error instead of fed further.
-    broken: Arc<AtomicBool>,
-}
-
-impl ClusterLead {
-    /// Queues the buffered tokens for the writer thread (never blocks).
-    fn flush(&mut self, writes: &Writes) {
-        self.last_flush = Instant::now();
-        if self.pending.is_empty() {
-            return;
-        }
-        writes.send(Write::Append {
-            writer: self.writer.clone(),
-            tokens: std::mem::take(&mut self.pending),
-            broken: self.broken.clone(),
-        });
     }
 }
 
@@ -385,7 +359,7 @@ impl Shared {
 
     /// Writes the resume record of `request` if its connection closed
     /// before another node could have found it (see
-    /// [`RequestState::handover_pending`](super::request::RequestState)).
+    /// [`RequestState::handover_pending`](super::records::RequestState)).
     /// Called when it joins a generation and when it ends.
     pub(super) fn handover_if_pending(&self, request: &Request) {
         if self.cluster.is_some() && std::mem::take(&mut request.state.lock().handover_pending) {
@@ -541,21 +515,6 @@ impl Shared {
         None
     }
 }
-
-/// A generation's part in the cluster.
-pub(crate) enum ClusterPart {
-    /// It leads cluster-wide.
-    Lead(ClusterLead),
-    /// It follows the generation `token` of another node; `refreshed` is
-    /// when this node last said it is still watching.
-    Follow {
-        token: String,
-        refreshed: Option<Instant>,
-    },
-}
-
-/// The per-generation slot for its [`ClusterPart`].
-pub(crate) type LeadSlot = Mutex<Option<ClusterPart>>;
 
 /// A request's resume record, and its own stream when it needs one.
 struct Handover {

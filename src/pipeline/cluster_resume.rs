@@ -36,10 +36,10 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
 use parking_lot::Mutex;
 
-use super::cluster::ClusterPart;
+use super::cluster_part::ClusterPart;
 use super::ending::end_event;
-use super::generation::Generation;
-use super::request::{End, Phase, Request, RequestState, Source};
+use super::records::Generation;
+use super::records::{End, Phase, Request, RequestState, Source};
 use super::{GenTicket, Shared};
 use crate::cache::CachedAnswer;
 use crate::cluster::stream::{first_entries, StreamEvent};

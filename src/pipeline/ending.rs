@@ -10,13 +10,13 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::generation::Generation;
-use super::request::{self, End, Phase, Request, Source};
-use super::*;
+use super::records::{End, Generation, Phase, Request, RequestState, Source};
+use super::Shared;
+
 use crate::cache::CachedAnswer;
 use crate::delivery::Event;
 use crate::history;
-use crate::protocol::{self, ErrorCode, Failure, Finish, Role, Stage};
+use crate::protocol::{self, ErrorCode, Failure, Finish, Outcome, Role, Stage};
 
 /// How a request cancelled before it had a role ends.
 static CANCELLED_BEFORE_START: std::sync::LazyLock<Failure> =
@@ -115,7 +115,7 @@ impl Shared {
     pub(super) fn end_request(
         self: &Arc<Self>,
         request: &Arc<Request>,
-        decide: impl FnOnce(&mut request::RequestState, Phase) -> Option<(Outcome, Arc<str>, u64)>,
+        decide: impl FnOnce(&mut RequestState, Phase) -> Option<(Outcome, Arc<str>, u64)>,
     ) -> bool {
         let (answer, partial, announced, handover) = {
             let mut st = request.state.lock();
@@ -226,7 +226,7 @@ impl Shared {
     pub(super) fn timings(
         &self,
         request: &Request,
-        st: &request::RequestState,
+        st: &RequestState,
         tokens: u64,
     ) -> protocol::Timings {
         let (prepare_ms, first_token) = match &st.source {

@@ -26,7 +26,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::request::{Phase, Source};
+use super::records::{Phase, Source};
 use super::Shared;
 use crate::protocol::{ErrorCode, Failure, Finish, Stage};
 
@@ -199,8 +199,8 @@ fn reclaim_requests(shared: &Arc<Shared>, now: Instant) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pipeline::generation::Generation;
-    use crate::pipeline::request::Request;
+    use crate::pipeline::records::Generation;
+    use crate::pipeline::records::Request;
     use crate::pipeline::Pipeline;
 
     fn pipeline(dir: &std::path::Path) -> Pipeline {

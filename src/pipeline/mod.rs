@@ -46,15 +46,15 @@
 
 mod client;
 mod cluster;
+mod cluster_part;
 mod cluster_resume;
 mod cluster_writer;
 mod ending;
-mod generation;
 mod janitor;
 mod key;
 mod prompt;
+mod records;
 mod registry;
-mod request;
 mod stages;
 #[cfg(test)]
 mod tests;
@@ -77,8 +77,8 @@ use crate::metrics::Metrics;
 use crate::pool::Pool;
 use crate::protocol::{Chat, ErrorCode, Failure, Outcome};
 use crate::singleflight::{Group, Leader};
-use generation::Generation;
-use request::Request;
+use records::Generation;
+use records::Request;
 
 type Flights = Group<Key, Arc<Generation>, Outcome>;
 

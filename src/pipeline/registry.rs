@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 
 use parking_lot::RwLock;
 
-use super::generation::Generation;
-use super::request::Request;
+use super::records::Generation;
+use super::records::Request;
 
 /// Finished requests kept for `resume` at most, whatever the replay window:
 /// under a flood of short requests the window alone would let the map grow

@@ -13,15 +13,18 @@ use std::time::Instant;
 
 use crossbeam_channel::{Sender, TrySendError};
 
-use super::generation::Generation;
 use super::prompt::{assemble_prompt, read_context};
-use super::request::{Phase, Source};
-use super::*;
+use super::records::{Generation, Phase, Source};
+use super::{
+    internal, llm_failure, Channels, FollowJob, GenTicket, IntakeJob, LeaderJob, RequestTicket,
+    Shared, StreamJob, Work,
+};
+
 use crate::cache::{CachedAnswer, Key};
 use crate::delivery::Event;
 use crate::history;
 use crate::llm::{Ask, CallLimits, Flow, Prompt, TokenSink, ToolCall};
-use crate::protocol::{ErrorCode, Failure, Finish, Role, Stage};
+use crate::protocol::{ErrorCode, Failure, Finish, Outcome, Role, Stage};
 use crate::singleflight::{Claim, Leader};
 use crate::tools::ToolResult;
 
