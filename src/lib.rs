@@ -59,6 +59,7 @@ pub mod pipeline;
 pub mod pool;
 pub mod protocol;
 pub mod redis_pool;
+pub mod request_key;
 pub mod server;
 pub mod singleflight;
 pub mod threads;

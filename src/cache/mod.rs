@@ -16,8 +16,7 @@ pub use redis::RedisCache;
 
 use crate::broadcast::{tokens_of, Token, TokenSource};
 
-/// The identical-request key: a SHA-256 over everything the model would see.
-pub type Key = [u8; 32];
+use crate::request_key::Key;
 
 /// A complete answer, stored with its original token boundaries.
 #[derive(Debug, Clone, PartialEq, Eq)]

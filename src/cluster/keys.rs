@@ -18,7 +18,7 @@
 //!
 //! Threads: pure functions, any thread.
 
-use crate::cache::Key;
+use crate::request_key::{hex, Key};
 
 /// A cached answer.
 pub(crate) fn answer(key: &Key) -> String {
@@ -45,37 +45,9 @@ pub(crate) fn request(id: &str) -> String {
     format!("chorus:v1:request:{id}")
 }
 
-/// Lowercase hex of an identical-request key, as it appears in key names
-/// and resume records.
-pub(crate) fn hex(key: &Key) -> String {
-    key.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// The key whose [`hex`] is `text`; `None` for anything else.
-pub(crate) fn unhex(text: &str) -> Option<Key> {
-    let mut key = [0u8; 32];
-    if text.len() != 64 {
-        return None;
-    }
-    for (i, byte) in key.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(key)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn hex_reads_back_and_nothing_else_does() {
-        let key: Key = std::array::from_fn(|i| (i * 37) as u8);
-        assert_eq!(unhex(&hex(&key)), Some(key));
-        assert_eq!(hex(&[0xab; 32]).len(), 64);
-        assert_eq!(unhex(&"ab".repeat(31)), None, "too short");
-        assert_eq!(unhex(&"zz".repeat(32)), None, "not hex");
-        assert_eq!(unhex(&"é".repeat(32)), None, "not ASCII");
-    }
 
     #[test]
     fn every_name_has_the_version_prefix() {

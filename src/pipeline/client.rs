@@ -13,7 +13,9 @@ use std::sync::Arc;
 use super::ending::end_event;
 use super::key::{self, identical_request_key, KeyInput};
 use super::records::{Generation, Phase, Request, Source};
-use super::{history_failure, GivenPrompt, IntakeJob, RequestTicket, Shared, Work, STORE_WAIT};
+use super::shared::{
+    history_failure, GivenPrompt, IntakeJob, RequestTicket, Shared, Work, STORE_WAIT,
+};
 
 use crate::broadcast::TokenSource;
 use crate::delivery::Attachment;

@@ -18,25 +18,22 @@
 //! janitor queues lease renewals and watcher marks; the `chorus-cluster`
 //! thread writes them; each remote generation has its reader thread.
 
-use std::collections::HashMap;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
-
+use super::cluster_node::ClusterNode;
 use super::cluster_part::{ClusterLead, ClusterPart};
 use super::cluster_resume::{Record, RecordEnd};
-use super::cluster_writer::{Write, Writes};
+use super::cluster_writer::Write;
 use super::records::Generation;
 use super::records::{Request, Source};
-use super::Shared;
-use crate::breaker::Breaker;
-use crate::cluster::lease::{Claim, Leases};
+use super::shared::Shared;
+use crate::cluster::lease::Claim;
 use crate::cluster::stream::{StreamEvent, StreamReader, StreamWriter};
-use crate::cluster::{keys, records, watchers};
+use crate::cluster::{records, watchers};
 use crate::protocol::{ErrorCode, Failure, Outcome};
-use crate::redis_pool::RedisPool;
+use crate::request_key;
 
 /// Tokens buffered before the stream is written anyway.
 const BATCH_TOKENS: usize = 16;
@@ -44,77 +41,6 @@ const BATCH_TOKENS: usize = 16;
 const BATCH_DELAY: Duration = Duration::from_millis(10);
 /// How long a remote reader waits for entries before checking the lease.
 const READ_BLOCK: Duration = Duration::from_millis(500);
-
-/// This node in the cluster.
-pub(crate) struct ClusterNode {
-    pub node_id: String,
-    /// `node_id` plus a random part drawn at start: generation ids restart
-    /// at zero with the process, and a restarted node must never append to
-    /// (or be followed through) a stream of its previous life.
-    instance: String,
-    pub url: String,
-    pub pool: RedisPool,
-    pub leases: Arc<Leases>,
-    pub lease: Duration,
-    /// Open while the cluster's Redis is known to be down.
-    pub breaker: Arc<Breaker>,
-    /// The writer thread's queue.
-    pub(super) writes: Writes,
-    /// Remote generations followed by a reader thread here, by token.
-    pub(super) remotes: Mutex<HashMap<String, Arc<Generation>>>,
-    /// Resumes waiting for their record (`cluster_resume`).
-    pub(super) lookups: super::cluster_resume::Lookups,
-}
-
-impl ClusterNode {
-    /// Connects lazily to the cluster's Redis; starts the writer thread.
-    pub fn new(config: &crate::config::ClusterConfig) -> Result<ClusterNode, String> {
-        let timeout = Duration::from_millis(config.redis_timeout_ms.max(1));
-        let pool =
-            crate::redis_pool::pool(&config.redis_url, timeout, 8).map_err(|e| e.to_string())?;
-        let lease = Duration::from_millis(config.lease_ms.max(100));
-        let node_id = if config.node_id.is_empty() {
-            crate::protocol::random_id("n-")[..10].to_owned()
-        } else {
-            config.node_id.clone()
-        };
-        let instance = format!("{node_id}.{}", &crate::protocol::random_id("")[..8]);
-        let leases = Arc::new(Leases::new(pool.clone(), lease));
-        let breaker = Arc::new(crate::redis_pool::breaker(
-            &pool,
-            "the cluster's Redis",
-            "every node leads its generations alone until it is back",
-        ));
-        let writes = Writes::start(pool.clone(), leases.clone(), breaker.clone())
-            .map_err(|e| e.to_string())?;
-        Ok(ClusterNode {
-            leases,
-            instance,
-            node_id,
-            url: config.redis_url.clone(),
-            pool,
-            lease,
-            breaker,
-            writes,
-            remotes: Mutex::new(HashMap::new()),
-            lookups: super::cluster_resume::Lookups::new(),
-        })
-    }
-
-    /// Runs `f` on a pooled connection unless Redis is known to be down;
-    /// a failure marks it down.
-    pub fn query<T>(
-        &self,
-        f: impl FnOnce(&mut redis::Connection) -> redis::RedisResult<T>,
-    ) -> Result<T, String> {
-        self.breaker
-            .call(|| {
-                let mut conn = self.pool.get().map_err(|e| e.to_string())?;
-                f(&mut conn).map_err(|e| e.to_string())
-            })
-            .map_err(|e| e.to_string())
-    }
-}
 
 /// What a claim decided for a new local generation.
 pub(crate) enum Claimed {
@@ -412,7 +338,7 @@ impl Shared {
         let record = Record {
             role: role.as_str().to_owned(),
             stream,
-            key: keys::hex(&key),
+            key: request_key::hex(&key),
             end,
             pending: false,
         };

@@ -33,20 +33,20 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
-use parking_lot::Mutex;
+use crossbeam_channel::{Receiver, RecvTimeoutError};
 
 use super::cluster_part::ClusterPart;
 use super::ending::end_event;
 use super::records::Generation;
 use super::records::{End, Phase, Request, RequestState, Source};
-use super::{GenTicket, Shared};
+use super::shared::{GenTicket, Shared};
 use crate::cache::CachedAnswer;
+use crate::cluster::records;
 use crate::cluster::stream::{first_entries, StreamEvent};
-use crate::cluster::{keys, records};
 use crate::delivery::Attachment;
 use crate::delivery::{Client, Event};
 use crate::protocol::{ErrorCode, Failure, Finish, Outcome, Role, Stage, Timings};
+use crate::request_key;
 
 /// How often, and for how long, a waiting resume looks for its record.
 const POLL: Duration = Duration::from_millis(50);
@@ -54,8 +54,6 @@ const WAIT: Duration = Duration::from_secs(3);
 /// How long, at most, a resume whose record says "accepted there, not
 /// findable yet" looks (the default `queue_ms`).
 const PENDING_WAIT: Duration = Duration::from_secs(30);
-/// Resumes waiting for the lookup thread at most; past it `overloaded`.
-const QUEUE: usize = 1024;
 
 /// Where another node finds a request: written as JSON under
 /// `chorus:v1:request:<id>`.
@@ -132,31 +130,6 @@ impl RecordEnd {
                     .unwrap_or(ErrorCode::UpstreamError),
                 self.message.clone().unwrap_or_default(),
             )),
-        }
-    }
-}
-
-/// The queue of resumes waiting for their record.
-pub(crate) struct Lookups {
-    tx: Sender<Arc<Request>>,
-    rx: Mutex<Option<Receiver<Arc<Request>>>>,
-    /// Resumes the lookup thread is looking for, as of its last round.
-    pub waiting: std::sync::atomic::AtomicUsize,
-}
-
-impl Lookups {
-    /// Resumes handed to the lookup thread and not yet taken by it (those
-    /// it already looks for are in [`Lookups::waiting`]).
-    pub fn queued(&self) -> usize {
-        self.tx.len()
-    }
-
-    pub fn new() -> Lookups {
-        let (tx, rx) = bounded(QUEUE);
-        Lookups {
-            tx,
-            rx: Mutex::new(Some(rx)),
-            waiting: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 }
@@ -286,7 +259,7 @@ impl Shared {
 
     fn resolve(self: &Arc<Self>, request: &Arc<Request>, record: &Record) {
         let role = record.role.parse().unwrap_or(Role::Follower);
-        let Some(key) = keys::unhex(&record.key) else {
+        let Some(key) = request_key::unhex(&record.key) else {
             let failure = Failure::new(ErrorCode::NotFound, "no such request, or it expired");
             return self.drop_resumed(request, &failure);
         };

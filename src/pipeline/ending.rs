@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::records::{End, Generation, Phase, Request, RequestState, Source};
-use super::Shared;
+use super::shared::Shared;
 
 use crate::cache::CachedAnswer;
 use crate::delivery::Event;

@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::records::{Phase, Source};
-use super::Shared;
+use super::shared::Shared;
 use crate::protocol::{ErrorCode, Failure, Finish, Stage};
 
 pub(super) fn run(shared: &Arc<Shared>) {

@@ -13,9 +13,9 @@
 
 use sha2::{Digest, Sha256};
 
-use crate::cache::Key;
 use crate::history::{self, chain_digest};
 use crate::llm::PromptMessage;
+use crate::request_key::Key;
 
 /// What the model would be sent, in normalised form.
 #[derive(Debug, Clone, Copy)]

@@ -22,30 +22,49 @@
 //! pipeline. A preparation worker hands its prepared prompt over and is free
 //! before the stream starts, so long streams never hold back preparation.
 //!
+//! Its heart is `Shared::lead_or_follow` (in `stages`): the moment a chat that
+//! missed the cache becomes a generation's leader or one of its
+//! followers. Everything before it admits and looks up; everything after
+//! it prepares, streams, fans out and ends what that decision made.
+//!
 //! Threads and state: what runs is listed in the `registry` (one
 //! `parking_lot::RwLock`, taken last and only for a map operation: its
-//! module states the rule). Each `request::Request` and `generation::Generation` has its own
-//! mutex. A request's end (`done` or `error`) is sent the moment it is
-//! decided; its question and answer then go to the history writer, and its
-//! conversation is released when they are stored. A chat or `history` for
-//! that conversation arriving in between waits for the commit (well under a
-//! millisecond) instead of being refused, so a client that reacts to `done`
-//! always finds its conversation free and up to date.
-//! A janitor thread enforces the timeouts and drops finished requests after
-//! the replay window.
+//! module states the rule). Each `records::Request` and
+//! `records::Generation` has its own mutex. A request's end (`done` or
+//! `error`) is sent the moment it is decided; its question and answer then
+//! go to the history writer, and its conversation is released when they
+//! are stored. A chat or `history` for that conversation arriving in
+//! between waits for the commit (well under a millisecond) instead of
+//! being refused, so a client that reacts to `done` always finds its
+//! conversation free and up to date. A janitor thread enforces the
+//! timeouts and drops finished requests after the replay window.
 //!
-//! Where things are: `client` admits chats and handles `cancel` and
-//! `resume`; `stages` is the work of each pool; `ending` is how
-//! generations and requests end, exactly once; `registry` what is
-//! running, under one lock; `janitor` the timeouts;
-//! `generation` and `request` the two records everything revolves
-//! around; `key` the identical-request key; `prompt` the prompt;
-//! `cluster` the node's part in a cluster, with `cluster_writer` (its
-//! writes to Redis, on a thread of their own) and `cluster_resume`
-//! (`resume` of a request another node accepted).
+//! Where things are, each file importing only files listed after it
+//! (no cycle; `tests/architecture.rs` checks):
+//!
+//! - `client`: admission, `cancel`, `resume`;
+//! - `stages`: the work of each pool, from the cache lane to the stream;
+//! - `janitor`: the timeouts;
+//! - `cluster` and `cluster_resume`: the node's policy in a cluster
+//!   (claims, leading and following across nodes, handover, `resume` of a
+//!   request another node accepted);
+//! - `ending`: how generations and requests end, exactly once;
+//! - `prompt`: the prompt; `key`: the identical-request key;
+//! - `shared`: the state every stage shares, the jobs and their channels,
+//!   and the one mapping of errors to protocol codes;
+//! - `registry`: what is running, under one lock;
+//! - `cluster_node`: this node's cluster state; `cluster_part`: a
+//!   generation's; `cluster_writer`: the writes to Redis, on a thread of
+//!   their own;
+//! - `records`: the two records everything revolves around, a request and
+//!   the generation it receives.
+//!
+//! The behaviour files are `impl Shared` blocks, one part of a request's
+//! life each; `shared` imports none of them.
 
 mod client;
 mod cluster;
+mod cluster_node;
 mod cluster_part;
 mod cluster_resume;
 mod cluster_writer;
@@ -55,6 +74,7 @@ mod key;
 mod prompt;
 mod records;
 mod registry;
+mod shared;
 mod stages;
 #[cfg(test)]
 mod tests;
@@ -63,32 +83,27 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use crossbeam_channel::{bounded, Sender};
+use crossbeam_channel::bounded;
 use parking_lot::{Mutex, RwLock};
 
 pub use key::{identical_request_key, Input, KeyInput};
 
-use crate::cache::{Cache, Key};
+use crate::cache::Cache;
 use crate::config::Config;
 use crate::delivery::Client;
-use crate::history::{self, History};
-use crate::llm::{Prompt, Provider};
+use crate::history::History;
+use crate::llm::Provider;
 use crate::metrics::Metrics;
 use crate::pool::Pool;
-use crate::protocol::{Chat, ErrorCode, Failure, Outcome};
-use crate::singleflight::{Group, Leader};
-use records::Generation;
-use records::Request;
+use crate::protocol::{Chat, ErrorCode, Failure};
+use crate::singleflight::Group;
+use shared::{Channels, FollowJob, IntakeJob, LeaderJob, Shared, StreamJob};
 
-type Flights = Group<Key, Arc<Generation>, Outcome>;
+pub use shared::{history_failure, GivenPrompt};
 
 /// Stack of pipeline worker threads: they run SQLite and provider calls, so
 /// they get more than connection threads.
 const WORKER_STACK: usize = 512 * 1024;
-
-/// How long a chat or `history` for a conversation waits for the previous
-/// request's messages to be stored before answering `conversation_busy`.
-const STORE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// What a client may ask the pipeline, from its connection thread.
 pub struct Pipeline {
@@ -97,165 +112,6 @@ pub struct Pipeline {
     /// The janitor and, on a cluster node, the resume lookup thread,
     /// with their names: joined at shutdown.
     threads: Mutex<Vec<(JoinHandle<()>, &'static str)>>,
-}
-
-struct Channels {
-    intake: Sender<IntakeJob>,
-    prepare: Sender<LeaderJob>,
-    follow: Sender<FollowJob>,
-    stream: Sender<StreamJob>,
-}
-
-pub(crate) struct Shared {
-    config: Arc<Config>,
-    history: History,
-    cache: Arc<dyn Cache>,
-    provider: Arc<dyn Provider>,
-    /// `None` when tools are disabled (or none is enabled).
-    toolbox: Option<crate::tools::Toolbox>,
-    /// `None` unless `[cluster] enabled`.
-    cluster: Option<cluster::ClusterNode>,
-    metrics: Arc<Metrics>,
-    flights: Flights,
-    registry: registry::Registry,
-    /// `None` once the pipeline shuts down.
-    channels: RwLock<Option<Channels>>,
-    /// Intake slots taken: counted before the user message is queued for
-    /// storage, so an `overloaded` chat leaves no trace in the history.
-    intake_reserved: AtomicUsize,
-    live_requests: AtomicUsize,
-    draining: AtomicBool,
-    next_generation: AtomicU64,
-    /// Answers written to the cache so far (see [`Work::cache_writes_seen`]).
-    cache_writes: AtomicU64,
-}
-
-/// A chat that passed admission, on its way to the cache lane.
-struct IntakeJob {
-    ticket: RequestTicket,
-    work: Work,
-    /// Its place in the intake queue when it was admitted, for `accepted`'s
-    /// `state` frame.
-    position: usize,
-    /// Its question is stored and `accepted` sent: the second pass through
-    /// the cache lane (see `run_cache_lane`).
-    stored: bool,
-    /// On the second pass of a hit: the answer to serve (stored already).
-    hit: Option<Arc<crate::cache::CachedAnswer>>,
-}
-
-/// What the leader of a generation needs to prepare it.
-struct Work {
-    key: Key,
-    fresh: bool,
-    /// Stored messages before this one.
-    history_len: u64,
-    /// [`Shared::cache_writes`] just before the cache lane's lookup: if it
-    /// moved by the time this request would lead, an identical answer may
-    /// have been cached in between, so the cache is asked again.
-    cache_writes_seen: u64,
-    message: String,
-    model: String,
-    temperature: Option<f64>,
-    top_p: Option<f64>,
-    max_tokens: u32,
-    /// The whole prompt, when the client brought it (the HTTP API):
-    /// preparation then reads no history, and the model gets no tools.
-    given: Option<Box<Prompt>>,
-}
-
-/// A request that brings its whole prompt, as an OpenAI client does: no
-/// conversation, no stored history, no system prompt or option added, and
-/// none of chorus's own tools.
-#[derive(Debug, Clone)]
-pub struct GivenPrompt {
-    /// The client's id for it (may be empty).
-    pub id: String,
-    /// What goes upstream, as given; an empty model means the configured one.
-    pub prompt: Prompt,
-    /// No cache read and no joining a generation in flight.
-    pub fresh: bool,
-}
-
-struct LeaderJob {
-    generation: GenTicket,
-    leader: Arc<Request>,
-    work: Work,
-}
-
-struct StreamJob {
-    generation: GenTicket,
-    prompt: Prompt,
-    /// The conversation, for the tools that read it; `None` when the model
-    /// is offered no tools (a prompt the client brought whole).
-    conversation: Option<String>,
-}
-
-struct FollowJob {
-    ticket: RequestTicket,
-    generation: Arc<Generation>,
-    /// To lead a new generation if this one was dropped for lack of interest
-    /// before the follower could join it.
-    work: Work,
-}
-
-/// Ownership of a request that has not been handed to a generation yet.
-/// Dropping it unhandled (a bug, a panic) still ends the request.
-struct RequestTicket {
-    shared: Arc<Shared>,
-    request: Option<Arc<Request>>,
-}
-
-impl RequestTicket {
-    fn request(&self) -> &Arc<Request> {
-        // Present until `release`, which consumes the ticket.
-        self.request.as_ref().expect("ticket holds its request")
-    }
-
-    fn release(mut self) -> Arc<Request> {
-        self.request.take().expect("ticket holds its request")
-    }
-}
-
-impl Drop for RequestTicket {
-    fn drop(&mut self) {
-        if let Some(request) = self.request.take() {
-            let failure = Failure::new(
-                ErrorCode::Internal,
-                "the request was lost inside the server",
-            );
-            self.shared
-                .end_request(&request, |_, _| Some((Err(failure), "".into(), 0)));
-        }
-    }
-}
-
-/// Ownership of a generation moving through the stages, with its
-/// singleflight leadership. Dropping it before the generation is over (a
-/// bug, a panic) fails the generation, so no member waits forever.
-struct GenTicket {
-    shared: Arc<Shared>,
-    generation: Arc<Generation>,
-    leader: Option<Leader<Key, Arc<Generation>, Outcome>>,
-}
-
-impl Drop for GenTicket {
-    fn drop(&mut self) {
-        if !self.generation.is_over() {
-            let failure = Failure::new(
-                ErrorCode::Internal,
-                "the generation was lost inside the server",
-            );
-            self.shared
-                .finish_generation(&self.generation, Err(failure));
-        }
-        // Read the outcome first: completing takes the singleflight's lock,
-        // which must not be taken under the generation's.
-        let outcome = self.generation.state.lock().outcome.clone();
-        if let (Some(leader), Some(outcome)) = (self.leader.take(), outcome) {
-            leader.complete(outcome);
-        }
-    }
 }
 
 /// A snapshot of one stage for `/api/stats`.
@@ -290,7 +146,8 @@ impl Pipeline {
             .ok()
             .filter(|t| config.tools.enabled && !t.is_empty());
         let cluster = if config.cluster.enabled {
-            let node = cluster::ClusterNode::new(&config.cluster).map_err(std::io::Error::other)?;
+            let node =
+                cluster_node::ClusterNode::new(&config.cluster).map_err(std::io::Error::other)?;
             log::info!(
                 "cluster node {} on {}",
                 node.node_id,
@@ -560,46 +417,5 @@ impl Pipeline {
     /// Generations in flight.
     pub fn generations(&self) -> usize {
         self.shared.registry.generations()
-    }
-}
-
-// How the layers' errors reach clients: the one place they map to codes.
-// (Cache errors never do: a failing cache is a miss.)
-
-/// A provider failure as the clients of its generation see it.
-/// The detail (the upstream's own words) goes to the log only, where the
-/// caller writes it.
-fn llm_failure(e: &crate::llm::LlmError) -> Failure {
-    let code = match e {
-        crate::llm::LlmError::Timeout { .. } => ErrorCode::ProcessingTimeout,
-        _ => ErrorCode::UpstreamError,
-    };
-    Failure::new(code, e.client_message())
-}
-
-/// A history failure as the client sees it: a read pool that stays busy
-/// is overload, anything else is internal.
-pub fn history_failure(e: &history::HistoryError) -> Failure {
-    match e {
-        history::HistoryError::Pool(_) => Failure::new(
-            ErrorCode::Overloaded,
-            "the history database is busy; try again shortly",
-        ),
-        other => internal(other),
-    }
-}
-
-fn internal(e: &dyn std::fmt::Display) -> Failure {
-    log::error!("internal error: {e}");
-    Failure::new(
-        ErrorCode::Internal,
-        "internal error; the request was not processed",
-    )
-}
-
-impl Shared {
-    fn channels(&self) -> Option<parking_lot::RwLockReadGuard<'_, Option<Channels>>> {
-        let guard = self.channels.read();
-        guard.is_some().then_some(guard)
     }
 }

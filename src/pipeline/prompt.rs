@@ -4,7 +4,7 @@
 //! Called on a preparation worker: [`read_context`] reads the history
 //! that fits, [`assemble_prompt`] is a pure function.
 
-use super::Work;
+use super::shared::Work;
 use crate::history;
 use crate::llm::{Prompt, PromptMessage};
 

@@ -33,10 +33,11 @@ use parking_lot::{Condvar, Mutex};
 
 use super::cluster_part::LeadSlot;
 use crate::broadcast::Broadcast;
-use crate::cache::{CachedAnswer, Key};
+use crate::cache::CachedAnswer;
 use crate::delivery::{Attachment, Event};
 use crate::llm::AbortSignal;
 use crate::protocol::{Outcome, Role, Stage, Timings, Usage};
+use crate::request_key::Key;
 
 /// Where a request's tokens come from.
 #[derive(Clone)]

@@ -15,16 +15,17 @@ use crossbeam_channel::{Sender, TrySendError};
 
 use super::prompt::{assemble_prompt, read_context};
 use super::records::{Generation, Phase, Source};
-use super::{
+use super::shared::{
     internal, llm_failure, Channels, FollowJob, GenTicket, IntakeJob, LeaderJob, RequestTicket,
     Shared, StreamJob, Work,
 };
 
-use crate::cache::{CachedAnswer, Key};
+use crate::cache::CachedAnswer;
 use crate::delivery::Event;
 use crate::history;
 use crate::llm::{Ask, CallLimits, Flow, Prompt, TokenSink, ToolCall};
 use crate::protocol::{ErrorCode, Failure, Finish, Outcome, Role, Stage};
+use crate::request_key::Key;
 use crate::singleflight::{Claim, Leader};
 use crate::tools::ToolResult;
 
