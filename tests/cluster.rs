@@ -4,10 +4,11 @@
 
 mod common;
 
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use common::redis_server::RedisServer;
-use common::Server;
+use common::{Client, Server};
 
 /// A node whose simulated model takes a while to start and to finish.
 fn node(redis: &RedisServer, name: &str) -> Server {
@@ -36,13 +37,38 @@ fn calls(server: &Server) -> u64 {
     server.stats()["upstream"]["calls"].as_u64().unwrap()
 }
 
+/// The generation leases held in `redis` now.
+fn leases(redis: &RedisServer) -> HashSet<String> {
+    redis::cmd("KEYS")
+        .arg("chorus:v1:lead:*")
+        .query(&mut redis.connection())
+        .unwrap()
+}
+
+/// Asks `question` on `client` and waits until its generation holds a
+/// lease in Redis that was not there before: an identical chat on another
+/// node now follows it instead of leading one of its own.
+fn ask_and_claim(client: &mut Client, redis: &RedisServer, question: &str) -> String {
+    let before = leases(redis);
+    let (request, _) = client.ask(None, question);
+    common::eventually(&format!("a lease for {question:?}"), || {
+        !leases(redis).is_subset(&before)
+    });
+    request
+}
+
+/// Waits until `client` has `request`'s first token (which stays there
+/// for the answer collected later): tokens are flowing to it.
+fn first_token(client: &mut Client, request: &str) {
+    client.peek_matching(|v| v["request"] == request && v["type"] == "token");
+}
+
 #[test]
 fn identical_chats_on_two_nodes_cost_one_generation() {
     let redis = RedisServer::start();
     let (a, b) = (node(&redis, "node-a"), node(&redis, "node-b"));
     let (mut ca, mut cb, mut cb2) = (a.client(), b.client(), b.client());
-    let (ra, _) = ca.ask(None, "One question, two nodes");
-    std::thread::sleep(Duration::from_millis(100));
+    let ra = ask_and_claim(&mut ca, &redis, "One question, two nodes");
     let (rb, _) = cb.ask(None, "One question, two nodes");
     let (rb2, _) = cb2.ask(None, "One question, two nodes");
     let (answer_a, answer_b, answer_b2) = (ca.answer(&ra), cb.answer(&rb), cb2.answer(&rb2));
@@ -74,8 +100,7 @@ fn followers_learn_in_time_that_the_leaders_node_died() {
     let redis = RedisServer::start();
     let (mut a, b) = (node(&redis, "node-a"), node(&redis, "node-b"));
     let (mut ca, mut cb) = (a.client(), b.client());
-    ca.ask(None, "Will the leader survive?");
-    std::thread::sleep(Duration::from_millis(100));
+    ask_and_claim(&mut ca, &redis, "Will the leader survive?");
     let (rb, _) = cb.ask(None, "Will the leader survive?");
     // Some tokens reach node B through Redis, then the leader's node dies.
     cb.recv_matching(|v| v["type"] == "token" && v["seq"] == 3);
@@ -99,11 +124,10 @@ fn a_leader_whose_clients_all_left_goes_on_for_followers_on_other_nodes() {
     let redis = RedisServer::start();
     let (a, b) = (node(&redis, "node-a"), node(&redis, "node-b"));
     let (mut ca, mut cb) = (a.client(), b.client());
-    let (ra, _) = ca.ask(None, "Stay for the others");
-    std::thread::sleep(Duration::from_millis(100));
+    let ra = ask_and_claim(&mut ca, &redis, "Stay for the others");
     let (rb, _) = cb.ask(None, "Stay for the others");
-    // Tokens are flowing (the first comes after 700 ms).
-    std::thread::sleep(Duration::from_millis(900));
+    // Tokens are flowing to the follower on the other node.
+    first_token(&mut cb, &rb);
     // The only client on the leader's node cancels...
     ca.send(serde_json::json!({"type": "cancel", "request": ra}));
     let cancelled = ca.answer(&ra);
@@ -122,8 +146,7 @@ fn when_nobody_anywhere_wants_it_the_generation_stops() {
     let redis = RedisServer::start();
     let (a, b) = (node(&redis, "node-a"), node(&redis, "node-b"));
     let (mut ca, mut cb) = (a.client(), b.client());
-    let (ra, _) = ca.ask(None, "Nobody wants this");
-    std::thread::sleep(Duration::from_millis(100));
+    let ra = ask_and_claim(&mut ca, &redis, "Nobody wants this");
     let (rb, _) = cb.ask(None, "Nobody wants this");
     cb.recv_matching(|v| v["type"] == "token");
     cb.send(serde_json::json!({"type": "cancel", "request": rb}));
@@ -159,10 +182,10 @@ lease_ms = 5000
     ));
     let b = node(&redis, "node-b");
     let (mut ca, mut cb) = (a.client(), b.client());
-    ca.ask(None, "Shutting down midway");
-    std::thread::sleep(Duration::from_millis(100));
+    ask_and_claim(&mut ca, &redis, "Shutting down midway");
     let (rb, _) = cb.ask(None, "Shutting down midway");
-    std::thread::sleep(Duration::from_millis(900));
+    // Tokens are flowing to the follower on the other node.
+    first_token(&mut cb, &rb);
     let stopped = Instant::now();
     assert!(a.terminate().success());
     let end = cb.answer(&rb);
@@ -201,8 +224,7 @@ fn without_redis_nodes_answer_alone_and_dedup_returns_with_redis() {
         let back = |s: &Server| s.log().contains("the cluster's Redis is reachable again");
         back(&a) && back(&b)
     });
-    let (ra, _) = ca.ask(None, "Together again");
-    std::thread::sleep(Duration::from_millis(100));
+    let ra = ask_and_claim(&mut ca, &redis, "Together again");
     let (rb, _) = cb.ask(None, "Together again");
     let (answer_a, answer_b) = (ca.answer(&ra), cb.answer(&rb));
     assert!(answer_a.is_done() && answer_b.is_done());
@@ -256,9 +278,17 @@ ttl_s = 1
         // -2: gone since KEYS listed it (a lease released after `done`).
         assert!(ttl > 0 || ttl == -2, "{key} never expires (PTTL {ttl})");
     }
-    std::thread::sleep(Duration::from_millis(2000));
-    let left: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut conn).unwrap();
-    assert!(left.is_empty(), "left behind: {left:?}");
+    let expired = common::poll_within(Duration::from_millis(2000), || {
+        let left: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut conn).unwrap();
+        if left.is_empty() {
+            Ok(())
+        } else {
+            Err(left)
+        }
+    });
+    if let Err(left) = expired {
+        panic!("left behind: {left:?}");
+    }
 }
 
 #[test]
@@ -270,8 +300,7 @@ fn a_follower_resumes_on_another_node_without_a_gap() {
         node(&redis, "node-c"),
     );
     let mut ca = a.client();
-    let (ra, _) = ca.ask(None, "Resume me elsewhere");
-    std::thread::sleep(Duration::from_millis(100));
+    let ra = ask_and_claim(&mut ca, &redis, "Resume me elsewhere");
     let mut cb = b.client();
     let (rb, _) = cb.ask(None, "Resume me elsewhere");
     // Read the first few tokens on node B, then lose that connection.
@@ -310,8 +339,7 @@ fn remote_readers_end_with_their_generations() {
     let before = b.threads();
     for i in 0..4 {
         let question = format!("Remote generation {i}");
-        let (ra, _) = ca.ask(None, &question);
-        std::thread::sleep(Duration::from_millis(100));
+        let ra = ask_and_claim(&mut ca, &redis, &question);
         let (rb, _) = cb.ask(None, &question);
         assert_eq!(cb.answer(&rb).role.as_deref(), Some("follower"));
         ca.answer(&ra);
@@ -332,8 +360,7 @@ fn a_restarted_node_never_reuses_the_streams_of_its_previous_life() {
     // in Redis (replay window).
     let a = node(&redis, "node-a");
     let mut ca = a.client();
-    let (ra, _) = ca.ask(None, "After the restart");
-    std::thread::sleep(Duration::from_millis(100));
+    let ra = ask_and_claim(&mut ca, &redis, "After the restart");
     let mut cb = b.client();
     let (rb, _) = cb.ask(None, "After the restart");
     let (led, followed) = (ca.answer(&ra), cb.answer(&rb));

@@ -5,11 +5,11 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chorus::cluster::lease::{Claim, Leases};
 use chorus::cluster::stream::{StreamEvent, StreamReader, StreamWriter};
-use chorus::protocol::{ErrorCode, Failure};
+use chorus::protocol::{ErrorCode, Failure, Outcome};
 use common::redis_server::RedisServer;
 
 fn leases(redis: &RedisServer, lease: Duration) -> Leases {
@@ -48,7 +48,8 @@ fn a_lease_nobody_renews_expires_and_the_key_is_free_again() {
     let b = leases(&redis, Duration::from_millis(300));
     let key = [4; 32];
     assert_eq!(a.claim(&key, "node-a/1").unwrap(), Claim::Ours);
-    // Renewed: still held after more than one lease time.
+    // Renewed: still held after more than one lease time. (The time that
+    // passes between renewals is what is tested here.)
     for _ in 0..4 {
         std::thread::sleep(Duration::from_millis(100));
         assert!(a.renew(&key, "node-a/1").unwrap());
@@ -57,14 +58,49 @@ fn a_lease_nobody_renews_expires_and_the_key_is_free_again() {
         b.claim(&key, "node-b/1").unwrap(),
         Claim::Theirs(_)
     ));
-    // Not renewed (the leader's node died): gone within the lease time.
-    std::thread::sleep(Duration::from_millis(400));
-    assert_eq!(b.claim(&key, "node-b/1").unwrap(), Claim::Ours);
+    // Not renewed (the leader's node died): set to go within the lease
+    // time, and claimable by another node no later than 400 ms from now.
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(format!("chorus:v1:lead:{}", "04".repeat(32)))
+        .query(&mut redis.connection())
+        .unwrap();
+    assert!(ttl > 0 && ttl <= 300, "PTTL {ttl}");
+    common::eventually_within(
+        "the unrenewed lease to expire",
+        Duration::from_millis(400),
+        || b.claim(&key, "node-b/1").unwrap() == Claim::Ours,
+    );
     assert!(
         !a.renew(&key, "node-a/1").unwrap(),
         "a lost lease cannot be renewed"
     );
 }
+
+/// Clients of `redis` parked in a blocking `XREAD` now (`CLIENT LIST`:
+/// command `xread`, flag `b`).
+fn readers_waiting(redis: &RedisServer) -> usize {
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query(&mut redis.connection())
+        .unwrap();
+    list.lines()
+        .filter(|client| {
+            let field = |name: &str| {
+                client
+                    .split_whitespace()
+                    .find_map(|f| f.strip_prefix(name)?.strip_prefix('='))
+            };
+            field("cmd") == Some("xread") && field("flags").is_some_and(|f| f.contains('b'))
+        })
+        .count()
+}
+
+/// How long a live reader's read blocks: far longer than [`LIVE`], so an
+/// event that arrives within [`LIVE`] was handed over by the write that
+/// woke the read, not fetched by a read that timed out and asked again.
+const BLOCK: Duration = Duration::from_secs(10);
+/// The most a write may take to reach a reader waiting for it.
+const LIVE: Duration = Duration::from_secs(2);
 
 #[test]
 fn a_stream_is_read_live_and_from_the_start_with_its_end() {
@@ -72,49 +108,96 @@ fn a_stream_is_read_live_and_from_the_start_with_its_end() {
     let pool = chorus::redis_pool::pool(&redis.url(), Duration::from_millis(500), 2).unwrap();
     let writer = StreamWriter::new(pool, "node-a/42", Duration::from_secs(60));
     let url = redis.url();
-    // A reader that is waiting before the first token gets it live.
+    // A reader that is waiting before the first token gets each write as
+    // it happens. It hands on every event the moment its read returns.
+    let (events, received) = std::sync::mpsc::channel();
     let live = std::thread::spawn({
         let url = url.clone();
         move || {
-            let mut reader =
-                StreamReader::open(&url, "node-a/42", Duration::from_millis(200)).unwrap();
-            let mut events = Vec::new();
-            while !matches!(events.last(), Some(StreamEvent::End(_))) {
-                events.extend(reader.read().unwrap());
+            let mut reader = StreamReader::open(&url, "node-a/42", BLOCK).unwrap();
+            loop {
+                let read = reader.read().unwrap();
+                let end = matches!(read.last(), Some(StreamEvent::End(_)));
+                for event in read {
+                    if events.send(event).is_err() {
+                        return;
+                    }
+                }
+                if end {
+                    return;
+                }
             }
-            events
         }
     });
-    std::thread::sleep(Duration::from_millis(100));
-    writer.append(&["Hel", "lo"]).unwrap();
-    std::thread::sleep(Duration::from_millis(50));
-    writer.append(&[" wör", "ld", ""]).unwrap();
-    writer
-        .finish(
-            &Err(Failure::new(ErrorCode::UpstreamError, "leader lost")),
-            Duration::from_millis(800),
-        )
+    let live_write = |what: &str, write: &dyn Fn(), expected: &[StreamEvent]| {
+        // Before the write the reader has had everything written so far
+        // and is parked in its blocking read, with nothing more to hand on.
+        common::eventually("the reader to wait in its blocking read", || {
+            readers_waiting(&redis) == 1
+        });
+        assert_eq!(
+            received.try_recv(),
+            Err(std::sync::mpsc::TryRecvError::Empty),
+            "the reader had an event before {what}"
+        );
+        let wrote = Instant::now();
+        write();
+        for event in expected {
+            let got = received
+                .recv_timeout(LIVE.saturating_sub(wrote.elapsed()))
+                .unwrap_or_else(|e| {
+                    panic!("{event:?} of {what} did not reach the reader in {LIVE:?}: {e}")
+                });
+            assert_eq!(&got, event, "{what}");
+        }
+    };
+    let tokens = |texts: &[&str]| -> Vec<StreamEvent> {
+        texts
+            .iter()
+            .map(|t| StreamEvent::Token((*t).into()))
+            .collect()
+    };
+    let failed: Outcome = Err(Failure::new(ErrorCode::UpstreamError, "leader lost"));
+    live_write(
+        "the first append",
+        &|| writer.append(&["Hel", "lo"]).unwrap(),
+        &tokens(&["Hel", "lo"]),
+    );
+    live_write(
+        "the second append",
+        &|| writer.append(&[" wör", "ld", ""]).unwrap(),
+        &tokens(&[" wör", "ld", ""]),
+    );
+    live_write(
+        "the end",
+        &|| writer.finish(&failed, Duration::from_millis(800)).unwrap(),
+        &[StreamEvent::End(failed.clone())],
+    );
+    live.join().unwrap();
+    // The stream is set to expire `keep` after its end.
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(chorus::cluster::stream::stream_name("node-a/42"))
+        .query(&mut redis.connection())
         .unwrap();
-    let expected: Vec<StreamEvent> = ["Hel", "lo", " wör", "ld", ""]
-        .iter()
-        .map(|t| StreamEvent::Token((*t).into()))
-        .chain([StreamEvent::End(Err(Failure::new(
-            ErrorCode::UpstreamError,
-            "leader lost",
-        )))])
-        .collect();
-    assert_eq!(live.join().unwrap(), expected);
+    assert!(ttl > 0 && ttl <= 800, "PTTL {ttl}");
+    let mut expected = tokens(&["Hel", "lo", " wör", "ld", ""]);
+    expected.push(StreamEvent::End(failed));
     // A reader that comes late replays everything from seq 0.
     let mut late = StreamReader::open(&url, "node-a/42", Duration::from_millis(100)).unwrap();
     assert_eq!(late.read().unwrap(), expected);
     assert!(late.read().unwrap().is_empty(), "nothing after the end");
     // The stream expires `keep` after its end.
-    std::thread::sleep(Duration::from_millis(1000));
-    let exists: i64 = redis::cmd("EXISTS")
-        .arg(chorus::cluster::stream::stream_name("node-a/42"))
-        .query(&mut redis.connection())
-        .unwrap();
-    assert_eq!(exists, 0);
+    common::eventually_within(
+        "the ended stream to expire",
+        Duration::from_millis(1000),
+        || {
+            let exists: i64 = redis::cmd("EXISTS")
+                .arg(chorus::cluster::stream::stream_name("node-a/42"))
+                .query(&mut redis.connection())
+                .unwrap();
+            exists == 0
+        },
+    );
 }
 
 #[test]

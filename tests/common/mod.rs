@@ -347,6 +347,22 @@ impl Client {
         }
     }
 
+    /// Waits for the first frame matching `pred` and leaves it (and the
+    /// frames before it) to be received later: a test waits for a frame
+    /// without taking it from the answer it collects afterwards.
+    pub fn peek_matching(&mut self, pred: impl Fn(&Value) -> bool) -> Value {
+        if let Some(v) = self.buffered.iter().find(|v| pred(v)) {
+            return v.clone();
+        }
+        loop {
+            let v = self.read_frame();
+            self.buffered.push_back(v.clone());
+            if pred(&v) {
+                return v;
+            }
+        }
+    }
+
     /// Sends a chat; returns the `accepted` frame, or the `error` frame
     /// when it was refused.
     pub fn chat(&mut self, conversation: Option<&str>, message: &str, options: Value) -> Value {
@@ -412,13 +428,37 @@ impl Client {
 }
 
 /// Polls `f` until it returns true or [`WAIT`] passes.
-pub fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + WAIT;
-    while Instant::now() < deadline {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(10));
+#[track_caller]
+pub fn eventually(what: &str, f: impl FnMut() -> bool) {
+    eventually_within(what, WAIT, f);
+}
+
+/// Polls `f` until it returns true, failing when it is still false at
+/// `limit` from now; returns how long it took. The last look starts at
+/// `limit` or later, so this is never stricter than sleeping `limit` and
+/// looking once.
+#[track_caller]
+pub fn eventually_within(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> Duration {
+    match poll_within(limit, || if f() { Ok(()) } else { Err(()) }) {
+        Ok(took) => took,
+        Err(()) => panic!("timed out after {limit:?} waiting for: {what}"),
     }
-    panic!("timed out waiting for: {what}");
+}
+
+/// Polls `f` until it returns `Ok`, for `limit` (the last look starting at
+/// `limit` or later): how long that took, or what `f` found at its last
+/// look.
+pub fn poll_within<E>(
+    limit: Duration,
+    mut f: impl FnMut() -> Result<(), E>,
+) -> Result<Duration, E> {
+    let started = Instant::now();
+    loop {
+        let last = started.elapsed() >= limit;
+        match f() {
+            Ok(()) => return Ok(started.elapsed()),
+            Err(e) if last => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
 }
