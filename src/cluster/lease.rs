@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use super::ClusterError;
 use crate::redis_pool::RedisPool;
+use crate::request_key::Key;
 
 /// Extends the lease only while it is still ours.
 const RENEW: &str = r"
@@ -68,7 +69,7 @@ impl Leases {
         }
     }
 
-    fn name(key: &[u8; 32]) -> String {
+    fn name(key: &Key) -> String {
         super::keys::lead(key)
     }
 
@@ -79,7 +80,7 @@ impl Leases {
     }
 
     /// Claims `key` for `token`, or tells whose it is.
-    pub fn claim(&self, key: &[u8; 32], token: &str) -> Result<Claim, ClusterError> {
+    pub fn claim(&self, key: &Key, token: &str) -> Result<Claim, ClusterError> {
         let name = Self::name(key);
         let mut conn = self.pool.get()?;
         // The holder can expire between our SET and GET; then claim again.
@@ -110,7 +111,7 @@ impl Leases {
 
     /// Extends `token`'s lease on `key` by the lease time; false when the
     /// lease is no longer `token`'s (it expired, or another node took it).
-    pub fn renew(&self, key: &[u8; 32], token: &str) -> Result<bool, ClusterError> {
+    pub fn renew(&self, key: &Key, token: &str) -> Result<bool, ClusterError> {
         let mut conn = self.pool.get()?;
         let renewed: i64 = self
             .renew
@@ -123,7 +124,7 @@ impl Leases {
 
     /// Gives `token`'s lease on `key` up, so the next identical request
     /// starts a fresh generation at once.
-    pub fn release(&self, key: &[u8; 32], token: &str) -> Result<(), ClusterError> {
+    pub fn release(&self, key: &Key, token: &str) -> Result<(), ClusterError> {
         let mut conn = self.pool.get()?;
         let _: i64 = self
             .release
@@ -135,14 +136,14 @@ impl Leases {
 
     /// The command that gives `token`'s lease on `key` up, for a pipeline
     /// of other writes (see [`super::stream::StreamWriter::finish_with`]).
-    pub fn release_command(&self, key: &[u8; 32], token: &str) -> redis::Cmd {
+    pub fn release_command(&self, key: &Key, token: &str) -> redis::Cmd {
         let mut cmd = redis::cmd("EVAL");
         cmd.arg(RELEASE).arg(1).arg(Self::name(key)).arg(token);
         cmd
     }
 
     /// The token holding `key`'s lease, if any.
-    pub fn holder(&self, key: &[u8; 32]) -> Result<Option<String>, ClusterError> {
+    pub fn holder(&self, key: &Key) -> Result<Option<String>, ClusterError> {
         let mut conn = self.pool.get()?;
         Ok(redis::cmd("GET").arg(Self::name(key)).query(&mut *conn)?)
     }

@@ -33,7 +33,7 @@ use crate::cluster::lease::Claim;
 use crate::cluster::stream::{StreamEvent, StreamReader, StreamWriter};
 use crate::cluster::{records, watchers};
 use crate::protocol::{ErrorCode, Failure, Outcome};
-use crate::request_key;
+use crate::request_key::{self, Key};
 
 /// Tokens buffered before the stream is written anyway.
 const BATCH_TOKENS: usize = 16;
@@ -403,7 +403,7 @@ impl Shared {
     fn follow_stream(
         &self,
         reader: &mut StreamReader,
-        key: &[u8; 32],
+        key: &Key,
         token: &str,
         wanted: impl Fn() -> bool,
         mut on_token: impl FnMut(String) -> bool,

@@ -46,7 +46,7 @@ use crate::cluster::stream::{first_entries, StreamEvent};
 use crate::delivery::Attachment;
 use crate::delivery::{Client, Event};
 use crate::protocol::{ErrorCode, Failure, Finish, Outcome, Role, Stage, Timings};
-use crate::request_key;
+use crate::request_key::{self, Key};
 
 /// How often, and for how long, a waiting resume looks for its record.
 const POLL: Duration = Duration::from_millis(50);
@@ -271,13 +271,7 @@ impl Shared {
 
     /// Makes `request` a member of this node's follower of the remote
     /// generation `token` (started here if there is none yet).
-    fn join_remote(
-        self: &Arc<Self>,
-        request: &Arc<Request>,
-        role: Role,
-        token: &str,
-        key: [u8; 32],
-    ) {
+    fn join_remote(self: &Arc<Self>, request: &Arc<Request>, role: Role, token: &str, key: Key) {
         let Some(generation) = self.remote_generation(token, key) else {
             let failure = Failure::new(
                 ErrorCode::Overloaded,
@@ -324,7 +318,7 @@ impl Shared {
     /// This node's follower of remote generation `token`, started if there
     /// is none; counted as awaited by one more member until the caller
     /// joins it (so the janitor does not drop it as unwanted meanwhile).
-    fn remote_generation(self: &Arc<Self>, token: &str, key: [u8; 32]) -> Option<Arc<Generation>> {
+    fn remote_generation(self: &Arc<Self>, token: &str, key: Key) -> Option<Arc<Generation>> {
         let node = self.cluster.as_ref()?;
         let mut remotes = node.remotes.lock();
         if let Some(generation) = remotes.get(token).filter(|g| !g.is_over()) {

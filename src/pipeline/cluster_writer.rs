@@ -29,6 +29,7 @@ use crate::cluster::lease::Leases;
 use crate::cluster::stream::StreamWriter;
 use crate::protocol::{ErrorCode, Failure, Outcome};
 use crate::redis_pool::RedisPool;
+use crate::request_key::Key;
 
 /// Writes waiting at most; past it new ones are dropped (a Redis that slow
 /// is as good as down for the cluster).
@@ -56,7 +57,7 @@ pub(crate) enum Write {
         broken: Arc<AtomicBool>,
     },
     /// Extends a lease this node holds.
-    Renew { key: [u8; 32], token: String },
+    Renew { key: Key, token: String },
     /// Any other commands (watcher marks, resume records), not atomic.
     Commands(redis::Pipeline),
 }
