@@ -9,11 +9,11 @@
 //!
 //! The core is synchronous by design: OS thread pools ([`pool`]) sized by
 //! the concurrency limits, connected by bounded crossbeam channels
-//! ([`pipeline`]), one thread per WebSocket connection ([`ws`]).
+//! (`pipeline`), one thread per WebSocket connection ([`ws`]).
 //!
 //! Reading order for newcomers: [`protocol`] (what clients send and get),
-//! [`pipeline`] (the heart), [`broadcast`] and [`outbox`] (how a token
-//! reaches a socket), then [`net`] (the port: accepting, HTTP, routing,
+//! `pipeline` (the heart), [`broadcast`] and [`outbox`] (how a token
+//! reaches a socket), then `net` (the port: accepting, HTTP, routing,
 //! the WebSocket upgrade), [`ws`] (a WebSocket's own thread) and
 //! [`server`] (how it is all started and stopped).
 //!
@@ -22,13 +22,14 @@
 //! An embedder runs a [`Server`] from a [`Config`] (read from a file,
 //! the environment and flags with [`config::Config::load`], or built in
 //! code) and stops it with [`Server::shutdown`]; the wire vocabulary is
-//! [`protocol`]. The building blocks are public too, each usable and
-//! tested on its own: [`singleflight`], [`broadcast`], [`outbox`],
-//! [`pool`], [`threads`], [`memory`], [`history`], [`cluster`]. The
-//! modules that only wire chorus together (the cache lane's backends, the
-//! tools, the metrics, the OpenAI-compatible endpoint's client, the
-//! authorisation check) are private; the rest stay reachable for the
-//! tests and benchmarks that drive them, not as a promise.
+//! [`protocol`]. A model provider is an [`llm::Provider`]. The building
+//! blocks are public too, each usable and tested on its own:
+//! [`singleflight`], [`broadcast`], [`outbox`], [`delivery`], [`pool`],
+//! [`threads`], [`memory`], [`breaker`], [`history`], [`cluster`],
+//! [`request_key`], [`redis_pool`], and [`ws`]'s client (benchmarks drive
+//! it). Everything that only wires chorus together is private: the
+//! pipeline, the accept side and its HTTP API, the OpenAI wire format, the
+//! cache backends, the tools, the metrics and the `Host` check.
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
@@ -52,10 +53,10 @@ pub mod history;
 pub mod llm;
 pub mod memory;
 mod metrics;
-pub mod net;
-pub mod openai;
+mod net;
+mod openai;
 pub mod outbox;
-pub mod pipeline;
+mod pipeline;
 pub mod pool;
 pub mod protocol;
 pub mod redis_pool;

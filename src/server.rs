@@ -1,11 +1,11 @@
 //! The server: wires the pipeline (history, cache, upstream providers,
-//! pools) to the accept side ([`crate::net`]) on one listening port, and
+//! pools) to the accept side (`net`) on one listening port, and
 //! shuts it all down in order.
 //!
 //! Threads:
 //! - [`Server::start`] runs on the caller's thread and starts every other
 //!   thread: the history writer, the pipeline's pools and janitor, and the
-//!   accept thread, which starts a thread per connection ([`crate::net`]);
+//!   accept thread, which starts a thread per connection (`net`);
 //! - the thread that calls [`Server::shutdown`] (main, on the stop signal)
 //!   drains: new chats get `shutting_down`, `/healthz` says
 //!   `draining`, running streams get up to `drain_ms` to finish, then every

@@ -63,17 +63,6 @@ pub fn raise_limit(max_connections: usize) {
 }
 
 /// One descriptor held in reserve; see the module docs.
-///
-/// ```
-/// use chorus::net::descriptors::Spare;
-///
-/// let mut spare = Spare::reserve();
-/// assert!(spare.is_held());
-/// assert!(spare.release()); // one descriptor is free now: accept into it
-/// assert!(!spare.release());
-/// spare.restore(); // after the refused socket is closed
-/// assert!(spare.is_held());
-/// ```
 #[derive(Debug)]
 pub struct Spare {
     file: Option<File>,
@@ -89,6 +78,7 @@ impl Spare {
     }
 
     /// Whether the spare descriptor is open.
+    #[cfg(test)]
     pub fn is_held(&self) -> bool {
         self.file.is_some()
     }
@@ -111,19 +101,6 @@ impl Spare {
 /// descriptors; see the module docs. Any thread may call it; a refusal
 /// takes a short lock, an accept while nothing is refused only an atomic
 /// load.
-///
-/// ```
-/// use chorus::net::descriptors::Exhaustion;
-///
-/// let exhaustion = Exhaustion::default();
-/// let emfile = std::io::Error::from_raw_os_error(24);
-/// for _ in 0..1000 {
-///     exhaustion.refused(&emfile); // one warning, not a thousand
-/// }
-/// assert!(exhaustion.is_active());
-/// exhaustion.accepted(); // one line: available again
-/// assert!(!exhaustion.is_active());
-/// ```
 #[derive(Debug, Default)]
 pub struct Exhaustion {
     /// Set while refusing; read without the lock on every accept.
@@ -191,6 +168,7 @@ impl Exhaustion {
     }
 
     /// Whether connections are being refused right now.
+    #[cfg(test)]
     pub fn is_active(&self) -> bool {
         self.active.load(Ordering::Acquire)
     }

@@ -55,11 +55,11 @@ mod response;
 mod tests;
 
 pub use crate::protocol::Usage;
-pub use request::{
-    parse_chat_request, ChatRequest, RequestError, MAX_MODEL_CHARS, MAX_STOP_CHARS,
-    MAX_STOP_SEQUENCES, MAX_USER_CHARS,
-};
-pub use response::{
-    error_body, error_event, error_status, escape_json_str, models_body, ApiError, ChunkFrame,
-    Completion, ErrorStatus, FinishReason, DONE,
-};
+pub use request::parse_chat_request;
+#[cfg(test)]
+pub use request::{ChatRequest, RequestError};
+#[cfg(any(test, feature = "fuzzing"))]
+pub use request::{MAX_MODEL_CHARS, MAX_STOP_CHARS, MAX_STOP_SEQUENCES};
+pub use response::{error_body, error_event, models_body, ApiError, Completion, FinishReason};
+#[cfg(test)]
+pub use response::{error_status, escape_json_str, ChunkFrame, DONE};

@@ -100,21 +100,6 @@ fn refuse(param: impl Into<String>, message: impl Into<String>) -> RequestError 
 }
 
 /// Reads and checks the body of `POST /v1/chat/completions`.
-///
-/// ```
-/// use chorus::openai::parse_chat_request;
-/// let body = br#"{"model":"m","stream":true,"temperature":0.2,
-///     "messages":[{"role":"system","content":"Be brief."},
-///                 {"role":"user","content":[{"type":"text","text":"Hi"}]}]}"#;
-/// let request = parse_chat_request(body).unwrap();
-/// assert!(request.stream);
-/// assert_eq!(request.messages[1].content, "Hi");
-/// let prompt = request.into_prompt("default");
-/// assert_eq!((prompt.model.as_str(), prompt.max_tokens), ("m", None));
-///
-/// let refused = parse_chat_request(br#"{"messages":[{"role":"user","content":"x"}],"n":2}"#);
-/// assert_eq!(refused.unwrap_err().param.as_deref(), Some("n"));
-/// ```
 pub fn parse_chat_request(body: &[u8]) -> Result<ChatRequest, RequestError> {
     let mut failed = None;
     let mut de = serde_json::Deserializer::from_slice(body);

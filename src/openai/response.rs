@@ -85,18 +85,6 @@ impl Completion<'_> {
     }
 
     /// Appends the non-streamed answer: one `chat.completion` object.
-    ///
-    /// ```
-    /// use chorus::openai::{Completion, FinishReason, Usage};
-    /// let c = Completion { request: "r-1", created: 1_700_000_000, model: "m" };
-    /// let mut out = Vec::new();
-    /// let usage = Usage { prompt_tokens: 5, completion_tokens: 2 };
-    /// c.write_object(&mut out, "Hello!", FinishReason::Stop, &usage);
-    /// let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
-    /// assert_eq!(v["id"], "chatcmpl-r-1");
-    /// assert_eq!(v["choices"][0]["message"]["content"], "Hello!");
-    /// assert_eq!(v["usage"]["total_tokens"], 7);
-    /// ```
     pub fn write_object(
         &self,
         out: &mut Vec<u8>,
@@ -176,18 +164,6 @@ const DATA_AFTER_ID: &[u8] = b"\ndata: ";
 /// ```
 ///
 /// Only `mid` depends on the request; cloning shares it.
-///
-/// ```
-/// use chorus::openai::{ChunkFrame, Completion, FinishReason};
-/// let frame = Completion { request: "r-1", created: 1_700_000_000, model: "m" }.chunks();
-/// let mut out = Vec::new();
-/// frame.role(&mut out);
-/// frame.token(&mut out, 0, br#""Hel\"lo""#);
-/// frame.end(&mut out, FinishReason::Stop, None);
-/// let out = String::from_utf8(out).unwrap();
-/// assert!(out.contains("id: 0\ndata: {"));
-/// assert!(out.ends_with("data: [DONE]\n\n"));
-/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChunkFrame {
     /// `\ndata: ` + prefix + `"choices":[{"index":0,"delta":{"content":`.
@@ -203,6 +179,7 @@ impl ChunkFrame {
     pub const TAIL: &'static [u8] = b"},\"finish_reason\":null}]}\n\n";
 
     /// The per-request bytes between a token's `seq` and its escaped text.
+    #[cfg(test)]
     pub fn mid(&self) -> &[u8] {
         &self.mid
     }
@@ -223,6 +200,7 @@ impl ChunkFrame {
 
     /// Appends token `seq`'s event; `escaped` is its text as a JSON string
     /// (quotes included), as [`crate::broadcast::Token`] keeps it.
+    #[cfg(any(test, feature = "fuzzing"))]
     pub fn token(&self, out: &mut Vec<u8>, seq: u64, escaped: &[u8]) {
         out.reserve(Self::HEAD.len() + 20 + self.mid.len() + escaped.len() + Self::TAIL.len());
         out.extend_from_slice(Self::HEAD);
@@ -263,12 +241,6 @@ impl ChunkFrame {
 
 /// Appends `text` JSON-escaped, without the surrounding quotes, exactly as
 /// serde_json (and so the WebSocket token frames) escapes it.
-///
-/// ```
-/// let mut out = Vec::new();
-/// chorus::openai::escape_json_str(&mut out, "a\"b\\c\n");
-/// assert_eq!(out, br#"a\"b\\c\n"#);
-/// ```
 pub fn escape_json_str(out: &mut Vec<u8>, text: &str) {
     /// serde_json's compact output minus the quotes around strings, so the
     /// escaping itself stays serde_json's.
@@ -396,16 +368,6 @@ fn write_error(out: &mut Vec<u8>, status: &ErrorStatus, message: &str, param: Op
 /// Appends the error body `{"error":{"message","type","param","code"}}`
 /// and returns the status (and `Retry-After` need) to answer it with.
 /// `param` names the offending request field, as OpenAI's does.
-///
-/// ```
-/// use chorus::openai::{error_body, ApiError};
-/// use chorus::protocol::ErrorCode;
-/// let mut out = Vec::new();
-/// let status = error_body(&mut out, ErrorCode::Overloaded.into(), "busy", None);
-/// assert_eq!((status.status, status.retry_after), (429, true));
-/// let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
-/// assert_eq!(v["error"]["code"], "overloaded");
-/// ```
 pub fn error_body(
     out: &mut Vec<u8>,
     error: ApiError,
@@ -429,14 +391,6 @@ pub fn error_event(out: &mut Vec<u8>, error: ApiError, message: &str) {
 // Models
 
 /// Appends the body of `GET /v1/models` listing `ids`.
-///
-/// ```
-/// let mut out = Vec::new();
-/// chorus::openai::models_body(&mut out, ["default", "other"]);
-/// let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
-/// assert_eq!(v["data"][1]["id"], "other");
-/// assert_eq!(v["data"][0]["owned_by"], "chorus");
-/// ```
 pub fn models_body<I, S>(out: &mut Vec<u8>, ids: I)
 where
     I: IntoIterator<Item = S>,

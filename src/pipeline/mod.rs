@@ -86,8 +86,6 @@ use std::thread::JoinHandle;
 use crossbeam_channel::bounded;
 use parking_lot::{Mutex, RwLock};
 
-pub use key::{identical_request_key, Input, KeyInput};
-
 use crate::cache::Cache;
 use crate::config::Config;
 use crate::delivery::Client;
