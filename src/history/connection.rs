@@ -70,7 +70,8 @@ impl r2d2::ManageConnection for SqliteManager {
     }
 
     fn is_valid(&self, conn: &mut Connection) -> Result<(), rusqlite::Error> {
-        // Runs on every checkout, so keep the statement cached.
+        // r2d2 calls it only for pools that test connections on checkout
+        // (the history's do not: a local file cannot go stale); cheap anyway.
         conn.prepare_cached("SELECT 1")?.query_row([], |_| Ok(()))
     }
 
