@@ -14,7 +14,8 @@
 //! assertions, and the counts taken on the server's side (the upstream's
 //! requests, `/api/stats`), are here.
 //!
-//! The exact bytes on the wire are checked in `tests/http_api_raw.rs`.
+//! The exact bytes on the wire are checked in
+//! `tests/upstream/http_api_raw.rs`.
 
 mod common;
 

@@ -1,5 +1,9 @@
 //! Memory a client can make the server hold: every connection's output is
 //! bounded in bytes, and `history` answers are bounded and paged.
+//!
+//! A test binary of its own: `an_idle_history_gives_its_sqlite_caches_back`
+//! reads SQLite's memory counter, which is process-wide, so no test that
+//! opens SQLite in this process may run beside it.
 
 mod common;
 

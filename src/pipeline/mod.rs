@@ -40,7 +40,7 @@
 //! timeouts and drops finished requests after the replay window.
 //!
 //! Where things are, each file importing only files listed after it
-//! (no cycle; `tests/architecture.rs` checks):
+//! (no cycle; `tests/protocol/architecture.rs` checks):
 //!
 //! - `client`: admission, `cancel`, `resume`;
 //! - `stages`: the work of each pool, from the cache lane to the stream;

@@ -1,8 +1,8 @@
-//! What the tests of tool rounds (`tool_rounds.rs`,
-//! `tool_calls_hostile.rs`) share: a chorus whose only provider is a fake
-//! OpenAI upstream, the scripted rounds it streams, a request's frames
-//! collected and taken apart, and assertions on what chorus sent upstream
-//! in each round.
+//! What the tests of tool rounds (`tests/upstream/tool_rounds.rs`,
+//! `tests/upstream/tool_calls_hostile.rs`) share: a chorus whose only
+//! provider is a fake OpenAI upstream, the scripted rounds it streams, a
+//! request's frames collected and taken apart, and assertions on what
+//! chorus sent upstream in each round.
 
 use std::time::Duration;
 

@@ -1,7 +1,8 @@
 //! The client side of the fake upstream's self-checks
-//! (`upstream_selfcheck.rs`, `upstream_selfcheck_connections.rs`): raw
-//! requests over plain sockets, and the response, its head and its event
-//! stream taken apart by hand, so the checks trust no HTTP client.
+//! (`tests/upstream/upstream_selfcheck.rs` and
+//! `tests/upstream/upstream_selfcheck_connections.rs`): raw requests over
+//! plain sockets, and the response, its head and its event stream taken
+//! apart by hand, so the checks trust no HTTP client.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};

@@ -5,13 +5,12 @@
 //! encoding, the error event after the stream began) and every refusal of
 //! the contract (400 naming the field, 401, 404, 405, 413).
 
-mod common;
-
 use std::time::Duration;
 
-use common::http1::{Conn, Event, Response};
-use common::openai_api::{answer, assert_names_field, chorus, strings, MODEL, TOKEN};
-use common::upstream::{Reply, Upstream};
+use crate::common;
+use crate::common::http1::{Conn, Event, Response};
+use crate::common::openai_api::{answer, assert_names_field, chorus, strings, MODEL, TOKEN};
+use crate::common::upstream::{Reply, Upstream};
 
 use serde_json::{json, Value};
 

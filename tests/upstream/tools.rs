@@ -2,10 +2,8 @@
 //! keywords: the `tool` frames clients see, results reaching the answer,
 //! direct tools, the cache rule for the clock, and search isolation.
 
-mod common;
-
-use common::tool_rounds::frames_of;
-use common::{Server, FAST};
+use crate::common::tool_rounds::frames_of;
+use crate::common::{Server, FAST};
 use serde_json::Value;
 
 fn tool_frames<'a>(frames: &'a [Value], phase: &str) -> Vec<&'a Value> {

@@ -12,12 +12,10 @@
 //! neither such a reconnect nor a call the client cancelled counts as a
 //! failure of the endpoint.
 
-mod common;
-
 use std::time::Duration;
 
-use common::upstream::{Connections, Recorded, Reply, Script, ScriptedCall, Upstream};
-use common::{Answer, Server, WAIT};
+use crate::common::upstream::{Connections, Recorded, Reply, Script, ScriptedCall, Upstream};
+use crate::common::{Answer, Server, WAIT};
 use serde_json::{json, Value};
 
 /// The calculator call of round 1, and what round 2 answers after it.

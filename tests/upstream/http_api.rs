@@ -11,14 +11,12 @@
 //! The usage the upstream reported reaches the HTTP answer whatever the
 //! role.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-use common::upstream::{Reply, Upstream};
-use common::{Client, Server, WAIT};
+use crate::common::upstream::{Reply, Upstream};
+use crate::common::{Client, Server, WAIT};
 use serde_json::{json, Value};
 
 /// The system prompt and token limit a chat gets by default.

@@ -1,10 +1,8 @@
 //! Bounded queues, timeouts and slow consumers.
 
-mod common;
-
 use std::net::TcpStream;
 
-use common::{Client, Server};
+use crate::common::{Client, Server};
 use serde_json::json;
 use socket2::{Domain, Socket, Type};
 

@@ -2,12 +2,11 @@
 //! streaming from a real HTTP server on loopback that speaks OpenAI's
 //! streaming format (`common::upstream`).
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::upstream::{Reply, Upstream};
-use common::{eventually, Client, Server};
+use crate::common;
+use crate::common::upstream::{Reply, Upstream};
+use crate::common::{eventually, Client, Server};
 use serde_json::{json, Value};
 
 const KEY_ENV: &str = "CHORUS_TEST_UPSTREAM_KEY";

@@ -6,14 +6,14 @@
 //! connections in each of its modes is checked in
 //! `upstream_selfcheck_connections.rs`.
 
-mod common;
-
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::upstream::{Reply, Script, ScriptedCall, Upstream};
-use common::upstream_probe::{content, events, header, post, read_until, response, tokens, SECOND};
+use crate::common::upstream::{Reply, Script, ScriptedCall, Upstream};
+use crate::common::upstream_probe::{
+    content, events, header, post, read_until, response, tokens, SECOND,
+};
 use serde_json::{json, Value};
 
 #[test]

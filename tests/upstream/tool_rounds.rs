@@ -15,18 +15,16 @@
 //! asked without them from then on; and a failure is retried only while
 //! nothing has reached a client.
 
-mod common;
-
 use std::time::Duration;
 
-use common::tool_rounds::{
+use crate::common::tool_rounds::{
     added_messages, answer_of, answer_round, ask, assert_assistant_calls, assert_done,
     assert_offers_no_tools, assert_offers_tools, assert_tool_message, calculator, chorus,
     expression, frames_of, messages, position, rposition, sorted, texts, token_texts, tool_frames,
     CALC_ARGS, CALC_RESULT, QUIET,
 };
-use common::upstream::{Reply, Script, ScriptedCall, Upstream};
-use common::{Answer, Client};
+use crate::common::upstream::{Reply, Script, ScriptedCall, Upstream};
+use crate::common::{Answer, Client};
 use serde_json::{json, Value};
 
 #[test]

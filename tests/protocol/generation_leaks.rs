@@ -7,11 +7,10 @@
 //! and the generation being listed), so the test makes it likely, not
 //! certain: many clients cancel each chat the moment it is accepted.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{eventually, Server};
+use crate::common;
+use crate::common::{eventually, Server};
 use serde_json::json;
 
 #[test]

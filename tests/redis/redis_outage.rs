@@ -4,12 +4,11 @@
 //! generations keep flowing, the outage is logged once when it starts and
 //! once when it ends, and the cache works again when Redis is back.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::redis_server::RedisServer;
-use common::{eventually, Answer, Client, Server};
+use crate::common;
+use crate::common::redis_server::RedisServer;
+use crate::common::{eventually, Answer, Client, Server};
 use serde_json::json;
 
 /// Every Redis call of the node waits this long before it fails.

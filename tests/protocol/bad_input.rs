@@ -1,9 +1,8 @@
 //! Every bad input of the protocol page gets its documented error code, and
 //! the connection, the other users and the stored history are unaffected.
 
-mod common;
-
-use common::{Client, Server, FAST};
+use crate::common;
+use crate::common::{Client, Server, FAST};
 use serde_json::json;
 use tungstenite::Message;
 

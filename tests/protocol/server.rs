@@ -1,13 +1,12 @@
 //! The HTTP side of the port, handshake refusals, configuration errors,
 //! and durability across shutdown and restart.
 
-mod common;
-
 use std::io::Write;
 use std::net::TcpStream;
 use std::process::Command;
 
-use common::{raw_http, Client, Server, FAST};
+use crate::common;
+use crate::common::{raw_http, Client, Server, FAST};
 use serde_json::{json, Value};
 
 #[test]

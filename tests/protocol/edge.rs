@@ -2,13 +2,12 @@
 //! rebinding), the details of HTTP and WebSocket answers a hostile or
 //! sloppy client meets, running out of descriptors, and dead peers.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-use common::{raw_http, Client, Server, FAST, WAIT};
+use crate::common;
+use crate::common::{raw_http, Client, Server, FAST, WAIT};
 use serde_json::json;
 use tungstenite::protocol::frame::coding::{Data, OpCode};
 use tungstenite::protocol::frame::Frame;

@@ -4,9 +4,7 @@
 //! they guard are narrow, so they make the bad interleavings likely, not
 //! certain. The resume test is deterministic.
 
-mod common;
-
-use common::Server;
+use crate::common::Server;
 use serde_json::json;
 
 /// Short answers with tokens close together: the end of a generation and a

@@ -7,13 +7,11 @@
 //! `tool` message, while the other calls of the round still run; none of
 //! them fails the request. The well-behaved rounds are in `tool_rounds.rs`.
 
-mod common;
-
-use common::tool_rounds::{
+use crate::common::tool_rounds::{
     added_messages, answer_of, answer_round, ask, assert_done, calculator, chorus, expression,
     frames_of, sorted, texts, tool_frames, CALC_ARGS, CALC_RESULT,
 };
-use common::upstream::{Script, ScriptedCall, Upstream};
+use crate::common::upstream::{Script, ScriptedCall, Upstream};
 
 /// What a call's result must be.
 #[derive(Debug, Clone, Copy)]

@@ -1,12 +1,10 @@
 //! The Redis cache backend with a real `redis-server` on loopback: answers
 //! shared between nodes, and chats that keep working while Redis is away.
 
-mod common;
-
 use std::time::Duration;
 
-use common::redis_server::RedisServer;
-use common::{eventually, Server, FAST};
+use crate::common::redis_server::RedisServer;
+use crate::common::{eventually, Server, FAST};
 
 fn node(redis: &RedisServer, extra: &str) -> Server {
     Server::start(&format!(

@@ -2,13 +2,12 @@
 //! different nodes cost one generation, remote followers get every token
 //! from `seq` 0, and a leader's node that dies is reported in time.
 
-mod common;
-
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use common::redis_server::RedisServer;
-use common::{Client, Server};
+use crate::common;
+use crate::common::redis_server::RedisServer;
+use crate::common::{Client, Server};
 
 /// A node whose simulated model takes a while to start and to finish.
 fn node(redis: &RedisServer, name: &str) -> Server {

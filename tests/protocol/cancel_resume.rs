@@ -1,10 +1,8 @@
 //! Cancellation and resume across connections.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{eventually, Client, Server};
+use crate::common::{eventually, Client, Server};
 use serde_json::json;
 
 /// Slow enough that cancels and reconnects land mid-stream.

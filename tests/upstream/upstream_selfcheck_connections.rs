@@ -5,14 +5,13 @@
 //! be trusted to be chorus's and not the fake's. Its replies and how it
 //! reads requests are checked in `upstream_selfcheck.rs`.
 
-mod common;
-
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use common::upstream::{Connections, Reply, Script, ScriptedCall, Upstream};
-use common::upstream_probe::{content, events, post, response, tokens, SECOND};
+use crate::common;
+use crate::common::upstream::{Connections, Reply, Script, ScriptedCall, Upstream};
+use crate::common::upstream_probe::{content, events, post, response, tokens, SECOND};
 use serde_json::{json, Value};
 
 /// A client end of one connection that reads a response the way the

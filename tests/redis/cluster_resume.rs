@@ -6,12 +6,10 @@
 //! generation alive, and a full outbox ends the attachment with
 //! `slow_consumer`.
 
-mod common;
-
 use std::net::TcpStream;
 
-use common::redis_server::RedisServer;
-use common::{eventually, Client, Server};
+use crate::common::redis_server::RedisServer;
+use crate::common::{eventually, Client, Server};
 use serde_json::json;
 use socket2::{Domain, Socket, Type};
 

@@ -1,11 +1,9 @@
 //! Chats end to end: streaming, singleflight, cache, history isolation.
 
-mod common;
-
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
-use common::{eventually, Client, Server, FAST};
+use crate::common::{eventually, Client, Server, FAST};
 use serde_json::json;
 
 #[test]

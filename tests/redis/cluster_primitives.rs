@@ -3,14 +3,13 @@
 //! renewed, and token streams read live and from the start, with their end
 //! and their expiry.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
+use crate::common;
+use crate::common::redis_server::RedisServer;
 use chorus::cluster::lease::{Claim, Leases};
 use chorus::cluster::stream::{StreamEvent, StreamReader, StreamWriter};
 use chorus::protocol::{ErrorCode, Failure, Outcome};
-use common::redis_server::RedisServer;
 
 fn leases(redis: &RedisServer, lease: Duration) -> Leases {
     let pool = chorus::redis_pool::pool(&redis.url(), Duration::from_millis(500), 2).unwrap();
