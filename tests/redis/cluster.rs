@@ -11,6 +11,11 @@ use crate::common::{Client, Server};
 
 /// A node whose simulated model takes a while to start and to finish.
 fn node(redis: &RedisServer, name: &str) -> Server {
+    node_with(redis, name, "")
+}
+
+/// [`node`] with `extra` TOML appended; the resume tests use it too.
+pub(crate) fn node_with(redis: &RedisServer, name: &str, extra: &str) -> Server {
     Server::start(&format!(
         r#"
 [llm.simulated]
@@ -27,6 +32,7 @@ lease_ms = 1000
 [cache]
 backend = "redis"
 redis_url = "{url}"
+{extra}
 "#,
         url = redis.url()
     ))

@@ -8,34 +8,11 @@
 
 use std::net::TcpStream;
 
+use crate::cluster::node_with as node;
 use crate::common::redis_server::RedisServer;
 use crate::common::{eventually, Client, Server};
 use serde_json::json;
 use socket2::{Domain, Socket, Type};
-
-/// A node whose simulated model takes a while; `extra` is more TOML.
-fn node(redis: &RedisServer, name: &str, extra: &str) -> Server {
-    Server::start(&format!(
-        r#"
-[llm.simulated]
-first_token_ms = 700
-token_interval_ms = 40
-tokens = 30
-
-[cluster]
-enabled = true
-redis_url = "{url}"
-node_id = "{name}"
-lease_ms = 1000
-
-[cache]
-backend = "redis"
-redis_url = "{url}"
-{extra}
-"#,
-        url = redis.url()
-    ))
-}
 
 /// Reads `request`'s first `n` tokens on `c`, then closes that connection.
 fn read_then_drop(mut c: Client, request: &str, n: u64) {
