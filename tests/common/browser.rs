@@ -23,6 +23,11 @@ use tungstenite::{Message, WebSocket};
 pub const CHROMIUM: &str = "/usr/bin/chromium";
 /// Longest wait for any browser answer or page condition.
 const TIMEOUT: Duration = Duration::from_secs(20);
+/// Longest wait for a new Chromium to announce its DevTools endpoint: it
+/// normally takes a second or two, but the test command starts it right
+/// after building every test binary, when the disk may still be busy (a
+/// run once took over 20 s for two of them).
+const STARTUP: Duration = Duration::from_secs(60);
 
 /// A running headless Chromium with one page.
 pub struct Browser {
@@ -84,7 +89,7 @@ impl Browser {
             }
         });
         let url = rx
-            .recv_timeout(TIMEOUT)
+            .recv_timeout(STARTUP)
             .expect("chromium did not announce its DevTools endpoint");
         let authority = url
             .trim_start_matches("ws://")
