@@ -1,7 +1,5 @@
 //! Cancellation and resume across connections.
 
-use std::time::Duration;
-
 use crate::common::{eventually, Client, Server};
 use serde_json::json;
 
@@ -150,8 +148,13 @@ fn resume_after_reconnect_continues_with_no_gap() {
         seen.push(v["seq"].as_u64().unwrap());
         text.push_str(v["text"].as_str().unwrap());
     }
-    drop(first); // the connection drops mid-stream
-    std::thread::sleep(Duration::from_millis(150));
+    // The connection drops mid-stream; the resume comes after the server
+    // has seen it go (a resume of a detached request, not a second
+    // attachment racing the first).
+    drop(first);
+    eventually("the server notices the dropped connection", || {
+        server.stats()["connections"] == 0
+    });
     let mut second = server.client();
     second.send(json!({"type": "resume", "request": request, "from": 5}));
     let rest = second.answer(&request);

@@ -240,7 +240,6 @@ fn stats_and_metrics_count_what_happened() {
     eventually("the connection gauge drops", || {
         server.stats()["connections"] == 0
     });
-    std::thread::sleep(Duration::from_millis(1));
 }
 
 #[test]
