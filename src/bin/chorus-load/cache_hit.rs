@@ -137,6 +137,32 @@ struct Run {
     latencies: Vec<f64>,
 }
 
+impl Run {
+    /// What the asks since `before` cost server `pid` and this process,
+    /// read while the connections are still open.
+    fn measured(
+        before: Before,
+        pid: u32,
+        hits: usize,
+        answers: usize,
+        latencies: Vec<f64>,
+    ) -> Result<Run, String> {
+        let wall = before.at.elapsed().as_secs_f64();
+        let cpu = cpu_seconds(pid)? - before.cpu;
+        let client_cpu = cpu_seconds(std::process::id())? - before.client_cpu;
+        Ok(Run {
+            before,
+            hits,
+            answers,
+            cpu,
+            client_cpu,
+            wall,
+            threads: cpu_by_thread(pid)?,
+            latencies,
+        })
+    }
+}
+
 /// One connection's ask in progress.
 struct Asking {
     asked: usize,
@@ -199,19 +225,7 @@ fn over_ws(
         }
         Ok(Next::Read)
     })?;
-    let wall = before.at.elapsed().as_secs_f64();
-    let cpu = cpu_seconds(pid)? - before.cpu;
-    let client_cpu = cpu_seconds(std::process::id())? - before.client_cpu;
-    Ok(Run {
-        before,
-        hits,
-        answers,
-        cpu,
-        client_cpu,
-        wall,
-        threads: cpu_by_thread(pid)?,
-        latencies,
-    })
+    Run::measured(before, pid, hits, answers, latencies)
 }
 
 fn over_http(
@@ -270,17 +284,5 @@ fn over_http(
         }
         Ok(Step::Read)
     })?;
-    let wall = before.at.elapsed().as_secs_f64();
-    let cpu = cpu_seconds(pid)? - before.cpu;
-    let client_cpu = cpu_seconds(std::process::id())? - before.client_cpu;
-    Ok(Run {
-        before,
-        hits,
-        answers,
-        cpu,
-        client_cpu,
-        wall,
-        threads: cpu_by_thread(pid)?,
-        latencies,
-    })
+    Run::measured(before, pid, hits, answers, latencies)
 }
