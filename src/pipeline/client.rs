@@ -11,11 +11,11 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::ending::end_event;
+use super::failures::history_failure;
 use super::key::{self, identical_request_key, KeyInput};
 use super::records::{Generation, Phase, Request, Source};
-use super::shared::{
-    history_failure, GivenPrompt, IntakeJob, RequestTicket, Shared, Work, STORE_WAIT,
-};
+use super::shared::{IntakeJob, RequestTicket, Shared, STORE_WAIT};
+use super::work::{GivenPrompt, Work};
 
 use crate::broadcast::TokenSource;
 use crate::delivery::Attachment;

@@ -35,10 +35,6 @@ use crate::cluster::{records, watchers};
 use crate::protocol::{ErrorCode, Failure, Outcome};
 use crate::request_key::{self, Key};
 
-/// Tokens buffered before the stream is written anyway.
-const BATCH_TOKENS: usize = 16;
-/// Longest a token waits in the buffer when more keep coming.
-const BATCH_DELAY: Duration = Duration::from_millis(10);
 /// How long a remote reader waits for entries before checking the lease.
 const READ_BLOCK: Duration = Duration::from_millis(500);
 
@@ -102,24 +98,6 @@ impl Shared {
         }
     }
 
-    /// Mirrors a published token into the generation's stream (batched).
-    /// Runs between two tokens on the streaming thread: it only queues.
-    pub(super) fn cluster_append(&self, generation: &Generation, token: &str) {
-        let Some(node) = &self.cluster else {
-            return;
-        };
-        let mut part = generation.cluster.lock();
-        let Some(ClusterPart::Lead(lead)) = part.as_mut() else {
-            return;
-        };
-        lead.pending.push(token.to_owned());
-        // Tokens that come faster than BATCH_DELAY share a round trip; the
-        // janitor flushes what a pause would otherwise leave behind.
-        if lead.pending.len() >= BATCH_TOKENS || lead.last_flush.elapsed() >= BATCH_DELAY {
-            lead.flush(&node.writes);
-        }
-    }
-
     /// Ends a cluster-wide generation: the rest of its tokens, its end
     /// marker, and its lease given up.
     pub(super) fn cluster_finish(&self, generation: &Generation, outcome: &Outcome) {
@@ -168,9 +146,7 @@ impl Shared {
         let mut part = generation.cluster.lock();
         match part.as_mut() {
             Some(ClusterPart::Lead(lead)) => {
-                if lead.last_flush.elapsed() >= BATCH_DELAY {
-                    lead.flush(&node.writes);
-                }
+                lead.flush_if_due(&node.writes);
                 if lead.last_renew.elapsed() < node.lease / 3 {
                     return;
                 }

@@ -10,12 +10,17 @@
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
 use super::cluster_writer::{Write, Writes};
 use crate::cluster::stream::StreamWriter;
+
+/// Tokens buffered before the stream is written anyway.
+const BATCH_TOKENS: usize = 16;
+/// Longest a token waits in the buffer when more keep coming.
+const BATCH_DELAY: Duration = Duration::from_millis(10);
 
 /// A local generation that leads cluster-wide.
 pub(crate) struct ClusterLead {
@@ -30,6 +35,23 @@ pub(crate) struct ClusterLead {
 }
 
 impl ClusterLead {
+    /// Buffers one token. Tokens that come faster than `BATCH_DELAY`
+    /// share a round trip; the janitor's [`ClusterLead::flush_if_due`]
+    /// writes what a pause would otherwise leave behind.
+    pub fn append(&mut self, token: &str, writes: &Writes) {
+        self.pending.push(token.to_owned());
+        if self.pending.len() >= BATCH_TOKENS || self.last_flush.elapsed() >= BATCH_DELAY {
+            self.flush(writes);
+        }
+    }
+
+    /// Writes the buffer if its oldest token may have waited `BATCH_DELAY`.
+    pub fn flush_if_due(&mut self, writes: &Writes) {
+        if self.last_flush.elapsed() >= BATCH_DELAY {
+            self.flush(writes);
+        }
+    }
+
     /// Queues the buffered tokens for the writer thread (never blocks).
     pub fn flush(&mut self, writes: &Writes) {
         self.last_flush = Instant::now();

@@ -80,14 +80,10 @@ impl Shared {
                 ends: produced.ends,
                 usage: generation.state.lock().usage,
             });
-            if let Err(e) = self.cache.put(&generation.key, answer) {
-                self.metrics.cache_errors.inc();
-                log::debug!("cache write failed: {e}");
-            }
             // Before the key is forgotten: a request that missed the cache
             // before this write and claims the key after the forget sees
-            // the count moved and asks the cache again.
-            self.cache_writes.fetch_add(1, Ordering::AcqRel);
+            // the count of writes moved and asks the cache again.
+            self.answers.store(&generation.key, answer);
         }
         if generation.shared {
             // New identical requests must not join a generation that is over:

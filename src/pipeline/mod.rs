@@ -39,29 +39,42 @@
 //! conversation free and up to date. A janitor thread enforces the
 //! timeouts and drops finished requests after the replay window.
 //!
+//! Each stage's own work is a function of only what it needs: the cache
+//! lane asks `answers::Answers` (the cache and its write count), a
+//! preparation worker `preparation::Preparation` (the history and the
+//! prompt settings), a streaming worker `streaming::Streaming` (the
+//! provider, the tools and their limits, the way out for tokens). What
+//! moves a request between the stages and ends it needs the registry,
+//! the singleflight and the channels, and is `Shared`'s.
+//!
 //! Where things are, each file importing only files listed after it
 //! (no cycle; `tests/protocol/architecture.rs` checks):
 //!
 //! - `client`: admission, `cancel`, `resume`;
-//! - `stages`: the work of each pool, from the cache lane to the stream;
+//! - `stages`: what each pool does with its job, from the cache lane to
+//!   the stream, and the handoffs between them;
 //! - `janitor`: the timeouts;
 //! - `cluster` and `cluster_resume`: the node's policy in a cluster
 //!   (claims, leading and following across nodes, handover, `resume` of a
 //!   request another node accepted);
 //! - `ending`: how generations and requests end, exactly once;
-//! - `prompt`: the prompt; `key`: the identical-request key;
-//! - `shared`: the state every stage shares, the jobs and their channels,
-//!   and the one mapping of errors to protocol codes;
+//! - `shared`: the state every stage shares, the jobs and their channels;
+//! - `streaming`: the rounds of upstream calls and tools of one answer;
+//! - `preparation`: the prompt; `answers`: the answer cache;
+//! - `failures`: the one mapping of errors to protocol codes;
 //! - `registry`: what is running, under one lock;
-//! - `cluster_node`: this node's cluster state; `cluster_part`: a
-//!   generation's; `cluster_writer`: the writes to Redis, on a thread of
-//!   their own;
+//! - `cluster_node`: this node's cluster state;
 //! - `records`: the two records everything revolves around, a request and
-//!   the generation it receives.
+//!   the generation it receives;
+//! - `cluster_part`: a generation's cluster state; `cluster_writer`: the
+//!   writes to Redis, on a thread of their own;
+//! - `work`: what a chat asks for; `key`: the identical-request key.
 //!
-//! The behaviour files are `impl Shared` blocks, one part of a request's
-//! life each; `shared` imports none of them.
+//! The files before `shared` work on it, one part of a request's life
+//! each (`impl Shared` blocks, and the janitor's functions of it);
+//! `shared` imports none of them.
 
+mod answers;
 mod client;
 mod cluster;
 mod cluster_node;
@@ -69,15 +82,18 @@ mod cluster_part;
 mod cluster_resume;
 mod cluster_writer;
 mod ending;
+mod failures;
 mod janitor;
 mod key;
-mod prompt;
+mod preparation;
 mod records;
 mod registry;
 mod shared;
 mod stages;
+mod streaming;
 #[cfg(test)]
 mod tests;
+mod work;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -97,7 +113,8 @@ use crate::protocol::{Chat, ErrorCode, Failure};
 use crate::singleflight::Group;
 use shared::{Channels, FollowJob, IntakeJob, LeaderJob, Shared, StreamJob};
 
-pub use shared::{history_failure, GivenPrompt};
+pub use failures::history_failure;
+pub use work::GivenPrompt;
 
 /// Stack of pipeline worker threads: they run SQLite and provider calls, so
 /// they get more than connection threads.
@@ -151,16 +168,29 @@ impl Pipeline {
                 node.node_id,
                 config.cluster.redis_url
             );
-            Some(node)
+            Some(Arc::new(node))
         } else {
             None
         };
+        let preparation = preparation::Preparation::new(
+            history.clone(),
+            config.llm.system_prompt.clone(),
+            config.history.max_context_tokens,
+        );
+        let streaming = streaming::Streaming::new(
+            provider,
+            toolbox,
+            &config.tools,
+            history.clone(),
+            cluster.clone(),
+            metrics.clone(),
+        );
         let shared = Arc::new(Shared {
             config: config.clone(),
             history,
-            cache,
-            provider,
-            toolbox,
+            answers: answers::Answers::new(cache, metrics.clone()),
+            preparation,
+            streaming,
             cluster,
             metrics: metrics.clone(),
             flights: Group::new(),
@@ -175,7 +205,6 @@ impl Pipeline {
             live_requests: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
             next_generation: AtomicU64::new(1),
-            cache_writes: AtomicU64::new(0),
         });
         let lookups = shared.start_lookups()?;
         let s = shared.clone();
@@ -322,7 +351,7 @@ impl Pipeline {
 
     /// Counters of each upstream endpoint, for `/api/stats`.
     pub fn provider_stats(&self) -> Vec<crate::llm::EndpointStats> {
-        self.shared.provider.endpoint_stats()
+        self.shared.streaming.provider().endpoint_stats()
     }
 
     /// Per-stage occupancy for `/api/stats` and `/metrics`.
@@ -381,18 +410,19 @@ impl Pipeline {
             m.pool_busy.with_label_values(&[name]).set(s.busy as i64);
             m.queue_depth.with_label_values(&[name]).set(s.queue as i64);
         }
-        m.cache_backend_up.set(i64::from(self.shared.cache.is_up()));
+        m.cache_backend_up
+            .set(i64::from(self.shared.answers.backend().is_up()));
         stages
     }
 
     /// Entries in the answer cache, when the backend can tell.
     pub fn cache_entries(&self) -> Option<u64> {
-        self.shared.cache.entries()
+        self.shared.answers.backend().entries()
     }
 
     /// False while the cache backend is unreachable.
     pub fn cache_up(&self) -> bool {
-        self.shared.cache.is_up()
+        self.shared.answers.backend().is_up()
     }
 
     /// The cluster's state for `/api/stats`, when clustering is on:

@@ -1,14 +1,16 @@
 //! The pipeline's shared state and the jobs that move through its pools:
 //! [`Shared`] (every stage's handle on the configuration, the history,
-//! the cache, the provider, the cluster node, the metrics, the
-//! singleflight and the [`Registry`]), the bounded channels between the
-//! stages, the job each stage receives, and the tickets that make a lost
-//! job end its request or generation instead of leaving it waiting. Also
-//! the one place the layers' errors become protocol error codes.
+//! the answer cache, the two slow stages, the cluster node, the metrics,
+//! the singleflight and the [`Registry`]), the bounded channels between
+//! the stages, the job each stage receives, and the tickets that make a
+//! lost job end its request or generation instead of leaving it waiting.
 //!
-//! What the stages do with it is in the sibling files, each an `impl
-//! Shared` block for one part of a request's life (`client`, `stages`,
-//! `ending`, `cluster`, `cluster_resume`); none of them is imported here.
+//! The work of a stage is a function of only what it needs:
+//! [`Preparation`] and [`Streaming`] hold their own parts, and
+//! [`Answers`] the cache. What moves a request from one stage to the
+//! next, and ends it, is in the sibling files, each an `impl Shared` block
+//! for one part of a request's life (`client`, `stages`, `ending`,
+//! `cluster`, `cluster_resume`); none of them is imported here.
 //!
 //! Threads: one `Arc<Shared>` is held by every pool worker, the janitor,
 //! the cluster's threads and every connection (through the pipeline).
@@ -19,13 +21,16 @@ use std::sync::Arc;
 use crossbeam_channel::Sender;
 use parking_lot::RwLock;
 
+use super::answers::Answers;
 use super::cluster_node::ClusterNode;
+use super::preparation::Preparation;
 use super::records::{Generation, Request};
 use super::registry::Registry;
-use crate::cache::Cache;
+use super::streaming::Streaming;
+use super::work::Work;
 use crate::config::Config;
-use crate::history::{self, History};
-use crate::llm::{Prompt, Provider};
+use crate::history::History;
+use crate::llm::Prompt;
 use crate::metrics::Metrics;
 use crate::protocol::{ErrorCode, Failure, Outcome};
 use crate::request_key::Key;
@@ -46,13 +51,13 @@ pub(super) struct Channels {
 
 pub(crate) struct Shared {
     pub(super) config: Arc<Config>,
+    /// Where questions and answers are stored.
     pub(super) history: History,
-    pub(super) cache: Arc<dyn Cache>,
-    pub(super) provider: Arc<dyn Provider>,
-    /// `None` when tools are disabled (or none is enabled).
-    pub(super) toolbox: Option<crate::tools::Toolbox>,
+    pub(super) answers: Answers,
+    pub(super) preparation: Preparation,
+    pub(super) streaming: Streaming,
     /// `None` unless `[cluster] enabled`.
-    pub(super) cluster: Option<ClusterNode>,
+    pub(super) cluster: Option<Arc<ClusterNode>>,
     pub(super) metrics: Arc<Metrics>,
     pub(super) flights: Flights,
     pub(super) registry: Registry,
@@ -64,8 +69,6 @@ pub(crate) struct Shared {
     pub(super) live_requests: AtomicUsize,
     pub(super) draining: AtomicBool,
     pub(super) next_generation: AtomicU64,
-    /// Answers written to the cache so far (see [`Work::cache_writes_seen`]).
-    pub(super) cache_writes: AtomicU64,
 }
 
 /// A chat that passed admission, on its way to the cache lane.
@@ -80,39 +83,6 @@ pub(super) struct IntakeJob {
     pub(super) stored: bool,
     /// On the second pass of a hit: the answer to serve (stored already).
     pub(super) hit: Option<Arc<crate::cache::CachedAnswer>>,
-}
-
-/// What the leader of a generation needs to prepare it.
-pub(super) struct Work {
-    pub(super) key: Key,
-    pub(super) fresh: bool,
-    /// Stored messages before this one.
-    pub(super) history_len: u64,
-    /// [`Shared::cache_writes`] just before the cache lane's lookup: if it
-    /// moved by the time this request would lead, an identical answer may
-    /// have been cached in between, so the cache is asked again.
-    pub(super) cache_writes_seen: u64,
-    pub(super) message: String,
-    pub(super) model: String,
-    pub(super) temperature: Option<f64>,
-    pub(super) top_p: Option<f64>,
-    pub(super) max_tokens: u32,
-    /// The whole prompt, when the client brought it (the HTTP API):
-    /// preparation then reads no history, and the model gets no tools.
-    pub(super) given: Option<Box<Prompt>>,
-}
-
-/// A request that brings its whole prompt, as an OpenAI client does: no
-/// conversation, no stored history, no system prompt or option added, and
-/// none of chorus's own tools.
-#[derive(Debug, Clone)]
-pub struct GivenPrompt {
-    /// The client's id for it (may be empty).
-    pub id: String,
-    /// What goes upstream, as given; an empty model means the configured one.
-    pub prompt: Prompt,
-    /// No cache read and no joining a generation in flight.
-    pub fresh: bool,
 }
 
 pub(super) struct LeaderJob {
@@ -194,40 +164,6 @@ impl Drop for GenTicket {
             leader.complete(outcome);
         }
     }
-}
-
-// How the layers' errors reach clients: the one place they map to codes.
-// (Cache errors never do: a failing cache is a miss.)
-
-/// A provider failure as the clients of its generation see it.
-/// The detail (the upstream's own words) goes to the log only, where the
-/// caller writes it.
-pub(super) fn llm_failure(e: &crate::llm::LlmError) -> Failure {
-    let code = match e {
-        crate::llm::LlmError::Timeout { .. } => ErrorCode::ProcessingTimeout,
-        _ => ErrorCode::UpstreamError,
-    };
-    Failure::new(code, e.client_message())
-}
-
-/// A history failure as the client sees it: a read pool that stays busy
-/// is overload, anything else is internal.
-pub fn history_failure(e: &history::HistoryError) -> Failure {
-    match e {
-        history::HistoryError::Pool(_) => Failure::new(
-            ErrorCode::Overloaded,
-            "the history database is busy; try again shortly",
-        ),
-        other => internal(other),
-    }
-}
-
-pub(super) fn internal(e: &dyn std::fmt::Display) -> Failure {
-    log::error!("internal error: {e}");
-    Failure::new(
-        ErrorCode::Internal,
-        "internal error; the request was not processed",
-    )
 }
 
 impl Shared {

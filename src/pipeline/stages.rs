@@ -13,21 +13,20 @@ use std::time::Instant;
 
 use crossbeam_channel::{Sender, TrySendError};
 
-use super::prompt::{assemble_prompt, read_context};
+use super::failures::internal;
 use super::records::{Generation, Phase, Source};
 use super::shared::{
-    internal, llm_failure, Channels, FollowJob, GenTicket, IntakeJob, LeaderJob, RequestTicket,
-    Shared, StreamJob, Work,
+    Channels, FollowJob, GenTicket, IntakeJob, LeaderJob, RequestTicket, Shared, StreamJob,
 };
+use super::work::Work;
 
 use crate::cache::CachedAnswer;
 use crate::delivery::Event;
 use crate::history;
-use crate::llm::{Ask, CallLimits, Flow, Prompt, TokenSink, ToolCall};
+use crate::llm::Prompt;
 use crate::protocol::{ErrorCode, Failure, Finish, Outcome, Role, Stage};
 use crate::request_key::Key;
 use crate::singleflight::{Claim, Leader};
-use crate::tools::ToolResult;
 
 /// Whether a cached answer served to a request is in its conversation's
 /// history already.
@@ -66,24 +65,8 @@ impl Shared {
         let cached = if job.work.fresh {
             None
         } else {
-            job.work.cache_writes_seen = self.cache_writes.load(Ordering::Acquire);
-            match self.cache.get(&job.work.key) {
-                Ok(Some(answer)) => {
-                    self.metrics.cache_hits.inc();
-                    Some(answer)
-                }
-                Ok(None) => {
-                    self.metrics.cache_misses.inc();
-                    None
-                }
-                Err(e) => {
-                    // The backend logs its outages (rate-limited); this is per request.
-                    self.metrics.cache_errors.inc();
-                    self.metrics.cache_misses.inc();
-                    log::debug!("cache lookup failed, treating as a miss: {e}");
-                    None
-                }
-            }
+            job.work.cache_writes_seen = self.answers.writes_seen();
+            self.answers.look_up(&job.work.key)
         };
         if stateless {
             // Nothing to store: accepted at once, and on from here.
@@ -217,11 +200,10 @@ impl Shared {
         {
             Claim::Leader(leader) => {
                 let generation = leader.shared().clone();
-                if self.cache_writes.load(Ordering::Acquire) != work.cache_writes_seen {
+                if self.answers.written_since(work.cache_writes_seen) {
                     // An answer was cached since this request's lookup: maybe
                     // this one, by a generation that ended in between.
-                    if let Ok(Some(answer)) = self.cache.get(&work.key) {
-                        self.metrics.cache_hits.inc();
+                    if let Some(answer) = self.answers.look_again(&work.key) {
                         // Give the key up; a follower that claimed it
                         // meanwhile sees it cancelled and looks again.
                         self.finish_generation(&generation, Ok(Finish::Cancelled));
@@ -243,12 +225,9 @@ impl Shared {
                     self.config.cache.redis_timeout_ms.saturating_add(100),
                 );
                 let _ = call.wait_timeout(bound);
-                match self.cache.get(&work.key) {
-                    Ok(Some(answer)) => {
-                        self.metrics.cache_hits.inc();
-                        self.serve_cached(ticket, answer, AnswerStored::No)
-                    }
-                    _ => self.claim_key(ticket, work, false),
+                match self.answers.look_again(&work.key) {
+                    Some(answer) => self.serve_cached(ticket, answer, AnswerStored::No),
+                    None => self.claim_key(ticket, work, false),
                 }
             }
             Claim::Follower(call) => self.follow(ticket, call.shared().clone(), work),
@@ -552,25 +531,13 @@ impl Shared {
             // Brought by the client: nothing to read, and no tools.
             return self.queue_stream(ticket, *prompt, None, started);
         }
-        let stored = match read_context(
-            &self.history,
-            &leader.conversation,
-            &self.config.llm.system_prompt,
-            &work,
-            self.config.history.max_context_tokens,
-        ) {
-            Ok(messages) => messages,
+        let prompt = match self.preparation.prompt(&leader.conversation, &work) {
+            Ok(prompt) => prompt,
             Err(e) => {
                 self.finish_generation(&generation, Err(internal(&e)));
                 return;
             }
         };
-        let prompt = assemble_prompt(
-            &self.config.llm.system_prompt,
-            &stored,
-            &work,
-            self.config.history.max_context_tokens,
-        );
         self.queue_stream(ticket, prompt, Some(leader.conversation.clone()), started);
     }
 
@@ -616,142 +583,10 @@ impl Shared {
             return;
         }
         generation.set_stage(Stage::Streaming, None);
-        let outcome = self.answer(&generation, &mut prompt, conversation.as_deref());
+        let outcome = self
+            .streaming
+            .answer(&generation, &mut prompt, conversation.as_deref());
         self.finish_generation(&generation, outcome);
         drop(ticket);
-    }
-
-    /// The rounds of one answer. Each round is one streamed upstream call
-    /// that offers the tools; its content goes out as tokens the moment it
-    /// arrives, and when it ends with tool calls, the tools run here and
-    /// the next round gets their results. At most `tools.max_rounds`
-    /// calls, the last one without tools, so a model that keeps calling
-    /// tools still has to answer.
-    fn answer(
-        self: &Arc<Self>,
-        generation: &Arc<Generation>,
-        prompt: &mut Prompt,
-        conversation: Option<&str>,
-    ) -> Outcome {
-        let config = &self.config.tools;
-        // A prompt the client brought whole gets none of chorus's tools.
-        let toolbox = self.toolbox.as_ref().filter(|_| conversation.is_some());
-        let specs = toolbox.map_or(&[][..], |t| t.specs());
-        let limits = CallLimits {
-            max_calls: config.max_calls,
-            max_argument_bytes: config.max_argument_bytes,
-        };
-        let rounds = config.max_rounds.max(1);
-        let sink: TokenSink = {
-            let shared = self.clone();
-            let generation = generation.clone();
-            Arc::new(move |token: &str| {
-                if shared.publish(&generation, token) {
-                    Flow::Continue
-                } else {
-                    // The generation was ended from outside (timeout, cancel).
-                    Flow::Stop
-                }
-            })
-        };
-        let mut round = 1;
-        let mut endpoint = None;
-        loop {
-            let last = round >= rounds;
-            let ask = Ask {
-                prompt,
-                tools: if last { &[] } else { specs },
-                limits,
-                // From the second round on, tool frames went out.
-                committed: round > 1,
-                endpoint,
-            };
-            self.metrics.upstream_calls.inc();
-            let result = self.provider.stream(&ask, &generation.abort, &sink);
-            let turn = match result {
-                Ok(turn) => turn,
-                Err(e) => {
-                    log::warn!("generation {} failed: {e}", generation.id);
-                    return Err(llm_failure(&e));
-                }
-            };
-            endpoint = Some(turn.endpoint);
-            if let Some(usage) = turn.usage {
-                let mut st = generation.state.lock();
-                st.usage = Some(st.usage.unwrap_or_default().plus(usage));
-            }
-            let finished = turn.end;
-            if finished == Finish::Cancelled {
-                // Whoever aborted already set the outcome; this is a fallback.
-                return Ok(finished);
-            }
-            let (toolbox, conversation) = match (toolbox, conversation) {
-                (Some(toolbox), Some(conversation)) if !turn.tool_calls.is_empty() && !last => {
-                    (toolbox, conversation)
-                }
-                _ => {
-                    if !turn.tool_calls.is_empty() {
-                        log::info!(
-                            "generation {}: the model called tools when none were offered; ignored",
-                            generation.id
-                        );
-                    }
-                    return Ok(finished);
-                }
-            };
-            let results = self.run_tools(toolbox, generation, conversation, &turn.tool_calls);
-            if let Some(direct) = results.iter().find(|r| r.direct && r.result.is_ok()) {
-                // A direct tool answered: its text is the answer, word by
-                // word, and the model is not asked again.
-                for piece in direct.text().split_inclusive(' ') {
-                    if !self.publish(generation, piece) {
-                        break;
-                    }
-                }
-                return Ok(Finish::Stop);
-            }
-            prompt
-                .messages
-                .extend(crate::tools::round_messages(turn.said, &results));
-            // The tools' time is not the upstream's silence.
-            generation.mark_progress();
-            round += 1;
-        }
-    }
-
-    /// Hands one token to the generation's clients (and, in a cluster, to
-    /// its stream in Redis); false when the generation already ended.
-    fn publish(&self, generation: &Generation, token: &str) -> bool {
-        if generation.broadcast.publish(token).is_none() {
-            return false;
-        }
-        self.cluster_append(generation, token);
-        self.metrics.tokens.inc();
-        true
-    }
-
-    /// Runs the tool calls of a round, showing each call, output and
-    /// result to the generation's clients.
-    fn run_tools(
-        &self,
-        toolbox: &crate::tools::Toolbox,
-        generation: &Arc<Generation>,
-        conversation: &str,
-        calls: &[ToolCall],
-    ) -> Vec<ToolResult> {
-        self.metrics.tool_calls.inc_by(calls.len() as u64);
-        for call in calls {
-            generation.tool_frame(&call.name, "call", &call.arguments);
-        }
-        let results = toolbox.run(calls, conversation, &self.history, &|call, text| {
-            generation.tool_frame(&call.name, "output", text)
-        });
-        for result in &results {
-            generation.tool_frame(&result.call.name, "result", &result.text());
-        }
-        if results.iter().any(|r| !r.cacheable) {
-            generation.state.lock().cacheable = false;
-        }
-        results
     }
 }

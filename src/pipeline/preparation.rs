@@ -1,17 +1,62 @@
-//! Assembling the prompt a leader sends upstream: the system prompt, as
-//! much recent history as fits the context budget, and the new message.
+//! The preparation stage: the prompt a leader sends upstream, made of the
+//! system prompt, as much recent history as fits the context budget, and
+//! the new message. [`Preparation`] holds what that needs and nothing else.
 //!
-//! Called on a preparation worker: [`read_context`] reads the history
-//! that fits, [`assemble_prompt`] is a pure function.
+//! Threads: runs on a preparation worker, one prompt at a time per worker;
+//! [`read_context`] reads the history that fits, [`assemble_prompt`] is a
+//! pure function.
 
-use super::shared::Work;
+use super::work::Work;
 use crate::history;
 use crate::llm::{Prompt, PromptMessage};
+
+/// What the preparation stage needs: the history to read and the two
+/// settings that shape a prompt.
+pub(super) struct Preparation {
+    history: history::History,
+    system_prompt: String,
+    max_context_tokens: usize,
+}
+
+impl Preparation {
+    pub(super) fn new(
+        history: history::History,
+        system_prompt: String,
+        max_context_tokens: usize,
+    ) -> Preparation {
+        Preparation {
+            history,
+            system_prompt,
+            max_context_tokens,
+        }
+    }
+
+    /// The prompt for `work`, the next message of `conversation`.
+    pub(super) fn prompt(
+        &self,
+        conversation: &str,
+        work: &Work,
+    ) -> Result<Prompt, history::HistoryError> {
+        let stored = read_context(
+            &self.history,
+            conversation,
+            &self.system_prompt,
+            work,
+            self.max_context_tokens,
+        )?;
+        Ok(assemble_prompt(
+            &self.system_prompt,
+            &stored,
+            work,
+            self.max_context_tokens,
+        ))
+    }
+}
 
 /// A rough token count (about four characters per token, plus a few for
 /// the message framing): enough to keep a prompt under a budget without a
 /// model-specific tokenizer.
-pub(super) fn estimate_tokens(text: &str) -> usize {
+fn estimate_tokens(text: &str) -> usize {
     text.chars().count().div_ceil(4) + 4
 }
 
@@ -26,7 +71,7 @@ fn history_budget(system: &str, work: &Work, max_context_tokens: usize) -> usize
 /// [`assemble_prompt`] would keep: read newest first, stopping at the first
 /// that does not fit, so a long conversation costs no more to prepare than
 /// a short one.
-pub(super) fn read_context(
+fn read_context(
     history: &history::History,
     conversation: &str,
     system: &str,
@@ -50,7 +95,7 @@ pub(super) fn read_context(
 
 /// System prompt, then as much recent history as fits in `max_context_tokens`,
 /// then the new message (always included).
-pub(super) fn assemble_prompt(
+fn assemble_prompt(
     system: &str,
     stored: &[history::Message],
     work: &Work,
