@@ -239,6 +239,60 @@ fn no_two_files_of_the_pipeline_import_each_other() {
     }
 }
 
+/// The files of `pipeline/` in the order its module doc lists them.
+fn pipeline_doc_order() -> Vec<String> {
+    let doc = std::fs::read_to_string(root().join("src/pipeline/mod.rs")).unwrap();
+    let start = doc
+        .find("Where things are")
+        .expect("the file list in pipeline's doc");
+    let end = start + doc[start..].find("//! The files before").unwrap();
+    let mut order: Vec<String> = Vec::new();
+    for quoted in doc[start..end].split('`').skip(1).step_by(2) {
+        if !order.iter().any(|o| o == quoted) {
+            order.push(quoted.to_owned());
+        }
+    }
+    order
+}
+
+#[test]
+fn the_pipeline_doc_lists_its_files_in_import_order() {
+    let graph = pipeline_graph();
+    let order: Vec<String> = pipeline_doc_order()
+        .into_iter()
+        .filter(|f| graph.contains_key(f))
+        .collect();
+    for file in graph.keys().filter(|f| *f != "mod") {
+        assert!(
+            order.contains(file),
+            "pipeline's doc does not list `{file}`"
+        );
+    }
+    let place = |f: &str| {
+        order
+            .iter()
+            .position(|o| o == f)
+            .unwrap_or_else(|| panic!("pipeline's doc does not list `{f}`"))
+    };
+    for (file, deps) in graph.iter().filter(|(f, _)| *f != "mod") {
+        for dep in deps {
+            assert!(
+                place(dep) > place(file),
+                "pipeline/{file}.rs imports `{dep}`, listed before it in pipeline's doc"
+            );
+        }
+    }
+    // The doc says the files before `shared` work on it (the order above
+    // already keeps the files after it from importing it).
+    let shared = place("shared");
+    for file in &order[..shared] {
+        assert!(
+            graph[file].contains("shared"),
+            "pipeline/{file}.rs is listed before `shared` but does not use it"
+        );
+    }
+}
+
 #[test]
 fn the_cycle_finder_finds_cycles() {
     // The checks above are only as good as this.
