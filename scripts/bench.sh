@@ -5,7 +5,7 @@
 #
 #   scripts/bench.sh            # all scenarios
 #   scripts/bench.sh ttft       # one of: cache-hit ttft fanout idle-rss cluster stream-cost
-#                               #         chaos chaos-cluster
+#                               #         relay-floor chaos chaos-cluster
 #
 # TRANSPORT=http runs cache-hit and fanout over the OpenAI-compatible HTTP
 # API (streamed answers, kept-alive connections) instead of WebSockets
@@ -72,6 +72,8 @@ tokens = 64'
 status=0
 
 stop_server() {
+  # relay-floor starts no server.
+  if [ -z "$server_pid" ]; then return; fi
   kill -TERM "$server_pid"; wait "$server_pid" || true; server_pid=""
 }
 
@@ -151,6 +153,21 @@ base_url = \"http://$upstream/v1\"
 max_concurrent_llm_streams = ${STREAMS:-256}$tools"
       "$load" stream-cost --addr "$addr" --pid "$server_pid" --upstream "$upstream" --upstream-pid "$upstream_pid" \
         --connections "${CONNECTIONS:-200}" --rounds "${ROUNDS:-4}" --first-token-ms 200 ;;
+    relay-floor)
+      # No chorus: the least a relay must do for stream-cost's load (see
+      # src/bin/chorus-load/relay_floor.rs), against the same upstream.
+      : >"$work/upstream.out"
+      "$load" upstream --bind 127.0.0.1:0 --tokens 64 --interval-ms 20 --first-token-ms 200 \
+        >"$work/upstream.out" 2>"$work/upstream.log" &
+      extra_pids+=($!)
+      upstream=""
+      for _ in $(seq 1 100); do
+        upstream=$(sed -n 's#^upstream listening on http://##p' "$work/upstream.out")
+        [ -n "$upstream" ] && break
+        sleep 0.05
+      done
+      if [ -z "$upstream" ]; then echo "upstream did not start:" >&2; cat "$work/upstream.log" >&2; exit 1; fi
+      "$load" relay-floor --upstream "$upstream" --connections "${CONNECTIONS:-200}" --rounds "${ROUNDS:-4}" ;;
     chaos)
       # Misbehaving clients against one node (see src/bin/chorus-load/chaos.rs);
       # exits non-zero, after its summary, when a promise was broken.

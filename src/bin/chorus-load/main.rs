@@ -12,6 +12,7 @@
 //! chorus-load idle-rss    --addr 127.0.0.1:8080 --pid PID [--connections 2000]
 //! chorus-load stream-cost --addr 127.0.0.1:8080 --pid PID --upstream 127.0.0.1:PORT [--upstream-pid PID]
 //!                         [--connections 200] [--rounds 5] [--first-token-ms 200]
+//! chorus-load relay-floor --upstream 127.0.0.1:PORT [--connections 200] [--rounds 4]
 //! chorus-load chaos       --addr 127.0.0.1:8080[,127.0.0.1:8081…] [--pid PID[,PID…]] [--clients 50]
 //!                         [--seconds 10] [--deadline-ms 30000] [--gentle-cancels]
 //! chorus-load upstream    [--bind 127.0.0.1:0] [--tokens 64] [--interval-ms 20] [--first-token-ms 200]
@@ -21,6 +22,8 @@
 //! `--pid` is the server's process id, for CPU time and RSS from `/proc`
 //! (Linux only). `upstream` is not a scenario but the other end of one: an
 //! OpenAI-compatible model server on loopback for `stream-cost` (see its
+//! module). `relay-floor` runs no chorus: it relays `stream-cost`'s load
+//! with the least a relay must do, for the floor under its figure (see its
 //! module). `chaos` checks the protocol's promises under misbehaving
 //! clients and exits non-zero, with its summary, when one is broken (see
 //! its module). `scripts/bench.sh` starts a server with the configuration each
@@ -45,6 +48,7 @@ mod fanout;
 mod http_client;
 mod idle_rss;
 mod measure;
+mod relay_floor;
 mod stream_cost;
 mod ttft;
 mod upstream;
@@ -249,6 +253,7 @@ fn main() -> ExitCode {
         "fanout" => fanout::fanout(&args),
         "idle-rss" => idle_rss::idle_rss(&args),
         "stream-cost" => stream_cost::stream_cost(&args),
+        "relay-floor" => relay_floor::relay_floor(&args),
         "chaos" => chaos::chaos(&args),
         "upstream" => upstream::upstream(&args),
         other => Err(format!("unknown scenario {other}")),
