@@ -59,6 +59,24 @@ start_server() {
   echo "server $name did not start:" >&2; cat "$work/$name.log" >&2; exit 1
 }
 
+# start_upstream [FLAGS…]: starts the load generator's OpenAI-compatible
+# upstream on a free port (64 tokens, the first after 200 ms, then 20 ms
+# apart); sets $upstream (its address) and $upstream_pid.
+start_upstream() {
+  : >"$work/upstream.out"
+  "$load" upstream --bind 127.0.0.1:0 --tokens 64 --interval-ms 20 --first-token-ms 200 "$@" \
+    >"$work/upstream.out" 2>"$work/upstream.log" &
+  upstream_pid=$!
+  extra_pids+=("$upstream_pid")
+  upstream=""
+  for _ in $(seq 1 100); do
+    upstream=$(sed -n 's#^upstream listening on http://##p' "$work/upstream.out")
+    [ -n "$upstream" ] && return 0
+    sleep 0.05
+  done
+  echo "upstream did not start:" >&2; cat "$work/upstream.log" >&2; exit 1
+}
+
 # The chaos scenarios' server: short simulated answers, and pools and
 # queues wide enough that 1,000 clients meet no `overloaded`.
 chaos_toml='[workers]
@@ -131,19 +149,8 @@ tokens = 64"
       # (64 tokens, the first after 200 ms, then 20 ms apart), started here
       # on a free port. TOOLS=false turns tool selection off;
       # UPSTREAM_ARGS adds flags to the upstream, e.g. --no-tools-support.
-      : >"$work/upstream.out"
       # shellcheck disable=SC2086 # UPSTREAM_ARGS is a list of flags
-      "$load" upstream --bind 127.0.0.1:0 --tokens 64 --interval-ms 20 --first-token-ms 200 ${UPSTREAM_ARGS:-} \
-        >"$work/upstream.out" 2>"$work/upstream.log" &
-      upstream_pid=$!
-      extra_pids+=("$upstream_pid")
-      upstream=""
-      for _ in $(seq 1 100); do
-        upstream=$(sed -n 's#^upstream listening on http://##p' "$work/upstream.out")
-        [ -n "$upstream" ] && break
-        sleep 0.05
-      done
-      if [ -z "$upstream" ]; then echo "upstream did not start:" >&2; cat "$work/upstream.log" >&2; exit 1; fi
+      start_upstream ${UPSTREAM_ARGS:-}
       tools=""
       if [ "${TOOLS:-true}" = false ]; then tools=$'\n[tools]\nenabled = false'; fi
       start_server stream-cost "[llm]
@@ -156,17 +163,7 @@ max_concurrent_llm_streams = ${STREAMS:-256}$tools"
     relay-floor)
       # No chorus: the least a relay must do for stream-cost's load (see
       # src/bin/chorus-load/relay_floor.rs), against the same upstream.
-      : >"$work/upstream.out"
-      "$load" upstream --bind 127.0.0.1:0 --tokens 64 --interval-ms 20 --first-token-ms 200 \
-        >"$work/upstream.out" 2>"$work/upstream.log" &
-      extra_pids+=($!)
-      upstream=""
-      for _ in $(seq 1 100); do
-        upstream=$(sed -n 's#^upstream listening on http://##p' "$work/upstream.out")
-        [ -n "$upstream" ] && break
-        sleep 0.05
-      done
-      if [ -z "$upstream" ]; then echo "upstream did not start:" >&2; cat "$work/upstream.log" >&2; exit 1; fi
+      start_upstream
       "$load" relay-floor --upstream "$upstream" --connections "${CONNECTIONS:-200}" --rounds "${ROUNDS:-4}" ;;
     chaos)
       # Misbehaving clients against one node (see src/bin/chorus-load/chaos.rs);

@@ -167,6 +167,7 @@ impl StreamWriter {
 
 /// Reads one generation's stream from the start, blocking for new entries.
 pub struct StreamReader {
+    client: redis::Client,
     conn: redis::Connection,
     name: String,
     last_id: String,
@@ -178,14 +179,28 @@ impl StreamReader {
     /// (a blocking read holds a connection for up to `block`).
     pub fn open(url: &str, token: &str, block: Duration) -> Result<StreamReader, ClusterError> {
         let client = redis::Client::open(url)?;
-        let conn = client.get_connection_with_timeout(block.max(Duration::from_millis(100)))?;
-        conn.set_read_timeout(Some(block + Duration::from_secs(1)))?;
+        let conn = Self::connect(&client, block)?;
         Ok(StreamReader {
+            client,
             conn,
             name: stream_name(token),
             last_id: "0".into(),
             block,
         })
+    }
+
+    fn connect(client: &redis::Client, block: Duration) -> Result<redis::Connection, ClusterError> {
+        let conn = client.get_connection_with_timeout(block.max(Duration::from_millis(100)))?;
+        conn.set_read_timeout(Some(block + Duration::from_secs(1)))?;
+        Ok(conn)
+    }
+
+    /// A new connection in place of one a failed read may have left
+    /// unusable (a reply cut off by a timeout); reading goes on after the
+    /// last entry read, so nothing is read twice or skipped.
+    pub fn reconnect(&mut self) -> Result<(), ClusterError> {
+        self.conn = Self::connect(&self.client, self.block)?;
+        Ok(())
     }
 
     /// The entries after the last one read, waiting up to the block time

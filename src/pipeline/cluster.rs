@@ -37,6 +37,9 @@ use crate::request_key::{self, Key};
 
 /// How long a remote reader waits for entries before checking the lease.
 const READ_BLOCK: Duration = Duration::from_millis(500);
+/// Pause before a remote reader tries its Redis again after it could not
+/// reconnect.
+const RECONNECT_PAUSE: Duration = Duration::from_millis(100);
 
 /// What a claim decided for a new local generation.
 pub(crate) enum Claimed {
@@ -386,9 +389,27 @@ impl Shared {
     ) -> Option<Outcome> {
         let node = self.cluster.as_ref()?;
         let lost = |message: String| Some(Err(Failure::new(ErrorCode::UpstreamError, message)));
+        // Since when reads have failed without a success in between.
+        let mut failing: Option<Instant> = None;
         while wanted() {
             let events = match reader.read() {
-                Ok(events) => events,
+                Ok(events) => {
+                    failing = None;
+                    events
+                }
+                // One failed read (a reply late on a saturated machine, a
+                // dropped connection) does not end the generation for every
+                // client here: read on, on a new connection, from where the
+                // last read stopped. Only a Redis failing for a whole lease,
+                // the time after which a silent leader counts as lost too,
+                // ends it.
+                Err(e) if failing.get_or_insert_with(Instant::now).elapsed() < node.lease => {
+                    log::debug!("reading the stream {token} failed, reading on: {e}");
+                    if reader.reconnect().is_err() {
+                        std::thread::sleep(RECONNECT_PAUSE);
+                    }
+                    continue;
+                }
                 Err(e) => return lost(format!("lost the stream of the leader's node: {e}")),
             };
             if events.is_empty() {

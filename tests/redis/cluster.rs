@@ -124,6 +124,56 @@ fn followers_learn_in_time_that_the_leaders_node_died() {
     assert_eq!(again.role.as_deref(), Some("leader"));
 }
 
+/// Closes, from Redis's side, every connection whose last command was
+/// an `XREAD` (the remote readers'); how many it closed.
+fn kill_stream_readers(redis: &RedisServer) -> usize {
+    let mut conn = redis.connection();
+    let list: String = redis::cmd("CLIENT").arg("LIST").query(&mut conn).unwrap();
+    let readers: Vec<String> = list
+        .lines()
+        .filter(|client| client.split_whitespace().any(|f| f == "cmd=xread"))
+        .filter_map(|client| {
+            let id = client
+                .split_whitespace()
+                .find_map(|f| f.strip_prefix("id="))?;
+            Some(id.to_owned())
+        })
+        .collect();
+    for id in &readers {
+        let _: redis::Value = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("ID")
+            .arg(id)
+            .query(&mut conn)
+            .unwrap();
+    }
+    readers.len()
+}
+
+#[test]
+fn a_remote_follower_reads_on_when_its_redis_connection_drops() {
+    let redis = RedisServer::start();
+    let (a, b) = (node(&redis, "node-a"), node(&redis, "node-b"));
+    let (mut ca, mut cb) = (a.client(), b.client());
+    let ra = ask_and_claim(&mut ca, &redis, "Read on after a drop");
+    let (rb, _) = cb.ask(None, "Read on after a drop");
+    first_token(&mut cb, &rb);
+    // Node B reads node A's stream on a connection of its own; Redis drops
+    // it mid-answer (a proxy restarting, a client timeout, `CLIENT KILL`).
+    common::eventually("node B's stream reader to be dropped", || {
+        kill_stream_readers(&redis) > 0
+    });
+    let followed = cb.answer(&rb);
+    assert!(followed.is_done(), "{}", followed.end);
+    assert_eq!(
+        followed.seqs,
+        (0..30).collect::<Vec<u64>>(),
+        "gap or duplicate"
+    );
+    assert_eq!(followed.text, ca.answer(&ra).text);
+    assert_eq!(calls(&a) + calls(&b), 1);
+}
+
 #[test]
 fn a_leader_whose_clients_all_left_goes_on_for_followers_on_other_nodes() {
     let redis = RedisServer::start();
