@@ -60,6 +60,23 @@ impl RedisCache {
         Ok(RedisCache { pool, ttl, breaker })
     }
 
+    /// A cache on a loopback port nothing listens on (one that was just
+    /// free): every command fails, within a 200 ms timeout.
+    #[cfg(test)]
+    pub(crate) fn unreachable() -> RedisCache {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free loopback port")
+            .port();
+        RedisCache::new(
+            &format!("redis://127.0.0.1:{port}/"),
+            Duration::from_secs(60),
+            Duration::from_millis(200),
+            2,
+        )
+        .expect("a valid URL")
+    }
+
     fn redis_key(key: &Key) -> String {
         crate::cluster::keys::answer(key)
     }
@@ -212,19 +229,7 @@ mod tests {
 
     #[test]
     fn an_unreachable_redis_is_a_miss_within_the_timeout() {
-        // Nothing listens on a port that was just free.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let cache = RedisCache::new(
-            &format!("redis://127.0.0.1:{port}/"),
-            Duration::from_secs(60),
-            Duration::from_millis(200),
-            2,
-        )
-        .unwrap();
+        let cache = RedisCache::unreachable();
         let started = std::time::Instant::now();
         assert!(cache.get(&[1; 32]).is_err());
         assert!(!cache.is_up());

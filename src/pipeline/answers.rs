@@ -125,19 +125,7 @@ mod tests {
 
     #[test]
     fn a_failing_cache_is_a_counted_miss_and_its_writes_still_count() {
-        // A port nothing listens on: every command fails.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let cache = RedisCache::new(
-            &format!("redis://127.0.0.1:{port}/"),
-            Duration::from_secs(60),
-            Duration::from_millis(200),
-            1,
-        )
-        .unwrap();
+        let cache = RedisCache::unreachable();
         let metrics = Arc::new(Metrics::new());
         let answers = Answers::new(Arc::new(cache), metrics.clone());
         let key = [9; 32];
