@@ -1,7 +1,10 @@
-//! The work of each pool: the cache lane (lookup, then lead or follow), the
-//! follower pool (join a generation), the preparation pool (history and
-//! prompt) and the streaming pool (the rounds of provider calls, with the
-//! tools the model calls run between them).
+//! What each pool does with its job: the cache lane (lookup, then lead or
+//! follow), the follower pool (join a generation), the preparation pool
+//! (the prompt) and the streaming pool (the answer), and the handoffs
+//! between them. The stages' own work is elsewhere, each a function of
+//! what it needs: the lookup in `answers`, the prompt in `preparation`,
+//! the rounds of provider calls and tools in `streaming`; here is what
+//! needs the registry, the singleflight and the channels.
 //!
 //! Threads: each `run_*` function runs on a worker of its pool, one job at a
 //! time; a job is handed to the next stage with a `try_send`, so no worker
