@@ -245,27 +245,20 @@ impl Queue {
         self.frames.push_back(frame);
     }
 
-    /// The socket, when frames may be written to it right now: the
+    /// True when frames may be written to the socket right now: the
     /// consumer sleeps with nothing of its own to write except deferred
     /// frames, which then go first.
-    fn direct_socket(&self) -> Option<Arc<TcpStream>> {
-        if self.parked && self.socket_idle && (self.frames.is_empty() || self.lingering) {
-            self.socket.clone()
-        } else {
-            None
-        }
+    fn can_write_through(&self) -> bool {
+        self.socket.is_some()
+            && self.parked
+            && self.socket_idle
+            && (self.frames.is_empty() || self.lingering)
     }
 
-    /// Encodes the deferred frames waiting and then `frames`, and writes
-    /// them to `socket` while it takes them; whatever it does not take is
-    /// queued, in order.
-    fn write_through(
-        &mut self,
-        framing: Framing,
-        socket: &TcpStream,
-        frames: impl Iterator<Item = Frame>,
-    ) {
-        let mut frames = frames.peekable();
+    /// Encodes the deferred frames waiting and then what `encode` adds, and
+    /// writes them to the socket while it takes them; whatever it does not
+    /// take is queued as bytes. Only when [`Queue::can_write_through`].
+    fn write_through(&mut self, framing: Framing, encode: impl FnOnce(&mut Vec<u8>)) {
         SCRATCH.with_borrow_mut(|buf| {
             buf.clear();
             // Deferred frames are plain JSON, which always encodes.
@@ -275,15 +268,17 @@ impl Queue {
             self.bytes = 0;
             self.deferred = 0;
             self.lingering = false;
-            while frames.next_if(|f| f.encode_into(framing, buf)).is_some() {}
+            encode(buf);
             let mut written = 0;
-            while written < buf.len() {
-                match (&*socket).write(&buf[written..]) {
-                    Ok(0) => break,
-                    Ok(n) => written += n,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    // Full (WouldBlock) or broken: the consumer finds out which.
-                    Err(_) => break,
+            if let Some(socket) = &self.socket {
+                while written < buf.len() {
+                    match (&**socket).write(&buf[written..]) {
+                        Ok(0) => break,
+                        Ok(n) => written += n,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        // Full (WouldBlock) or broken: the consumer finds out which.
+                        Err(_) => break,
+                    }
                 }
             }
             if written < buf.len() {
@@ -292,6 +287,16 @@ impl Queue {
             if buf.capacity() > SCRATCH_KEEP {
                 *buf = Vec::new();
             }
+        });
+    }
+
+    /// Writes `frames` through (see [`Queue::write_through`]) up to the
+    /// first that only the consumer may write; that one and the rest are
+    /// queued, in order.
+    fn write_frames_through(&mut self, framing: Framing, frames: impl Iterator<Item = Frame>) {
+        let mut frames = frames.peekable();
+        self.write_through(framing, |buf| {
+            while frames.next_if(|f| f.encode_into(framing, buf)).is_some() {}
         });
         for f in frames {
             self.enqueue(f);
@@ -427,9 +432,10 @@ impl Outbox {
                 return Err(PushError::Closed);
             }
             let frames = frames.into_iter();
-            match q.direct_socket() {
-                Some(socket) => q.write_through(self.framing, &socket, frames),
-                None => frames.for_each(|f| q.enqueue(f)),
+            if q.can_write_through() {
+                q.write_frames_through(self.framing, frames);
+            } else {
+                frames.for_each(|f| q.enqueue(f));
             }
             q.take_wake()
         };
@@ -496,9 +502,41 @@ impl Outbox {
         if q.frames.len() >= self.capacity || !self.fits(q.bytes, frame.encoded_len()) {
             return Err(PushError::Full);
         }
-        match q.direct_socket() {
-            Some(socket) => q.write_through(self.framing, &socket, std::iter::once(frame)),
-            None => q.enqueue(frame),
+        if q.can_write_through() {
+            q.write_frames_through(self.framing, std::iter::once(frame));
+        } else {
+            q.enqueue(frame);
+        }
+        Ok(q.take_wake())
+    }
+
+    /// [`Outbox::queue_token`] for a live token, laid out with `layout`.
+    /// A token written straight to the socket is encoded from the borrowed
+    /// parts; only one that must wait becomes a [`Frame::Token`] (two
+    /// reference counts taken), which on the streaming path is the
+    /// exception.
+    pub fn queue_live_token(
+        &self,
+        layout: &Arc<TokenLayout>,
+        token: &Token,
+    ) -> Result<bool, PushError> {
+        let mut q = self.queue.lock();
+        if q.closed {
+            return Err(PushError::Closed);
+        }
+        if q.frames.len() >= self.capacity || !self.fits(q.bytes, layout.len(token)) {
+            return Err(PushError::Full);
+        }
+        if q.can_write_through() {
+            let framing = self.framing;
+            q.write_through(framing, |buf| {
+                layout.with_parts(token, |parts| framing(buf, parts))
+            });
+        } else {
+            q.enqueue(Frame::Token {
+                layout: layout.clone(),
+                token: token.clone(),
+            });
         }
         Ok(q.take_wake())
     }

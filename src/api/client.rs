@@ -467,10 +467,7 @@ impl Client for HttpClient {
     fn token(&self, to: &Attachment, token: &Token) -> Result<bool, PushError> {
         if self.asked.stream {
             self.begin_for_token(to)?;
-            return self.outbox.queue_token(Frame::Token {
-                layout: to.layout.clone(),
-                token: token.clone(),
-            });
+            return self.outbox.queue_live_token(&to.layout, token);
         }
         let mut st = self.state.lock();
         if self.outbox.is_closed() {

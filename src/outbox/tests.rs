@@ -252,6 +252,38 @@ fn a_parked_idle_consumer_is_written_through_without_a_wake() {
 }
 
 #[test]
+fn a_live_token_is_written_from_its_parts_or_queued_whole() {
+    let (server, client) = socket_pair();
+    let o = framed(1);
+    o.attach_socket(server);
+    let (layout, token) = (layout(), Token::new(7, "seven"));
+    // Parked with an idle socket: straight through, nobody to wake.
+    assert!(o.park_if_empty(true));
+    assert_eq!(o.queue_live_token(&layout, &token), Ok(false));
+    assert!(o.is_empty());
+    let mut expected = Vec::new();
+    assert!(token_frame(&layout, &token).encode_into(length_prefixed, &mut expected));
+    let texts = read_texts(client, 1);
+    assert_eq!(texts[0].as_bytes(), &expected[4..]);
+    // Awake: queued as a token frame, within the bound.
+    o.unpark(false);
+    assert_eq!(o.queue_live_token(&layout, &token), Ok(false));
+    assert_eq!(o.queue_live_token(&layout, &token), Err(PushError::Full));
+    let mut batch = Vec::new();
+    o.take_all(&mut batch);
+    assert!(matches!(&batch[..], [Frame::Token { token, .. }] if token.seq == 7));
+    o.close();
+    assert_eq!(o.queue_live_token(&layout, &token), Err(PushError::Closed));
+}
+
+fn token_frame(layout: &Arc<TokenLayout>, token: &Token) -> Frame {
+    Frame::Token {
+        layout: layout.clone(),
+        token: token.clone(),
+    }
+}
+
+#[test]
 fn no_write_through_unless_parked_with_an_idle_socket() {
     let (server, _client) = socket_pair();
     let o = framed(8);
@@ -388,12 +420,24 @@ fn stress_write_through_and_queue_interleave_without_loss_or_reordering() {
         .map(|p| {
             let o = o.clone();
             std::thread::spawn(move || {
+                // A live token from this layout reads "p:i" and its JSON text.
+                let live = Arc::new(TokenLayout {
+                    head: format!("{p}:").into_bytes().into(),
+                    mid: b"".as_slice().into(),
+                    tail: b"".as_slice().into(),
+                });
                 for i in 0..EACH {
                     let text = format!("{p}:{i}");
-                    if i % 3 == 0 {
-                        o.push_token(Frame::Message(text.into_bytes())).unwrap();
-                    } else {
-                        o.push(json(&text)).unwrap();
+                    match i % 3 {
+                        0 => o.push_token(Frame::Message(text.into_bytes())).unwrap(),
+                        1 => {
+                            if o.queue_live_token(&live, &Token::new(i as u64, "x"))
+                                .unwrap()
+                            {
+                                o.wake();
+                            }
+                        }
+                        _ => o.push(json(&text)).unwrap(),
                     }
                 }
             })
@@ -409,6 +453,8 @@ fn stress_write_through_and_queue_interleave_without_loss_or_reordering() {
     let mut next = [0usize; PRODUCERS + 1];
     for text in texts {
         let (p, i) = text.split_once(':').unwrap();
+        // A live token's JSON text follows its number.
+        let i = i.strip_suffix("\"x\"").unwrap_or(i);
         let (p, i): (usize, usize) = (p.parse().unwrap(), i.parse().unwrap());
         assert_eq!(i, next[p], "pusher {p}'s frames out of order");
         next[p] += 1;

@@ -60,10 +60,7 @@ impl Client for WsClient {
     }
 
     fn token(&self, to: &Attachment, token: &Token) -> Result<bool, PushError> {
-        self.outbox.queue_token(Frame::Token {
-            layout: to.layout.clone(),
-            token: token.clone(),
-        })
+        self.outbox.queue_live_token(&to.layout, token)
     }
 
     fn replay(
