@@ -66,7 +66,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, MutexGuard};
 use rustix::event::{eventfd, EventfdFlags};
 
 use crate::broadcast::{Token, TokenSource};
@@ -495,13 +495,7 @@ impl Outbox {
     /// This lets a producer holding a lock of its own do the system call
     /// after releasing it.
     pub fn queue_token(&self, frame: Frame) -> Result<bool, PushError> {
-        let mut q = self.queue.lock();
-        if q.closed {
-            return Err(PushError::Closed);
-        }
-        if q.frames.len() >= self.capacity || !self.fits(q.bytes, frame.encoded_len()) {
-            return Err(PushError::Full);
-        }
+        let mut q = self.admit_token(frame.encoded_len())?;
         if q.can_write_through() {
             q.write_frames_through(self.framing, std::iter::once(frame));
         } else {
@@ -520,13 +514,7 @@ impl Outbox {
         layout: &Arc<TokenLayout>,
         token: &Token,
     ) -> Result<bool, PushError> {
-        let mut q = self.queue.lock();
-        if q.closed {
-            return Err(PushError::Closed);
-        }
-        if q.frames.len() >= self.capacity || !self.fits(q.bytes, layout.len(token)) {
-            return Err(PushError::Full);
-        }
+        let mut q = self.admit_token(layout.len(token))?;
         if q.can_write_through() {
             let framing = self.framing;
             q.write_through(framing, |buf| {
@@ -539,6 +527,20 @@ impl Outbox {
             });
         }
         Ok(q.take_wake())
+    }
+
+    /// The queue, locked, when a token of `len` bytes may go in: the
+    /// outbox is open, fewer than `capacity` frames wait, and the bytes
+    /// waiting stay within the bound.
+    fn admit_token(&self, len: usize) -> Result<MutexGuard<'_, Queue>, PushError> {
+        let q = self.queue.lock();
+        if q.closed {
+            return Err(PushError::Closed);
+        }
+        if q.frames.len() >= self.capacity || !self.fits(q.bytes, len) {
+            return Err(PushError::Full);
+        }
+        Ok(q)
     }
 
     /// Moves every waiting frame into `batch` (consumer only).
