@@ -44,6 +44,18 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# listening FILE WHAT: prints the address after "WHAT http://" once a
+# process has written that line to FILE; fails after 5 s without it.
+listening() {
+  local found
+  for _ in $(seq 1 100); do
+    found=$(sed -n "s#^$2 http://##p" "$1")
+    [ -n "$found" ] && { echo "$found"; return 0; }
+    sleep 0.05
+  done
+  return 1
+}
+
 # start_server NAME TOML: starts chorus on a free port; sets $addr and $server_pid.
 start_server() {
   local name=$1 toml=$2
@@ -51,12 +63,8 @@ start_server() {
   : >"$work/$name.out" # exists before the first look, which set -e would not survive
   RUST_LOG=warn "$bin" --config "$work/$name.toml" --bind 127.0.0.1:0 >"$work/$name.out" 2>"$work/$name.log" &
   server_pid=$!
-  for _ in $(seq 1 100); do
-    addr=$(sed -n 's#^chorus listening on http://##p' "$work/$name.out")
-    [ -n "$addr" ] && return 0
-    sleep 0.05
-  done
-  echo "server $name did not start:" >&2; cat "$work/$name.log" >&2; exit 1
+  addr=$(listening "$work/$name.out" "chorus listening on") ||
+    { echo "server $name did not start:" >&2; cat "$work/$name.log" >&2; exit 1; }
 }
 
 # start_upstream [FLAGS…]: starts the load generator's OpenAI-compatible
@@ -68,13 +76,8 @@ start_upstream() {
     >"$work/upstream.out" 2>"$work/upstream.log" &
   upstream_pid=$!
   extra_pids+=("$upstream_pid")
-  upstream=""
-  for _ in $(seq 1 100); do
-    upstream=$(sed -n 's#^upstream listening on http://##p' "$work/upstream.out")
-    [ -n "$upstream" ] && return 0
-    sleep 0.05
-  done
-  echo "upstream did not start:" >&2; cat "$work/upstream.log" >&2; exit 1
+  upstream=$(listening "$work/upstream.out" "upstream listening on") ||
+    { echo "upstream did not start:" >&2; cat "$work/upstream.log" >&2; exit 1; }
 }
 
 # The chaos scenarios' server: short simulated answers, and pools and

@@ -37,9 +37,9 @@ use crate::request_key::{self, Key};
 
 /// How long a remote reader waits for entries before checking the lease.
 const READ_BLOCK: Duration = Duration::from_millis(500);
-/// Pause before a remote reader tries its Redis again after it could not
-/// reconnect.
-const RECONNECT_PAUSE: Duration = Duration::from_millis(100);
+/// Pause between a remote reader's further tries after its stream read
+/// failed twice in a row.
+const RETRY_PAUSE: Duration = Duration::from_millis(100);
 
 /// What a claim decided for a new local generation.
 pub(crate) enum Claimed {
@@ -402,15 +402,22 @@ impl Shared {
                 // client here: read on, on a new connection, from where the
                 // last read stopped. Only a Redis failing for a whole lease,
                 // the time after which a silent leader counts as lost too,
-                // ends it.
-                Err(e) if failing.get_or_insert_with(Instant::now).elapsed() < node.lease => {
-                    log::debug!("reading the stream {token} failed, reading on: {e}");
-                    if reader.reconnect().is_err() {
-                        std::thread::sleep(RECONNECT_PAUSE);
+                // ends it. The first retry is at once; later ones pause, so
+                // a failure a new connection does not cure (an entry that
+                // does not decode) cannot spin.
+                Err(e) => {
+                    let again = failing.is_some();
+                    if failing.get_or_insert_with(Instant::now).elapsed() >= node.lease {
+                        return lost(format!("lost the stream of the leader's node: {e}"));
                     }
+                    log::debug!("reading the stream {token} failed, reading on: {e}");
+                    if again {
+                        std::thread::sleep(RETRY_PAUSE);
+                    }
+                    // A reconnect that fails shows as the next read's failure.
+                    let _ = reader.reconnect();
                     continue;
                 }
-                Err(e) => return lost(format!("lost the stream of the leader's node: {e}")),
             };
             if events.is_empty() {
                 let holder = node
