@@ -25,7 +25,7 @@
 //! [`protocol`]. A model provider is an [`llm::Provider`]. The building
 //! blocks are public too, each usable and tested on its own:
 //! [`singleflight`], [`broadcast`], [`outbox`], [`delivery`], [`pool`],
-//! [`threads`], [`memory`], [`breaker`], [`history`], [`cluster`],
+//! [`threads`], [`oneshot`], [`memory`], [`breaker`], [`history`], [`cluster`],
 //! [`request_key`], [`redis_pool`], and [`ws`]'s client (benchmarks drive
 //! it). Everything that only wires chorus together is private: the
 //! pipeline, the accept side and its HTTP API, the OpenAI wire format, the
@@ -54,6 +54,7 @@ pub mod llm;
 pub mod memory;
 mod metrics;
 mod net;
+pub mod oneshot;
 mod openai;
 pub mod outbox;
 mod pipeline;

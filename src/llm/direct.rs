@@ -14,12 +14,11 @@ use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use crossbeam_channel::Sender;
-
 use super::http1::{Http1Error, Pool, Target};
 use super::reader::{End, Reader, Step, Stream};
 use super::stream::{status_failure, CallError, Fed, StreamState};
 use super::{AbortSignal, Finish, LlmError, Turn};
+use crate::oneshot;
 
 /// Kept connections per endpoint: one per streaming worker is what a busy
 /// gateway reuses; more only sit idle.
@@ -150,7 +149,8 @@ impl Direct {
             let text = response.read_body(MAX_ERROR_BODY);
             return fail(&state, status_failure(name, status, retry_after, &text));
         }
-        let (tx, rx) = crossbeam_channel::bounded(1);
+        // The end is a second or more away: a wait that sleeps at once.
+        let (tx, rx) = oneshot::channel();
         let feeding = Feeding {
             state: Some(state),
             failure: None,
@@ -207,7 +207,7 @@ struct Feeding {
     /// `[DONE]` came.
     done: bool,
     timeout: Duration,
-    tx: Sender<Ended>,
+    tx: oneshot::Sender<Ended>,
 }
 
 impl Stream for Feeding {
