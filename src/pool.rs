@@ -1,10 +1,8 @@
-//! A fixed pool of OS threads draining one bounded queue ([`queue`]: a
-//! crossbeam channel with a doorbell, so that idle workers sleep without
-//! spinning).
+//! A fixed pool of OS threads draining one bounded crossbeam channel.
 //!
 //! The pool size *is* the concurrency limit of a stage: at most `workers`
 //! jobs run at once, the rest wait in the channel, and a full channel is
-//! refused at once by [`Sender::try_send`] on the producer side. There is no separate
+//! refused at once by `try_send` on the producer side. There is no separate
 //! semaphore to keep in step with the threads.
 //!
 //! Threads: `workers` threads, each running `handler` on one job at a time.
@@ -28,7 +26,7 @@
 //! use std::sync::Arc;
 //! use chorus::pool::Pool;
 //!
-//! let (tx, rx) = chorus::pool::queue::<usize>(16);
+//! let (tx, rx) = crossbeam_channel::bounded::<usize>(16);
 //! let sum = Arc::new(AtomicUsize::new(0));
 //! let total = sum.clone();
 //! let pool = Pool::spawn("adder", 2, 64 * 1024, rx, move |n| {
@@ -49,11 +47,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crossbeam_channel::RecvTimeoutError;
+use crossbeam_channel::{Receiver, RecvTimeoutError};
 use parking_lot::Mutex;
-
-mod queue;
-pub use queue::{queue, Jobs, Sender};
 
 /// A running pool; see the module docs.
 pub struct Pool {
@@ -70,7 +65,7 @@ pub const RENEW_AFTER_IDLE: Duration = Duration::from_secs(10);
 struct Crew<J, F> {
     name: &'static str,
     stack: usize,
-    jobs: Jobs<J>,
+    jobs: Receiver<J>,
     handler: F,
     renew_after: Duration,
     busy: AtomicUsize,
@@ -172,7 +167,7 @@ impl Pool {
         name: &'static str,
         workers: usize,
         stack: usize,
-        jobs: Jobs<J>,
+        jobs: Receiver<J>,
         handler: F,
     ) -> std::io::Result<Pool>
     where
@@ -187,7 +182,7 @@ impl Pool {
         name: &'static str,
         workers: usize,
         stack: usize,
-        jobs: Jobs<J>,
+        jobs: Receiver<J>,
         handler: F,
         renew_after: Duration,
     ) -> std::io::Result<Pool>
@@ -265,13 +260,13 @@ pub(crate) fn r2d2_threads() -> Arc<scheduled_thread_pool::ScheduledThreadPool> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crossbeam_channel::TrySendError;
+    use crossbeam_channel::{bounded, TrySendError};
     use std::collections::HashSet;
     use std::sync::Barrier;
 
     /// The thread ids that ran `n` jobs which all had to run at once.
     fn ids_of_a_full_round(
-        tx: &Sender<()>,
+        tx: &crossbeam_channel::Sender<()>,
         ids: &Mutex<Vec<std::thread::ThreadId>>,
         n: usize,
     ) -> HashSet<std::thread::ThreadId> {
@@ -288,7 +283,7 @@ mod tests {
     #[test]
     fn idle_workers_renew_themselves_and_the_pool_keeps_its_size() {
         const WORKERS: usize = 3;
-        let (tx, rx) = queue::<()>(8);
+        let (tx, rx) = bounded::<()>(8);
         let ids = Arc::new(Mutex::new(Vec::new()));
         let barrier = Arc::new(Barrier::new(WORKERS));
         let (i, b) = (ids.clone(), barrier.clone());
@@ -317,7 +312,7 @@ mod tests {
 
     #[test]
     fn stress_renewals_under_load_lose_no_job_and_join_waits_for_all() {
-        let (tx, rx) = queue::<usize>(64);
+        let (tx, rx) = bounded::<usize>(64);
         let done = Arc::new(AtomicUsize::new(0));
         let running = Arc::new(AtomicUsize::new(0));
         let peak = Arc::new(AtomicUsize::new(0));
@@ -361,7 +356,7 @@ mod tests {
 
     #[test]
     fn pool_size_is_the_concurrency_limit() {
-        let (tx, rx) = queue::<()>(8);
+        let (tx, rx) = bounded::<()>(8);
         let running = Arc::new(AtomicUsize::new(0));
         let peak = Arc::new(AtomicUsize::new(0));
         let (r, p) = (running.clone(), peak.clone());
@@ -382,7 +377,7 @@ mod tests {
 
     #[test]
     fn full_queue_refuses_at_once() {
-        let (tx, rx) = queue::<()>(1);
+        let (tx, rx) = bounded::<()>(1);
         let gate = Arc::new(Barrier::new(2));
         let g = gate.clone();
         let pool = Pool::spawn("full", 1, 64 * 1024, rx, move |()| {
@@ -403,7 +398,7 @@ mod tests {
 
     #[test]
     fn a_panicking_job_does_not_kill_the_worker() {
-        let (tx, rx) = queue::<u32>(4);
+        let (tx, rx) = bounded::<u32>(4);
         let done = Arc::new(AtomicUsize::new(0));
         let d = done.clone();
         let pool = Pool::spawn("panics", 1, 256 * 1024, rx, move |n| {
@@ -425,7 +420,7 @@ mod tests {
     fn stress_many_producers_every_job_runs_once() {
         const PRODUCERS: usize = 8;
         const EACH: usize = 5_000;
-        let (tx, rx) = queue::<usize>(64);
+        let (tx, rx) = bounded::<usize>(64);
         let seen = Arc::new(
             (0..PRODUCERS * EACH)
                 .map(|_| AtomicUsize::new(0))

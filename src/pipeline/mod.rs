@@ -1,6 +1,6 @@
 //! The request pipeline: intake, cache lane, singleflight, preparation and
 //! streaming, each stage a fixed pool of OS threads fed by a bounded
-//! queue ([`crate::pool::queue`]: a crossbeam channel). This is the heart of chorus.
+//! crossbeam channel. This is the heart of chorus.
 //!
 //! ```text
 //!  connection threads ──try_send──▶ [intake] ──▶ cache lane (cache_workers)
@@ -99,6 +99,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use crossbeam_channel::bounded;
 use parking_lot::{Mutex, RwLock};
 
 use crate::cache::Cache;
@@ -107,7 +108,7 @@ use crate::delivery::Client;
 use crate::history::History;
 use crate::llm::Provider;
 use crate::metrics::Metrics;
-use crate::pool::{queue, Pool};
+use crate::pool::Pool;
 use crate::protocol::{Chat, ErrorCode, Failure};
 use crate::singleflight::Group;
 use shared::{Channels, FollowJob, IntakeJob, LeaderJob, Shared, StreamJob};
@@ -151,10 +152,10 @@ impl Pipeline {
         metrics: Arc<Metrics>,
     ) -> std::io::Result<Pipeline> {
         let w = &config.workers;
-        let (intake_tx, intake_rx) = queue::<IntakeJob>(w.intake_queue);
-        let (prepare_tx, prepare_rx) = queue::<LeaderJob>(w.prepare_queue);
-        let (follow_tx, follow_rx) = queue::<FollowJob>(w.follow_queue);
-        let (stream_tx, stream_rx) = queue::<StreamJob>(w.prepared_queue);
+        let (intake_tx, intake_rx) = bounded::<IntakeJob>(w.intake_queue);
+        let (prepare_tx, prepare_rx) = bounded::<LeaderJob>(w.prepare_queue);
+        let (follow_tx, follow_rx) = bounded::<FollowJob>(w.follow_queue);
+        let (stream_tx, stream_rx) = bounded::<StreamJob>(w.prepared_queue);
         // The configuration was validated, so the names are known.
         let toolbox = crate::tools::Toolbox::new(&config.tools.builtins, &config.tools.direct)
             .ok()

@@ -18,7 +18,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
 use std::sync::Arc;
 
-use crate::pool::Sender;
+use crossbeam_channel::Sender;
 use parking_lot::RwLock;
 
 use super::answers::Answers;

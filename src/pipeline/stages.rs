@@ -14,7 +14,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crossbeam_channel::TrySendError;
+use crossbeam_channel::{Sender, TrySendError};
 
 use super::failures::internal;
 use super::records::{Generation, Phase, Source};
@@ -27,7 +27,6 @@ use crate::cache::CachedAnswer;
 use crate::delivery::Event;
 use crate::history;
 use crate::llm::Prompt;
-use crate::pool::Sender;
 use crate::protocol::{ErrorCode, Failure, Finish, Outcome, Role, Stage};
 use crate::request_key::Key;
 use crate::singleflight::{Claim, Leader};
