@@ -25,9 +25,9 @@
 //! [`protocol`]. A model provider is an [`llm::Provider`]. The building
 //! blocks are public too, each usable and tested on its own:
 //! [`singleflight`], [`broadcast`], [`outbox`], [`delivery`], [`pool`],
-//! [`threads`], [`oneshot`], [`memory`], [`breaker`], [`history`], [`cluster`],
-//! [`request_key`], [`redis_pool`], and [`ws`]'s client (benchmarks drive
-//! it). Everything that only wires chorus together is private: the
+//! [`threads`], [`oneshot`], [`memory`], [`breaker`], [`history`],
+//! [`cluster`], [`request_key`], [`redis_pool`], and [`ws`]'s client
+//! (benchmarks drive it). Everything that only wires chorus together is private: the
 //! pipeline, the accept side and its HTTP API, the OpenAI wire format, the
 //! cache backends, the tools, the metrics and the `Host` check.
 
