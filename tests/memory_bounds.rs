@@ -25,20 +25,7 @@ fn tiny_window_client(server: &Server) -> Client {
 /// `outbox_frames`, so only a byte bound can cut the reader that never reads.
 #[test]
 fn a_client_that_never_reads_big_tokens_is_cut_off_by_bytes_and_the_reader_gets_everything() {
-    let server = Server::start(
-        r#"
-[server]
-outbox_bytes = 2097152
-send_buffer_bytes = 65536
-[llm]
-max_tokens = 10000
-[llm.simulated]
-first_token_ms = 300
-token_interval_ms = 0
-tokens = 4000
-token_bytes = 4096
-"#,
-    );
+    let server = Server::start(common::BIG_TOKENS);
     let mut idle = tiny_window_client(&server);
     let (idle_request, _) = idle.ask(None, "big tokens please");
     let mut reader = server.client();

@@ -256,6 +256,22 @@ pub struct Client {
     next_id: u64,
 }
 
+/// 4,000 tokens of 4 KiB each (16 MiB) in one burst, with a 2 MiB outbox
+/// byte bound: far fewer frames than `outbox_frames`, so only the byte
+/// bound can cut off a client that does not read.
+pub const BIG_TOKENS: &str = r#"
+[server]
+outbox_bytes = 2097152
+send_buffer_bytes = 65536
+[llm]
+max_tokens = 10000
+[llm.simulated]
+first_token_ms = 300
+token_interval_ms = 0
+tokens = 4000
+token_bytes = 4096
+"#;
+
 /// Everything one request produced on one connection.
 #[derive(Debug, Clone)]
 pub struct Answer {
@@ -276,6 +292,11 @@ impl Answer {
     }
     pub fn code(&self) -> &str {
         self.end["code"].as_str().unwrap_or("")
+    }
+    /// Cancelled: a `done` with that finish, or the `cancelled` error (a
+    /// cancel that wins before the generation ends its requests).
+    pub fn is_cancelled(&self) -> bool {
+        self.finish() == "cancelled" || self.code() == "cancelled"
     }
     /// Asserts `seq` runs 0, 1, 2, … with no gap or duplicate.
     pub fn assert_contiguous(&self) {

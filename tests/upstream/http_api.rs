@@ -271,20 +271,7 @@ fn an_option_the_model_sees_makes_its_own_generation() {
 /// the reader gets every token.
 #[test]
 fn an_http_client_that_does_not_read_is_cut_off_and_the_others_go_on() {
-    let server = Server::start(
-        r#"
-[server]
-outbox_bytes = 2097152
-send_buffer_bytes = 65536
-[llm]
-max_tokens = 10000
-[llm.simulated]
-first_token_ms = 300
-token_interval_ms = 0
-tokens = 4000
-token_bytes = 4096
-"#,
-    );
+    let server = Server::start(crate::common::BIG_TOKENS);
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     socket.connect(&server.addr.into()).unwrap();

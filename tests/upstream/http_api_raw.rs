@@ -34,15 +34,20 @@ fn finish_of(event: &Event) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// Asserts a 200 event stream with chorus's headers; returns the request.
-fn assert_stream_head(response: &Response) -> String {
+/// Asserts status `status`, showing the head and the body when not.
+fn assert_status(response: &Response, status: u16) {
     assert_eq!(
         response.status,
-        200,
+        status,
         "{}\n{}",
         response.head,
         response.text()
     );
+}
+
+/// Asserts a 200 event stream with chorus's headers; returns the request.
+fn assert_stream_head(response: &Response) -> String {
+    assert_status(response, 200);
     assert!(
         response
             .header("content-type")
@@ -59,13 +64,7 @@ fn assert_stream_head(response: &Response) -> String {
 
 /// Asserts an OpenAI error body with `status` and, if given, `code`.
 fn assert_error(response: &Response, status: u16, code: Option<&str>) -> Value {
-    assert_eq!(
-        response.status,
-        status,
-        "{}\n{}",
-        response.head,
-        response.text()
-    );
+    assert_status(response, status);
     let body = response.json();
     let error = &body["error"];
     assert!(error["message"].is_string(), "no error.message: {body}");
@@ -228,13 +227,7 @@ fn raw_refusals_are_400_naming_the_field_and_n_1_is_fine() {
     let parts = json!([{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]);
     let body = json!({"model": MODEL, "messages": user(parts), "n": 1, "logprobs": false, "x_unknown": {"a": 1}});
     let response = Conn::connect(server.addr).post_json("/v1/chat/completions", &[], &body);
-    assert_eq!(
-        response.status,
-        200,
-        "{}\n{}",
-        response.head,
-        response.text()
-    );
+    assert_status(&response, 200);
     let completion = response.json();
     assert_eq!(completion["object"], "chat.completion", "{completion}");
     assert_eq!(
@@ -254,13 +247,7 @@ fn raw_a_body_over_one_mib_is_413_and_one_under_it_is_served() {
     body["padding"] = json!("p".repeat((1 << 20) - 1024));
     let mut conn = Conn::connect(server.addr);
     let response = conn.post_json("/v1/chat/completions", &[], &body);
-    assert_eq!(
-        response.status,
-        200,
-        "{}\n{}",
-        response.head,
-        response.text()
-    );
+    assert_status(&response, 200);
 
     // Over it: the client may still be sending when the answer comes.
     let mut body = chat_body("Big question", false);
@@ -358,13 +345,7 @@ fn raw_auth_tokens_guard_every_v1_path_and_nothing_else() {
     let response = conn().get("/v1/models", &headers);
     assert_eq!(response.status, 200, "{}", response.head);
     let response = conn().post_json("/v1/chat/completions", &headers, &chat_body("Hi", false));
-    assert_eq!(
-        response.status,
-        200,
-        "{}\n{}",
-        response.head,
-        response.text()
-    );
+    assert_status(&response, 200);
     // The page and the operators' endpoints stay open.
     for path in ["/healthz", "/api/stats", "/metrics", "/"] {
         let (status, head, _) = server.get(path);
