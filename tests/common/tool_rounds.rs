@@ -1,5 +1,6 @@
 //! What the tests of tool rounds (`tests/upstream/tool_rounds.rs`,
-//! `tests/upstream/tool_calls_hostile.rs`) share: a chorus whose only
+//! `tests/upstream/tool_calls_hostile.rs`, and the tool chats of
+//! `tests/upstream/upstream_connections.rs`) share: a chorus whose only
 //! provider is a fake OpenAI upstream, the scripted rounds it streams, a
 //! request's frames collected and taken apart, and assertions on what
 //! chorus sent upstream in each round.
@@ -44,6 +45,14 @@ pub fn calculator(index: u64, id: &str, arguments: &str) -> ScriptedCall {
 
 pub fn expression(expr: &str) -> String {
     json!({ "expression": expr }).to_string()
+}
+
+/// A round that only calls the calculator with [`CALC_ARGS`] (call `id`),
+/// its arguments streamed `chunk` bytes at a time; finish `tool_calls`.
+pub fn calculator_round(id: &str, chunk: usize) -> Reply {
+    Script::new()
+        .call(&calculator(0, id, CALC_ARGS), chunk)
+        .reply("tool_calls")
 }
 
 /// A final round: these content tokens, finish `stop`.

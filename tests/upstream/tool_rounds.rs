@@ -19,9 +19,9 @@ use std::time::Duration;
 
 use crate::common::tool_rounds::{
     added_messages, answer_of, answer_round, ask, assert_assistant_calls, assert_done,
-    assert_offers_no_tools, assert_offers_tools, assert_tool_message, calculator, chorus,
-    expression, frames_of, messages, position, rposition, sorted, texts, token_texts, tool_frames,
-    CALC_ARGS, CALC_RESULT, QUIET,
+    assert_offers_no_tools, assert_offers_tools, assert_tool_message, calculator, calculator_round,
+    chorus, expression, frames_of, messages, position, rposition, sorted, texts, token_texts,
+    tool_frames, CALC_ARGS, CALC_RESULT, QUIET,
 };
 use crate::common::upstream::{Reply, Script, ScriptedCall, Upstream};
 use crate::common::{Answer, Client};
@@ -54,11 +54,7 @@ fn a_plain_answer_is_one_streamed_request_that_offers_every_tool() {
 #[test]
 fn a_calculator_call_streamed_byte_by_byte_is_run_and_sent_back_as_a_tool_message() {
     let upstream = Upstream::start();
-    upstream.push(
-        Script::new()
-            .call(&calculator(0, "call_1", CALC_ARGS), 1)
-            .reply("tool_calls"),
-    );
+    upstream.push(calculator_round("call_1", 1));
     upstream.push(answer_round(&["It", " is", " 14."]));
     let server = chorus(&upstream, "");
     let mut c = server.client();
@@ -377,11 +373,7 @@ fn followers_of_a_tool_answer_see_the_same_tool_frames_and_tokens() {
 #[test]
 fn a_tool_answer_is_cached_and_served_to_the_next_new_conversation() {
     let upstream = Upstream::start();
-    upstream.push(
-        Script::new()
-            .call(&calculator(0, "call_1", CALC_ARGS), 6)
-            .reply("tool_calls"),
-    );
+    upstream.push(calculator_round("call_1", 6));
     upstream.push(answer_round(&["It", " is", " 14."]));
     let server = chorus(&upstream, "");
     let mut c = server.client();
@@ -490,11 +482,7 @@ fn a_503_before_anything_reached_a_client_is_retried() {
         message: "warming up".into(),
         retry_after: None,
     });
-    upstream.push(
-        Script::new()
-            .call(&calculator(0, "call_1", CALC_ARGS), 4)
-            .reply("tool_calls"),
-    );
+    upstream.push(calculator_round("call_1", 4));
     upstream.push(answer_round(&["It", " is", " 14."]));
     let server = chorus(&upstream, "");
     let mut c = server.client();

@@ -14,13 +14,12 @@
 
 use std::time::Duration;
 
-use crate::common::upstream::{Connections, Recorded, Reply, Script, ScriptedCall, Upstream};
+use crate::common::tool_rounds::{answer_round, calculator_round, CALC_RESULT};
+use crate::common::upstream::{Connections, Recorded, Reply, Upstream};
 use crate::common::{Answer, Server, WAIT};
 use serde_json::{json, Value};
 
 /// The calculator call of round 1, and what round 2 answers after it.
-const CALC_ARGS: &str = r#"{"expression":"2+3*4"}"#;
-const CALC_RESULT: &str = "14";
 const ROUND_TWO: [&str; 3] = ["It", " is", " 14."];
 
 /// Chats per test that repeats one.
@@ -55,18 +54,6 @@ max_concurrent_llm_streams = 1
 fn chorus(upstream: &Upstream, extra: &str) -> Server {
     let base_url = format!("base_url = \"{}\"", upstream.base_url());
     Server::start(&config(&base_url, extra))
-}
-
-/// Round 1 of a tool chat: one calculator call, streamed in pieces.
-fn calculator_round(id: &str) -> Reply {
-    Script::new()
-        .call(&ScriptedCall::new(0, id, "calculator", CALC_ARGS), 4)
-        .reply("tool_calls")
-}
-
-/// The last round: [`ROUND_TWO`], finish `stop`.
-fn answer_round() -> Reply {
-    Script::new().contents(&ROUND_TWO).reply("stop")
 }
 
 /// `/api/stats` `upstream.providers`.
@@ -109,8 +96,8 @@ fn tool_chats_survive(upstream: &Upstream, chats: usize) -> Server {
     let mut c = server.client();
     for i in 0..chats {
         let call_id = format!("call_{i}");
-        upstream.push(calculator_round(&call_id));
-        upstream.push(answer_round());
+        upstream.push(calculator_round(&call_id, 4));
+        upstream.push(answer_round(&ROUND_TWO));
         // A different question each time: no cache hit, no follower.
         let (request, _) = c.ask(None, &format!("Chat {i}: what is 2+3*4?"));
         let answer = c.answer(&request);
@@ -195,8 +182,8 @@ fn later_rounds_stay_on_the_endpoint_that_answered_the_first() {
     let dead_url = format!("http://{}/v1", closed.local_addr().expect("address"));
     drop(closed);
     let live = Upstream::start();
-    live.push(calculator_round("call_1"));
-    live.push(answer_round());
+    live.push(calculator_round("call_1", 4));
+    live.push(answer_round(&ROUND_TWO));
     let providers = format!(
         r#"
 [[llm.providers]]
